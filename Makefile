@@ -1,0 +1,123 @@
+# ngx-chat build.
+#   make               module (build/ngx_chat_module.so) and worker (build/chat-worker)
+#   make test          scripts/setup if needed, C unit tests, short fuzz runs, pytest
+#   make test-asan     the same with AddressSanitizer + UBSan builds
+#   make install       module into nginx's modules dir, worker into $(BINDIR)
+#   NGINX_SRC=<tree>   build the module against an upstream nginx source tree
+#                      instead of Debian's nginx-dev (/usr/share/nginx/src)
+
+SHELL := /bin/bash
+
+NGINX_SRC  ?= /usr/share/nginx/src
+BUILD      ?= build
+SAN        ?=
+CC         ?= gcc
+PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 10
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+MODULES_DIR ?= /usr/lib/nginx/modules
+
+WARN      := -Wall -Wextra -Werror
+ifeq ($(SAN),1)
+SANFLAGS  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+OPT       := -O1 -g
+else
+SANFLAGS  :=
+OPT       := -O2 -g
+endif
+
+MOD_SRCS   := $(wildcard ngx_chat_module/*.c) $(wildcard ngx_chat_module/*.h) config
+PURE_SRCS  := $(wildcard ngx_chat_module/chat_*.c)
+PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
+WORKER_SRCS := $(wildcard workers/*.c)
+WORKER_HDRS := $(wildcard workers/*.h)
+WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
+UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
+FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
+
+.PHONY: all module worker unit fuzz fuzz-build test test-asan pytest setup install clean
+
+all: module worker
+
+# --- nginx module ------------------------------------------------------------
+# Debian's nginx-dev ships a configure-able tree and the flags its nginx was
+# built with (conf_flags): configuring a copy of it with the same flags makes
+# a module binary-compatible with the stock nginx package (--with-compat).
+# The module's file list is fixed at configure time: reconfigure when it changes.
+MOD_LIST := $(sort $(wildcard ngx_chat_module/*.c ngx_chat_module/*.h))
+$(shell mkdir -p $(BUILD); [ "$$(cat $(BUILD)/.modlist 2>/dev/null)" = "$(MOD_LIST)" ] || echo "$(MOD_LIST)" > $(BUILD)/.modlist)
+
+$(BUILD)/nginx/.configured: config $(BUILD)/.modlist
+	rm -rf $(BUILD)/nginx && mkdir -p $(BUILD) && cp -r $(NGINX_SRC) $(BUILD)/nginx
+	cd $(BUILD)/nginx && \
+	  if [ -f conf_flags ]; then . ./conf_flags; else NGX_CONF_FLAGS=(--with-compat); fi; \
+	  ./configure "$${NGX_CONF_FLAGS[@]}" \
+	    --with-cc-opt="$(OPT) -fPIC $(WARN) -Wno-unused-parameter $(SANFLAGS)" \
+	    --with-ld-opt="$(SANFLAGS)" \
+	    --add-dynamic-module=$(CURDIR) >configure.log 2>&1 || { tail -30 configure.log; exit 1; }
+	touch $@
+
+
+$(BUILD)/ngx_chat_module.so: $(BUILD)/nginx/.configured $(MOD_SRCS)
+	$(MAKE) -s -C $(BUILD)/nginx -f objs/Makefile modules >/dev/null
+	cp $(BUILD)/nginx/objs/ngx_chat_module.so $@
+
+module: $(BUILD)/ngx_chat_module.so
+
+# --- workers -----------------------------------------------------------------
+$(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS)
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ingx_chat_module \
+	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) \
+	  $$(pkg-config --libs $(WORKER_PKGS)) -lcrypto -lpthread -lm
+
+worker: $(BUILD)/chat-worker
+
+# --- C unit tests (cmocka) ----------------------------------------------------
+$(BUILD)/unit/%: t/unit/%.c $(PURE_SRCS) $(PURE_HDRS)
+	@mkdir -p $(BUILD)/unit
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ingx_chat_module -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto
+
+unit: $(UNIT_TESTS)
+	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
+
+# --- fuzzing (libFuzzer, clang) -----------------------------------------------
+$(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) $(PURE_HDRS)
+	@mkdir -p $(BUILD)/fuzz
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ingx_chat_module -o $@ $< $(PURE_SRCS) -lcrypto
+
+fuzz-build: $(FUZZERS)
+
+# A short run of every fuzz target, seeded from t/fuzz/corpus/<name> when present.
+fuzz: $(FUZZERS)
+	@set -e; for f in $(FUZZERS); do n=$$(basename $$f); n=$${n#fuzz_}; \
+	  mkdir -p $(BUILD)/fuzz/corpus-$$n; seeds=""; [ -d t/fuzz/corpus/$$n ] && seeds=t/fuzz/corpus/$$n; \
+	  echo "== $$f ($(FUZZ_SECONDS) s)"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 $(BUILD)/fuzz/corpus-$$n $$seeds 2>$(BUILD)/fuzz/$$n.log \
+	    || { tail -40 $(BUILD)/fuzz/$$n.log; exit 1; }; \
+	  grep -E '^(#[0-9]+ *DONE|Done)' $(BUILD)/fuzz/$$n.log | tail -1; done
+
+# --- the whole suite ------------------------------------------------------------
+setup:
+	@bash -c '. scripts/lib.sh; setup_done' || scripts/setup --no-build
+
+pytest:
+	.venv/bin/pytest -q t $(PYTEST_ARGS)
+
+test: setup
+	$(MAKE) all unit fuzz
+	$(MAKE) pytest
+
+test-asan: setup
+	$(MAKE) SAN=1 BUILD=build/asan all unit
+	NGX_CHAT_SAN=1 NGX_CHAT_MODULE=$(CURDIR)/build/asan/ngx_chat_module.so \
+	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t $(PYTEST_ARGS)
+
+install: all
+	install -d $(DESTDIR)$(MODULES_DIR) $(DESTDIR)$(BINDIR)
+	install -m 0644 $(BUILD)/ngx_chat_module.so $(DESTDIR)$(MODULES_DIR)/
+	install -m 0755 $(BUILD)/chat-worker $(DESTDIR)$(BINDIR)/
+
+clean:
+	rm -rf build

@@ -1,0 +1,64 @@
+"""pytest harness: starts a private stack (real Redis, Kafka, FerretDB, nginx
+with our module, workers) for the session and stops it at the end.
+
+Environment:
+  CHAT_TEST_STACK_DIR   where the test stack lives (default .stack-test)
+  CHAT_TEST_PORT_BASE   its port base (default 17300, so a dev stack on 17100 can run too)
+  CHAT_TEST_KEEP=1      leave the stack running after the session (for debugging)
+  NGX_CHAT_MODULE, NGX_CHAT_WORKER   binaries to test (make test-asan points them at the ASan build)
+  NGX_CHAT_SAN=1        sanitizer run: nginx and workers get the ASan runtime; reports fail the session
+"""
+import glob
+import os
+import subprocess
+
+import pytest
+
+from chatlib import Stack, ROOT
+
+
+def _san_env(stack_dir):
+    env = {}
+    if os.environ.get("NGX_CHAT_SAN") == "1":
+        libasan = subprocess.check_output(["gcc", "-print-file-name=libasan.so"], text=True).strip()
+        libubsan = subprocess.check_output(["gcc", "-print-file-name=libubsan.so"], text=True).strip()
+        logs = os.path.join(stack_dir, "logs")
+        os.makedirs(logs, exist_ok=True)
+        # nginx itself (Debian's build) does not free its cycle at exit: leaks are
+        # checked in the workers and unit tests, not in nginx.
+        env["NGINX_WRAPPER"] = (f"env LD_PRELOAD={libasan}:{libubsan} "
+                                f"ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:log_path={logs}/asan-nginx "
+                                f"UBSAN_OPTIONS=print_stacktrace=1:log_path={logs}/ubsan-nginx")
+        env["WORKER_WRAPPER"] = (f"env ASAN_OPTIONS=detect_leaks=1:log_path={logs}/asan-worker "
+                                 f"UBSAN_OPTIONS=print_stacktrace=1:log_path={logs}/ubsan-worker")
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack():
+    stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test"))
+    port_base = os.environ.get("CHAT_TEST_PORT_BASE", "17300")
+    env = dict(os.environ)
+    env.update(_san_env(stack_dir))
+    # A stale stack from an interrupted run must not leak into this one.
+    subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", stack_dir],
+                   env=env, capture_output=True)
+    for f in glob.glob(os.path.join(stack_dir, "logs", "*san-*")):
+        os.unlink(f)
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack_dir,
+                        "--port-base", port_base, "--queue", "redis"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail("scripts/stack up failed:\n" + r.stdout + r.stderr, pytrace=False)
+    s = Stack(stack_dir, env)
+    yield s
+    if os.environ.get("CHAT_TEST_KEEP") != "1":
+        subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", stack_dir],
+                       env=env, capture_output=True, timeout=120)
+    reports = glob.glob(os.path.join(stack_dir, "logs", "*san-*"))
+    if reports:
+        text = "".join(open(f, errors="replace").read()[:4000] for f in reports)
+        pytest.fail("sanitizer reports in the stack:\n" + text, pytrace=False)
+    crashes = s.nginx_crashes()
+    if crashes:
+        pytest.fail("nginx worker crashed:\n" + "\n".join(crashes), pytrace=False)

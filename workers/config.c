@@ -1,0 +1,153 @@
+/*
+ * Worker configuration: "key = value" lines, '#' comments. Environment
+ * variables named like the stack's env file override the file, so the same
+ * binary runs in the dev stack, in docker and next to existing servers.
+ */
+#include "chat_worker.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void
+set(char *dst, size_t len, const char *v)
+{
+    snprintf(dst, len, "%s", v);
+}
+
+static char *
+trim(char *s)
+{
+    char *e;
+    while (isspace((unsigned char) *s)) s++;
+    e = s + strlen(s);
+    while (e > s && isspace((unsigned char) e[-1])) *--e = '\0';
+    return s;
+}
+
+int
+cw_config_load(cw_config_t *cf, const char *path)
+{
+    FILE  *f;
+    char   line[1024], *k, *v, *eq;
+    int    lineno = 0;
+    const char *env;
+
+    memset(cf, 0, sizeof(*cf));
+    set(cf->redis_url, sizeof(cf->redis_url), "redis://127.0.0.1:6379");
+    set(cf->queue, sizeof(cf->queue), "redis");
+    set(cf->rest_listen, sizeof(cf->rest_listen), "127.0.0.1:8091");
+
+    if (path) {
+        f = fopen(path, "r");
+        if (f == NULL) {
+            cw_error("cannot open config %s: %s", path, strerror(errno));
+            return -1;
+        }
+        while (fgets(line, sizeof(line), f)) {
+            lineno++;
+            k = trim(line);
+            if (*k == '#' || *k == '\0') continue;
+            eq = strchr(k, '=');
+            if (eq == NULL) {
+                cw_error("%s:%d: expected key = value", path, lineno);
+                fclose(f);
+                return -1;
+            }
+            *eq = '\0';
+            k = trim(k);
+            v = trim(eq + 1);
+            if (strcmp(k, "redis_url") == 0) set(cf->redis_url, sizeof(cf->redis_url), v);
+            else if (strcmp(k, "kafka_brokers") == 0) set(cf->kafka_brokers, sizeof(cf->kafka_brokers), v);
+            else if (strcmp(k, "mongo_uri") == 0) set(cf->mongo_uri, sizeof(cf->mongo_uri), v);
+            else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
+            else if (strcmp(k, "rest_listen") == 0) set(cf->rest_listen, sizeof(cf->rest_listen), v);
+            else if (strcmp(k, "node_id") == 0) set(cf->node_id, sizeof(cf->node_id), v);
+            else {
+                cw_error("%s:%d: unknown key \"%s\"", path, lineno, k);
+                fclose(f);
+                return -1;
+            }
+        }
+        fclose(f);
+    }
+
+    if ((env = getenv("REDIS_URL")) && *env) set(cf->redis_url, sizeof(cf->redis_url), env);
+    if ((env = getenv("KAFKA_BROKERS")) && *env) set(cf->kafka_brokers, sizeof(cf->kafka_brokers), env);
+    if ((env = getenv("MONGO_URI")) && *env) set(cf->mongo_uri, sizeof(cf->mongo_uri), env);
+    if ((env = getenv("CHAT_QUEUE")) && *env) set(cf->queue, sizeof(cf->queue), env);
+
+    if (strcmp(cf->queue, "redis") != 0 && strcmp(cf->queue, "kafka") != 0) {
+        cw_error("queue must be \"redis\" or \"kafka\", not \"%s\"", cf->queue);
+        return -1;
+    }
+    if (cf->node_id[0] == '\0') {
+        char host[64] = "host";
+        gethostname(host, sizeof(host) - 1);
+        snprintf(cf->node_id, sizeof(cf->node_id), "%.40s-%d", host, (int) getpid());
+    }
+    return 0;
+}
+
+int
+cw_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
+{
+    const char *colon = strrchr(s, ':');
+    char       *end;
+    long        p;
+
+    if (colon == NULL || colon == s || (size_t) (colon - s) >= hostlen) return -1;
+    p = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || p <= 0 || p > 65535) return -1;
+    memcpy(host, s, colon - s);
+    host[colon - s] = '\0';
+    *port = (int) p;
+    return 0;
+}
+
+/* redis://[[user]:password@]host:port[/db] */
+int
+cw_parse_redis_url(const char *url, char *host, size_t hostlen, int *port,
+    int *db, char *password, size_t pwlen)
+{
+    const char *p, *at, *slash;
+    char        hp[256];
+    size_t      n;
+
+    *db = 0;
+    if (pwlen) password[0] = '\0';
+    if (strncmp(url, "redis://", 8) != 0) return -1;
+    p = url + 8;
+    at = strchr(p, '@');
+    if (at) {
+        const char *colon = memchr(p, ':', at - p);
+        const char *pw = colon ? colon + 1 : p;
+        n = at - pw;
+        if (n >= pwlen) return -1;
+        memcpy(password, pw, n);
+        password[n] = '\0';
+        p = at + 1;
+    }
+    slash = strchr(p, '/');
+    n = slash ? (size_t) (slash - p) : strlen(p);
+    if (n == 0 || n >= sizeof(hp)) return -1;
+    memcpy(hp, p, n);
+    hp[n] = '\0';
+    if (strchr(hp, ':') == NULL) {
+        if (strlen(hp) >= hostlen) return -1;
+        strcpy(host, hp);
+        *port = 6379;
+    } else if (cw_parse_hostport(hp, host, hostlen, port) != 0) {
+        return -1;
+    }
+    if (slash && slash[1]) {
+        char *end;
+        long d = strtol(slash + 1, &end, 10);
+        if (*end != '\0' || d < 0 || d > 15) return -1;
+        *db = (int) d;
+    }
+    return 0;
+}
