@@ -61,7 +61,7 @@ $(BUILD)/nginx/.configured: config $(BUILD)/.modlist
 
 $(BUILD)/ngx_chat_module.so: $(BUILD)/nginx/.configured $(MOD_SRCS)
 	$(MAKE) -s -C $(BUILD)/nginx -f objs/Makefile modules >/dev/null
-	cp $(BUILD)/nginx/objs/ngx_chat_module.so $@
+	cp $(BUILD)/nginx/objs/ngx_chat_module.so $@.tmp && mv -f $@.tmp $@   # new inode: a running nginx keeps its mapping
 
 module: $(BUILD)/ngx_chat_module.so
 

@@ -13,19 +13,132 @@
 #include <ngx_http.h>
 
 
-#define NGX_CHAT_LOC_WEBSOCKET  0x01
-#define NGX_CHAT_LOC_STATUS     0x02
+#include "chat_ws.h"
+#include "chat_proto.h"
+
+
+#define NGX_CHAT_LOC_WEBSOCKET  1
+#define NGX_CHAT_LOC_STATUS     2
+#define NGX_CHAT_LOC_POLL       3
+#define NGX_CHAT_LOC_SEND       4
+#define NGX_CHAT_LOC_ACK        5
+#define NGX_CHAT_LOC_READ       6
+#define NGX_CHAT_LOC_TYPING     7
+#define NGX_CHAT_LOC_PRESENCE   8
+
+#define NGX_CHAT_USER_MAX       CHAT_ID_MAX
+#define NGX_CHAT_DEVICE_MAX     CHAT_DEV_ID_MAX
 
 
 typedef struct {
     ngx_str_t     redis_url;       /* chat_redis */
     ngx_str_t     jwt_secret;      /* chat_jwt_secret or chat_jwt_secret_file */
+    time_t        jwt_leeway;      /* chat_jwt_leeway */
+    time_t        registry_ttl;    /* chat_registry_ttl */
+    ngx_uint_t    max_conns_user;  /* chat_max_connections_per_user */
 } ngx_chat_main_conf_t;
 
 
 typedef struct {
     ngx_uint_t    handlers;        /* NGX_CHAT_LOC_* */
+    ngx_flag_t    auth;            /* chat_auth: authenticate, then the
+                                      location's own handler (proxy_pass) */
+    ngx_http_complex_value_t  *user_var;    /* chat_user_variable */
+    ngx_array_t  *origins;         /* chat_allowed_origins, of ngx_str_t */
+    time_t        heartbeat;       /* chat_heartbeat */
+    time_t        idle_timeout;    /* chat_idle_timeout */
+    time_t        send_timeout;    /* chat_send_timeout */
+    size_t        max_message;     /* chat_max_message: one client message */
+    ngx_uint_t    max_body;        /* chat_max_body: characters of a body */
+    ngx_uint_t    out_frames;      /* chat_outbound_limit: queued frames */
+    size_t        out_bytes;       /*   and bytes */
+    time_t        poll_timeout;    /* chat_poll_timeout: default hold */
+    time_t        poll_max;        /*   and the most a client may ask */
 } ngx_chat_loc_conf_t;
+
+
+/* An immutable, reference-counted payload shared by every session of a
+ * worker that receives the same event. */
+typedef struct {
+    ngx_uint_t    refs;
+    size_t        len;
+    u_char        data[1];
+} ngx_chat_shbuf_t;
+
+
+/* One queued outbound item: [ws header][prefix][shared payload]. The prefix
+ * carries per-recipient bytes (the cursor of a durable event). */
+typedef struct ngx_chat_out_s  ngx_chat_out_t;
+
+struct ngx_chat_out_s {
+    ngx_chat_out_t     *next;
+    ngx_chat_shbuf_t   *buf;
+    uint32_t            sent;       /* bytes of this item already written */
+    uint8_t             hlen;       /* bytes of head[] in use */
+    uint8_t             opcode;
+    u_char              head[CHAT_WS_MAX_SERVER_HDR + 30];
+};
+
+
+typedef struct ngx_chat_user_s     ngx_chat_user_t;
+typedef struct ngx_chat_session_s  ngx_chat_session_t;
+
+
+/* Sessions of one user in this worker process (rbtree by user id). */
+struct ngx_chat_user_s {
+    ngx_rbtree_node_t   node;       /* key: hash of the id */
+    ngx_queue_t         sessions;
+    u_char              len;
+    u_char              id[NGX_CHAT_USER_MAX];
+};
+
+
+#define NGX_CHAT_T_WS    1
+#define NGX_CHAT_T_POLL  2
+
+/*
+ * A client session: one WebSocket connection or one held long-poll request.
+ * Kept small: idle connections hold nothing beyond this struct (no pools,
+ * no buffers); read buffers exist only while a frame is partly received.
+ */
+struct ngx_chat_session_s {
+    ngx_connection_t      *connection;
+    ngx_http_request_t    *request;      /* long-poll only */
+    ngx_chat_loc_conf_t   *conf;
+    ngx_chat_user_t       *user;
+    ngx_queue_t            user_link;    /* in user->sessions */
+    ngx_queue_t            all_link;     /* in the worker's session list */
+    ngx_queue_t            watches;      /* ngx_chat_watch_link_t */
+
+    ngx_chat_out_t        *out_head;
+    ngx_chat_out_t        *out_tail;
+    uint32_t               out_count;
+    uint32_t               out_bytes;
+
+    u_char                *rbuf;         /* partial frame, or NULL */
+    uint32_t               rlen;
+    uint32_t               rsize;
+    u_char                *msg;          /* fragmented message being assembled */
+    uint32_t               msg_len;
+
+    chat_ws_reader_t       reader;
+    uint64_t               cursor;       /* last cursor acknowledged */
+    uint64_t               id;           /* unique in the worker */
+    ngx_uint_t             refs;         /* pending Redis replies */
+
+    unsigned               transport:2;
+    unsigned               registered:1;
+    unsigned               closing:1;    /* close frame queued */
+    unsigned               closed:1;     /* connection gone; free at refs 0 */
+    unsigned               draining:1;
+    unsigned               peer_closed:1; /* close after the queue drains */
+    unsigned               error:1;       /* the socket failed */
+    unsigned               nwatches:8;
+
+    u_char                 dev_len;
+    u_char                 device[NGX_CHAT_DEVICE_MAX];
+    ngx_log_t              log;
+};
 
 
 /*
@@ -73,6 +186,103 @@ extern ngx_chat_stats_t  *ngx_chat_stats;
 
 ngx_int_t ngx_chat_stats_add_zone(ngx_conf_t *cf);
 ngx_int_t ngx_chat_status_handler(ngx_http_request_t *r);
+
+/* ngx_chat_auth.c */
+typedef struct {
+    u_char        user[NGX_CHAT_USER_MAX + 1];
+    u_char        device[NGX_CHAT_DEVICE_MAX + 1];
+    size_t        user_len;
+    size_t        dev_len;
+} ngx_chat_identity_t;
+
+ngx_int_t ngx_chat_authenticate(ngx_http_request_t *r,
+    ngx_chat_identity_t *id);
+ngx_int_t ngx_chat_auth_add_variables(ngx_conf_t *cf);
+ngx_int_t ngx_chat_auth_access_handler(ngx_http_request_t *r);
+
+/* ngx_chat_http.c: small HTTP answers */
+ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *code, const char *message);
+ngx_int_t ngx_chat_http_json(ngx_http_request_t *r, ngx_uint_t status,
+    u_char *json, size_t len);
+ngx_int_t ngx_chat_arg_int(ngx_http_request_t *r, const char *name,
+    size_t nlen, int64_t *v);
+ngx_int_t ngx_chat_arg_id(ngx_http_request_t *r, const char *name,
+    size_t nlen, u_char *out, size_t max, size_t *len);
+
+/* ngx_chat_redis.c */
+typedef void (*ngx_chat_redis_cb)(void *reply, void *data);
+
+ngx_int_t ngx_chat_redis_init_process(ngx_cycle_t *cycle);
+void ngx_chat_redis_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_chat_redis_ready(void);
+ngx_int_t ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data,
+    const char *fmt, ...);
+ngx_int_t ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data,
+    int argc, const char **argv, const size_t *argvlen);
+ngx_int_t ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb,
+    void *data, int nkeys, int argc, const char **argv, const size_t *argvlen);
+ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);
+extern ngx_str_t  ngx_chat_worker_channel;
+
+/* scripts (ngx_chat_redis.c) */
+#define NGX_CHAT_SCRIPT_REGISTER    0
+#define NGX_CHAT_SCRIPT_UNREGISTER  1
+#define NGX_CHAT_SCRIPT_REFRESH     2
+#define NGX_CHAT_SCRIPT_PRESENCE    3
+#define NGX_CHAT_SCRIPT_TYPING      4
+#define NGX_CHAT_SCRIPT_N           5
+
+/* wall clock in milliseconds (presence, registry expiry, message ts) */
+static ngx_inline int64_t
+ngx_chat_now_ms(void)
+{
+    ngx_time_t  *tp = ngx_timeofday();
+
+    return (int64_t) tp->sec * 1000 + (int64_t) tp->msec;
+}
+
+/* ngx_chat_session.c */
+ngx_int_t ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f);
+ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
+    ngx_chat_loc_conf_t *conf, ngx_chat_identity_t *id, ngx_uint_t transport);
+void ngx_chat_session_register(ngx_chat_session_t *s,
+    void (*done)(ngx_chat_session_t *s, ngx_int_t rc));
+void ngx_chat_session_close(ngx_chat_session_t *s);
+void ngx_chat_session_release(ngx_chat_session_t *s);
+void ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len);
+ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,
+    size_t len);
+ngx_int_t ngx_chat_session_send_shared(ngx_chat_session_t *s,
+    ngx_chat_shbuf_t *b, u_char *prefix, size_t plen);
+void ngx_chat_session_error(ngx_chat_session_t *s, const char *code,
+    const char *message, chat_proto_str_t *client_id);
+ngx_chat_shbuf_t *ngx_chat_shbuf_alloc(size_t len);
+void ngx_chat_shbuf_release(ngx_chat_shbuf_t *b);
+void ngx_chat_deliver(u_char *p, size_t len);
+void ngx_chat_presence_resubscribe(void);
+ngx_int_t ngx_chat_presence_query(u_char *user, size_t len,
+    ngx_chat_redis_cb cb, void *data);
+u_char *ngx_chat_presence_json(u_char *p, u_char *user, size_t len,
+    void *reply, ngx_uint_t with_type);
+ngx_int_t ngx_chat_redis_check_url(ngx_str_t *url);
+void ngx_chat_presence_deliver(u_char *p, size_t len);
+ngx_int_t ngx_chat_sessions_init_process(ngx_cycle_t *cycle);
+extern ngx_queue_t  ngx_chat_sessions;
+
+/* ngx_chat_ws.c */
+ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);
+void ngx_chat_ws_flush(ngx_chat_session_t *s);
+void ngx_chat_ws_close(ngx_chat_session_t *s, ngx_uint_t code,
+    const char *reason);
+void ngx_chat_ws_drain(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_ws_init_process(ngx_cycle_t *cycle);
+
+/* ngx_chat_poll.c */
+ngx_int_t ngx_chat_poll_handler(ngx_http_request_t *r);
+ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_uint_t which);
+void ngx_chat_poll_wake(ngx_chat_session_t *s);
+void ngx_chat_poll_drain(ngx_chat_session_t *s);
 
 
 extern ngx_module_t  ngx_chat_module;

@@ -10,9 +10,27 @@ static void *ngx_chat_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
 static char *ngx_chat_set_handler(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_chat_set_secret_file(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_chat_preconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_chat_postconfiguration(ngx_conf_t *cf);
+static ngx_int_t ngx_chat_init_process(ngx_cycle_t *cycle);
+static void ngx_chat_exit_process(ngx_cycle_t *cycle);
 static ngx_int_t ngx_chat_handler(ngx_http_request_t *r);
+
+
+static char *ngx_chat_check_max_message(ngx_conf_t *cf, void *post,
+    void *data);
+
+
+static ngx_uint_t  ngx_chat_enabled;
+
+
+static ngx_conf_post_handler_pt  ngx_chat_max_message_p =
+    ngx_chat_check_max_message;
 
 
 static ngx_command_t  ngx_chat_commands[] = {
@@ -24,12 +42,103 @@ static ngx_command_t  ngx_chat_commands[] = {
       0,
       (void *) NGX_CHAT_LOC_WEBSOCKET },
 
+    { ngx_string("chat_poll"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_chat_set_handler,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      (void *) NGX_CHAT_LOC_POLL },
+
     { ngx_string("chat_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
       ngx_chat_set_handler,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       (void *) NGX_CHAT_LOC_STATUS },
+
+    { ngx_string("chat_api"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_chat_set_api,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_auth"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, auth),
+      NULL },
+
+    { ngx_string("chat_user_variable"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, user_var),
+      NULL },
+
+    { ngx_string("chat_allowed_origins"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_str_array_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, origins),
+      NULL },
+
+    { ngx_string("chat_heartbeat"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, heartbeat),
+      NULL },
+
+    { ngx_string("chat_idle_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, idle_timeout),
+      NULL },
+
+    { ngx_string("chat_send_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, send_timeout),
+      NULL },
+
+    { ngx_string("chat_max_message"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, max_message),
+      &ngx_chat_max_message_p },
+
+    { ngx_string("chat_max_body"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, max_body),
+      NULL },
+
+    { ngx_string("chat_outbound_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE2,
+      ngx_chat_set_outbound,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_poll_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, poll_timeout),
+      NULL },
+
+    { ngx_string("chat_poll_max_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, poll_max),
+      NULL },
 
     { ngx_string("chat_redis"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
@@ -52,13 +161,34 @@ static ngx_command_t  ngx_chat_commands[] = {
       0,
       NULL },
 
+    { ngx_string("chat_jwt_leeway"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, jwt_leeway),
+      NULL },
+
+    { ngx_string("chat_registry_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, registry_ttl),
+      NULL },
+
+    { ngx_string("chat_max_connections_per_user"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, max_conns_user),
+      NULL },
+
       ngx_null_command
 };
 
 
 static ngx_http_module_t  ngx_chat_module_ctx = {
-    NULL,                                  /* preconfiguration */
-    NULL,                                  /* postconfiguration */
+    ngx_chat_preconfiguration,             /* preconfiguration */
+    ngx_chat_postconfiguration,            /* postconfiguration */
 
     ngx_chat_create_main_conf,             /* create main configuration */
     ngx_chat_init_main_conf,               /* init main configuration */
@@ -78,13 +208,72 @@ ngx_module_t  ngx_chat_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_chat_init_process,                 /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_chat_exit_process,                 /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
+
+
+static ngx_int_t
+ngx_chat_preconfiguration(ngx_conf_t *cf)
+{
+    ngx_chat_enabled = 0;
+
+    return ngx_chat_auth_add_variables(cf);
+}
+
+
+static ngx_int_t
+ngx_chat_postconfiguration(ngx_conf_t *cf)
+{
+    ngx_http_handler_pt        *h;
+    ngx_http_core_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_chat_auth_access_handler;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_chat_init_process(ngx_cycle_t *cycle)
+{
+    if (ngx_process != NGX_PROCESS_WORKER && ngx_process != NGX_PROCESS_SINGLE) {
+        return NGX_OK;
+    }
+
+    if (!ngx_chat_enabled) {
+        return NGX_OK;
+    }
+
+    if (ngx_chat_sessions_init_process(cycle) != NGX_OK
+        || ngx_chat_ws_init_process(cycle) != NGX_OK
+        || ngx_chat_redis_init_process(cycle) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_exit_process(ngx_cycle_t *cycle)
+{
+    if (ngx_chat_enabled) {
+        ngx_chat_redis_exit_process(cycle);
+    }
+}
 
 
 static void *
@@ -96,6 +285,10 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     if (cmcf == NULL) {
         return NULL;
     }
+
+    cmcf->jwt_leeway = NGX_CONF_UNSET;
+    cmcf->registry_ttl = NGX_CONF_UNSET;
+    cmcf->max_conns_user = NGX_CONF_UNSET_UINT;
 
     return cmcf;
 }
@@ -114,6 +307,23 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_str_set(&cmcf->redis_url, "redis://127.0.0.1:6379");
     }
 
+    if (ngx_chat_redis_check_url(&cmcf->redis_url) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_redis \"%V\" is not redis://[:password@]"
+                           "host[:port][/db]", &cmcf->redis_url);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_conf_init_value(cmcf->jwt_leeway, 0);
+    ngx_conf_init_value(cmcf->registry_ttl, 60);
+    ngx_conf_init_uint_value(cmcf->max_conns_user, 16);
+
+    if (cmcf->registry_ttl < 3) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_registry_ttl must be at least 3s");
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -128,6 +338,19 @@ ngx_chat_create_loc_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    clcf->auth = NGX_CONF_UNSET;
+    clcf->user_var = NGX_CONF_UNSET_PTR;
+    clcf->origins = NGX_CONF_UNSET_PTR;
+    clcf->heartbeat = NGX_CONF_UNSET;
+    clcf->idle_timeout = NGX_CONF_UNSET;
+    clcf->send_timeout = NGX_CONF_UNSET;
+    clcf->max_message = NGX_CONF_UNSET_SIZE;
+    clcf->max_body = NGX_CONF_UNSET_UINT;
+    clcf->out_frames = NGX_CONF_UNSET_UINT;
+    clcf->out_bytes = NGX_CONF_UNSET_SIZE;
+    clcf->poll_timeout = NGX_CONF_UNSET;
+    clcf->poll_max = NGX_CONF_UNSET;
+
     return clcf;
 }
 
@@ -135,7 +358,122 @@ ngx_chat_create_loc_conf(ngx_conf_t *cf)
 static char *
 ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 {
+    ngx_chat_loc_conf_t  *prev = parent;
+    ngx_chat_loc_conf_t  *conf = child;
+
+    ngx_conf_merge_value(conf->auth, prev->auth, 0);
+    ngx_conf_merge_ptr_value(conf->user_var, prev->user_var, NULL);
+    ngx_conf_merge_ptr_value(conf->origins, prev->origins, NULL);
+    ngx_conf_merge_value(conf->heartbeat, prev->heartbeat, 30);
+    ngx_conf_merge_value(conf->idle_timeout, prev->idle_timeout,
+                         conf->heartbeat * 5 / 2);
+    ngx_conf_merge_value(conf->send_timeout, prev->send_timeout, 30);
+    ngx_conf_merge_size_value(conf->max_message, prev->max_message, 16384);
+    ngx_conf_merge_uint_value(conf->max_body, prev->max_body, 1000);
+    ngx_conf_merge_uint_value(conf->out_frames, prev->out_frames, 1024);
+    ngx_conf_merge_size_value(conf->out_bytes, prev->out_bytes, 1024 * 1024);
+    ngx_conf_merge_value(conf->poll_timeout, prev->poll_timeout, 25);
+    ngx_conf_merge_value(conf->poll_max, prev->poll_max, 60);
+
+    if (conf->heartbeat < 1 || conf->idle_timeout <= conf->heartbeat) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_idle_timeout must be longer than "
+                           "chat_heartbeat (at least 1s)");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->poll_timeout > conf->poll_max) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_poll_timeout exceeds chat_poll_max_timeout");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->max_body < 1 || conf->max_body > 100000) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_max_body must be 1 to 100000 characters");
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_check_max_message(ngx_conf_t *cf, void *post, void *data)
+{
+    size_t  *sp = data;
+
+    if (*sp < 128 || *sp > 65536) {
+        return "must be between 128 and 64k";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_loc_conf_t  *clcf = conf;
+    ngx_str_t            *value;
+    ngx_int_t             n;
+    ssize_t               size;
+
+    if (clcf->out_frames != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    n = ngx_atoi(value[1].data, value[1].len);
+    if (n < 1 || n > 1000000) {
+        return "takes a number of frames (1 to 1000000) and a size";
+    }
+
+    size = ngx_parse_size(&value[2]);
+    if (size < 1024 || size > 64 * 1024 * 1024) {
+        return "takes a number of frames and a size (1k to 64m)";
+    }
+
+    clcf->out_frames = (ngx_uint_t) n;
+    clcf->out_bytes = (size_t) size;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_set_api(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    static struct {
+        ngx_str_t   name;
+        ngx_uint_t  which;
+    } apis[] = {
+        { ngx_string("send"), NGX_CHAT_LOC_SEND },
+        { ngx_string("ack"), NGX_CHAT_LOC_ACK },
+        { ngx_string("read"), NGX_CHAT_LOC_READ },
+        { ngx_string("typing"), NGX_CHAT_LOC_TYPING },
+        { ngx_string("presence"), NGX_CHAT_LOC_PRESENCE },
+    };
+
+    ngx_str_t      *value;
+    ngx_uint_t      i;
+    ngx_command_t   c;
+
+    value = cf->args->elts;
+
+    for (i = 0; i < sizeof(apis) / sizeof(apis[0]); i++) {
+        if (apis[i].name.len == value[1].len
+            && ngx_strncmp(apis[i].name.data, value[1].data, value[1].len)
+               == 0)
+        {
+            c = *cmd;
+            c.post = (void *) apis[i].which;
+            return ngx_chat_set_handler(cf, &c, conf);
+        }
+    }
+
+    return "must be send, ack, read, typing or presence";
 }
 
 
@@ -150,6 +488,10 @@ ngx_chat_set_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     clcf->handlers = (ngx_uint_t) cmd->post;
+
+    if (clcf->handlers != NGX_CHAT_LOC_STATUS) {
+        ngx_chat_enabled = 1;
+    }
 
     hclcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
     hclcf->handler = ngx_chat_handler;
@@ -238,7 +580,13 @@ ngx_chat_handler(ngx_http_request_t *r)
     case NGX_CHAT_LOC_STATUS:
         return ngx_chat_status_handler(r);
 
+    case NGX_CHAT_LOC_WEBSOCKET:
+        return ngx_chat_ws_handler(r);
+
+    case NGX_CHAT_LOC_POLL:
+        return ngx_chat_poll_handler(r);
+
     default:
-        return NGX_HTTP_NOT_IMPLEMENTED;
+        return ngx_chat_api_handler(r, clcf->handlers);
     }
 }

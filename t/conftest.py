@@ -43,8 +43,11 @@ def stack():
     # A stale stack from an interrupted run must not leak into this one.
     subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", stack_dir],
                    env=env, capture_output=True)
-    for f in glob.glob(os.path.join(stack_dir, "logs", "*san-*")):
-        os.unlink(f)
+    # Logs of an earlier run must not be read as this run's.
+    for f in (glob.glob(os.path.join(stack_dir, "logs", "*"))
+              + glob.glob(os.path.join(stack_dir, "nginx", "logs", "*"))):
+        if os.path.isfile(f):
+            os.unlink(f)
     r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack_dir,
                         "--port-base", port_base, "--queue", "redis"],
                        env=env, capture_output=True, text=True, timeout=600)
