@@ -15,6 +15,7 @@
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
 #include <openssl/sha.h>
+#include <poll.h>
 
 
 #define NGX_CHAT_REDIS_BACKOFF_MIN   100
@@ -815,7 +816,31 @@ ngx_chat_redis_init_process(ngx_cycle_t *cycle)
 void
 ngx_chat_redis_exit_process(ngx_cycle_t *cycle)
 {
+    int                 done, i;
+    struct pollfd       pfd;
     redisAsyncContext  *ac;
+
+    /*
+     * The worker is exiting: what the closing sessions queued (their
+     * registry removals) is written out before the link goes, waiting at
+     * most half a second. Replies are not awaited.
+     */
+    if (ngx_chat_cmd.ac) {
+        done = 0;
+
+        for (i = 0; i < 50 && !done; i++) {
+            if (redisBufferWrite(&ngx_chat_cmd.ac->c, &done) == REDIS_ERR) {
+                break;
+            }
+
+            if (!done) {
+                pfd.fd = ngx_chat_cmd.ac->c.fd;
+                pfd.events = POLLOUT;
+                pfd.revents = 0;
+                (void) poll(&pfd, 1, 10);
+            }
+        }
+    }
 
     if (ngx_chat_sub.ac) {
         ac = ngx_chat_sub.ac;

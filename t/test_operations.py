@@ -1,0 +1,197 @@
+"""Issue 3, operations: Redis going away under live connections, graceful
+drain on reload (1,000 open connections) and quit."""
+import base64
+import os
+import selectors
+import socket
+import subprocess
+import time
+
+import pytest
+
+from chatlib import ROOT
+from wsclient import WS, HandshakeError, frame
+
+
+def ws(stack, user, device=None):
+    c = WS(stack.host, stack.port, stack.ws_path, token=stack.token(user, device))
+    c.hello = c.recv()
+    return c
+
+
+def stack_cmd(stack, *args):
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), *args, "--dir", stack.dir],
+                       capture_output=True, text=True, env=stack.proc_env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def eventually(fn, timeout=15, every=0.2):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            v = fn()
+            if v:
+                return v
+        except Exception:
+            if time.time() > deadline:
+                raise
+        if time.time() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(every)
+
+
+def test_redis_restart_under_live_connections(stack):
+    alice, bob = ws(stack, "r-alice"), ws(stack, "r-bob")
+    stack_cmd(stack, "kill", "redis")
+    time.sleep(0.5)
+    # live connections stay up and answer what needs no Redis
+    alice.send_json({"type": "ping"})
+    assert alice.recv() == {"type": "pong"}
+    # what needs Redis is refused at once, not left hanging
+    alice.send_json({"type": "typing", "to": "r-bob"})
+    e = alice.recv(timeout=3)
+    assert e["type"] == "error" and e["code"] == "unavailable"
+    with pytest.raises(HandshakeError) as he:
+        WS(stack.host, stack.port, stack.ws_path, token=stack.token("r-carol"), timeout=5)
+    assert he.value.status == 503 and he.value.body["code"] == "unavailable"
+    st, _, body = stack.request("GET", f"{stack.http}/presence?user=r-bob",
+                                headers={"Authorization": "Bearer " + stack.token("r-alice")})
+    assert st == 503 and body["code"] == "unavailable"
+    st, _, body = stack.request("GET", f"{stack.http}/poll?timeout=1",
+                                headers={"Authorization": "Bearer " + stack.token("r-alice")})
+    assert st == 503
+    # Redis comes back (AOF): nginx reconnects by itself
+    stack_cmd(stack, "up")
+    eventually(lambda: ws(stack, "r-carol").close() or True, timeout=20)
+    # the registry is rebuilt by the periodic refresh; typing flows again
+    def typing_arrives():
+        alice.send_json({"type": "typing", "to": "r-bob"})
+        m = bob.recv(timeout=1)
+        return m.get("type") == "typing"
+    eventually(typing_arrives, timeout=40, every=0.5)
+    alice.close()
+    bob.close()
+    assert not stack.nginx_crashes()
+
+
+class Bulk:
+    """Many WebSocket connections in one process, driven by a selector."""
+
+    def __init__(self, stack, n, prefix):
+        self.stack, self.conns = stack, []
+        sel = selectors.DefaultSelector()
+        for i in range(n):
+            s = socket.create_connection((stack.host, stack.port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            tok = stack.token(f"{prefix}{i}")
+            s.sendall((f"GET {stack.ws_path}?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                       f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            s.setblocking(False)
+            c = {"sock": s, "buf": b"", "frames": []}
+            self.conns.append(c)
+            sel.register(s, selectors.EVENT_READ, c)
+        self.sel = sel
+
+    def pump(self, until, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline and not all(until(c) for c in self.conns):
+            for key, _ in self.sel.select(0.2):
+                c = key.data
+                try:
+                    d = c["sock"].recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionResetError:
+                    d = b""
+                if not d:
+                    c["eof"] = True
+                    self.sel.unregister(c["sock"])
+                    continue
+                c["buf"] += d
+                self._frames(c)
+        return all(until(c) for c in self.conns)
+
+    @staticmethod
+    def _frames(c):
+        if not c.get("upgraded"):
+            if b"\r\n\r\n" not in c["buf"]:
+                return
+            head, _, c["buf"] = c["buf"].partition(b"\r\n\r\n")
+            c["status"] = int(head.split()[1])
+            c["upgraded"] = True
+        b = c["buf"]
+        while len(b) >= 2:
+            n, off = b[1] & 0x7F, 2
+            if n == 126:
+                if len(b) < 4:
+                    break
+                n, off = int.from_bytes(b[2:4], "big"), 4
+            if len(b) < off + n:
+                break
+            c["frames"].append((b[0] & 0x0F, b[off:off + n]))
+            b = b[off + n:]
+        c["buf"] = b
+
+    def close(self):
+        for c in self.conns:
+            try:
+                c["sock"].close()
+            except OSError:
+                pass
+
+
+def worker_pids(stack):
+    master = open(os.path.join(stack.env["CHAT_NGINX_PREFIX"], "nginx.pid")).read().strip()
+    out = subprocess.run(["pgrep", "-P", master], capture_output=True, text=True).stdout.split()
+    return set(out)
+
+
+def test_reload_drains_1000_connections(stack):
+    bulk = Bulk(stack, 1000, "reload-user-")
+    assert bulk.pump(lambda c: any(op == 1 and b'"hello"' in p for op, p in c["frames"]), 60), \
+        "not every connection got its hello"
+    assert all(c["status"] == 101 for c in bulk.conns)
+    old = worker_pids(stack)
+    subprocess.run(["nginx", "-p", stack.env["CHAT_NGINX_PREFIX"], "-c", stack.env["CHAT_NGINX_CONF"],
+                    "-s", "reload"], check=True, env=stack.proc_env)
+    ok = bulk.pump(lambda c: any(op == 8 for op, _ in c["frames"]), 30)
+    assert ok, "not every connection was told to go"
+    for c in bulk.conns:
+        texts = [p for op, p in c["frames"] if op == 1]
+        closes = [p for op, p in c["frames"] if op == 8]
+        assert texts[-1] == b'{"type":"reconnect"}', texts
+        assert int.from_bytes(closes[0][:2], "big") == 1001
+    # answer the closes like clients do; the server then closes the sockets
+    for c in bulk.conns:
+        try:
+            c["sock"].send(frame(8, (1001).to_bytes(2, "big")))
+        except OSError:
+            pass
+    assert bulk.pump(lambda c: c.get("eof"), 20), "connections left open"
+    bulk.close()
+    # the old workers exit; no socket is leaked
+    eventually(lambda: not (old & worker_pids(stack)), timeout=20)
+    assert "open socket" not in stack.nginx_error_log()
+    ws(stack, "after-reload").close()
+
+
+def test_reload_answers_held_long_polls(stack):
+    import threading
+    res = {}
+
+    def poll():
+        res["r"] = stack.request("GET", stack.http + "/poll?cursor=3&timeout=30",
+                                 headers={"Authorization": "Bearer " + stack.token("poll-reload")}, timeout=40)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.time()
+    subprocess.run(["nginx", "-p", stack.env["CHAT_NGINX_PREFIX"], "-c", stack.env["CHAT_NGINX_CONF"],
+                    "-s", "reload"], check=True, env=stack.proc_env)
+    t.join(35)
+    st, _, body = res["r"]
+    assert st == 200 and body == {"events": [], "cursor": 3}
+    assert time.time() - t0 < 5
