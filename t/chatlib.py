@@ -28,6 +28,16 @@ def make_jwt(secret, claims, header=None, sign=True):
     return f"{h}.{p}.{s}"
 
 
+def nginx_argv(*args):
+    """nginx with the sanitizer runtime preloaded when the module is an ASan build."""
+    pre = []
+    if os.environ.get("NGX_CHAT_SAN") == "1":
+        libasan = subprocess.check_output(["gcc", "-print-file-name=libasan.so"], text=True).strip()
+        libubsan = subprocess.check_output(["gcc", "-print-file-name=libubsan.so"], text=True).strip()
+        pre = ["env", f"LD_PRELOAD={libasan}:{libubsan}", "ASAN_OPTIONS=detect_leaks=0"]
+    return pre + ["nginx", *args]
+
+
 class Stack:
     def __init__(self, directory, env):
         self.dir = directory
@@ -67,6 +77,10 @@ class Stack:
             return status, hdrs, json.loads(raw) if raw else None
         except ValueError:
             return status, hdrs, raw
+
+    def nginx_signal(self, sig):
+        subprocess.run(nginx_argv("-p", self.env["CHAT_NGINX_PREFIX"], "-c", self.env["CHAT_NGINX_CONF"],
+                                  "-s", sig), check=True, env=self.proc_env)
 
     def nginx_error_log(self):
         p = os.path.join(self.env["CHAT_NGINX_PREFIX"], "logs", "error.log")

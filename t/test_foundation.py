@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from chatlib import ROOT, make_jwt
+from chatlib import ROOT, make_jwt, nginx_argv
 
 
 def test_worker_check_reaches_every_server(stack):
@@ -103,7 +103,7 @@ def _module():
 
 def test_nginx_accepts_the_shipped_example_conf(tmp_path):
     conf = _example_conf(tmp_path, _module())
-    r = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    r = subprocess.run(nginx_argv("-t", "-p", str(tmp_path), "-c", str(conf)), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "test is successful" in r.stderr
 
@@ -121,7 +121,7 @@ def test_nginx_rejects_bad_directives(tmp_path, bad, complaint):
     else:
         text = text.replace("http {", "http {\n    " + bad, 1)
     conf.write_text(text)
-    r = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    r = subprocess.run(nginx_argv("-t", "-p", str(tmp_path), "-c", str(conf)), capture_output=True, text=True)
     assert r.returncode != 0
     assert complaint in r.stderr, r.stderr
 

@@ -154,8 +154,7 @@ def test_reload_drains_1000_connections(stack):
         "not every connection got its hello"
     assert all(c["status"] == 101 for c in bulk.conns)
     old = worker_pids(stack)
-    subprocess.run(["nginx", "-p", stack.env["CHAT_NGINX_PREFIX"], "-c", stack.env["CHAT_NGINX_CONF"],
-                    "-s", "reload"], check=True, env=stack.proc_env)
+    stack.nginx_signal("reload")
     ok = bulk.pump(lambda c: any(op == 8 for op, _ in c["frames"]), 30)
     assert ok, "not every connection was told to go"
     for c in bulk.conns:
@@ -189,8 +188,7 @@ def test_reload_answers_held_long_polls(stack):
     t.start()
     time.sleep(0.5)
     t0 = time.time()
-    subprocess.run(["nginx", "-p", stack.env["CHAT_NGINX_PREFIX"], "-c", stack.env["CHAT_NGINX_CONF"],
-                    "-s", "reload"], check=True, env=stack.proc_env)
+    stack.nginx_signal("reload")
     t.join(35)
     st, _, body = res["r"]
     assert st == 200 and body == {"events": [], "cursor": 3}
