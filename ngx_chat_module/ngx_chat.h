@@ -36,6 +36,9 @@ typedef struct {
     time_t        jwt_leeway;      /* chat_jwt_leeway */
     time_t        registry_ttl;    /* chat_registry_ttl */
     ngx_uint_t    max_conns_user;  /* chat_max_connections_per_user */
+    ngx_uint_t    shards;          /* chat_shards */
+    ngx_uint_t    node_id;         /* chat_node_id */
+    time_t        dedup_ttl;       /* chat_dedup_ttl */
 } ngx_chat_main_conf_t;
 
 
@@ -54,6 +57,8 @@ typedef struct {
     size_t        out_bytes;       /*   and bytes */
     time_t        poll_timeout;    /* chat_poll_timeout: default hold */
     time_t        poll_max;        /*   and the most a client may ask */
+    ngx_uint_t    rate;            /* chat_rate_limit: messages a minute */
+    ngx_uint_t    burst;           /*   and the burst */
 } ngx_chat_loc_conf_t;
 
 
@@ -123,6 +128,7 @@ struct ngx_chat_session_s {
 
     chat_ws_reader_t       reader;
     uint64_t               cursor;       /* last cursor acknowledged */
+    uint64_t               sent_cursor;  /* highest durable cursor queued */
     uint64_t               id;           /* unique in the worker */
     ngx_uint_t             refs;         /* pending Redis replies */
 
@@ -133,6 +139,9 @@ struct ngx_chat_session_s {
     unsigned               draining:1;
     unsigned               peer_closed:1; /* close after the queue drains */
     unsigned               error:1;       /* the socket failed */
+    unsigned               replaying:1;   /* inbox replay in progress */
+    unsigned               missed:1;      /* live events skipped meanwhile */
+    unsigned               replay_wait:1; /* next page when the queue drains */
     unsigned               nwatches:8;
 
     u_char                 dev_len;
@@ -231,7 +240,10 @@ extern ngx_str_t  ngx_chat_worker_channel;
 #define NGX_CHAT_SCRIPT_REFRESH     2
 #define NGX_CHAT_SCRIPT_PRESENCE    3
 #define NGX_CHAT_SCRIPT_TYPING      4
-#define NGX_CHAT_SCRIPT_N           5
+#define NGX_CHAT_SCRIPT_ACCEPT      5
+#define NGX_CHAT_SCRIPT_ACK         6
+#define NGX_CHAT_SCRIPT_READ        7
+#define NGX_CHAT_SCRIPT_N           8
 
 /* wall clock in milliseconds (presence, registry expiry, message ts) */
 static ngx_inline int64_t
@@ -270,6 +282,14 @@ void ngx_chat_presence_deliver(u_char *p, size_t len);
 ngx_int_t ngx_chat_sessions_init_process(ngx_cycle_t *cycle);
 extern ngx_queue_t  ngx_chat_sessions;
 
+/* ngx_chat_msg.c: the messaging pipeline's front */
+void ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f);
+ngx_int_t ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
+    chat_proto_frame_t *f);
+void ngx_chat_replay_start(ngx_chat_session_t *s);
+void ngx_chat_replay_resume(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
+
 /* ngx_chat_ws.c */
 ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);
 void ngx_chat_ws_flush(ngx_chat_session_t *s);
@@ -283,6 +303,7 @@ ngx_int_t ngx_chat_poll_handler(ngx_http_request_t *r);
 ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_uint_t which);
 void ngx_chat_poll_wake(ngx_chat_session_t *s);
 void ngx_chat_poll_drain(ngx_chat_session_t *s);
+void ngx_chat_poll_hold(ngx_chat_session_t *s);
 
 
 extern ngx_module_t  ngx_chat_module;

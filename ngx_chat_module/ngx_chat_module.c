@@ -15,6 +15,8 @@ static char *ngx_chat_set_secret_file(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_chat_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_chat_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_chat_init_process(ngx_cycle_t *cycle);
@@ -140,6 +142,34 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_loc_conf_t, poll_max),
       NULL },
 
+    { ngx_string("chat_rate_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE2,
+      ngx_chat_set_rate,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_shards"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, shards),
+      NULL },
+
+    { ngx_string("chat_node_id"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, node_id),
+      NULL },
+
+    { ngx_string("chat_dedup_ttl"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, dedup_ttl),
+      NULL },
+
     { ngx_string("chat_redis"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
@@ -257,6 +287,7 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
     }
 
     if (ngx_chat_sessions_init_process(cycle) != NGX_OK
+        || ngx_chat_msg_init_process(cycle) != NGX_OK
         || ngx_chat_ws_init_process(cycle) != NGX_OK
         || ngx_chat_redis_init_process(cycle) != NGX_OK)
     {
@@ -289,6 +320,9 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->jwt_leeway = NGX_CONF_UNSET;
     cmcf->registry_ttl = NGX_CONF_UNSET;
     cmcf->max_conns_user = NGX_CONF_UNSET_UINT;
+    cmcf->shards = NGX_CONF_UNSET_UINT;
+    cmcf->node_id = NGX_CONF_UNSET_UINT;
+    cmcf->dedup_ttl = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -317,6 +351,21 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_value(cmcf->jwt_leeway, 0);
     ngx_conf_init_value(cmcf->registry_ttl, 60);
     ngx_conf_init_uint_value(cmcf->max_conns_user, 16);
+    ngx_conf_init_uint_value(cmcf->shards, 16);
+    ngx_conf_init_uint_value(cmcf->node_id, 0);
+    ngx_conf_init_value(cmcf->dedup_ttl, 7 * 86400);
+
+    if (cmcf->shards < 1 || cmcf->shards > 4096) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_shards must be 1 to 4096");
+        return NGX_CONF_ERROR;
+    }
+
+    if (cmcf->node_id > 31) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_node_id must be 0 to 31");
+        return NGX_CONF_ERROR;
+    }
 
     if (cmcf->registry_ttl < 3) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -350,6 +399,8 @@ ngx_chat_create_loc_conf(ngx_conf_t *cf)
     clcf->out_bytes = NGX_CONF_UNSET_SIZE;
     clcf->poll_timeout = NGX_CONF_UNSET;
     clcf->poll_max = NGX_CONF_UNSET;
+    clcf->rate = NGX_CONF_UNSET_UINT;
+    clcf->burst = NGX_CONF_UNSET_UINT;
 
     return clcf;
 }
@@ -374,6 +425,8 @@ ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_size_value(conf->out_bytes, prev->out_bytes, 1024 * 1024);
     ngx_conf_merge_value(conf->poll_timeout, prev->poll_timeout, 25);
     ngx_conf_merge_value(conf->poll_max, prev->poll_max, 60);
+    ngx_conf_merge_uint_value(conf->rate, prev->rate, 60);
+    ngx_conf_merge_uint_value(conf->burst, prev->burst, 10);
 
     if (conf->heartbeat < 1 || conf->idle_timeout <= conf->heartbeat) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -437,6 +490,36 @@ ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf->out_frames = (ngx_uint_t) n;
     clcf->out_bytes = (size_t) size;
+
+    return NGX_CONF_OK;
+}
+
+
+/* chat_rate_limit <messages a minute> <burst>; 0 0 turns it off */
+static char *
+ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_loc_conf_t  *clcf = conf;
+    ngx_str_t            *value;
+    ngx_int_t             rate, burst;
+
+    if (clcf->rate != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    rate = ngx_atoi(value[1].data, value[1].len);
+    burst = ngx_atoi(value[2].data, value[2].len);
+
+    if (rate == NGX_ERROR || burst == NGX_ERROR || rate > 6000000
+        || burst > 1000000 || (rate > 0 && burst < 1))
+    {
+        return "takes messages a minute and a burst of at least 1";
+    }
+
+    clcf->rate = (ngx_uint_t) rate;
+    clcf->burst = (ngx_uint_t) burst;
 
     return NGX_CONF_OK;
 }

@@ -160,19 +160,47 @@ ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
-    /* the answer's cursor is the one polled with (it acknowledges up to it) */
+    /* the answer's cursor is the one polled with: it acknowledges up to it */
     s->cursor = ctx->cursor;
+    s->sent_cursor = ctx->cursor;
 
-    if (s->out_head || ctx->timeout == 0) {
-        ngx_chat_poll_respond(s);
-        ngx_http_run_posted_requests(c);
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_chat_poll_event_handler;
+
+    if (ctx->cursor > 0) {
+        chat_proto_frame_t  f;
+
+        ngx_memzero(&f, sizeof(f));
+        f.type = CHAT_PROTO_ACK;
+        f.cursor = (int64_t) ctx->cursor;
+        ngx_chat_msg_frame(s, &f);
+    }
+
+    /* what is waiting in the inbox first; then held (ngx_chat_poll_hold) */
+    ngx_chat_replay_start(s);
+}
+
+
+/* The inbox had nothing after the cursor: hold the request for live events
+ * (a client that goes away ends the request, and the session). */
+void
+ngx_chat_poll_hold(ngx_chat_session_t *s)
+{
+    ngx_http_request_t   *r = s->request;
+    ngx_chat_poll_ctx_t  *ctx;
+
+    if (r == NULL || s->error) {
         return;
     }
 
-    /* held: a client that goes away ends the request (and the session) */
-    r->read_event_handler = ngx_http_test_reading;
-    r->write_event_handler = ngx_chat_poll_event_handler;
-    ngx_add_timer(c->write, ctx->timeout);
+    ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
+
+    if (s->out_head || ctx->timeout == 0 || s->draining) {
+        ngx_chat_poll_wake(s);
+        return;
+    }
+
+    ngx_add_timer(r->connection->write, ctx->timeout);
 }
 
 
@@ -377,6 +405,17 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
 
     switch (f.type) {
 
+    case CHAT_PROTO_SEND:
+    case CHAT_PROTO_ACK:
+    case CHAT_PROTO_READ:
+        rc = ngx_chat_msg_http(r, id, &f);
+        if (rc == NGX_DONE) {
+            /* answered by the pipeline; drop the body reader's reference */
+            ngx_http_finalize_request(r, NGX_DONE);
+            return;
+        }
+        break;
+
     case CHAT_PROTO_TYPING:
         rc = ngx_chat_typing(id->user, id->user_len, &f);
         if (rc == NGX_OK) {
@@ -391,9 +430,8 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
         break;
 
     default:
-        rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                 "unavailable",
-                                 "messaging is not enabled on this server");
+        rc = ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
+                                 "unexpected frame type");
         break;
     }
 

@@ -74,8 +74,9 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "if n == 0 then redis.call('PUBLISH', 'chat:p:' .. ARGV[5],"
     " '{\"type\":\"presence\",\"user\":\"' .. ARGV[5] .."
     " '\",\"online\":true,\"last_seen\":null}') end\n"
+    "redis.call('HSETNX', KEYS[2], ARGV[6], 0)\n"
     "local acked = redis.call('HGET', KEYS[2], ARGV[6])\n"
-    "return {n + 1, acked or '0'}\n",
+    "return {n + 1, acked}\n",
 
     /* UNREGISTER  KEYS: conns seen  ARGV: member now user */
     "local removed = redis.call('ZREM', KEYS[1], ARGV[1])\n"
@@ -118,7 +119,61 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "    n = n + 1\n"
     "  end\n"
     "end\n"
-    "return n\n"
+    "return n\n",
+
+    /* ACCEPT  KEYS: dedup seq stream
+     * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
+     * dedup, number and enqueue in one step; returns "id|seq|ts|conv" */
+    "local d = redis.call('GET', KEYS[1])\n"
+    "if d then return d end\n"
+    "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
+    "redis.call('XADD', KEYS[3], '*', 't', 'msg', 'conv', ARGV[1],"
+    " 'from', ARGV[7], 'dev', ARGV[8], ARGV[9], ARGV[10], 'seq', seq,"
+    " 'ev', ARGV[5] .. seq .. ARGV[6])\n"
+    "local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]\n"
+    "redis.call('SET', KEYS[1], rec, 'EX', tonumber(ARGV[4]))\n"
+    "return rec\n",
+
+    /* ACK  KEYS: acked inbox dlv cur  ARGV: device n user
+     * moves the device's cursor, returns {conv, seq, ...} of delivered
+     * receipts to emit, trims what every device has acknowledged */
+    "local prev = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
+    "local n = tonumber(ARGV[2])\n"
+    "local top = tonumber(redis.call('GET', KEYS[4]) or '0')\n"
+    "if n > top then n = top end\n"
+    "if n <= prev then return {} end\n"
+    "redis.call('HSET', KEYS[1], ARGV[1], n)\n"
+    "local best, order, out = {}, {}, {}\n"
+    "for _, ev in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. prev, n)) do\n"
+    "  local ok, e = pcall(cjson.decode, ev)\n"
+    "  if ok and e.type == 'msg' and e.from ~= ARGV[3] then\n"
+    "    if not best[e.conv] then table.insert(order, e.conv) end\n"
+    "    if not best[e.conv] or e.seq > best[e.conv] then best[e.conv] = e.seq end\n"
+    "  end\n"
+    "end\n"
+    "for _, conv in ipairs(order) do\n"
+    "  local d = tonumber(redis.call('HGET', KEYS[3], conv) or '0')\n"
+    "  if best[conv] > d then\n"
+    "    redis.call('HSET', KEYS[3], conv, best[conv])\n"
+    "    table.insert(out, conv)\n"
+    "    table.insert(out, string.format('%d', best[conv]))\n"
+    "  end\n"
+    "end\n"
+    "local min = n\n"
+    "for _, v in ipairs(redis.call('HVALS', KEYS[1])) do\n"
+    "  local x = tonumber(v)\n"
+    "  if x < min then min = x end\n"
+    "end\n"
+    "redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', min)\n"
+    "return out\n",
+
+    /* READ  KEYS: read  ARGV: conv seq  -> 1 when the pointer moved */
+    "local p = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
+    "if tonumber(ARGV[2]) > p then\n"
+    "  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n"
+    "  return 1\n"
+    "end\n"
+    "return 0\n"
 };
 
 static u_char  ngx_chat_script_sha[NGX_CHAT_SCRIPT_N][SHA_DIGEST_LENGTH * 2 + 1];

@@ -935,6 +935,7 @@ ngx_chat_deliver(u_char *p, size_t len)
     u_char              *nl, *last, *tok, *end, *colon, *bang, *uend,
                          prefix[40];
     size_t               plen;
+    uint64_t             cursor;
     ngx_queue_t         *q, *next;
     ngx_chat_user_t     *u;
     ngx_chat_shbuf_t    *b;
@@ -975,10 +976,16 @@ ngx_chat_deliver(u_char *p, size_t len)
             continue;
         }
 
+        cursor = 0;
+
         if (colon) {
-            plen = ngx_sprintf(prefix, "{\"cursor\":%*s,",
-                               (size_t) ((bang ? bang : end) - colon - 1),
-                               colon + 1) - prefix;
+            cursor = (uint64_t) ngx_atoof(colon + 1, (bang ? bang : end)
+                                                     - colon - 1);
+            if (cursor == (uint64_t) NGX_ERROR || cursor == 0) {
+                continue;
+            }
+
+            plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
 
         } else {
             prefix[0] = '{';
@@ -992,14 +999,32 @@ ngx_chat_deliver(u_char *p, size_t len)
             next = ngx_queue_next(q);
             s = ngx_queue_data(q, ngx_chat_session_t, user_link);
 
+            if (cursor) {
+                /* durable: exactly once per session, in cursor order */
+                if (cursor <= s->sent_cursor) {
+                    continue;
+                }
+
+                if (s->replaying) {
+                    s->missed = 1;     /* the replay fetches it */
+                    continue;
+                }
+
+                if (cursor != s->sent_cursor + 1 && s->sent_cursor) {
+                    /* a gap (an event still on its way, or lost with a
+                     * publish): fetch from the inbox in order instead */
+                    s->missed = 0;
+                    ngx_chat_replay_start(s);
+                    continue;
+                }
+
+                s->sent_cursor = cursor;
+            }
+
             if (bang && (size_t) (end - bang - 1) == s->dev_len
                 && ngx_strncmp(bang + 1, s->device, s->dev_len) == 0)
             {
-                continue;
-            }
-
-            if (ngx_queue_empty(&u->sessions)) {
-                break;
+                continue;   /* the device the event came from */
             }
 
             (void) ngx_chat_session_send_shared(s, b, prefix, plen);
@@ -1105,10 +1130,8 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
         return;
 
     default:
-        /* send, ack and read arrive with the messaging pipeline */
-        ngx_chat_session_error(s, "unavailable",
-                               "messaging is not enabled on this server",
-                               f.type == CHAT_PROTO_SEND ? &f.client_id : NULL);
+        /* send, ack, read */
+        ngx_chat_msg_frame(s, &f);
         return;
     }
 }

@@ -337,6 +337,10 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
 
     (void) ngx_chat_session_send(s, hello, p - hello);
 
+    /* then everything retained after the cursor, then live */
+    s->sent_cursor = (uint64_t) hs->cursor;
+    ngx_chat_replay_start(s);
+
     if (s->error) {
         ngx_post_event(c->write, &ngx_posted_events);
         return;
@@ -477,6 +481,10 @@ ngx_chat_ws_flush(ngx_chat_session_t *s)
         ngx_chat_stat_inc(frames_out);
         ngx_chat_shbuf_release(o->buf);
         ngx_free(o);
+    }
+
+    if (s->replay_wait && s->out_count <= s->conf->out_frames / 4) {
+        ngx_chat_replay_resume(s);
     }
 
     if (s->out_head == NULL) {

@@ -1,0 +1,840 @@
+/*
+ * The front of the messaging pipeline, in nginx: accept a send (validate,
+ * rate-limit, then one Redis script that deduplicates, numbers and
+ * enqueues), acknowledge receipts of delivery and reading, and replay a
+ * user's inbox to a device that (re)connects. Sends, acks and reads arrive
+ * from a WebSocket session or an HTTP request; the answer goes back the way
+ * the question came.
+ */
+#include "ngx_chat.h"
+#include "chat_json.h"
+
+#include <hiredis/hiredis.h>
+
+
+#define NGX_CHAT_ID_EPOCH      1704067200000LL   /* 2024-01-01T00:00:00Z */
+#define NGX_CHAT_REPLAY_PAGE   256
+#define NGX_CHAT_RATE_SLOTS    4096
+
+
+/* --- message ids: time (41 bits of ms), node (10), counter (12) ---------------- */
+
+static int64_t     ngx_chat_id_ms;
+static ngx_uint_t  ngx_chat_id_seq;
+static ngx_uint_t  ngx_chat_id_node;
+
+
+static uint64_t
+ngx_chat_msg_id(void)
+{
+    int64_t  ms;
+
+    ms = ngx_chat_now_ms() - NGX_CHAT_ID_EPOCH;
+
+    if (ms > ngx_chat_id_ms) {
+        ngx_chat_id_ms = ms;
+        ngx_chat_id_seq = 0;
+
+    } else if (++ngx_chat_id_seq >= 4096) {
+        /* 4096 ids in one millisecond: borrow the next one */
+        ngx_chat_id_ms++;
+        ngx_chat_id_seq = 0;
+    }
+
+    return ((uint64_t) ngx_chat_id_ms << 22) | (ngx_chat_id_node << 12)
+           | ngx_chat_id_seq;
+}
+
+
+/* --- rate limit: a token bucket per user, per worker process ------------------- */
+
+typedef struct {
+    uint32_t     hash;
+    u_char       len;
+    u_char       id[NGX_CHAT_USER_MAX];
+    int64_t      milli;          /* tokens x 1000 */
+    int64_t      ts;             /* ms of the last refill */
+} ngx_chat_rate_t;
+
+static ngx_chat_rate_t  *ngx_chat_rates;
+
+
+/* 0: take one; else milliseconds until one is available */
+static int64_t
+ngx_chat_rate_take(ngx_chat_loc_conf_t *cmcf, u_char *user, size_t len)
+{
+    int64_t           now, refill;
+    uint32_t          hash;
+    ngx_chat_rate_t  *b;
+
+    if (cmcf->rate == 0) {
+        return 0;
+    }
+
+    now = ngx_chat_now_ms();
+    hash = ngx_crc32_short(user, len);
+    b = &ngx_chat_rates[hash % NGX_CHAT_RATE_SLOTS];
+
+    if (b->hash != hash || b->len != len || ngx_memcmp(b->id, user, len) != 0) {
+        /* a new user takes the slot with a full bucket */
+        b->hash = hash;
+        b->len = (u_char) len;
+        ngx_memcpy(b->id, user, len);
+        b->milli = (int64_t) cmcf->burst * 1000;
+        b->ts = now;
+    }
+
+    /* rate per minute: one token every 60000 / rate ms */
+    refill = (now - b->ts) * (int64_t) cmcf->rate * 1000 / 60000;
+    if (refill > 0) {
+        b->milli = ngx_min(b->milli + refill, (int64_t) cmcf->burst * 1000);
+        b->ts = now;
+    }
+
+    if (b->milli >= 1000) {
+        b->milli -= 1000;
+        return 0;
+    }
+
+    return ((1000 - b->milli) * 60000 / (int64_t) cmcf->rate + 999) / 1000 + 1;
+}
+
+
+/* --- where the answer goes --------------------------------------------------------- */
+
+typedef struct {
+    ngx_chat_session_t   *s;           /* WebSocket session, or */
+    ngx_http_request_t   *r;           /* HTTP request */
+    ngx_uint_t            shard;
+    ngx_chat_loc_conf_t  *conf;
+    u_char                user[NGX_CHAT_USER_MAX];
+    u_char                device[NGX_CHAT_DEVICE_MAX];
+    u_char                ulen;
+    u_char                dlen;
+    size_t                cid_len;     /* raw client_id, still escaped */
+    u_char                cid[1];
+} ngx_chat_msg_ctx_t;
+
+
+static ngx_chat_msg_ctx_t *
+ngx_chat_msg_ctx(ngx_chat_session_t *s, ngx_http_request_t *r, u_char *user,
+    size_t ulen, u_char *dev, size_t dlen, chat_proto_str_t *cid)
+{
+    size_t               n;
+    ngx_chat_msg_ctx_t  *ctx;
+
+    n = cid ? cid->len : 0;
+
+    ctx = ngx_alloc(sizeof(ngx_chat_msg_ctx_t) + n, ngx_cycle->log);
+    if (ctx == NULL) {
+        return NULL;
+    }
+
+    ctx->s = s;
+    ctx->r = r;
+    ctx->conf = s ? s->conf : ngx_http_get_module_loc_conf(r, ngx_chat_module);
+    ctx->ulen = (u_char) ulen;
+    ngx_memcpy(ctx->user, user, ulen);
+    ctx->dlen = (u_char) dlen;
+    ngx_memcpy(ctx->device, dev, dlen);
+    ctx->cid_len = n;
+    if (n) {
+        ngx_memcpy(ctx->cid, cid->p, n);
+    }
+
+    /* the origin stays until the answer: a session lives on its refs, a
+     * request on its count */
+    if (s) {
+        s->refs++;
+    }
+
+    if (r) {
+        r->main->count++;
+    }
+
+    return ctx;
+}
+
+
+/* Answer and forget the context. status: the HTTP status for a request;
+ * json NULL answers 204. */
+static void
+ngx_chat_msg_done(ngx_chat_msg_ctx_t *ctx, ngx_uint_t status, u_char *json,
+    size_t len)
+{
+    u_char              *p;
+    ngx_int_t            rc;
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+    ngx_chat_session_t  *s;
+
+    s = ctx->s;
+    r = ctx->r;
+    ngx_free(ctx);
+
+    if (s) {
+        s->refs--;
+        if (!s->closed && json) {
+            (void) ngx_chat_session_send(s, json, len);
+        }
+        ngx_chat_session_release(s);
+    }
+
+    if (r) {
+        c = r->connection;
+
+        if (json) {
+            p = ngx_pnalloc(r->pool, len);
+            if (p == NULL) {
+                ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+                ngx_http_run_posted_requests(c);
+                return;
+            }
+            ngx_memcpy(p, json, len);
+            rc = ngx_chat_http_json(r, status, p, len);
+
+        } else {
+            rc = ngx_chat_http_json(r, NGX_HTTP_NO_CONTENT, NULL, 0);
+        }
+
+        ngx_http_finalize_request(r, rc);
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+
+static ngx_uint_t
+ngx_chat_msg_status(const char *code)
+{
+    switch (code[0]) {
+    case 'b': return NGX_HTTP_BAD_REQUEST;
+    case 'f': return NGX_HTTP_FORBIDDEN;
+    case 'n': return NGX_HTTP_NOT_FOUND;
+    case 't': return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
+    case 'r': return NGX_HTTP_TOO_MANY_REQUESTS;
+    case 'u': return (code[2] == 'a') ? NGX_HTTP_SERVICE_UNAVAILABLE
+                                      : NGX_HTTP_UNAUTHORIZED;
+    default:  return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+}
+
+
+static void
+ngx_chat_msg_fail(ngx_chat_msg_ctx_t *ctx, const char *code,
+    const char *message, int64_t retry_after)
+{
+    u_char            buf[1024], *p;
+    ngx_table_elt_t  *h;
+
+    p = ngx_sprintf(buf, "{\"type\":\"error\",\"code\":\"%s\",\"message\":\"%s\"",
+                    code, message);
+
+    if (ctx->cid_len && ctx->cid_len < 800) {
+        p = ngx_sprintf(p, ",\"client_id\":\"%*s\"", ctx->cid_len, ctx->cid);
+    }
+
+    if (retry_after > 0) {
+        p = ngx_sprintf(p, ",\"retry_after\":%L", retry_after);
+
+        if (ctx->r) {
+            h = ngx_list_push(&ctx->r->headers_out.headers);
+            if (h) {
+                h->hash = 1;
+                ngx_str_set(&h->key, "Retry-After");
+                h->value.data = ngx_pnalloc(ctx->r->pool, NGX_INT64_LEN);
+                if (h->value.data) {
+                    h->value.len = ngx_sprintf(h->value.data, "%L",
+                                               (retry_after + 999) / 1000)
+                                   - h->value.data;
+                } else {
+                    h->hash = 0;
+                }
+            }
+        }
+    }
+
+    *p++ = '}';
+
+    ngx_chat_stat_inc(errors_sent);
+    ngx_chat_msg_done(ctx, ngx_chat_msg_status(code), buf, p - buf);
+}
+
+
+static ngx_uint_t
+ngx_chat_shard(ngx_chat_main_conf_t *cmcf, u_char *conv, size_t len)
+{
+    return ngx_crc32_long(conv, len) % cmcf->shards;
+}
+
+
+/* A direct conversation the user takes part in (groups: issue 5). */
+static ngx_int_t
+ngx_chat_participant(u_char *user, size_t ulen, u_char *conv, size_t clen)
+{
+    chat_conv_t  cv;
+
+    if (chat_conv_parse((char *) conv, clen, &cv) != 0 || cv.kind != 'd') {
+        return 0;
+    }
+
+    return (cv.alen == ulen && ngx_memcmp(cv.a, user, ulen) == 0)
+           || (cv.blen == ulen && ngx_memcmp(cv.b, user, ulen) == 0);
+}
+
+
+/* --- send --------------------------------------------------------------------------- */
+
+static void
+ngx_chat_msg_accepted(void *rp, void *data)
+{
+    u_char              *p, *f[4], buf[1200];
+    size_t               flen[4];
+    ngx_uint_t           i;
+    redisReply          *reply = rp;
+    ngx_chat_msg_ctx_t  *ctx = data;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_STRING) {
+        if (reply && reply->type == REDIS_REPLY_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                          "chat: accept failed: %s", reply->str);
+        }
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    /* "id|seq|ts|conv" */
+    p = (u_char *) reply->str;
+    for (i = 0; i < 4; i++) {
+        f[i] = p;
+        p = (i < 3) ? ngx_strlchr(p, (u_char *) reply->str + reply->len, '|')
+                    : (u_char *) reply->str + reply->len;
+        if (p == NULL) {
+            ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+            return;
+        }
+        flen[i] = p - f[i];
+        p++;
+    }
+
+    p = ngx_sprintf(buf, "{\"type\":\"ack\",\"client_id\":\"%*s\",\"id\":\"%*s\","
+                    "\"conv\":\"%*s\",\"seq\":%*s,\"ts\":%*s}",
+                    ngx_min(ctx->cid_len, 800), ctx->cid, flen[0], f[0],
+                    flen[3], f[3], flen[1], f[1], flen[2], f[2]);
+
+    ngx_chat_msg_done(ctx, NGX_HTTP_OK, buf, p - buf);
+}
+
+
+static void
+ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
+{
+    u_char                 conv[CHAT_CONV_MAX + 1], id[NGX_INT64_LEN],
+                           ts[NGX_INT64_LEN], ttl[NGX_INT64_LEN],
+                           dd[CHAT_PROTO_CLIENT_ID_MAX * 4 + 200],
+                           seqk[32], stream[32], pre[256], cidbuf[1024],
+                          *suf, *p;
+    size_t                 clen, cidlen, slen;
+    int64_t                wait, now;
+    const char            *argv[13];
+    size_t                 argl[13];
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    if (f->target != CHAT_PROTO_TARGET_USER) {
+        ngx_chat_msg_fail(ctx, "not_found", "no such group", 0);
+        return;
+    }
+
+    wait = ngx_chat_rate_take(ctx->conf, ctx->user, ctx->ulen);
+    if (wait) {
+        ngx_chat_msg_fail(ctx, "rate_limited", "too many messages", wait);
+        return;
+    }
+
+    if (chat_json_unescape(f->client_id.p, f->client_id.len, (char *) cidbuf,
+                           sizeof(cidbuf), &cidlen) != CHAT_JSON_OK)
+    {
+        ngx_chat_msg_fail(ctx, "bad_request", "bad client_id", 0);
+        return;
+    }
+
+    clen = chat_conv_direct((char *) ctx->user, ctx->ulen, f->target_id,
+                            f->target_len, (char *) conv);
+    ctx->shard = ngx_chat_shard(cmcf, conv, clen);
+    now = ngx_chat_now_ms();
+
+    /* the event as every device will see it, seq filled in by the script */
+    slen = sizeof(",\"from\":\"\",\"to\":\"\",\"body\":\"\",\"kind\":\"media\","
+                  "\"media\":{\"url\":\"\",\"mime\":\"\",\"size\":},\"ts\":}")
+           + 2 * NGX_CHAT_USER_MAX + f->body.len + f->media_url.len
+           + f->media_mime.len + 2 * NGX_INT64_LEN;
+
+    suf = ngx_alloc(slen, ngx_cycle->log);
+    if (suf == NULL) {
+        ngx_chat_msg_fail(ctx, "unavailable", "out of memory", 0);
+        return;
+    }
+
+    p = ngx_sprintf(suf, ",\"from\":\"%*s\",\"to\":\"%*s\",\"body\":\"%*s\","
+                    "\"kind\":\"%s\"", (size_t) ctx->ulen, ctx->user,
+                    (size_t) f->target_len, f->target_id,
+                    (size_t) f->body.len, f->body.p,
+                    f->kind == CHAT_PROTO_MEDIA ? "media" : "text");
+
+    if (f->kind == CHAT_PROTO_MEDIA) {
+        p = ngx_sprintf(p, ",\"media\":{\"url\":\"%*s\",\"mime\":\"%*s\","
+                        "\"size\":%L}", (size_t) f->media_url.len,
+                        f->media_url.p, (size_t) f->media_mime.len,
+                        f->media_mime.p, f->media_size);
+    }
+
+    p = ngx_sprintf(p, ",\"ts\":%L}", now);
+
+    argv[0] = (char *) dd;
+    argl[0] = ngx_sprintf(dd, "chat:{s%ui}:dd:%*s:%*s", ctx->shard,
+                          (size_t) ctx->ulen, ctx->user, cidlen, cidbuf) - dd;
+    argv[1] = (char *) seqk;
+    argl[1] = ngx_sprintf(seqk, "chat:{s%ui}:seq", ctx->shard) - seqk;
+    argv[2] = (char *) stream;
+    argl[2] = ngx_sprintf(stream, "chat:{s%ui}:in", ctx->shard) - stream;
+    argv[3] = (char *) conv;
+    argl[3] = clen;
+    argv[4] = (char *) id;
+    argl[4] = ngx_sprintf(id, "%uL", ngx_chat_msg_id()) - id;
+    argv[5] = (char *) ts;
+    argl[5] = ngx_sprintf(ts, "%L", now) - ts;
+    argv[6] = (char *) ttl;
+    argl[6] = ngx_sprintf(ttl, "%T", cmcf->dedup_ttl) - ttl;
+    argv[7] = (char *) pre;
+    argl[7] = ngx_sprintf(pre, "{\"type\":\"msg\",\"id\":\"%*s\",\"conv\":\"%*s\","
+                          "\"seq\":", argl[4], id, clen, conv) - pre;
+    argv[8] = (char *) suf;
+    argl[8] = p - suf;
+    argv[9] = (char *) ctx->user;
+    argl[9] = ctx->ulen;
+    argv[10] = (char *) ctx->device;
+    argl[10] = ctx->dlen;
+    argv[11] = "to";
+    argl[11] = 2;
+    argv[12] = f->target_id;
+    argl[12] = f->target_len;
+
+    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT, ngx_chat_msg_accepted,
+                              ctx, 3, 13, argv, argl) != NGX_OK)
+    {
+        ngx_free(suf);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    ngx_free(suf);   /* hiredis formatted the command already */
+}
+
+
+/* --- receipts ------------------------------------------------------------------------ */
+
+static void
+ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
+    u_char *conv, size_t clen, const char *status, u_char *seq, size_t seqlen)
+{
+    u_char                 stream[32], ev[400];
+    const char            *argv[17];
+    size_t                 argl[17];
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    argv[0] = "XADD";
+    argl[0] = 4;
+    argv[1] = (char *) stream;
+    argl[1] = ngx_sprintf(stream, "chat:{s%ui}:in",
+                          ngx_chat_shard(cmcf, conv, clen)) - stream;
+    argv[2] = "*";
+    argl[2] = 1;
+    argv[3] = "t";              argl[3] = 1;
+    argv[4] = "receipt";        argl[4] = 7;
+    argv[5] = "conv";           argl[5] = 4;
+    argv[6] = (char *) conv;    argl[6] = clen;
+    argv[7] = "from";           argl[7] = 4;
+    argv[8] = (char *) by;      argl[8] = blen;
+    argv[9] = "dev";            argl[9] = 3;
+    argv[10] = (char *) dev;    argl[10] = dlen;
+    argv[11] = "st";            argl[11] = 2;
+    argv[12] = status;          argl[12] = ngx_strlen(status);
+    argv[13] = "seq";           argl[13] = 3;
+    argv[14] = (char *) seq;    argl[14] = seqlen;
+    argv[15] = "ev";            argl[15] = 2;
+    argv[16] = (char *) ev;
+    argl[16] = ngx_sprintf(ev, "{\"type\":\"receipt\",\"conv\":\"%*s\","
+                           "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
+                           "\"ts\":%L}", clen, conv, status, blen, by,
+                           seqlen, seq, ngx_chat_now_ms()) - ev;
+
+    if (ngx_chat_redis_commandv(NULL, NULL, 17, argv, argl) != NGX_OK) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: %s receipt for %*s lost: redis unavailable",
+                      status, clen, conv);
+    }
+}
+
+
+static void
+ngx_chat_msg_acked(void *rp, void *data)
+{
+    size_t               i;
+    redisReply          *reply = rp, *c, *q;
+    ngx_chat_msg_ctx_t  *ctx = data;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    /* {conv, seq, ...}: a delivered receipt for each */
+    for (i = 0; i + 1 < reply->elements; i += 2) {
+        c = reply->element[i];
+        q = reply->element[i + 1];
+
+        if (c->type == REDIS_REPLY_STRING && q->type == REDIS_REPLY_STRING) {
+            ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device,
+                                     ctx->dlen, (u_char *) c->str, c->len,
+                                     "delivered", (u_char *) q->str, q->len);
+        }
+    }
+
+    ngx_chat_msg_done(ctx, NGX_HTTP_NO_CONTENT, NULL, 0);
+}
+
+
+static void
+ngx_chat_msg_ack(ngx_chat_msg_ctx_t *ctx, int64_t cursor)
+{
+    u_char        acked[96], inbox[96], dlv[96], cur[96], n[NGX_INT64_LEN];
+    const char   *argv[7];
+    size_t        argl[7];
+
+    argv[0] = (char *) acked;
+    argl[0] = ngx_sprintf(acked, "chat:{u:%*s}:acked", (size_t) ctx->ulen,
+                          ctx->user) - acked;
+    argv[1] = (char *) inbox;
+    argl[1] = ngx_sprintf(inbox, "chat:{u:%*s}:inbox", (size_t) ctx->ulen,
+                          ctx->user) - inbox;
+    argv[2] = (char *) dlv;
+    argl[2] = ngx_sprintf(dlv, "chat:{u:%*s}:dlv", (size_t) ctx->ulen,
+                          ctx->user) - dlv;
+    argv[3] = (char *) cur;
+    argl[3] = ngx_sprintf(cur, "chat:{u:%*s}:cur", (size_t) ctx->ulen,
+                          ctx->user) - cur;
+    argv[4] = (char *) ctx->device;
+    argl[4] = ctx->dlen;
+    argv[5] = (char *) n;
+    argl[5] = ngx_sprintf(n, "%L", cursor) - n;
+    argv[6] = (char *) ctx->user;
+    argl[6] = ctx->ulen;
+
+    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACK, ngx_chat_msg_acked, ctx, 4,
+                              7, argv, argl) != NGX_OK)
+    {
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+    }
+}
+
+
+typedef struct {
+    ngx_chat_msg_ctx_t  *ctx;
+    size_t               clen;
+    size_t               seqlen;
+    u_char               conv[CHAT_CONV_MAX];
+    u_char               seq[NGX_INT64_LEN];
+} ngx_chat_read_ctx_t;
+
+
+static void
+ngx_chat_msg_read_done(void *rp, void *data)
+{
+    redisReply           *reply = rp;
+    ngx_chat_read_ctx_t  *rc = data;
+    ngx_chat_msg_ctx_t   *ctx = rc->ctx;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    if (reply->integer == 1) {
+        ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
+                                 rc->conv, rc->clen, "read", rc->seq,
+                                 rc->seqlen);
+    }
+
+    ngx_free(rc);
+    ngx_chat_msg_done(ctx, NGX_HTTP_NO_CONTENT, NULL, 0);
+}
+
+
+static void
+ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
+{
+    u_char               key[96];
+    const char          *argv[3];
+    size_t               argl[3];
+    ngx_chat_read_ctx_t *rc;
+
+    if (!ngx_chat_participant(ctx->user, ctx->ulen, (u_char *) f->conv,
+                              f->conv_len))
+    {
+        ngx_chat_msg_fail(ctx, "forbidden", "not a participant", 0);
+        return;
+    }
+
+    rc = ngx_alloc(sizeof(ngx_chat_read_ctx_t), ngx_cycle->log);
+    if (rc == NULL) {
+        ngx_chat_msg_fail(ctx, "unavailable", "out of memory", 0);
+        return;
+    }
+
+    rc->ctx = ctx;
+    rc->clen = f->conv_len;
+    ngx_memcpy(rc->conv, f->conv, f->conv_len);
+    rc->seqlen = ngx_sprintf(rc->seq, "%L", f->seq) - rc->seq;
+
+    argv[0] = (char *) key;
+    argl[0] = ngx_sprintf(key, "chat:{u:%*s}:read", (size_t) ctx->ulen,
+                          ctx->user) - key;
+    argv[1] = f->conv;
+    argl[1] = f->conv_len;
+    argv[2] = (char *) rc->seq;
+    argl[2] = rc->seqlen;
+
+    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ, ngx_chat_msg_read_done, rc,
+                              1, 3, argv, argl) != NGX_OK)
+    {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+    }
+}
+
+
+static void
+ngx_chat_msg_dispatch(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
+{
+    switch (f->type) {
+
+    case CHAT_PROTO_SEND:
+        ngx_chat_msg_send(ctx, f);
+        return;
+
+    case CHAT_PROTO_ACK:
+        ngx_chat_msg_ack(ctx, f->cursor);
+        return;
+
+    default: /* CHAT_PROTO_READ */
+        ngx_chat_msg_read(ctx, f);
+        return;
+    }
+}
+
+
+/* send, ack, read from a WebSocket session */
+void
+ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f)
+{
+    ngx_chat_msg_ctx_t  *ctx;
+
+    ctx = ngx_chat_msg_ctx(s, NULL, s->user->id, s->user->len, s->device,
+                           s->dev_len,
+                           f->type == CHAT_PROTO_SEND ? &f->client_id : NULL);
+    if (ctx == NULL) {
+        ngx_chat_session_error(s, "unavailable", "out of memory", NULL);
+        return;
+    }
+
+    if (f->type == CHAT_PROTO_ACK && (uint64_t) f->cursor > s->cursor) {
+        s->cursor = (uint64_t) f->cursor;
+    }
+
+    ngx_chat_msg_dispatch(ctx, f);
+}
+
+
+/* send, ack, read from an HTTP request: the request is answered later */
+ngx_int_t
+ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
+    chat_proto_frame_t *f)
+{
+    ngx_chat_msg_ctx_t  *ctx;
+
+    ctx = ngx_chat_msg_ctx(NULL, r, id->user, id->user_len, id->device,
+                           id->dev_len,
+                           f->type == CHAT_PROTO_SEND ? &f->client_id : NULL);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_chat_msg_dispatch(ctx, f);
+
+    return NGX_DONE;
+}
+
+
+/* --- inbox replay --------------------------------------------------------------------- */
+
+static void ngx_chat_replay_page(ngx_chat_session_t *s);
+
+
+static void
+ngx_chat_replay_reply(void *rp, void *data)
+{
+    size_t               i, n;
+    uint64_t             cursor;
+    redisReply          *reply = rp, *m, *sc;
+    ngx_chat_session_t  *s = data;
+    ngx_chat_shbuf_t    *b;
+    u_char               prefix[40];
+    size_t               plen;
+
+    s->refs--;
+
+    if (s->closed) {
+        ngx_chat_session_release(s);
+        return;
+    }
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        /* the inbox cannot be read: the device must come back later */
+        s->replaying = 0;
+        ngx_chat_session_error(s, "unavailable", "inbox unavailable", NULL);
+        if (s->transport == NGX_CHAT_T_WS) {
+            ngx_chat_ws_close(s, 1013, "try again later");
+        }
+        return;
+    }
+
+    n = reply->elements / 2;
+
+    for (i = 0; i < n; i++) {
+        m = reply->element[2 * i];
+        sc = reply->element[2 * i + 1];
+
+        if (m->type != REDIS_REPLY_STRING || sc->type != REDIS_REPLY_STRING
+            || m->len < 2 || m->str[0] != '{')
+        {
+            continue;
+        }
+
+        cursor = (uint64_t) ngx_atoof((u_char *) sc->str, sc->len);
+        if (cursor == (uint64_t) NGX_ERROR || cursor <= s->sent_cursor) {
+            continue;
+        }
+
+        b = ngx_chat_shbuf_alloc(m->len - 1);
+        if (b == NULL) {
+            break;
+        }
+
+        ngx_memcpy(b->data, m->str + 1, m->len - 1);
+        plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
+        s->sent_cursor = cursor;
+
+        (void) ngx_chat_session_send_shared(s, b, prefix, plen);
+        ngx_chat_shbuf_release(b);
+
+        if (s->closed || s->closing) {
+            return;
+        }
+    }
+
+    if (s->transport == NGX_CHAT_T_POLL) {
+        /* one page per poll; what is left comes with the next poll */
+        s->replaying = 0;
+        ngx_chat_poll_hold(s);
+        return;
+    }
+
+    if (n == NGX_CHAT_REPLAY_PAGE || s->missed) {
+        s->missed = 0;
+
+        if (s->out_count > s->conf->out_frames / 2) {
+            s->replay_wait = 1;      /* resumed when the queue drains */
+            return;
+        }
+
+        ngx_chat_replay_page(s);
+        return;
+    }
+
+    s->replaying = 0;
+}
+
+
+static void
+ngx_chat_replay_page(ngx_chat_session_t *s)
+{
+    u_char  key[96], from[NGX_INT64_LEN + 1];
+    size_t  klen, flen, page;
+
+    klen = ngx_sprintf(key, "chat:{u:%*s}:inbox", (size_t) s->user->len,
+                       s->user->id) - key;
+    flen = ngx_sprintf(from, "(%uL", s->sent_cursor) - from;
+
+    page = NGX_CHAT_REPLAY_PAGE;
+    if (s->transport == NGX_CHAT_T_POLL) {
+        page = 100;
+    }
+
+    if (ngx_chat_redis_command(ngx_chat_replay_reply, s,
+                               "ZRANGEBYSCORE %b %b +inf WITHSCORES LIMIT 0 %d",
+                               key, klen, from, flen, (int) page) != NGX_OK)
+    {
+        s->replaying = 0;
+        ngx_chat_session_error(s, "unavailable", "inbox unavailable", NULL);
+        if (s->transport == NGX_CHAT_T_WS) {
+            ngx_chat_ws_close(s, 1013, "try again later");
+        }
+        return;
+    }
+
+    s->refs++;
+}
+
+
+/* Replay every retained event after s->sent_cursor, then go live: events
+ * published meanwhile are dropped and fetched by one more round. */
+void
+ngx_chat_replay_start(ngx_chat_session_t *s)
+{
+    s->replaying = 1;
+    s->missed = 0;
+    ngx_chat_replay_page(s);
+}
+
+
+void
+ngx_chat_replay_resume(ngx_chat_session_t *s)
+{
+    if (s->replay_wait && !s->closed && !s->closing) {
+        s->replay_wait = 0;
+        ngx_chat_replay_page(s);
+    }
+}
+
+
+ngx_int_t
+ngx_chat_msg_init_process(ngx_cycle_t *cycle)
+{
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
+
+    ngx_chat_id_node = ((cmcf->node_id << 5) | (ngx_worker & 0x1f)) & 0x3ff;
+
+    ngx_chat_rates = ngx_calloc(NGX_CHAT_RATE_SLOTS * sizeof(ngx_chat_rate_t),
+                                cycle->log);
+    if (ngx_chat_rates == NULL) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
