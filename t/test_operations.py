@@ -78,11 +78,11 @@ def test_redis_restart_under_live_connections(stack):
 class Bulk:
     """Many WebSocket connections in one process, driven by a selector."""
 
-    def __init__(self, stack, n, prefix):
+    def __init__(self, stack, n, prefix, port=None):
         self.stack, self.conns = stack, []
         sel = selectors.DefaultSelector()
         for i in range(n):
-            s = socket.create_connection((stack.host, stack.port))
+            s = socket.create_connection((stack.host, port or stack.port))
             key = base64.b64encode(os.urandom(16)).decode()
             tok = stack.token(f"{prefix}{i}")
             s.sendall((f"GET {stack.ws_path}?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -193,3 +193,48 @@ def test_reload_answers_held_long_polls(stack):
     st, _, body = res["r"]
     assert st == 200 and body == {"events": [], "cursor": 3}
     assert time.time() - t0 < 5
+
+
+def test_quit_drains_connections_and_exits(stack, tmp_path):
+    """A second nginx on the same stack, stopped with -s quit under load."""
+    prefix = stack.env["CHAT_NGINX_PREFIX"]
+    port = stack.port + 50
+    conf = open(stack.env["CHAT_NGINX_CONF"]).read()
+    conf = conf.replace(f"listen 127.0.0.1:{stack.port};", f"listen 127.0.0.1:{port};")
+    conf = conf.replace(prefix, str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    from chatlib import nginx_argv
+    run = lambda *a: subprocess.run(nginx_argv("-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), *a),
+                                    check=True, env=stack.proc_env)
+    run()
+    master = int(eventually(lambda: (tmp_path / "nginx.pid").read_text().strip()))
+    try:
+        # ready once its workers reach Redis
+        eventually(lambda: WS(stack.host, port, stack.ws_path, token=stack.token("quit-probe")).close() or True)
+        bulk = Bulk(stack, 300, "quit-user-", port=port)
+        assert bulk.pump(lambda c: any(op == 1 and b'"hello"' in p for op, p in c["frames"]), 30)
+        run("-s", "quit")
+        assert bulk.pump(lambda c: any(op == 8 for op, _ in c["frames"]), 20)
+        for c in bulk.conns:
+            texts = [p for op, p in c["frames"] if op == 1]
+            assert texts[-1] == b'{"type":"reconnect"}'
+        # clients that never answer the close are let go after the close wait
+        assert bulk.pump(lambda c: c.get("eof"), 20)
+        bulk.close()
+
+        def gone():
+            try:
+                os.kill(master, 0)
+                return False
+            except ProcessLookupError:
+                return True
+        eventually(gone, timeout=20)
+        log = (tmp_path / "logs" / "error.log").read_text()
+        assert "open socket" not in log and "exited on signal" not in log
+    finally:
+        try:
+            os.killpg(master, 9)      # master and workers share its group
+        except (ProcessLookupError, PermissionError):
+            pass
