@@ -39,6 +39,9 @@ typedef struct {
     ngx_uint_t    shards;          /* chat_shards */
     ngx_uint_t    node_id;         /* chat_node_id */
     time_t        dedup_ttl;       /* chat_dedup_ttl */
+    ngx_flag_t    kafka;           /* chat_queue kafka (else Redis Streams) */
+    ngx_str_t     kafka_brokers;   /* chat_kafka_brokers */
+    ngx_str_t     kafka_topic;     /* chat_kafka_topic */
 } ngx_chat_main_conf_t;
 
 
@@ -243,7 +246,8 @@ extern ngx_str_t  ngx_chat_worker_channel;
 #define NGX_CHAT_SCRIPT_ACCEPT      5
 #define NGX_CHAT_SCRIPT_ACK         6
 #define NGX_CHAT_SCRIPT_READ        7
-#define NGX_CHAT_SCRIPT_N           8
+#define NGX_CHAT_SCRIPT_ACCEPT_K    8
+#define NGX_CHAT_SCRIPT_N           9
 
 /* wall clock in milliseconds (presence, registry expiry, message ts) */
 static ngx_inline int64_t
@@ -289,6 +293,14 @@ ngx_int_t ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
 void ngx_chat_replay_start(ngx_chat_session_t *s);
 void ngx_chat_replay_resume(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
+
+/* ngx_chat_kafka.c */
+typedef void (*ngx_chat_kafka_cb)(ngx_int_t ok, void *data);
+
+ngx_int_t ngx_chat_kafka_init_process(ngx_cycle_t *cycle);
+void ngx_chat_kafka_exit_process(ngx_cycle_t *cycle);
+ngx_int_t ngx_chat_kafka_produce(ngx_uint_t partition, u_char *key,
+    size_t klen, u_char *val, size_t vlen, ngx_chat_kafka_cb cb, void *data);
 
 /* ngx_chat_ws.c */
 ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);

@@ -17,6 +17,8 @@ static char *ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_queue(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static ngx_int_t ngx_chat_preconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_chat_postconfiguration(ngx_conf_t *cf);
 static ngx_int_t ngx_chat_init_process(ngx_cycle_t *cycle);
@@ -170,6 +172,27 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, dedup_ttl),
       NULL },
 
+    { ngx_string("chat_queue"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_chat_set_queue,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_kafka_brokers"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, kafka_brokers),
+      NULL },
+
+    { ngx_string("chat_kafka_topic"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, kafka_topic),
+      NULL },
+
     { ngx_string("chat_redis"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
@@ -289,7 +312,8 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
     if (ngx_chat_sessions_init_process(cycle) != NGX_OK
         || ngx_chat_msg_init_process(cycle) != NGX_OK
         || ngx_chat_ws_init_process(cycle) != NGX_OK
-        || ngx_chat_redis_init_process(cycle) != NGX_OK)
+        || ngx_chat_redis_init_process(cycle) != NGX_OK
+        || ngx_chat_kafka_init_process(cycle) != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -302,6 +326,7 @@ static void
 ngx_chat_exit_process(ngx_cycle_t *cycle)
 {
     if (ngx_chat_enabled) {
+        ngx_chat_kafka_exit_process(cycle);
         ngx_chat_redis_exit_process(cycle);
     }
 }
@@ -323,6 +348,7 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->shards = NGX_CONF_UNSET_UINT;
     cmcf->node_id = NGX_CONF_UNSET_UINT;
     cmcf->dedup_ttl = NGX_CONF_UNSET;
+    cmcf->kafka = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -358,6 +384,18 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     if (cmcf->shards < 1 || cmcf->shards > 4096) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "chat_shards must be 1 to 4096");
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_conf_init_value(cmcf->kafka, 0);
+
+    if (cmcf->kafka_topic.len == 0) {
+        ngx_str_set(&cmcf->kafka_topic, "chat.in");
+    }
+
+    if (cmcf->kafka && cmcf->kafka_brokers.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_queue kafka needs chat_kafka_brokers");
         return NGX_CONF_ERROR;
     }
 
@@ -490,6 +528,34 @@ ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf->out_frames = (ngx_uint_t) n;
     clcf->out_bytes = (size_t) size;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_chat_set_queue(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t  *cmcf = conf;
+    ngx_str_t             *value;
+
+    if (cmcf->kafka != NGX_CONF_UNSET) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len == 5 && ngx_strncmp(value[1].data, "redis", 5) == 0) {
+        cmcf->kafka = 0;
+
+    } else if (value[1].len == 5
+               && ngx_strncmp(value[1].data, "kafka", 5) == 0)
+    {
+        cmcf->kafka = 1;
+
+    } else {
+        return "must be redis or kafka";
+    }
 
     return NGX_CONF_OK;
 }

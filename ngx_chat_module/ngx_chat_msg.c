@@ -111,6 +111,8 @@ typedef struct {
     u_char                device[NGX_CHAT_DEVICE_MAX];
     u_char                ulen;
     u_char                dlen;
+    size_t                dd_len;      /* dedup key (Kafka queue) */
+    u_char                dd[CHAT_PROTO_CLIENT_ID_MAX * 4 + 200];
     size_t                cid_len;     /* raw client_id, still escaped */
     u_char                cid[1];
 } ngx_chat_msg_ctx_t;
@@ -137,6 +139,7 @@ ngx_chat_msg_ctx(ngx_chat_session_t *s, ngx_http_request_t *r, u_char *user,
     ngx_memcpy(ctx->user, user, ulen);
     ctx->dlen = (u_char) dlen;
     ngx_memcpy(ctx->device, dev, dlen);
+    ctx->dd_len = 0;
     ctx->cid_len = n;
     if (n) {
         ngx_memcpy(ctx->cid, cid->p, n);
@@ -284,30 +287,18 @@ ngx_chat_participant(u_char *user, size_t ulen, u_char *conv, size_t clen)
 
 /* --- send --------------------------------------------------------------------------- */
 
+/* The single tick: rec is "id|seq|ts|conv" of the accepted message. */
 static void
-ngx_chat_msg_accepted(void *rp, void *data)
+ngx_chat_msg_ack_send(ngx_chat_msg_ctx_t *ctx, u_char *rec, size_t len)
 {
-    u_char              *p, *f[4], buf[1200];
-    size_t               flen[4];
-    ngx_uint_t           i;
-    redisReply          *reply = rp;
-    ngx_chat_msg_ctx_t  *ctx = data;
+    u_char      *p, *f[4], buf[1200];
+    size_t       flen[4];
+    ngx_uint_t   i;
 
-    if (reply == NULL || reply->type != REDIS_REPLY_STRING) {
-        if (reply && reply->type == REDIS_REPLY_ERROR) {
-            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                          "chat: accept failed: %s", reply->str);
-        }
-        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
-        return;
-    }
-
-    /* "id|seq|ts|conv" */
-    p = (u_char *) reply->str;
+    p = rec;
     for (i = 0; i < 4; i++) {
         f[i] = p;
-        p = (i < 3) ? ngx_strlchr(p, (u_char *) reply->str + reply->len, '|')
-                    : (u_char *) reply->str + reply->len;
+        p = (i < 3) ? ngx_strlchr(p, rec + len, '|') : rec + len;
         if (p == NULL) {
             ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
             return;
@@ -326,6 +317,115 @@ ngx_chat_msg_accepted(void *rp, void *data)
 
 
 static void
+ngx_chat_msg_accepted(void *rp, void *data)
+{
+    redisReply          *reply = rp;
+    ngx_chat_msg_ctx_t  *ctx = data;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_STRING) {
+        if (reply && reply->type == REDIS_REPLY_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                          "chat: accept failed: %s", reply->str);
+        }
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    ngx_chat_msg_ack_send(ctx, (u_char *) reply->str, reply->len);
+}
+
+
+/* Kafka queue: the broker holds the record; forget the kept copy, ack. */
+typedef struct {
+    ngx_chat_msg_ctx_t  *ctx;
+    size_t               dlen;
+    size_t               rlen;
+    u_char               data[1];      /* dedup key, then rec */
+} ngx_chat_produced_t;
+
+
+static void
+ngx_chat_msg_produced(ngx_int_t ok, void *data)
+{
+    ngx_chat_produced_t  *pr = data;
+    ngx_chat_msg_ctx_t   *ctx = pr->ctx;
+
+    if (!ok) {
+        ngx_free(pr);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    (void) ngx_chat_redis_command(NULL, NULL, "SET %b %b KEEPTTL XX",
+                                  pr->data, pr->dlen, pr->data + pr->dlen,
+                                  pr->rlen);
+
+    ngx_chat_msg_ack_send(ctx, pr->data + pr->dlen, pr->rlen);
+    ngx_free(pr);
+}
+
+
+static void
+ngx_chat_msg_accepted_k(void *rp, void *data)
+{
+    u_char               *conv;
+    size_t                clen;
+    redisReply           *reply = rp, *rec, *record;
+    ngx_chat_produced_t  *pr;
+    ngx_chat_msg_ctx_t   *ctx = data;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements < 2
+        || reply->element[0]->type != REDIS_REPLY_INTEGER
+        || reply->element[1]->type != REDIS_REPLY_STRING)
+    {
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    rec = reply->element[1];
+
+    if (reply->element[0]->integer == 0 || reply->elements < 3) {
+        ngx_chat_msg_ack_send(ctx, (u_char *) rec->str, rec->len);
+        return;
+    }
+
+    record = reply->element[2];
+
+    pr = ngx_alloc(sizeof(ngx_chat_produced_t) + ctx->dd_len + rec->len,
+                   ngx_cycle->log);
+    if (pr == NULL) {
+        ngx_chat_msg_fail(ctx, "unavailable", "out of memory", 0);
+        return;
+    }
+
+    pr->ctx = ctx;
+    pr->dlen = ctx->dd_len;
+    pr->rlen = rec->len;
+    ngx_memcpy(pr->data, ctx->dd, ctx->dd_len);
+    ngx_memcpy(pr->data + pr->dlen, rec->str, rec->len);
+
+    /* the key is the conversation: the rec ends with it */
+    conv = (u_char *) ngx_strlchr((u_char *) rec->str, (u_char *) rec->str
+                                  + rec->len, '|');
+    conv = conv ? ngx_strlchr(conv + 1, (u_char *) rec->str + rec->len, '|')
+                : NULL;
+    conv = conv ? ngx_strlchr(conv + 1, (u_char *) rec->str + rec->len, '|')
+                : NULL;
+    conv = conv ? conv + 1 : (u_char *) rec->str;
+    clen = (u_char *) rec->str + rec->len - conv;
+
+    if (ngx_chat_kafka_produce(ctx->shard, conv, clen, (u_char *) record->str,
+                               record->len, ngx_chat_msg_produced, pr)
+        != NGX_OK)
+    {
+        ngx_free(pr);
+        ngx_chat_msg_fail(ctx, "unavailable", "queue unavailable", 0);
+    }
+}
+
+
+static void
 ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
     u_char                 conv[CHAT_CONV_MAX + 1], id[NGX_INT64_LEN],
@@ -335,6 +435,7 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
                           *suf, *p;
     size_t                 clen, cidlen, slen;
     int64_t                wait, now;
+    ngx_int_t              rc;
     const char            *argv[13];
     size_t                 argl[13];
     ngx_chat_main_conf_t  *cmcf;
@@ -420,9 +521,25 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     argv[12] = f->target_id;
     argl[12] = f->target_len;
 
-    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT, ngx_chat_msg_accepted,
-                              ctx, 3, 13, argv, argl) != NGX_OK)
-    {
+    if (cmcf->kafka) {
+        /* dedup and seq in Redis, the queue is Kafka: no stream key */
+        ngx_memcpy(ctx->dd, dd, argl[0]);
+        ctx->dd_len = argl[0];
+        argv[2] = argv[1];            /* drop the stream key: */
+        argl[2] = argl[1];            /* dedup, seq, then ARGV */
+        argv[1] = argv[0];
+        argl[1] = argl[0];
+
+        rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT_K,
+                                   ngx_chat_msg_accepted_k, ctx, 2, 12,
+                                   argv + 1, argl + 1);
+    } else {
+        rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT,
+                                   ngx_chat_msg_accepted, ctx, 3, 13,
+                                   argv, argl);
+    }
+
+    if (rc != NGX_OK) {
         ngx_free(suf);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
         return;
@@ -433,6 +550,50 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 
 
 /* --- receipts ------------------------------------------------------------------------ */
+
+/* The same fields as a stream entry, as one JSON object (Kafka record). */
+static void
+ngx_chat_receipt_produce(const char **argv, size_t *argl, ngx_uint_t shard,
+    u_char *conv, size_t clen)
+{
+    u_char      buf[2048], *p;
+    size_t      i, n;
+
+    p = buf;
+    *p++ = '{';
+
+    /* argv[3..16]: field, value pairs */
+    for (i = 3; i + 1 < 17; i += 2) {
+        n = chat_json_escape_len(argv[i + 1], argl[i + 1]);
+        if ((size_t) (p - buf) + argl[i] + n + 8 > sizeof(buf)) {
+            return;
+        }
+
+        if (i > 3) {
+            *p++ = ',';
+        }
+
+        *p++ = '"';
+        p = ngx_cpymem(p, argv[i], argl[i]);
+        *p++ = '"';
+        *p++ = ':';
+        *p++ = '"';
+        p += chat_json_escape((char *) p, buf + sizeof(buf) - p, argv[i + 1],
+                              argl[i + 1]);
+        *p++ = '"';
+    }
+
+    *p++ = '}';
+
+    if (ngx_chat_kafka_produce(shard, conv, clen, buf, p - buf, NULL, NULL)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: receipt for %*s lost: kafka unavailable",
+                      clen, conv);
+    }
+}
+
 
 static void
 ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
@@ -470,6 +631,12 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
                            "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
                            "\"ts\":%L}", clen, conv, status, blen, by,
                            seqlen, seq, ngx_chat_now_ms()) - ev;
+
+    if (cmcf->kafka) {
+        ngx_chat_receipt_produce(argv, argl, ngx_chat_shard(cmcf, conv, clen),
+                                 conv, clen);
+        return;
+    }
 
     if (ngx_chat_redis_commandv(NULL, NULL, 17, argv, argl) != NGX_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,

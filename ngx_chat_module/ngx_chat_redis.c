@@ -173,7 +173,27 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n"
     "  return 1\n"
     "end\n"
-    "return 0\n"
+    "return 0\n",
+
+    /* ACCEPT_K (Kafka queue)  KEYS: dedup seq
+     * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
+     * dedup and number; the record to produce is kept with the dedup entry
+     * until the broker acknowledged it, so a retry produces the same bytes.
+     * returns {1, rec, record} to produce, or {0, rec} when done before */
+    "local d = redis.call('GET', KEYS[1])\n"
+    "if d then\n"
+    "  local nl = string.find(d, '\\n', 1, true)\n"
+    "  if nl then return {1, string.sub(d, 1, nl - 1), string.sub(d, nl + 1)} end\n"
+    "  return {0, d}\n"
+    "end\n"
+    "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
+    "local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]\n"
+    "local p = {t = 'msg', conv = ARGV[1], from = ARGV[7], dev = ARGV[8],"
+    " seq = tostring(seq), ev = ARGV[5] .. seq .. ARGV[6]}\n"
+    "p[ARGV[9]] = ARGV[10]\n"
+    "local record = cjson.encode(p)\n"
+    "redis.call('SET', KEYS[1], rec .. '\\n' .. record, 'EX', tonumber(ARGV[4]))\n"
+    "return {1, rec, record}\n"
 };
 
 static u_char  ngx_chat_script_sha[NGX_CHAT_SCRIPT_N][SHA_DIGEST_LENGTH * 2 + 1];
