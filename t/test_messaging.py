@@ -1,0 +1,375 @@
+"""Issue 4: one-to-one messaging end to end against the real stack: accept
+(single tick), fan-out to inboxes and live sessions, receipts, offline
+drain, history and conversations from MongoDB."""
+import threading
+import time
+import uuid
+
+import pytest
+
+from wsclient import WS
+
+
+def ws(stack, user, device=None, cursor=None):
+    c = WS(stack.host, stack.port, stack.ws_path, token=stack.token(user, device),
+           query=None if cursor is None else f"cursor={cursor}")
+    c.hello = c.recv()
+    assert c.hello["type"] == "hello"
+    return c
+
+
+def uniq(p):
+    return f"{p}{uuid.uuid4().hex[:10]}"
+
+
+def conv_of(a, b):
+    return f"d:{min(a, b)}:{max(a, b)}"
+
+
+def send(c, to, body, cid=None):
+    cid = cid or uuid.uuid4().hex
+    c.send_json({"type": "send", "client_id": cid, "to": to, "body": body})
+    return cid
+
+
+def ack_of(c, cid, timeout=10):
+    while True:
+        m = c.recv(timeout)
+        if m.get("type") == "ack" and m["client_id"] == cid:
+            return m
+        assert m.get("type") != "error", m
+
+
+def msgs(c, n, timeout=20):
+    out = []
+    deadline = time.time() + timeout
+    while len(out) < n:
+        m = c.recv(max(0.1, deadline - time.time()))
+        if m["type"] == "msg":
+            out.append(m)
+    return out
+
+
+def auth(stack, user, device=None):
+    return {"Authorization": "Bearer " + stack.token(user, device)}
+
+
+def test_online_delivery_with_sender_sync(stack):
+    a, b = uniq("a"), uniq("b")
+    a1, a2, b1, b2 = ws(stack, a, "phone"), ws(stack, a, "laptop"), ws(stack, b, "phone"), ws(stack, b, "web")
+    cid = send(a1, b, "hello bob ✓")
+    ack = ack_of(a1, cid)
+    assert set(ack) == {"type", "client_id", "id", "conv", "seq", "ts"}
+    assert ack["conv"] == conv_of(a, b) and ack["seq"] == 1 and isinstance(ack["id"], str)
+    for dev in (b1, b2, a2):
+        m = msgs(dev, 1)[0]
+        assert m["id"] == ack["id"] and m["seq"] == 1 and m["conv"] == conv_of(a, b)
+        assert m["from"] == a and m["to"] == b and m["body"] == "hello bob ✓" and m["kind"] == "text"
+        assert m["ts"] == ack["ts"] and m["cursor"] >= 1
+    # the sending device does not get its own message back live
+    a1.send_json({"type": "ping"})
+    assert a1.recv()["type"] == "pong"
+    for c in (a1, a2, b1, b2):
+        c.close()
+
+
+def test_retry_with_the_same_client_id_creates_nothing_new(stack):
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a), ws(stack, b)
+    cid = send(a1, b, "once")
+    first = ack_of(a1, cid)
+    send(a1, b, "once", cid)
+    again = ack_of(a1, cid)
+    assert again == first
+    st, _, http_again = stack.request("POST", stack.http + "/send", auth(stack, a),
+                                      body={"client_id": cid, "to": b, "body": "once"}) \
+        if False else stack.request("POST", stack.http + "/send",
+                                    body={"client_id": cid, "to": b, "body": "once"}, headers=auth(stack, a))
+    assert st == 200 and http_again["id"] == first["id"] and http_again["seq"] == first["seq"]
+    got = msgs(b1, 1)
+    send(a1, b, "next")
+    nxt = msgs(b1, 1)
+    assert got[0]["id"] == first["id"] and nxt[0]["seq"] == 2     # nothing in between
+    a1.close()
+    b1.close()
+
+
+def test_two_concurrent_senders_share_one_order(stack):
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a), ws(stack, b)
+    a2, b2 = ws(stack, a, "watch"), ws(stack, b, "watch")
+    n = 100
+
+    def blast(c, to):
+        for i in range(n):
+            send(c, to, f"{i}")
+
+    ta, tb = threading.Thread(target=blast, args=(a1, b)), threading.Thread(target=blast, args=(b1, a))
+    ta.start(), tb.start()
+    ta.join(), tb.join()
+    # each watcher device sees every message of the conversation once, in seq order
+    for dev in (a2, b2):
+        got = msgs(dev, 2 * n, timeout=30)
+        seqs = [m["seq"] for m in got]
+        assert seqs == sorted(seqs) and sorted(seqs) == list(range(1, 2 * n + 1))
+        assert len({m["id"] for m in got}) == 2 * n
+        cursors = [m["cursor"] for m in got]
+        assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+    for c in (a1, b1, a2, b2):
+        c.close()
+
+
+def test_offline_drain_of_5000_in_order_without_duplicates(stack):
+    a, b = uniq("a"), uniq("b")
+    a1 = ws(stack, a)
+    n = 5000
+    for i in range(n):
+        send(a1, b, f"m{i}", cid=f"c{i}")
+    acked = 0
+    while acked < n:
+        m = a1.recv(30)
+        assert m["type"] == "ack", m
+        acked += 1
+    t0 = time.time()
+    b1 = ws(stack, b)
+    got = msgs(b1, n, timeout=120)
+    assert [m["seq"] for m in got] == list(range(1, n + 1))
+    assert [m["body"] for m in got] == [f"m{i}" for i in range(n)]
+    assert len({m["id"] for m in got}) == n
+    # nothing more
+    b1.send_json({"type": "ping"})
+    assert b1.recv()["type"] == "pong"
+    print(f"drained {n} in {time.time() - t0:.2f}s")
+    a1.close()
+    b1.close()
+
+
+def test_only_unacknowledged_events_are_redelivered(stack):
+    a, b = uniq("a"), uniq("b")
+    a1 = ws(stack, a)
+    for i in range(10):
+        ack_of(a1, send(a1, b, f"{i}"))
+    b1 = ws(stack, b, "phone")
+    got = msgs(b1, 10)
+    b1.send_json({"type": "ack", "cursor": got[4]["cursor"]})
+    b1.send_json({"type": "ping"})
+    assert b1.recv()["type"] == "pong"
+    b1.close()
+    b2 = ws(stack, b, "phone")
+    assert b2.hello["cursor"] == got[4]["cursor"]
+    again = msgs(b2, 5)
+    assert [m["id"] for m in again] == [m["id"] for m in got[5:]]
+    # an explicit cursor wins over the acknowledged one
+    b3 = ws(stack, b, "tablet", cursor=got[7]["cursor"])
+    assert [m["id"] for m in msgs(b3, 2)] == [m["id"] for m in got[8:]]
+    for c in (a1, b2, b3):
+        c.close()
+
+
+def test_delivered_and_read_receipts(stack):
+    a, b = uniq("a"), uniq("b")
+    a1, b1, b2 = ws(stack, a), ws(stack, b, "phone"), ws(stack, b, "laptop")
+    for i in range(3):
+        ack_of(a1, send(a1, b, f"{i}"))
+    got = msgs(b1, 3)
+    msgs(b2, 3)
+    b1.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
+    r = a1.recv_type("receipt", timeout=10)
+    assert r["status"] == "delivered" and r["by"] == b and r["seq"] == 3 and r["conv"] == conv_of(a, b)
+    assert r["cursor"] >= 1
+    # one receipt for many messages, and no second one for the other device
+    b2.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
+    b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 2})
+    r = a1.recv_type("receipt", timeout=10)
+    assert r["status"] == "read" and r["seq"] == 2 and r["by"] == b
+    sync = b2.recv_type("receipt", timeout=10)           # the reader's other device
+    assert sync["status"] == "read" and sync["seq"] == 2
+    # lower values are ignored
+    b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 1})
+    b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 3})
+    r = a1.recv_type("receipt", timeout=10)
+    assert r["status"] == "read" and r["seq"] == 3
+    for c in (a1, b1, b2):
+        c.close()
+
+
+def test_notes_to_self(stack):
+    a = uniq("self")
+    a1, a2 = ws(stack, a, "phone"), ws(stack, a, "laptop")
+    ack = ack_of(a1, send(a1, a, "remember the milk"))
+    assert ack["conv"] == f"d:{a}:{a}"
+    m = msgs(a2, 1)[0]
+    assert m["to"] == a and m["from"] == a and m["id"] == ack["id"]
+    a1.close()
+    a2.close()
+
+
+def test_long_poll_device_gets_messages_and_acks_by_polling(stack):
+    a, b = uniq("a"), uniq("b")
+    a1 = ws(stack, a)
+    for i in range(3):
+        ack_of(a1, send(a1, b, f"p{i}"))
+    st, _, body = stack.request("GET", stack.http + "/poll?cursor=0&timeout=5", headers=auth(stack, b, "browser"))
+    assert st == 200 and [e["body"] for e in body["events"]] == ["p0", "p1", "p2"]
+    cur = body["cursor"]
+    assert cur == body["events"][-1]["cursor"]
+    # polling with the cursor acknowledges: a delivered receipt reaches the sender
+    res = {}
+    t = threading.Thread(target=lambda: res.update(r=stack.request(
+        "GET", stack.http + f"/poll?cursor={cur}&timeout=10", headers=auth(stack, b, "browser"), timeout=15)))
+    t.start()
+    r = a1.recv_type("receipt", timeout=10)
+    assert r["status"] == "delivered" and r["seq"] == 3
+    ack_of(a1, send(a1, b, "live"))
+    t.join(15)
+    st, _, body = res["r"]
+    assert st == 200 and [e["body"] for e in body["events"]] == ["live"]
+    a1.close()
+
+
+def test_http_send_ack_read(stack):
+    a, b = uniq("a"), uniq("b")
+    b1 = ws(stack, b)
+    st, _, ack = stack.request("POST", stack.http + "/send", body={"client_id": "h1", "to": b, "body": "hi"},
+                               headers=auth(stack, a))
+    assert st == 200 and ack["type"] == "ack" and ack["seq"] == 1
+    m = msgs(b1, 1)[0]
+    st, _, _ = stack.request("POST", stack.http + "/ack", body={"cursor": m["cursor"]}, headers=auth(stack, b))
+    assert st == 204
+    st, _, _ = stack.request("POST", stack.http + "/read", body={"conv": conv_of(a, b), "seq": 1},
+                             headers=auth(stack, b))
+    assert st == 204
+    st, _, e = stack.request("POST", stack.http + "/read", body={"conv": "d:x:y", "seq": 1}, headers=auth(stack, b))
+    assert st == 403 and e["code"] == "forbidden"
+    b1.close()
+
+
+@pytest.mark.parametrize("frame,code,status", [
+    ({"client_id": "k", "to": "bob"}, "bad_request", 400),                        # no body
+    ({"client_id": "k", "body": "x"}, "bad_request", 400),                        # no target
+    ({"client_id": "k", "to": "b@d", "body": "x"}, "bad_request", 400),           # bad id
+    ({"to": "bob", "body": "x"}, "bad_request", 400),                             # no client_id
+    ({"client_id": "k" * 65, "to": "bob", "body": "x"}, "bad_request", 400),
+    ({"client_id": "k", "to": "bob", "body": "x" * 1001}, "too_large", 413),
+    ({"client_id": "k", "to": "bob", "body": 5}, "bad_request", 400),
+    ({"client_id": "k", "to": "bob", "body": "", "kind": "media",
+      "media": {"url": "ftp://x/y", "mime": "image/png", "size": 1}}, "bad_request", 400),
+    ({"client_id": "k", "to": "bob", "body": "", "kind": "media",
+      "media": {"url": "https://x/y", "mime": "png", "size": 1}}, "bad_request", 400),
+    ({"client_id": "k", "to": "bob", "body": "", "kind": "media",
+      "media": {"url": "https://x/y", "mime": "image/png", "size": 10**12}}, "too_large", 413),
+    ({"client_id": "k", "to": "bob", "body": "x", "kind": "video"}, "bad_request", 400),
+])
+def test_every_bad_send_gets_its_error(stack, frame, code, status):
+    c = ws(stack, uniq("bad"))
+    c.send_json({"type": "send", **frame})
+    e = c.recv()
+    assert e["type"] == "error" and e["code"] == code, e
+    if "client_id" in frame and len(frame["client_id"]) <= 64:
+        assert e["client_id"] == frame["client_id"]
+    c.send_json({"type": "ping"})
+    assert c.recv()["type"] == "pong"
+    c.close()
+    st, _, body = stack.request("POST", stack.http + "/send", body=frame, headers=auth(stack, uniq("bad")))
+    assert st == status and body["code"] == code
+
+
+def test_media_messages_travel_by_reference(stack):
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a), ws(stack, b)
+    a1.send_json({"type": "send", "client_id": "m1", "to": b, "kind": "media", "body": "look",
+                  "media": {"url": "https://cdn.example/p.jpg", "mime": "image/jpeg", "size": 12345}})
+    ack_of(a1, "m1")
+    m = msgs(b1, 1)[0]
+    assert m["kind"] == "media" and m["media"] == {"url": "https://cdn.example/p.jpg", "mime": "image/jpeg",
+                                                   "size": 12345}
+    a1.close()
+    b1.close()
+
+
+def test_rate_limit(stack):
+    a = uniq("rl")
+    codes = []
+    for i in range(6):
+        st, h, body = stack.request("POST", stack.http.replace("/chat", "/chat/test/send-limited"),
+                                    body={"client_id": f"r{i}", "to": "bob", "body": "x"},
+                                    headers={**auth(stack, a), "Connection": "close"})
+        codes.append(st)
+        if st == 429:
+            assert body["code"] == "rate_limited" and body["retry_after"] > 0 and int(h["Retry-After"]) >= 1
+    # burst 3, counted per nginx worker process (2 in the test stack)
+    assert 429 in codes and codes.count(200) <= 6
+    c = WS(stack.host, stack.port, "/chat/test/ws-short", token=stack.token(uniq("rlw")))
+    c.recv()
+    for i in range(8):
+        c.send_json({"type": "send", "client_id": f"w{i}", "to": "bob", "body": "x"})
+    seen = [c.recv() for _ in range(8)]
+    limited = [m for m in seen if m["type"] == "error"]
+    assert limited and limited[0]["code"] == "rate_limited" and limited[0]["retry_after"] > 0
+    assert [m["type"] for m in seen[:5]] == ["ack"] * 5       # burst 5 on one connection
+    c.close()
+
+
+def test_history_pagination_and_access(stack):
+    a, b = uniq("a"), uniq("b")
+    a1 = ws(stack, a)
+    for i in range(7):
+        ack_of(a1, send(a1, b, f"h{i}"))
+    conv = conv_of(a, b)
+
+    def history(user, q):
+        return stack.request("GET", f"{stack.http}/history?conv={conv}{q}", headers=auth(stack, user))
+
+    def eventually_all():
+        st, _, body = history(a, "&limit=100")
+        return st == 200 and len(body["messages"]) == 7 and body
+    deadline = time.time() + 20
+    while not eventually_all() and time.time() < deadline:
+        time.sleep(0.3)
+    st, _, page = history(a, "&limit=3")
+    assert st == 200 and [m["seq"] for m in page["messages"]] == [7, 6, 5]
+    assert page["next_before"] == 5
+    st, _, page2 = history(b, f"&limit=3&before={page['next_before']}")
+    assert [m["seq"] for m in page2["messages"]] == [4, 3, 2]
+    st, _, page3 = history(b, f"&limit=3&before={page2['next_before']}")
+    assert [m["seq"] for m in page3["messages"]] == [1] and page3["next_before"] is None
+    m = page["messages"][0]
+    assert m["body"] == "h6" and m["from"] == a and m["to"] == b and isinstance(m["id"], str)
+    st, _, e = history(uniq("stranger"), "")
+    assert st == 403 and e["code"] == "forbidden"
+    st, _, e = history(a, "&limit=101")
+    assert st == 400
+    st, _, e = stack.request("GET", f"{stack.http}/history?conv={conv}")
+    assert st == 401
+    a1.close()
+
+
+def test_conversation_list_and_unread(stack):
+    a, b, c = uniq("a"), uniq("b"), uniq("c")
+    a1, b1 = ws(stack, a), ws(stack, b)
+    for i in range(3):
+        ack_of(a1, send(a1, b, f"ab{i}"))
+    ack_of(b1, send(b1, a, "reply"))
+    ack_of(a1, send(a1, c, "to c"))
+    b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 2})
+
+    def convs(user):
+        st, _, body = stack.request("GET", stack.http + "/conversations", headers=auth(stack, user))
+        assert st == 200
+        return body["conversations"]
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        lb = convs(b)
+        if lb and lb[0]["last_seq"] == 4 and lb[0]["read_seq"] == 2:
+            break
+        time.sleep(0.3)
+    lb = convs(b)
+    assert len(lb) == 1 and lb[0]["conv"] == conv_of(a, b)
+    assert lb[0]["last_seq"] == 4 and lb[0]["read_seq"] == 2 and lb[0]["unread"] == 1   # ab2 (reply is b's own)
+    assert lb[0]["last"]["body"] == "reply"
+    la = convs(a)
+    assert [x["conv"] for x in la] == [conv_of(a, c), conv_of(a, b)]      # most recent first
+    assert la[1]["unread"] == 1      # b's reply
+    a1.close()
+    b1.close()
