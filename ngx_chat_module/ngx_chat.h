@@ -294,6 +294,11 @@ void ngx_chat_replay_start(ngx_chat_session_t *s);
 void ngx_chat_replay_resume(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
 
+/* ngx_chat_rate.c */
+ngx_int_t ngx_chat_rate_add_zone(ngx_conf_t *cf);
+int64_t ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
+    size_t len);
+
 /* ngx_chat_kafka.c */
 typedef void (*ngx_chat_kafka_cb)(ngx_int_t ok, void *data);
 

@@ -359,7 +359,9 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_chat_main_conf_t  *cmcf = conf;
 
-    if (ngx_chat_stats_add_zone(cf) != NGX_OK) {
+    if (ngx_chat_stats_add_zone(cf) != NGX_OK
+        || ngx_chat_rate_add_zone(cf) != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 

@@ -14,7 +14,6 @@
 
 #define NGX_CHAT_ID_EPOCH      1704067200000LL   /* 2024-01-01T00:00:00Z */
 #define NGX_CHAT_REPLAY_PAGE   256
-#define NGX_CHAT_RATE_SLOTS    4096
 
 
 /* --- message ids: time (41 bits of ms), node (10), counter (12) ---------------- */
@@ -43,60 +42,6 @@ ngx_chat_msg_id(void)
 
     return ((uint64_t) ngx_chat_id_ms << 22) | (ngx_chat_id_node << 12)
            | ngx_chat_id_seq;
-}
-
-
-/* --- rate limit: a token bucket per user, per worker process ------------------- */
-
-typedef struct {
-    uint32_t     hash;
-    u_char       len;
-    u_char       id[NGX_CHAT_USER_MAX];
-    int64_t      milli;          /* tokens x 1000 */
-    int64_t      ts;             /* ms of the last refill */
-} ngx_chat_rate_t;
-
-static ngx_chat_rate_t  *ngx_chat_rates;
-
-
-/* 0: take one; else milliseconds until one is available */
-static int64_t
-ngx_chat_rate_take(ngx_chat_loc_conf_t *cmcf, u_char *user, size_t len)
-{
-    int64_t           now, refill;
-    uint32_t          hash;
-    ngx_chat_rate_t  *b;
-
-    if (cmcf->rate == 0) {
-        return 0;
-    }
-
-    now = ngx_chat_now_ms();
-    hash = ngx_crc32_short(user, len);
-    b = &ngx_chat_rates[hash % NGX_CHAT_RATE_SLOTS];
-
-    if (b->hash != hash || b->len != len || ngx_memcmp(b->id, user, len) != 0) {
-        /* a new user takes the slot with a full bucket */
-        b->hash = hash;
-        b->len = (u_char) len;
-        ngx_memcpy(b->id, user, len);
-        b->milli = (int64_t) cmcf->burst * 1000;
-        b->ts = now;
-    }
-
-    /* rate per minute: one token every 60000 / rate ms */
-    refill = (now - b->ts) * (int64_t) cmcf->rate * 1000 / 60000;
-    if (refill > 0) {
-        b->milli = ngx_min(b->milli + refill, (int64_t) cmcf->burst * 1000);
-        b->ts = now;
-    }
-
-    if (b->milli >= 1000) {
-        b->milli -= 1000;
-        return 0;
-    }
-
-    return ((1000 - b->milli) * 60000 / (int64_t) cmcf->rate + 999) / 1000 + 1;
 }
 
 
@@ -447,7 +392,8 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         return;
     }
 
-    wait = ngx_chat_rate_take(ctx->conf, ctx->user, ctx->ulen);
+    wait = ngx_chat_rate_take(ctx->conf->rate, ctx->conf->burst, ctx->user,
+                              ctx->ulen);
     if (wait) {
         ngx_chat_msg_fail(ctx, "rate_limited", "too many messages", wait);
         return;
@@ -996,12 +942,6 @@ ngx_chat_msg_init_process(ngx_cycle_t *cycle)
     cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
 
     ngx_chat_id_node = ((cmcf->node_id << 5) | (ngx_worker & 0x1f)) & 0x3ff;
-
-    ngx_chat_rates = ngx_calloc(NGX_CHAT_RATE_SLOTS * sizeof(ngx_chat_rate_t),
-                                cycle->log);
-    if (ngx_chat_rates == NULL) {
-        return NGX_ERROR;
-    }
 
     return NGX_OK;
 }

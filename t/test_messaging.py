@@ -297,8 +297,8 @@ def test_rate_limit(stack):
         codes.append(st)
         if st == 429:
             assert body["code"] == "rate_limited" and body["retry_after"] > 0 and int(h["Retry-After"]) >= 1
-    # burst 3, counted per nginx worker process (2 in the test stack)
-    assert 429 in codes and codes.count(200) <= 6
+    # burst 3, shared by every worker process of this nginx
+    assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429, 429]
     c = WS(stack.host, stack.port, "/chat/test/ws-short", token=stack.token(uniq("rlw")))
     c.recv()
     for i in range(8):
@@ -306,7 +306,10 @@ def test_rate_limit(stack):
     seen = [c.recv() for _ in range(8)]
     limited = [m for m in seen if m["type"] == "error"]
     assert limited and limited[0]["code"] == "rate_limited" and limited[0]["retry_after"] > 0
-    assert [m["type"] for m in seen[:5]] == ["ack"] * 5       # burst 5 on one connection
+    # burst 5: exactly the first five are accepted (refusals are answered
+    # at once, acks after Redis, so they may arrive in either order)
+    assert sorted(m["client_id"] for m in seen if m["type"] == "ack") == [f"w{i}" for i in range(5)]
+    assert len(limited) == 3
     c.close()
 
 
