@@ -36,7 +36,7 @@ WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
-.PHONY: all module worker unit fuzz fuzz-build test test-asan pytest setup install clean
+.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest setup install clean
 
 all: module worker
 
@@ -74,6 +74,13 @@ $(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS)
 
 worker: $(BUILD)/chat-worker
 
+# --- load generator (benchmarks and the scale test) -------------------------
+$(BUILD)/loadgen: $(wildcard bench/*.c) $(wildcard bench/*.h)
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -O2 -g $(WARN) -o $@ $(wildcard bench/*.c) -lcrypto -lpthread
+
+loadgen: $(BUILD)/loadgen
+
 # --- C unit tests (cmocka) ----------------------------------------------------
 $(BUILD)/unit/%: t/unit/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/unit
@@ -106,11 +113,12 @@ pytest:
 	.venv/bin/pytest -q t $(PYTEST_ARGS)
 
 test: setup
-	$(MAKE) all unit fuzz
+	$(MAKE) all loadgen unit fuzz
 	$(MAKE) pytest
 
 test-asan: setup
 	$(MAKE) SAN=1 BUILD=build/asan all unit
+	$(MAKE) loadgen
 	NGX_CHAT_SAN=1 NGX_CHAT_MODULE=$(CURDIR)/build/asan/ngx_chat_module.so \
 	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t $(PYTEST_ARGS)
 

@@ -1,0 +1,399 @@
+/* Helpers of the load generator; see lg.h. */
+#define _GNU_SOURCE
+#include "lg.h"
+
+#include <ctype.h>
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+/* ---- time and random numbers ------------------------------------------- */
+
+uint64_t lg_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+void lg_srand(uint64_t seed)
+{
+    rng_state = seed ? seed : 0x9E3779B97F4A7C15ull;
+}
+
+uint64_t lg_rand(void)
+{
+    uint64_t x = rng_state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng_state = x;
+    return x * 0x2545F4914F6CDD1Dull;
+}
+
+double lg_rand01(void)
+{
+    return (double)(lg_rand() >> 11) / 9007199254740992.0;
+}
+
+/* ---- encodings ---------------------------------------------------------- */
+
+size_t lg_base64(const uint8_t *in, size_t n, char *out, int url)
+{
+    static const char std[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    static const char web[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const char *al = url ? web : std;
+    size_t o = 0, i = 0;
+
+    for (; i + 3 <= n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[o++] = al[v >> 18];
+        out[o++] = al[(v >> 12) & 63];
+        out[o++] = al[(v >> 6) & 63];
+        out[o++] = al[v & 63];
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        out[o++] = al[v >> 18];
+        out[o++] = al[(v >> 12) & 63];
+        if (!url) { out[o++] = '='; out[o++] = '='; }
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
+        out[o++] = al[v >> 18];
+        out[o++] = al[(v >> 12) & 63];
+        out[o++] = al[(v >> 6) & 63];
+        if (!url) out[o++] = '=';
+    }
+    out[o] = '\0';
+    return o;
+}
+
+void lg_ws_accept(const char *key, size_t keylen, char out[29])
+{
+    static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    char buf[128];
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+
+    if (keylen > sizeof(buf) - sizeof(guid)) keylen = sizeof(buf) - sizeof(guid);
+    memcpy(buf, key, keylen);
+    memcpy(buf + keylen, guid, sizeof(guid) - 1);
+    EVP_Digest(buf, keylen + sizeof(guid) - 1, md, &mdlen, EVP_sha1(), NULL);
+    lg_base64(md, 20, out, 0);
+}
+
+int lg_jwt_hs256(const char *secret, const char *sub, const char *dev,
+                 long long exp, char *out, size_t cap)
+{
+    static const char hdr[] = "{\"alg\":\"HS256\",\"typ\":\"JWT\"}";
+    char claims[256];
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int maclen = 0;
+    int cl;
+    size_t o;
+
+    if (dev && *dev)
+        cl = snprintf(claims, sizeof(claims), "{\"sub\":\"%s\",\"exp\":%lld,\"dev\":\"%s\"}",
+                      sub, exp, dev);
+    else
+        cl = snprintf(claims, sizeof(claims), "{\"sub\":\"%s\",\"exp\":%lld}", sub, exp);
+    if (cl < 0 || (size_t)cl >= sizeof(claims)) return -1;
+    /* header.payload.signature: 4/3 growth of each part, plus dots */
+    if (cap < (sizeof(hdr) + (size_t)cl + 32) * 4 / 3 + 16) return -1;
+
+    o = lg_base64((const uint8_t *)hdr, sizeof(hdr) - 1, out, 1);
+    out[o++] = '.';
+    o += lg_base64((const uint8_t *)claims, (size_t)cl, out + o, 1);
+    if (!HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)out, o,
+              mac, &maclen))
+        return -1;
+    out[o++] = '.';
+    o += lg_base64(mac, maclen, out + o, 1);
+    return (int)o;
+}
+
+uint64_t lg_hash64(const char *s, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 0x100000001b3ull;
+    }
+    return h ? h : 1;
+}
+
+/* ---- histogram ---------------------------------------------------------- */
+
+void lg_hist_init(struct lg_hist *h)
+{
+    memset(h, 0, sizeof(*h));
+    h->min = UINT64_MAX;
+}
+
+static int hist_index(uint64_t v)
+{
+    int m, sub, i;
+
+    if (v < 128) return (int)v;
+    m = 63 - __builtin_clzll(v);
+    sub = (int)((v >> (m - 6)) & 63);
+    i = 128 + (m - 7) * 64 + sub;
+    return i < LG_HIST_N ? i : LG_HIST_N - 1;
+}
+
+uint64_t lg_hist_bucket_hi(int i)
+{
+    int m, sub;
+
+    if (i < 128) return (uint64_t)i;
+    m = 7 + (i - 128) / 64;
+    sub = (i - 128) % 64;
+    return ((uint64_t)(64 + sub) << (m - 6)) + ((uint64_t)1 << (m - 6)) - 1;
+}
+
+void lg_hist_add(struct lg_hist *h, uint64_t ns)
+{
+    h->b[hist_index(ns)]++;
+    h->count++;
+    h->sum += (double)ns;
+    if (ns < h->min) h->min = ns;
+    if (ns > h->max) h->max = ns;
+}
+
+void lg_hist_merge(struct lg_hist *dst, const struct lg_hist *src)
+{
+    if (!src->count) return;
+    for (int i = 0; i < LG_HIST_N; i++) dst->b[i] += src->b[i];
+    dst->count += src->count;
+    dst->sum += src->sum;
+    if (src->min < dst->min) dst->min = src->min;
+    if (src->max > dst->max) dst->max = src->max;
+}
+
+uint64_t lg_hist_pct(const struct lg_hist *h, double pct)
+{
+    uint64_t rank, acc = 0;
+
+    if (!h->count) return 0;
+    if (pct >= 100.0) return h->max;
+    rank = (uint64_t)(pct / 100.0 * (double)h->count + 0.999999);
+    if (rank < 1) rank = 1;
+    for (int i = 0; i < LG_HIST_N; i++) {
+        acc += h->b[i];
+        if (acc >= rank) {
+            uint64_t hi = lg_hist_bucket_hi(i);
+            if (hi > h->max) hi = h->max;
+            if (hi < h->min) hi = h->min;
+            return hi;
+        }
+    }
+    return h->max;
+}
+
+/* ---- JSON scanning ------------------------------------------------------ */
+
+static const char *js_ws(const char *p, const char *e)
+{
+    while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    return p;
+}
+
+/* p at the opening quote; returns the pointer after the closing quote */
+static const char *js_str(const char *p, const char *e)
+{
+    for (p++; p < e; p++) {
+        if (*p == '\\') { p++; continue; }
+        if (*p == '"') return p + 1;
+    }
+    return NULL;
+}
+
+static const char *js_val(const char *p, const char *e, int depth, struct lg_jv *v)
+{
+    const char *s;
+
+    p = js_ws(p, e);
+    if (p >= e || depth > 64) return NULL;
+    s = p;
+    switch (*p) {
+    case '"':
+        if (!(p = js_str(p, e))) return NULL;
+        if (v) { v->t = 's'; v->p = s + 1; v->n = (size_t)(p - s - 2); }
+        return p;
+    case '{':
+    case '[': {
+        char close = *p == '{' ? '}' : ']';
+        int obj = *p == '{';
+        p = js_ws(p + 1, e);
+        if (p < e && *p == close) p++;
+        else for (;;) {
+            if (obj) {
+                p = js_ws(p, e);
+                if (p >= e || *p != '"' || !(p = js_str(p, e))) return NULL;
+                p = js_ws(p, e);
+                if (p >= e || *p != ':') return NULL;
+                p++;
+            }
+            if (!(p = js_val(p, e, depth + 1, NULL))) return NULL;
+            p = js_ws(p, e);
+            if (p >= e) return NULL;
+            if (*p == ',') { p++; continue; }
+            if (*p == close) { p++; break; }
+            return NULL;
+        }
+        if (v) { v->t = obj ? 'o' : 'a'; v->p = s; v->n = (size_t)(p - s); }
+        return p;
+    }
+    default:
+        while (p < e && (isalnum((unsigned char)*p) || *p == '-' || *p == '+' || *p == '.'))
+            p++;
+        if (p == s) return NULL;
+        if (v) {
+            v->p = s; v->n = (size_t)(p - s);
+            v->t = *s == 't' || *s == 'f' ? 'b' : *s == 'n' ? 'z' : 'n';
+        }
+        return p;
+    }
+}
+
+int lg_json_get(const char *s, size_t n, const char *key, struct lg_jv *v)
+{
+    const char *p = s, *e = s + n, *k, *ke;
+    size_t kl = strlen(key);
+
+    p = js_ws(p, e);
+    if (p >= e || *p != '{') return -1;
+    p = js_ws(p + 1, e);
+    if (p < e && *p == '}') return -1;
+    for (;;) {
+        p = js_ws(p, e);
+        if (p >= e || *p != '"') return -1;
+        k = p + 1;
+        if (!(ke = js_str(p, e))) return -1;
+        p = js_ws(ke, e);
+        if (p >= e || *p != ':') return -1;
+        struct lg_jv tmp;
+        if (!(p = js_val(p + 1, e, 1, &tmp))) return -1;
+        if ((size_t)(ke - 1 - k) == kl && memcmp(k, key, kl) == 0) {
+            *v = tmp;
+            return 0;
+        }
+        p = js_ws(p, e);
+        if (p >= e) return -1;
+        if (*p == ',') { p++; continue; }
+        return -1;
+    }
+}
+
+int lg_json_next(const struct lg_jv *a, size_t *pos, struct lg_jv *elem)
+{
+    const char *s = a->p, *e = a->p + a->n, *p;
+
+    if (a->t != 'a') return -1;
+    p = s + (*pos ? *pos : 1);
+    p = js_ws(p, e);
+    if (p >= e) return -1;
+    if (*p == ']') return 0;
+    if (*p == ',') p++;
+    if (!(p = js_val(p, e, 1, elem))) return -1;
+    *pos = (size_t)(p - s);
+    return 1;
+}
+
+long long lg_jv_int(const struct lg_jv *v, long long dflt)
+{
+    char buf[32];
+
+    if ((v->t != 'n' && v->t != 's') || v->n == 0 || v->n >= sizeof(buf)) return dflt;
+    memcpy(buf, v->p, v->n);
+    buf[v->n] = 0;
+    return strtoll(buf, NULL, 10);
+}
+
+int lg_jv_eq(const struct lg_jv *v, const char *s)
+{
+    size_t l = strlen(s);
+    return v->t == 's' && v->n == l && memcmp(v->p, s, l) == 0;
+}
+
+/* ---- nginx worker memory ------------------------------------------------ */
+
+static long read_ppid(long pid)
+{
+    char path[64], buf[512], *p;
+    FILE *f;
+    size_t n;
+    long ppid = -1;
+
+    snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
+    if (!(f = fopen(path, "r"))) return -1;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    if (!(p = strrchr(buf, ')'))) return -1;
+    if (sscanf(p + 1, " %*c %ld", &ppid) != 1) return -1;
+    return ppid;
+}
+
+static uint64_t read_kb_field(const char *path, const char *field)
+{
+    char line[256];
+    size_t fl = strlen(field);
+    uint64_t sum = 0;
+    FILE *f = fopen(path, "r");
+
+    if (!f) return 0;
+    while (fgets(line, sizeof(line), f))
+        if (strncmp(line, field, fl) == 0 && line[fl] == ':')
+            sum += strtoull(line + fl + 1, NULL, 10);
+    fclose(f);
+    return sum;
+}
+
+int lg_mem_read(const char *pidfile, struct lg_mem *m)
+{
+    FILE *f;
+    DIR *d;
+    struct dirent *de;
+    long master = 0;
+
+    memset(m, 0, sizeof(*m));
+    if (!(f = fopen(pidfile, "r"))) return -1;
+    if (fscanf(f, "%ld", &master) != 1) master = 0;
+    fclose(f);
+    if (master <= 0) return -1;
+    m->master = master;
+    if (!(d = opendir("/proc"))) return -1;
+    while ((de = readdir(d))) {
+        char path[300], cmd[64];
+        long pid;
+        size_t n;
+
+        if (!isdigit((unsigned char)de->d_name[0])) continue;
+        pid = strtol(de->d_name, NULL, 10);
+        if (read_ppid(pid) != master) continue;
+        snprintf(path, sizeof(path), "/proc/%ld/cmdline", pid);
+        if (!(f = fopen(path, "r"))) continue;
+        n = fread(cmd, 1, sizeof(cmd) - 1, f);
+        fclose(f);
+        cmd[n] = 0;
+        if (strncmp(cmd, "nginx: worker", 13) != 0) continue;
+        m->nproc++;
+        snprintf(path, sizeof(path), "/proc/%ld/status", pid);
+        m->rss_kb += read_kb_field(path, "VmRSS");
+        snprintf(path, sizeof(path), "/proc/%ld/smaps_rollup", pid);
+        m->pss_kb += read_kb_field(path, "Pss");
+        m->priv_kb += read_kb_field(path, "Private_Clean") + read_kb_field(path, "Private_Dirty");
+    }
+    closedir(d);
+    return m->nproc ? 0 : -1;
+}
