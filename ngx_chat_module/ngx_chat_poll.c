@@ -215,6 +215,10 @@ ngx_chat_poll_wake(ngx_chat_session_t *s)
         return;
     }
 
+    if (r->write_event_handler != ngx_chat_poll_event_handler) {
+        return;     /* not held yet: ngx_chat_poll_hold() answers */
+    }
+
     s->error = 1;            /* woken once */
     ngx_post_event(r->connection->write, &ngx_posted_events);
 }

@@ -242,6 +242,10 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
     c = s->connection;
     hs = ngx_http_get_module_ctx(r, ngx_chat_module);
 
+    if (rc == NGX_OK && (s->draining || ngx_exiting)) {
+        rc = NGX_ERROR;       /* this worker is going away: come back */
+    }
+
     if (rc != NGX_OK) {
         /* the session never started: forget it before answering */
         s->request = NULL;
@@ -626,6 +630,11 @@ ngx_chat_ws_close(ngx_chat_session_t *s, ngx_uint_t code, const char *reason)
 void
 ngx_chat_ws_drain(ngx_chat_session_t *s)
 {
+    if (s->request) {
+        s->draining = 1;      /* still in its handshake: refused with 503 */
+        return;
+    }
+
     if (s->closing || s->connection == NULL) {
         return;
     }
