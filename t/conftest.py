@@ -5,6 +5,7 @@ Environment:
   CHAT_TEST_STACK_DIR   where the test stack lives (default .stack-test)
   CHAT_TEST_PORT_BASE   its port base (default 17300, so a dev stack on 17100 can run too)
   CHAT_TEST_KEEP=1      leave the stack running after the session (for debugging)
+  CHAT_TEST_QUEUES      queues to run the suite against (default "redis,kafka")
   NGX_CHAT_MODULE, NGX_CHAT_WORKER   binaries to test (make test-asan points them at the ASan build)
   NGX_CHAT_SAN=1        sanitizer run: nginx and workers get the ASan runtime; reports fail the session
 """
@@ -34,8 +35,13 @@ def _san_env(stack_dir):
     return env
 
 
-@pytest.fixture(scope="session")
-def stack():
+QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(",") if q]
+
+
+@pytest.fixture(scope="session", params=QUEUES)
+def stack(request):
+    """The whole suite runs once per queue (Redis Streams, Kafka)."""
+    queue = request.param
     stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test"))
     port_base = os.environ.get("CHAT_TEST_PORT_BASE", "17300")
     env = dict(os.environ)
@@ -49,7 +55,7 @@ def stack():
         if os.path.isfile(f):
             os.unlink(f)
     r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack_dir,
-                        "--port-base", port_base, "--queue", "redis"],
+                        "--port-base", port_base, "--queue", queue],
                        env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         pytest.fail("scripts/stack up failed:\n" + r.stdout + r.stderr, pytrace=False)
