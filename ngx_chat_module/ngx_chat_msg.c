@@ -805,8 +805,8 @@ ngx_chat_replay_reply(void *rp, void *data)
     redisReply          *reply = rp, *m, *sc;
     ngx_chat_session_t  *s = data;
     ngx_chat_shbuf_t    *b;
-    u_char               prefix[40];
-    size_t               plen;
+    u_char               prefix[40], *body, *dev, *q;
+    size_t               plen, blen;
 
     s->refs--;
 
@@ -842,12 +842,34 @@ ngx_chat_replay_reply(void *rp, void *data)
             continue;
         }
 
-        b = ngx_chat_shbuf_alloc(m->len - 1);
+        /* {"!":"<device>",...}: the sender's own copy, not for that device */
+        body = (u_char *) m->str + 1;
+        blen = m->len - 1;
+
+        if (blen > 6 && ngx_strncmp(body, "\"!\":\"", 5) == 0) {
+            dev = body + 5;
+            q = ngx_strlchr(dev, body + blen, '"');
+            if (q == NULL || q + 2 > body + blen || q[1] != ',') {
+                continue;
+            }
+
+            if ((size_t) (q - dev) == s->dev_len
+                && ngx_strncmp(dev, s->device, s->dev_len) == 0)
+            {
+                s->sent_cursor = cursor;
+                continue;
+            }
+
+            blen -= q + 2 - body;
+            body = q + 2;
+        }
+
+        b = ngx_chat_shbuf_alloc(blen);
         if (b == NULL) {
             break;
         }
 
-        ngx_memcpy(b->data, m->str + 1, m->len - 1);
+        ngx_memcpy(b->data, body, blen);
         plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
         s->sent_cursor = cursor;
 

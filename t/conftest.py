@@ -49,6 +49,11 @@ def stack(request):
     # A stale stack from an interrupted run must not leak into this one.
     subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", stack_dir],
                    env=env, capture_output=True)
+    # Every session starts from empty servers: data of an earlier run (users
+    # with inboxes, stream entries) must not leak into this one.
+    import shutil
+    for d in ("redis", "kafka", "ferretdb"):
+        shutil.rmtree(os.path.join(stack_dir, d), ignore_errors=True)
     # Logs of an earlier run must not be read as this run's.
     for f in (glob.glob(os.path.join(stack_dir, "logs", "*"))
               + glob.glob(os.path.join(stack_dir, "nginx", "logs", "*"))):

@@ -387,3 +387,40 @@ def test_conversation_list_and_unread(stack):
     assert la[1]["unread"] == 1      # b's reply
     a1.close()
     b1.close()
+
+
+def test_the_sending_device_never_gets_its_own_messages(stack):
+    """Live (interleaved with receipts) and on replay after reconnecting; its
+    other devices do get them."""
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a, "phone"), ws(stack, b)
+    ids = []
+    for i in range(10):
+        ids.append(ack_of(a1, send(a1, b, f"{i}"))["id"])
+        m = msgs(b1, 1)[0]
+        b1.send_json({"type": "ack", "cursor": m["cursor"]})     # receipts go to a
+        time.sleep(0.05)
+    got = []
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        try:
+            got.append(a1.recv(0.3))
+        except TimeoutError:
+            pass
+    assert not [m for m in got if m.get("type") == "msg"], got
+    assert any(m.get("type") == "receipt" for m in got)
+    a1.close()
+    again = ws(stack, a, "phone", cursor=0)
+    seen = []
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        try:
+            seen.append(again.recv(0.3))
+        except TimeoutError:
+            pass
+    assert not [m for m in seen if m.get("type") == "msg"]
+    assert [m["type"] for m in seen if m.get("type") == "receipt"]
+    other = ws(stack, a, "laptop", cursor=0)
+    assert [m["id"] for m in msgs(other, 10)] == ids
+    for c in (again, other, b1):
+        c.close()
