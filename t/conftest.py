@@ -35,6 +35,23 @@ def _san_env(stack_dir):
     return env
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "queue(name): the test applies to that queue only")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test marked queue("redis") runs only with the Redis stack: it is not
+    collected for the other queue (not skipped)."""
+    keep, drop = [], []
+    for item in items:
+        m = item.get_closest_marker("queue")
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
+        (drop if m and param and m.args[0] != param else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(",") if q]
 
 

@@ -4,6 +4,9 @@
  *   fanout     queue -> inboxes -> nginx workers holding the connections
  *   persist    queue -> MongoDB (messages, conversations, receipts)
  *   rest       HTTP reads behind nginx's proxy_pass (history, conversations)
+ *
+ * The internal contract (keys, queue entries, recipients, publish payload,
+ * MongoDB schema) is docs/PIPELINE.md.
  */
 #ifndef CHAT_WORKER_H
 #define CHAT_WORKER_H
@@ -19,7 +22,14 @@ typedef struct {
     char  mongo_uri[CW_STR];
     char  queue[16];            /* "redis" or "kafka" */
     char  rest_listen[128];     /* host:port */
-    char  node_id[64];          /* names this process in Redis (consumer name) */
+    char  node_id[64];          /* names this process in Redis (heartbeat key) */
+    int   shards;               /* conversation shards, equal to nginx's chat_shards */
+    int   fanout_workers;       /* fan-out processes sharing the shards (Redis queue) */
+    int   fanout_index;         /* which of them this one is */
+    int   inbox_max;            /* events kept per user inbox */
+    int   retention_days;       /* inbox TTL */
+    int   claim_idle_ms;        /* claim others' pending entries idle this long */
+    int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
 } cw_config_t;
 
 /* config.c */
@@ -35,6 +45,8 @@ void cw_log(const char *level, const char *fmt, ...)
 #define cw_warn(...)  cw_log("warn", __VA_ARGS__)
 #define cw_error(...) cw_log("error", __VA_ARGS__)
 int64_t cw_now_ms(void);
+int64_t cw_mono_ms(void);
+void    cw_sleep_ms(int ms);       /* returns early when cw_stop is set */
 extern volatile int cw_stop;
 void cw_install_signals(void);
 
@@ -52,5 +64,119 @@ int  cw_role_rest(const cw_config_t *cf);
 /* redis.c: a synchronous connection for the workers */
 struct redisContext;
 struct redisContext *cw_redis_connect(const char *url, int timeout_ms, char *err, size_t errlen);
+
+/* heartbeat.c: chat:worker:<role>:<node> with a TTL while the role runs */
+typedef struct {
+    char     key[160];
+    int64_t  next;
+} cw_heartbeat_t;
+void cw_heartbeat_init(cw_heartbeat_t *hb, const cw_config_t *cf, const char *role);
+/* Refreshes the key when due (one SET); returns -1 when the connection failed. */
+int  cw_heartbeat_tick(cw_heartbeat_t *hb, struct redisContext *c);
+void cw_heartbeat_clear(cw_heartbeat_t *hb, struct redisContext *c);
+
+/* Exponential backoff: 100 ms doubling to 5 s. */
+typedef struct { int ms; } cw_backoff_t;
+void cw_backoff_reset(cw_backoff_t *b);
+void cw_backoff_wait(cw_backoff_t *b);
+int  cw_backoff_ms(const cw_backoff_t *b);
+
+
+/* ---- queue entries (entry.c) --------------------------------------------- */
+
+#define CW_ID_MAX    64          /* user and group ids */
+#define CW_DEV_MAX   32
+#define CW_CONV_MAX  (2 + CW_ID_MAX + 1 + CW_ID_MAX)
+#define CW_FIELD_MAX 256         /* a field of chat:{u:U}:last */
+
+enum { CW_T_MSG = 1, CW_T_RECEIPT = 2 };
+
+typedef struct {
+    char        qid[48];         /* stream entry id, or "<partition>@<offset>" */
+    int         shard;           /* stream's shard, or the Kafka partition */
+    int64_t     offset;          /* Kafka offset */
+    int         valid;           /* every field parsed and consistent */
+    const char *why;             /* what is wrong when !valid */
+    int         type;            /* CW_T_MSG or CW_T_RECEIPT */
+    char        conv[CW_CONV_MAX + 1];
+    char        a[CW_ID_MAX + 1];        /* direct conversation d:a:b */
+    char        b[CW_ID_MAX + 1];
+    int         is_group;
+    char        from[CW_ID_MAX + 1];
+    char        dev[CW_DEV_MAX + 1];
+    char        to[CW_ID_MAX + 1];
+    char        group[CW_ID_MAX + 1];
+    char        st[16];          /* receipt status: delivered or read */
+    int64_t     seq;
+    char       *ev;              /* event JSON without cursor (malloc'd) */
+    size_t      ev_len;
+} cw_entry_t;
+
+typedef struct {
+    cw_entry_t *e;
+    int         n;
+    int         cap;
+} cw_batch_t;
+
+typedef struct {
+    const char *user;
+    const char *skip_dev;        /* NULL: every device */
+    char        field[CW_FIELD_MAX];
+} cw_rcpt_t;
+
+int  cw_valid_id(const char *s, size_t len, size_t max);
+int  cw_parse_conv(const char *conv, char *a, char *b, int *is_group);
+void cw_entry_reset(cw_entry_t *e);
+int  cw_entry_field(cw_entry_t *e, const char *name, size_t nlen,
+                    const char *val, size_t vlen);
+void cw_entry_finish(cw_entry_t *e);
+int  cw_entry_from_json(cw_entry_t *e, const char *json, size_t len);
+int  cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2]);
+
+cw_entry_t *cw_batch_add(cw_batch_t *b);
+void cw_batch_clear(cw_batch_t *b);
+void cw_batch_free(cw_batch_t *b);
+
+
+/* ---- the queue (queue.c): Redis Streams consumer groups or Kafka ---------- */
+
+typedef struct cw_queue_s cw_queue_t;
+
+/* group: "fanout" or "persist". shards: the shards this consumer reads
+ * (Redis), ignored for Kafka where the consumer group assigns partitions. */
+cw_queue_t *cw_queue_new(const cw_config_t *cf, const char *group,
+                         const int *shards, int nshards, int trim);
+void cw_queue_free(cw_queue_t *q);
+int  cw_queue_is_kafka(const cw_queue_t *q);
+
+/* Redis mode: after (re)connecting, create the groups and re-read this
+ * consumer's pending entries first. Returns -1 on a connection error. */
+int  cw_queue_setup(cw_queue_t *q, struct redisContext *c);
+
+/* Fills b (cleared first) with the next entries; waits up to block_ms.
+ * Returns the number of entries, or -1 when the connection failed. */
+int  cw_queue_fetch(cw_queue_t *q, struct redisContext *c, cw_batch_t *b, int block_ms);
+
+/* Redis mode: appends the XACKs of b to c's pipeline; returns the number of
+ * replies to read. Kafka mode: commits b's offsets synchronously; returns 0,
+ * or -1 when the commit failed. */
+int  cw_queue_ack(cw_queue_t *q, struct redisContext *c, const cw_batch_t *b);
+
+/* Redis mode: periodic claim of stale pending entries and stream trimming.
+ * Returns -1 on a connection error. */
+int  cw_queue_maintain(cw_queue_t *q, struct redisContext *c);
+
+
+/* ---- MongoDB helpers (mongo.c) ------------------------------------------ */
+
+struct _mongoc_client_t;
+struct _bson_t;
+struct json_t;
+void cw_mongo_log_init(void);
+struct _mongoc_client_t *cw_mongo_client(const cw_config_t *cf, const char *app,
+                                         char *db, size_t dblen);
+/* A BSON document as a JSON value (strings, numbers, booleans, null,
+ * documents and arrays); key "_id" is renamed to "id". */
+struct json_t *cw_bson_to_json(const struct _bson_t *doc);
 
 #endif

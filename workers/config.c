@@ -28,18 +28,74 @@ trim(char *s)
     return s;
 }
 
+/* Integer keys, and the environment variables that override them. */
+static int *
+int_key(cw_config_t *cf, const char *k)
+{
+    if (strcmp(k, "shards") == 0) return &cf->shards;
+    if (strcmp(k, "fanout_workers") == 0) return &cf->fanout_workers;
+    if (strcmp(k, "fanout_index") == 0) return &cf->fanout_index;
+    if (strcmp(k, "inbox_max") == 0) return &cf->inbox_max;
+    if (strcmp(k, "retention_days") == 0) return &cf->retention_days;
+    if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
+    if (strcmp(k, "batch") == 0) return &cf->batch;
+    return NULL;
+}
+
+struct int_env { const char *env, *key; };
+static const struct int_env int_envs[] = {
+    { "CHAT_SHARDS", "shards" },
+    { "CHAT_FANOUT_WORKERS", "fanout_workers" },
+    { "CHAT_FANOUT_INDEX", "fanout_index" },
+    { "CHAT_INBOX_MAX", "inbox_max" },
+    { "CHAT_RETENTION_DAYS", "retention_days" },
+    { "CHAT_CLAIM_IDLE_MS", "claim_idle_ms" },
+    { "CHAT_BATCH", "batch" },
+    { NULL, NULL }
+};
+
+static int
+parse_int(const char *v, int *out)
+{
+    char *end;
+    long  n;
+
+    errno = 0;
+    n = strtol(v, &end, 10);
+    if (end == v || *end != '\0' || errno != 0 || n < -2147483647L || n > 2147483647L) return -1;
+    *out = (int) n;
+    return 0;
+}
+
+static int
+check_range(const char *k, int v, int lo, int hi)
+{
+    if (v < lo || v > hi) {
+        cw_error("%s must be between %d and %d, not %d", k, lo, hi, v);
+        return -1;
+    }
+    return 0;
+}
+
 int
 cw_config_load(cw_config_t *cf, const char *path)
 {
     FILE  *f;
     char   line[1024], *k, *v, *eq;
-    int    lineno = 0;
+    int    lineno = 0, *ip;
     const char *env;
 
     memset(cf, 0, sizeof(*cf));
     set(cf->redis_url, sizeof(cf->redis_url), "redis://127.0.0.1:6379");
     set(cf->queue, sizeof(cf->queue), "redis");
     set(cf->rest_listen, sizeof(cf->rest_listen), "127.0.0.1:8091");
+    cf->shards = 16;
+    cf->fanout_workers = 1;
+    cf->fanout_index = 0;
+    cf->inbox_max = 100000;
+    cf->retention_days = 365;
+    cf->claim_idle_ms = 5000;
+    cf->batch = 200;
 
     if (path) {
         f = fopen(path, "r");
@@ -66,7 +122,13 @@ cw_config_load(cw_config_t *cf, const char *path)
             else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
             else if (strcmp(k, "rest_listen") == 0) set(cf->rest_listen, sizeof(cf->rest_listen), v);
             else if (strcmp(k, "node_id") == 0) set(cf->node_id, sizeof(cf->node_id), v);
-            else {
+            else if ((ip = int_key(cf, k)) != NULL) {
+                if (parse_int(v, ip) != 0) {
+                    cw_error("%s:%d: %s must be an integer, not \"%s\"", path, lineno, k, v);
+                    fclose(f);
+                    return -1;
+                }
+            } else {
                 cw_error("%s:%d: unknown key \"%s\"", path, lineno, k);
                 fclose(f);
                 return -1;
@@ -79,6 +141,24 @@ cw_config_load(cw_config_t *cf, const char *path)
     if ((env = getenv("KAFKA_BROKERS")) && *env) set(cf->kafka_brokers, sizeof(cf->kafka_brokers), env);
     if ((env = getenv("MONGO_URI")) && *env) set(cf->mongo_uri, sizeof(cf->mongo_uri), env);
     if ((env = getenv("CHAT_QUEUE")) && *env) set(cf->queue, sizeof(cf->queue), env);
+    for (const struct int_env *ie = int_envs; ie->env; ie++) {
+        if ((env = getenv(ie->env)) && *env) {
+            ip = int_key(cf, ie->key);
+            if (parse_int(env, ip) != 0) {
+                cw_error("%s must be an integer, not \"%s\"", ie->env, env);
+                return -1;
+            }
+        }
+    }
+    if (check_range("shards", cf->shards, 1, 4096) || check_range("fanout_workers", cf->fanout_workers, 1, 4096)
+        || check_range("fanout_index", cf->fanout_index, 0, cf->fanout_workers - 1)
+        || check_range("inbox_max", cf->inbox_max, 1, 100000000)
+        || check_range("retention_days", cf->retention_days, 1, 36500)
+        || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
+        || check_range("batch", cf->batch, 1, 10000))
+    {
+        return -1;
+    }
 
     if (strcmp(cf->queue, "redis") != 0 && strcmp(cf->queue, "kafka") != 0) {
         cw_error("queue must be \"redis\" or \"kafka\", not \"%s\"", cf->queue);

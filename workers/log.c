@@ -55,3 +55,41 @@ cw_install_signals(void)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 }
+
+int64_t
+cw_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void
+cw_sleep_ms(int ms)
+{
+    while (ms > 0 && !cw_stop) {
+        int step = ms < 100 ? ms : 100;
+        usleep((useconds_t) step * 1000);
+        ms -= step;
+    }
+}
+
+void
+cw_backoff_reset(cw_backoff_t *b)
+{
+    b->ms = 100;
+}
+
+int
+cw_backoff_ms(const cw_backoff_t *b)
+{
+    return b->ms;
+}
+
+void
+cw_backoff_wait(cw_backoff_t *b)
+{
+    if (b->ms < 100) b->ms = 100;
+    cw_sleep_ms(b->ms);
+    b->ms = b->ms < 2500 ? b->ms * 2 : 5000;
+}

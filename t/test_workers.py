@@ -1,0 +1,902 @@
+"""The worker roles (issue 4): fan-out, persistence and REST reads, tested
+against the real stack by enqueueing entries exactly as docs/PIPELINE.md
+specifies (XADD into chat:{s<s>}:in, or Kafka records on topic chat.in,
+partition = shard, whichever queue the stack runs) and checking inboxes,
+cursors, PUBLISH payloads, MongoDB documents and the REST answers. Fault
+tests kill -9 the fan-out worker, FerretDB and Redis mid-stream and prove
+that every message reaches every inbox exactly once."""
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+
+import pymongo
+import pytest
+import redis
+
+from chatlib import ROOT
+
+SHARDS = 16
+RETENTION_MS = 365 * 86400 * 1000
+
+
+# ---- helpers ------------------------------------------------------------------
+
+def eventually(pred, timeout=15.0, interval=0.05, what="condition"):
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def uid(prefix="u"):
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def dconv(a, b):
+    return f"d:{min(a, b)}:{max(a, b)}"
+
+
+def shard(conv):
+    return zlib.crc32(conv.encode()) % SHARDS
+
+
+def stream(conv):
+    return "chat:{s%d}:in" % shard(conv)
+
+
+def ukey(user, what):
+    return "chat:{u:%s}:%s" % (user, what)
+
+
+def msg_fields(conv, frm, to, seq, dev="d1", body=None, mid=None, ts=None, kind="text", media=None):
+    mid = mid or uid("m")
+    ev = {"type": "msg", "id": mid, "conv": conv, "seq": seq, "from": frm, "to": to,
+          "body": body if body is not None else f"message {seq}", "kind": kind, "ts": ts or int(time.time() * 1000)}
+    if media:
+        ev["media"] = media
+    return {"t": "msg", "conv": conv, "from": frm, "dev": dev, "to": to, "seq": str(seq),
+            "ev": json.dumps(ev, separators=(",", ":"))}
+
+
+def receipt_fields(conv, by, st, seq, dev="d1", ts=None):
+    ev = {"type": "receipt", "conv": conv, "status": st, "by": by, "seq": seq, "ts": ts or int(time.time() * 1000)}
+    return {"t": "receipt", "conv": conv, "from": by, "dev": dev, "seq": str(seq), "st": st,
+            "ev": json.dumps(ev, separators=(",", ":"))}
+
+
+def ping(c):
+    try:
+        return c.ping()
+    except redis.ConnectionError:
+        return False
+
+
+def stack_cmd(stack, *args):
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), *args, "--dir", stack.dir],
+                       env=stack.proc_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+class Queue:
+    """Enqueues entries the way ngx_chat_module does, on the stack's queue,
+    and tells how much a consumer group has not acknowledged yet."""
+
+    def __init__(self, stack, r):
+        self.kind = stack.env.get("CHAT_QUEUE", "redis")
+        self.r = r
+        self.stack = stack
+        self.producer = None
+        self.lag_consumers = {}
+        if self.kind == "kafka":
+            from confluent_kafka import Producer
+            self.brokers = stack.env["KAFKA_BROKERS"]
+            ensure_topic(self.brokers)
+            self.producer = Producer({"bootstrap.servers": self.brokers, "acks": "all",
+                                      "enable.idempotence": True, "linger.ms": 2})
+
+    def send(self, fields, raw=None):
+        conv = fields.get("conv", "")
+        if self.kind == "redis":
+            return self.r.xadd(stream(conv), fields)
+        self.producer.produce("chat.in", key=conv, value=raw if raw is not None else json.dumps(fields),
+                              partition=shard(conv))
+        self.producer.poll(0)
+
+    def send_many(self, fields_list):
+        if self.kind == "redis":
+            p = self.r.pipeline(transaction=False)
+            for f in fields_list:
+                p.xadd(stream(f["conv"]), f)
+            return p.execute()
+        for f in fields_list:
+            self.send(f)
+        self.flush()
+
+    def flush(self):
+        if self.producer:
+            assert self.producer.flush(30) == 0
+
+    def backlog(self, group):
+        if self.kind == "redis":
+            return backlog(self.r, group)
+        from confluent_kafka import Consumer, TopicPartition
+        self.flush()
+        c = self.lag_consumers.get(group)
+        if c is None:
+            c = self.lag_consumers[group] = Consumer({"bootstrap.servers": self.brokers, "group.id": "chat-" + group,
+                                                      "enable.auto.commit": False})
+        lag = 0
+        for tp in c.committed([TopicPartition("chat.in", p) for p in range(SHARDS)], timeout=10):
+            lo, hi = c.get_watermark_offsets(TopicPartition("chat.in", tp.partition), timeout=10)
+            lag += hi - (tp.offset if tp.offset >= 0 else lo)
+        return lag
+
+    def close(self):
+        if self.producer:
+            self.producer.flush(30)
+        for c in self.lag_consumers.values():
+            c.close()
+
+
+def ensure_topic(brokers):
+    """chat.in with one partition per shard (the workers create it too)."""
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    admin = AdminClient({"bootstrap.servers": brokers})
+
+    def partitions():
+        t = admin.list_topics("chat.in", timeout=5).topics.get("chat.in")
+        return len(t.partitions) if t and not t.error else 0
+    if partitions() == 0:
+        for f in admin.create_topics([NewTopic("chat.in", num_partitions=SHARDS, replication_factor=1)]).values():
+            try:
+                f.result(30)
+            except Exception:
+                pass                                    # created meanwhile
+    if 0 < partitions() < SHARDS:
+        for f in admin.create_partitions([NewPartitions("chat.in", SHARDS)]).values():
+            try:
+                f.result(30)
+            except Exception:
+                pass
+    eventually(lambda: partitions() >= SHARDS, timeout=30, what="topic chat.in")
+
+
+def inbox(r, user):
+    """[(cursor, event dict)] oldest first"""
+    return [(int(score), json.loads(m)) for m, score in r.zrange(ukey(user, "inbox"), 0, -1, withscores=True)]
+
+
+def backlog(r, group):
+    """entries of every shard stream not yet acknowledged by group"""
+    n = 0
+    for s in range(SHARDS):
+        key = "chat:{s%d}:in" % s
+        try:
+            info = {g["name"]: g for g in r.xinfo_groups(key)}
+        except redis.ResponseError:
+            continue
+        g = info.get(group)
+        if g is None:
+            n += r.xlen(key)
+            continue
+        n += g["pending"]
+        last = r.xinfo_stream(key)["last-generated-id"]
+        ld = g["last-delivered-id"]
+        if tuple(map(int, ld.split("-"))) < tuple(map(int, last.split("-"))):
+            n += len(r.xrange(key, "(" + ld, "+"))
+    return n
+
+
+class Channel:
+    """A fake nginx worker: a delivery channel registered in users'
+    connection registries, and a subscriber collecting what is published."""
+
+    def __init__(self, r):
+        self.r = r
+        self.name = "chat:w:test-%s:1" % uuid.uuid4().hex[:8]
+        self.ps = r.pubsub()
+        self.ps.subscribe(self.name)
+        eventually(lambda: self._confirmed(), what="subscription")
+        self.got = []
+
+    def _confirmed(self):
+        m = self.ps.get_message(timeout=0.2)
+        return m is not None and m["type"] == "subscribe"
+
+    def register(self, user, device, ttl_ms=120000):
+        sid = uuid.uuid4().hex[:6]
+        self.r.zadd(ukey(user, "conns"), {f"{self.name}|{device}|{sid}": int(time.time() * 1000) + ttl_ms})
+        return sid
+
+    def collect(self, until, timeout=15.0):
+        """reads payloads until until(list of (recipients, event)) holds"""
+        deadline = time.time() + timeout
+        while not until(self.got):
+            if time.time() > deadline:
+                raise AssertionError(f"publishes so far on {self.name}: {self.got}")
+            m = self.ps.get_message(timeout=0.2)
+            if m and m["type"] == "message":
+                head, _, body = m["data"].partition("\n")
+                self.got.append((head.split(" "), json.loads(body)))
+        return self.got
+
+    def drain(self, seconds=0.5):
+        end = time.time() + seconds
+        while time.time() < end:
+            m = self.ps.get_message(timeout=0.1)
+            if m and m["type"] == "message":
+                head, _, body = m["data"].partition("\n")
+                self.got.append((head.split(" "), json.loads(body)))
+        return self.got
+
+    def close(self):
+        self.ps.close()
+
+
+@pytest.fixture(scope="module")
+def r(stack):
+    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def db(stack):
+    c = pymongo.MongoClient(stack.env["MONGO_URI"], serverSelectionTimeoutMS=5000)
+    yield c.get_default_database()
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def q(stack, r):
+    qq = Queue(stack, r)
+    yield qq
+    qq.close()
+
+
+# Queue-specific tests are collected for their queue only (see conftest.py).
+redis_only = pytest.mark.queue("redis")
+kafka_only = pytest.mark.queue("kafka")
+
+
+def stop_worker(stack, role):
+    """SIGTERM the stack's worker (a clean stop: a Kafka consumer leaves its
+    group at once); `scripts/stack up` starts it again."""
+    pidfile = os.path.join(stack.dir, "pids", f"worker-{role}")
+    pid = int(open(pidfile).read())
+    os.kill(pid, signal.SIGTERM)
+
+    def gone():
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+    eventually(gone, timeout=20, what=f"worker-{role} stopped")
+    os.unlink(pidfile)          # a zombie still answers kill -0: `up` must not take it for alive
+
+
+@pytest.fixture
+def chan(r):
+    ch = Channel(r)
+    yield ch
+    ch.close()
+
+
+def auth(stack, user):
+    return {"Authorization": "Bearer " + stack.token(user)}
+
+
+def get(stack, user, path):
+    return stack.request("GET", stack.http + path, headers=auth(stack, user) if user else {})
+
+
+def rest_url(stack):
+    conf = open(stack.env["CHAT_WORKER_CONF"]).read()
+    return "http://" + re.search(r"^rest_listen\s*=\s*(\S+)", conf, re.M).group(1)
+
+
+# ---- configuration -------------------------------------------------------------
+
+def test_config_keys_and_env_overrides(stack, tmp_path):
+    conf = tmp_path / "w.conf"
+    conf.write_text("shards = 8\nfanout_workers = 2\nfanout_index = 1\ninbox_max = 10\n"
+                    "retention_days = 30\nclaim_idle_ms = 1000\nbatch = 50\n")
+    for text, msg in [("shards = 0\n", "shards must be between"),
+                      ("batch = lots\n", "batch must be an integer"),
+                      ("fanout_workers = 2\nfanout_index = 2\n", "fanout_index must be between")]:
+        bad = tmp_path / "bad.conf"
+        bad.write_text(text)
+        p = subprocess.run([stack.worker, "--config", str(bad), "--role", "fanout"], capture_output=True, text=True)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
+    p = subprocess.run([stack.worker, "--config", str(conf), "--role", "fanout"], capture_output=True, text=True,
+                       env=dict(os.environ, CHAT_FANOUT_INDEX="5"))
+    assert p.returncode == 2 and "fanout_index must be between 0 and 1" in p.stderr, p.stderr
+
+
+def test_heartbeat_keys(stack, r):
+    keys = eventually(lambda: r.keys("chat:worker:*"), what="heartbeat keys")
+    roles = {k.split(":")[2] for k in keys}
+    assert {"fanout", "persist"} <= roles
+    assert 0 < r.ttl(keys[0]) <= 10
+
+
+# ---- fan-out --------------------------------------------------------------------
+
+def test_direct_message_reaches_inboxes_and_nginx_workers(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    other = Channel(r)
+    try:
+        chan.register(bob, "phone")
+        chan.register(alice, "laptop")          # only the sending device here: the token all the same
+        other.register(alice, "phone")          # alice's other device gets her copy
+        other.register(alice, "laptop")
+        ids = []
+        for seq in (1, 2, 3):
+            f = msg_fields(conv, alice, bob, seq, dev="laptop", body=f'hi "{seq}" \\ \u00e9')
+            ids.append(json.loads(f["ev"])["id"])
+            q.send(f)
+        q.flush()
+        got = chan.collect(lambda g: len(g) >= 3, timeout=30)
+        assert [sorted(g[0]) for g in got] == [sorted([f"{bob}:{c}", f"{alice}:{c}!laptop"]) for c in (1, 2, 3)]
+        assert [g[1]["id"] for g in got] == ids
+        assert got[0][1] == {"type": "msg", "id": ids[0], "conv": conv, "seq": 1, "from": alice, "to": bob,
+                             "body": 'hi "1" \\ \u00e9', "kind": "text", "ts": got[0][1]["ts"]}
+        got2 = other.collect(lambda g: len(g) >= 3)
+        assert [g[0] for g in got2] == [[f"{alice}:1!laptop"], [f"{alice}:2!laptop"], [f"{alice}:3!laptop"]]
+    finally:
+        other.close()
+    b = inbox(r, bob)
+    a = inbox(r, alice)
+    assert [c for c, _ in b] == [1, 2, 3] and [e["id"] for _, e in b] == ids
+    assert [c for c, _ in a] == [1, 2, 3] and [e["id"] for _, e in a] == ids
+    assert "cursor" not in b[0][1] and "!" not in b[0][1]
+    # the sender's copy names the device it came from, first (docs/PIPELINE.md)
+    raw = r.zrange(ukey(alice, "inbox"), 0, 0)[0]
+    assert raw.startswith('{"!":"laptop","type":"msg",') and a[0][1]["!"] == "laptop"
+    assert r.get(ukey(bob, "cur")) == "3"
+    assert r.hget(ukey(bob, "last"), f"m:{conv}") == "3:3"
+    assert RETENTION_MS - 60000 < r.pttl(ukey(bob, "inbox")) <= RETENTION_MS
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+
+
+def test_one_publish_per_channel_with_every_recipient(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    chan.register(bob, "tablet")
+    chan.register(alice, "phone")
+    chan.register(alice, "laptop")
+    q.send(msg_fields(conv, bob, alice, 1, dev="tablet"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 1, timeout=30)
+    chan.drain(0.5)
+    assert len(chan.got) == 1
+    assert sorted(got[0][0]) == sorted([f"{alice}:1", f"{bob}:1!tablet"])
+
+
+def test_expired_registry_entries_get_nothing(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone", ttl_ms=-1000)       # expired a second ago
+    q.send(msg_fields(conv, alice, bob, 1))
+    q.flush()
+    eventually(lambda: r.zcard(ukey(bob, "inbox")) == 1, timeout=30, what="inbox append")
+    chan.drain(0.5)
+    assert chan.got == []
+
+
+def test_reconsumed_entry_adds_nothing_and_is_published_again(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    f1 = msg_fields(conv, alice, bob, 1)
+    f2 = msg_fields(conv, alice, bob, 2)
+    q.send(f1)
+    q.send(f2)
+    q.flush()
+    chan.collect(lambda g: len(g) >= 2, timeout=30)
+    q.send(f2)                                  # the same entry again (a re-consumed entry)
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 3)
+    assert got[2][0] == [f"{bob}:2"] and got[2][1]["id"] == json.loads(f2["ev"])["id"]
+    # older than the newest and still in the inbox (not yet acknowledged):
+    # published again with its own cursor; once trimmed away, not at all
+    q.send(f1)
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 4)
+    assert got[3][0] == [f"{bob}:1"] and got[3][1]["id"] == json.loads(f1["ev"])["id"]
+    r.zremrangebyscore(ukey(bob, "inbox"), 1, 1)          # as the module does once every device acked it
+    q.send(f1)
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    chan.drain(0.5)
+    assert len(chan.got) == 4
+    assert [c for c, _ in inbox(r, bob)] == [2]
+    assert r.get(ukey(bob, "cur")) == "2"
+    assert r.get(ukey(alice, "cur")) == "2"
+
+
+def test_notes_to_self(stack, r, q, chan):
+    alice = uid("alice")
+    conv = dconv(alice, alice)
+    chan.register(alice, "laptop")
+    chan.register(alice, "phone")
+    q.send(msg_fields(conv, alice, alice, 1, dev="laptop"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 1, timeout=30)
+    assert got[0][0] == [f"{alice}:1!laptop"]
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    assert [(c, e["!"]) for c, e in inbox(r, alice)] == [(1, "laptop")]
+    assert r.get(ukey(alice, "cur")) == "1"
+
+
+def test_receipt_recipients(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(alice, "phone")
+    chan.register(bob, "phone")
+    chan.register(bob, "tablet")
+    q.send(msg_fields(conv, alice, bob, 1, dev="phone"))
+    q.flush()
+    chan.collect(lambda g: len(g) >= 1, timeout=30)
+    q.send(receipt_fields(conv, bob, "delivered", 1, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 2)
+    assert got[1][0] == [f"{alice}:2"]
+    assert got[1][1] == {"type": "receipt", "conv": conv, "status": "delivered", "by": bob, "seq": 1,
+                         "ts": got[1][1]["ts"]}
+    q.send(receipt_fields(conv, bob, "read", 1, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 3)
+    assert sorted(got[2][0]) == sorted([f"{alice}:3", f"{bob}:2!phone"])
+    assert r.hget(ukey(alice, "last"), f"r:read:{conv}:{bob}") == "1:3"
+    # the same pointer again: a duplicate, published again with the same cursors
+    q.send(receipt_fields(conv, bob, "read", 1, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 4)
+    assert sorted(got[3][0]) == sorted(got[2][0])
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    assert r.get(ukey(alice, "cur")) == "3" and r.get(ukey(bob, "cur")) == "2"
+    # notes to self: delivered goes nowhere, read to the other devices
+    me = uid("carol")
+    self_conv = dconv(me, me)
+    chan.register(me, "phone")
+    q.send(msg_fields(self_conv, me, me, 1, dev="phone"))
+    q.send(receipt_fields(self_conv, me, "delivered", 1, dev="laptop"))
+    q.send(receipt_fields(self_conv, me, "read", 1, dev="laptop"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 6)
+    assert got[4][0] == [f"{me}:1!phone"] and got[4][1]["type"] == "msg"
+    assert got[5][0] == [f"{me}:2!laptop"] and got[5][1]["status"] == "read"
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    assert [(e["type"], e["!"]) for _, e in inbox(r, me)] == [("msg", "phone"), ("receipt", "laptop")]
+    assert [e.get("!") for _, e in inbox(r, alice)] == ["phone", None, None]   # her message, bob's receipts
+    assert [e.get("!") for _, e in inbox(r, bob)] == [None, "phone"]           # alice's message, his read
+
+
+def test_malformed_entries_are_skipped_not_blocking(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    bad_conv = f"d:{max(alice, bob)}:{min(alice, bob)}"                   # not in byte order
+    q.send({"t": "msg", "conv": conv})                                   # incomplete
+    q.send({"conv": conv, "garbage": "1"})
+    q.send(dict(msg_fields(conv, alice, bob, 1), conv=bad_conv), )
+    q.send(dict(msg_fields(conv, alice, bob, 1), to=uid("mallory")))     # not the other participant
+    q.send(dict(msg_fields(conv, alice, bob, 1), ev="not json"))
+    if q.kind == "kafka":
+        q.send({"conv": conv}, raw=b"\xff not json at all")
+    q.send(msg_fields(conv, alice, bob, 1))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 1, timeout=30)
+    assert got[0][0] == [f"{bob}:1"]
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    eventually(lambda: q.backlog("persist") == 0, what="persist acknowledged everything")
+    assert r.get(ukey(bob, "cur")) == "1"
+
+
+def test_inbox_is_bounded_and_expires(stack, r, q, chan):
+    """inbox_max keeps the newest events (here 50, set by environment for a
+    fan-out worker of our own in place of the stack's)."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    stop_worker(stack, "fanout")
+    log = open(os.path.join(stack.dir, "logs", "test-fanout-inbox-max.log"), "a")
+    own = subprocess.Popen([stack.worker, "--config", stack.env["CHAT_WORKER_CONF"], "--role", "fanout"],
+                           env=dict(stack.proc_env, CHAT_INBOX_MAX="50", CHAT_RETENTION_DAYS="2"),
+                           stdout=log, stderr=log)
+    try:
+        fs = [msg_fields(conv, alice, bob, seq) for seq in range(1, 121)]
+        q.send_many(fs)
+        eventually(lambda: r.get(ukey(bob, "cur")) == "120", timeout=60, what="120 appends")
+        ib = inbox(r, bob)
+        assert [c for c, _ in ib] == list(range(71, 121))
+        assert [e["id"] for _, e in ib] == [json.loads(f["ev"])["id"] for f in fs[70:]]
+        assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "inbox")) <= 2 * 86400000
+        assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "last")) <= 2 * 86400000
+    finally:
+        own.terminate()
+        own.wait(timeout=20)
+        stack_cmd(stack, "up")
+
+
+@redis_only
+def test_streams_are_trimmed_but_keep_what_a_group_needs(stack, r, q):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    key = stream(conv)
+    stack_cmd(stack, "kill", "worker-persist")
+    try:
+        ids = q.send_many([msg_fields(conv, alice, bob, seq) for seq in range(1, 401)])
+        first = ids[0]
+        eventually(lambda: r.get(ukey(bob, "cur")) == "400", what="fan-out of 400 messages")
+        time.sleep(6)           # a trim round has passed: nothing persist needs is gone
+        assert r.xrange(key, first, first), "an entry the persist group has not read was trimmed"
+    finally:
+        stack_cmd(stack, "up")
+    eventually(lambda: q.backlog("persist") == 0, timeout=60, what="persist caught up")
+    eventually(lambda: not r.xrange(key, first, first), timeout=20, interval=0.5,
+               what="the stream trimmed after both groups are done")
+
+
+@redis_only
+def test_pending_entries_of_a_dead_consumer_are_taken_over_at_start(stack, r, q, chan):
+    """Entries another consumer read and never acknowledged (here a fake
+    one) are taken over when the fan-out worker starts."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    key = stream(conv)
+    chan.register(bob, "phone")
+    stack_cmd(stack, "kill", "worker-fanout")
+    try:
+        q.send(msg_fields(conv, alice, bob, 1))
+        got = r.xreadgroup("fanout", "fanout-dead", {key: ">"}, count=100)
+        assert got and any(f.get("conv") == conv for _, f in got[0][1])
+    finally:
+        stack_cmd(stack, "up")
+    chan.collect(lambda g: len(g) >= 1, timeout=20)
+    eventually(lambda: r.xpending(key, "fanout")["pending"] == 0, what="claimed entries acknowledged")
+    assert r.get(ukey(bob, "cur")) == "1"
+
+
+@redis_only
+def test_idle_pending_entries_are_claimed_while_running(stack, r, chan):
+    """A live fan-out worker claims entries another consumer has held longer
+    than claim_idle_ms (5 s by default)."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    key = stream(conv)
+    chan.register(bob, "phone")
+    # XADD and XREADGROUP in one transaction: the fake consumer surely gets
+    # the entry before the blocked fan-out worker is served.
+    p = r.pipeline(transaction=True)
+    p.xadd(key, msg_fields(conv, alice, bob, 1))
+    p.xreadgroup("fanout", "fanout-gone", {key: ">"})
+    t0 = time.time()
+    _, got = p.execute()
+    assert got and got[0][1]
+    chan.collect(lambda g: len(g) >= 1, timeout=30)
+    assert time.time() - t0 >= 4.5
+    eventually(lambda: r.xpending(key, "fanout")["pending"] == 0, what="claimed entries acknowledged")
+    assert r.get(ukey(bob, "cur")) == "1"
+
+
+def test_fanout_killed_mid_stream_delivers_everything_exactly_once(stack, r, q, chan):
+    users = [uid("k") for _ in range(6)]
+    convs = [(users[i], users[j]) for i in range(6) for j in range(i + 1, 6)]   # 15 conversations
+    n_per_conv = 200
+    for u in users:
+        chan.register(u, "phone")
+    expected = {u: [] for u in users}
+    seqs = {c: 0 for c in convs}
+    entries = []
+    for k in range(n_per_conv):
+        for a, b in convs:
+            seqs[(a, b)] += 1
+            frm, to = (a, b) if k % 2 else (b, a)
+            f = msg_fields(dconv(a, b), frm, to, seqs[(a, b)], dev="laptop")
+            entries.append(f)
+            mid = json.loads(f["ev"])["id"]
+            expected[a].append(mid)
+            expected[b].append(mid)
+
+    def producer():
+        for i in range(0, len(entries), 100):
+            q.send_many(entries[i:i + 100])
+            time.sleep(0.03)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    try:
+        eventually(lambda: int(r.get(ukey(users[0], "cur")) or 0) > 50, timeout=30, what="fan-out under way")
+        stack_cmd(stack, "kill", "worker-fanout")
+        killed_at = sum(int(r.get(ukey(u, "cur")) or 0) for u in users)
+    finally:
+        t.join()
+    assert killed_at < 2 * len(entries), "the kill came too late to prove anything"
+    stack_cmd(stack, "up")
+    eventually(lambda: q.backlog("fanout") == 0, timeout=90, what="fan-out caught up")
+    for u in users:
+        ib = inbox(r, u)
+        # exactly once: one cursor per message, no cursor spent twice
+        assert r.get(ukey(u, "cur")) == str(len(expected[u]))
+        assert [c for c, _ in ib] == list(range(1, len(expected[u]) + 1))
+        assert sorted(e["id"] for _, e in ib) == sorted(expected[u])
+        # per conversation in seq order
+        per = {}
+        for _, e in ib:
+            per.setdefault(e["conv"], []).append(e["seq"])
+        assert all(v == list(range(1, n_per_conv + 1)) for v in per.values())
+    # what was published: every (user, cursor) always names the same message
+    chan.drain(1.0)
+    seen = {}
+    for rcpts, ev in chan.got:
+        for tok in rcpts:
+            u, c = tok.split("!")[0].rsplit(":", 1)
+            assert seen.setdefault((u, int(c)), ev["id"]) == ev["id"]
+    for u in users:
+        assert {c for (uu, c) in seen if uu == u} == set(range(1, len(expected[u]) + 1))
+
+
+def test_workers_survive_a_redis_restart(stack, r, q, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    q.send(msg_fields(conv, alice, bob, 1))
+    q.flush()
+    eventually(lambda: r.get(ukey(bob, "cur")) == "1", timeout=30, what="first message")
+    eventually(lambda: q.backlog("fanout") == 0 and q.backlog("persist") == 0, what="all acknowledged")
+    time.sleep(1.2)                               # AOF fsync (everysec)
+    pids = {n: open(os.path.join(stack.dir, "pids", f"worker-{n}")).read().strip() for n in ("fanout", "persist")}
+    stack_cmd(stack, "kill", "redis")
+    time.sleep(2)
+    stack_cmd(stack, "up")
+    for n, pid in pids.items():
+        assert os.path.exists(f"/proc/{pid}"), f"worker-{n} exited while Redis was away"
+    r2 = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    eventually(lambda: ping(r2), what="redis back")
+    eventually(lambda: ping(r), what="the shared client reconnected")
+    ch2 = Channel(r2)
+    try:
+        ch2.register(bob, "phone")
+        q.send(msg_fields(conv, alice, bob, 2))
+        q.flush()
+        got = ch2.collect(lambda g: len(g) >= 1, timeout=30)
+        assert got[0][0] == [f"{bob}:2"]
+    finally:
+        ch2.close()
+        r2.close()
+
+
+# ---- persistence -----------------------------------------------------------------
+
+def test_persist_writes_messages_and_conversations(stack, r, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    fs = [msg_fields(conv, alice, bob, 1, ts=1000), msg_fields(conv, bob, alice, 2, ts=2000),
+          msg_fields(conv, alice, bob, 3, ts=3000, kind="media", body="",
+                     media={"url": "https://example.com/a.jpg", "mime": "image/jpeg", "size": 1234})]
+    q.send_many(fs)
+    ids = [json.loads(f["ev"])["id"] for f in fs]
+    eventually(lambda: db.messages.count_documents({"conv": conv}) == 3, timeout=30, what="messages in MongoDB")
+    m = db.messages.find_one({"_id": ids[0]})
+    assert m == {"_id": ids[0], "conv": conv, "seq": 1, "from": alice, "to": bob, "body": "message 1",
+                 "kind": "text", "ts": 1000}
+    m = db.messages.find_one({"_id": ids[2]})
+    assert m["media"] == {"url": "https://example.com/a.jpg", "mime": "image/jpeg", "size": 1234}
+    assert m["kind"] == "media"
+
+    def convs_done():
+        docs = {d["_id"]: d for d in db.conversations.find({"conv": conv})}
+        return docs if len(docs) == 2 and all(d.get("last", {}).get("seq") == 3 for d in docs.values()) else None
+    docs = eventually(convs_done, what="conversation documents")
+    a = docs[f"{alice}|{conv}"]
+    assert a["user"] == alice and a["conv"] == conv and a["last_seq"] == 3
+    assert a["read_seq"] == 0 and a["delivered_seq"] == 0 and a["ts"] == 3000
+    assert a["last"]["id"] == ids[2] and a["last"]["media"]["size"] == 1234 and "cursor" not in a["last"]
+
+    # pointers only move forward
+    q.send_many([receipt_fields(conv, bob, "delivered", 3), receipt_fields(conv, bob, "read", 2)])
+    eventually(lambda: (db.conversations.find_one({"_id": f"{bob}|{conv}"}) or {}).get("read_seq") == 2,
+               what="read pointer")
+    q.send_many([receipt_fields(conv, bob, "read", 1),
+                 msg_fields(conv, alice, bob, 2, ts=9999)])    # another id with an existing seq
+    eventually(lambda: q.backlog("persist") == 0, what="persist acknowledged everything")
+    b = db.conversations.find_one({"_id": f"{bob}|{conv}"})
+    assert b["read_seq"] == 2 and b["delivered_seq"] == 3 and b["last_seq"] == 3 and b["last"]["id"] == ids[2]
+    assert db.messages.count_documents({"conv": conv}) == 3
+
+
+def test_persist_is_idempotent_for_a_reconsumed_batch(stack, r, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    fs = [msg_fields(conv, alice, bob, s) for s in (1, 2)]
+    q.send_many(fs + fs)
+    eventually(lambda: q.backlog("persist") == 0, timeout=30, what="persist acknowledged everything")
+    eventually(lambda: db.messages.count_documents({"conv": conv}) == 2, what="messages")
+    assert db.conversations.find_one({"_id": f"{alice}|{conv}"})["last_seq"] == 2
+
+
+def test_persist_survives_ferretdb_restart(stack, r, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    stack_cmd(stack, "kill", "ferretdb")
+    try:
+        fs = [msg_fields(conv, alice, bob, seq) for seq in range(1, 21)]
+        ids = [json.loads(f["ev"])["id"] for f in fs]
+        q.send_many(fs)
+        # fan-out does not need MongoDB; persist keeps the entries unacknowledged
+        eventually(lambda: r.get(ukey(bob, "cur")) == "20", timeout=30, what="fan-out without MongoDB")
+        time.sleep(3)
+        assert q.backlog("persist") >= 20
+        pid = open(os.path.join(stack.dir, "pids", "worker-persist")).read().strip()
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        stack_cmd(stack, "up")
+    eventually(lambda: q.backlog("persist") == 0, timeout=60, what="persist caught up")
+    c = pymongo.MongoClient(stack.env["MONGO_URI"], serverSelectionTimeoutMS=10000).get_default_database()
+    assert sorted(d["_id"] for d in c.messages.find({"conv": conv})) == sorted(ids)
+    assert c.conversations.find_one({"_id": f"{bob}|{conv}"})["last_seq"] == 20
+    c.client.close()
+
+
+# ---- REST --------------------------------------------------------------------------
+
+def _seed(q, db, conv, frm, to, n, ts0=None):
+    ts0 = ts0 or int(time.time() * 1000)
+    fs = []
+    for seq in range(1, n + 1):
+        a, b = (frm, to) if seq % 3 else (to, frm)
+        fs.append(msg_fields(conv, a, b, seq, ts=ts0 + seq))
+    q.send_many(fs)
+    eventually(lambda: db.messages.count_documents({"conv": conv}) == n, timeout=30, what="seeded messages")
+    eventually(lambda: (db.conversations.find_one({"_id": f"{to}|{conv}"}) or {}).get("last", {}).get("seq") == n,
+               what="seeded conversations")
+    return [json.loads(f["ev"])["id"] for f in fs]
+
+
+def test_history_pages_newest_first(stack, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    ids = _seed(q, db, conv, alice, bob, 7)
+    st, _, body = get(stack, bob, f"/history?conv={conv}&limit=3")
+    assert st == 200, body
+    assert [m["seq"] for m in body["messages"]] == [7, 6, 5] and body["next_before"] == 5
+    m = body["messages"][0]
+    assert m == {"id": ids[6], "conv": conv, "seq": 7, "from": alice, "to": bob, "body": "message 7",
+                 "kind": "text", "ts": m["ts"]}
+    assert isinstance(m["id"], str)
+    st, _, body = get(stack, alice, f"/history?conv={conv.replace(':', '%3A')}&limit=3&before=5")
+    assert [m["seq"] for m in body["messages"]] == [4, 3, 2] and body["next_before"] == 2
+    st, _, body = get(stack, alice, f"/history?conv={conv}&before=2&limit=3")
+    assert [m["seq"] for m in body["messages"]] == [1] and body["next_before"] is None
+    st, _, body = get(stack, alice, f"/history?conv={conv}&limit=7")
+    assert len(body["messages"]) == 7 and body["next_before"] is None
+    st, _, body = get(stack, alice, f"/history?conv={conv}")
+    assert [m["seq"] for m in body["messages"]] == [7, 6, 5, 4, 3, 2, 1] and body["next_before"] is None
+    st, _, body = get(stack, alice, f"/history?conv={dconv(alice, uid('nobody'))}")
+    assert st == 200 and body == {"messages": [], "next_before": None}
+
+
+def test_history_default_and_maximum_limits(stack, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    _seed(q, db, conv, alice, bob, 120)
+    st, _, body = get(stack, alice, f"/history?conv={conv}")
+    assert st == 200 and len(body["messages"]) == 50 and body["next_before"] == 71
+    st, _, body = get(stack, alice, f"/history?conv={conv}&limit=100")
+    assert len(body["messages"]) == 100 and body["next_before"] == 21
+    st, _, body = get(stack, alice, f"/history?conv={conv}&limit=101")
+    assert st == 400 and body["type"] == "error" and body["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("query,status,code", [
+    ("", 400, "bad_request"),
+    ("conv=", 400, "bad_request"),
+    ("conv=x:a:b", 400, "bad_request"),
+    ("conv=d:zz:aa", 400, "bad_request"),            # not in byte order
+    ("conv=d:a%20b:c", 400, "bad_request"),
+    ("conv={me}&limit=0", 400, "bad_request"),
+    ("conv={me}&limit=abc", 400, "bad_request"),
+    ("conv={me}&before=-1", 400, "bad_request"),
+    ("conv={me}&before=", 400, "bad_request"),
+    ("conv={other}", 403, "forbidden"),
+    ("conv=g:team", 403, "forbidden"),
+])
+def test_history_rejects(stack, query, status, code):
+    me = uid("dave")
+    query = query.format(me=dconv(me, "zzz"), other=dconv("aaa", "bbb"))
+    st, _, body = get(stack, me, "/history?" + query)
+    assert st == status, body
+    assert body["type"] == "error" and body["code"] == code and body["message"]
+
+
+def test_rest_requires_a_user(stack):
+    st, _, body = get(stack, None, "/history?conv=d:a:b")
+    assert st == 401
+    st, _, body = stack.request("GET", rest_url(stack) + "/chat/conversations")
+    assert st == 401 and body["code"] == "unauthorized"
+    st, _, body = stack.request("GET", rest_url(stack) + "/chat/history?conv=d:a:b", headers={"X-Chat-User": "a"})
+    assert st == 200 and body == {"messages": [], "next_before": None}
+    st, _, body = stack.request("GET", rest_url(stack) + "/chat/nope", headers={"X-Chat-User": "a"})
+    assert st == 404 and body["code"] == "not_found"
+
+
+def test_conversations_most_recent_first_with_unread(stack, q, db):
+    alice, bob, carol = uid("alice"), uid("bob"), uid("carol")
+    c1, c2 = dconv(alice, bob), dconv(alice, carol)
+    now = int(time.time() * 1000)
+    q.send_many([msg_fields(c1, bob, alice, seq, ts=now + seq) for seq in (1, 2, 3)]
+                + [msg_fields(c1, alice, bob, 4, ts=now + 4), msg_fields(c2, carol, alice, 1, ts=now + 10)])
+    eventually(lambda: (db.conversations.find_one({"_id": f"{alice}|{c2}"}) or {}).get("last"), timeout=30,
+               what="c2")
+    eventually(lambda: (db.conversations.find_one({"_id": f"{alice}|{c1}"}) or {}).get("last", {}).get("seq") == 4,
+               what="c1")
+    st, _, body = get(stack, alice, "/conversations")
+    assert st == 200, body
+    cs = body["conversations"]
+    assert [c["conv"] for c in cs] == [c2, c1]
+    assert cs[0]["unread"] == 1 and cs[0]["last_seq"] == 1 and cs[0]["read_seq"] == 0
+    assert cs[0]["last"]["from"] == carol and cs[0]["last"]["seq"] == 1 and "cursor" not in cs[0]["last"]
+    assert cs[1]["unread"] == 3 and cs[1]["last"]["seq"] == 4
+    q.send(receipt_fields(c1, alice, "read", 2))
+    q.flush()
+    eventually(lambda: db.conversations.find_one({"_id": f"{alice}|{c1}"})["read_seq"] == 2, what="read")
+    cs = get(stack, alice, "/conversations")[2]["conversations"]
+    assert cs[1]["read_seq"] == 2 and cs[1]["unread"] == 1
+    cs = get(stack, bob, "/conversations")[2]["conversations"]
+    assert [(c["conv"], c["unread"]) for c in cs] == [(c1, 1)]
+    assert get(stack, uid("nobody"), "/conversations")[2] == {"conversations": []}
+
+
+# ---- Kafka specifics ----------------------------------------------------------------
+
+@kafka_only
+def test_kafka_records_may_carry_numbers_and_objects(stack, r, q, db, chan):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    f = msg_fields(conv, alice, bob, 1)
+    mid = json.loads(f["ev"])["id"]
+    f["seq"] = 1
+    f["ev"] = json.loads(f["ev"])
+    q.send(f)
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 1, timeout=30)
+    assert got[0][0] == [f"{bob}:1"] and got[0][1]["id"] == mid
+    eventually(lambda: db.messages.find_one({"_id": mid}), timeout=30, what="persisted")
+
+
+def test_messages_out_of_seq_order_are_not_lost(stack, r, q, chan):
+    """Kafka: seqs are assigned in Redis and produced by several nginx worker
+    processes, so seq n+1 can reach the partition before seq n. Both must
+    reach the inbox, once each; a re-consumed entry still adds nothing."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(bob, "phone")
+    f = {s: msg_fields(conv, alice, bob, s) for s in range(1, 7)}
+    q.send_many([f[2]])
+    got = chan.collect(lambda g: len(g) >= 1, timeout=30)
+    assert got[0][0] == [f"{bob}:1"] and got[0][1]["seq"] == 2
+    q.send_many([f[1], f[3], f[6], f[4]])         # a later batch: 1 is older than the newest
+    got = chan.collect(lambda g: len(g) >= 5)
+    assert sorted(g[1]["seq"] for g in got) == [1, 2, 3, 4, 6]
+    assert sorted(g[0][0] for g in got) == sorted(f"{bob}:{c}" for c in (1, 2, 3, 4, 5))
+    assert r.hget(ukey(bob, "last"), f"h:{conv}") == "5"          # 5 not seen yet
+    q.send_many([f[1], f[5], f[2], f[4], f[6], f[3]])      # 5 is new, the others are duplicates
+    eventually(lambda: q.backlog("fanout") == 0, timeout=30, what="fanout acknowledged everything")
+    assert sorted(e["seq"] for _, e in inbox(r, bob)) == [1, 2, 3, 4, 5, 6]
+    assert r.get(ukey(bob, "cur")) == "6" and r.get(ukey(alice, "cur")) == "6"
+    assert r.hget(ukey(bob, "last"), f"h:{conv}") is None
+    assert r.hget(ukey(bob, "last"), f"m:{conv}").startswith("6:")

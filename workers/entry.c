@@ -1,0 +1,269 @@
+/*
+ * Queue entries (docs/PIPELINE.md, "Queue entries"): the fields of one
+ * stream entry or of one Kafka record's JSON value, validated, and the
+ * recipients the fan-out computes from them.
+ */
+#include "chat_worker.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* 1 to max characters of [A-Za-z0-9._-] */
+int
+cw_valid_id(const char *s, size_t len, size_t max)
+{
+    if (len == 0 || len > max) return 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char) s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9')
+              || ch == '.' || ch == '_' || ch == '-'))
+        {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
+ * "d:<a>:<b>" with a <= b in byte order, or "g:<group>". a and b receive
+ * the participants (a also receives the group id). Returns 0 when valid.
+ */
+int
+cw_parse_conv(const char *conv, char *a, char *b, int *is_group)
+{
+    size_t      len = strlen(conv);
+    const char *colon;
+
+    if (len > CW_CONV_MAX || len < 3 || conv[1] != ':') return -1;
+    if (conv[0] == 'g') {
+        if (!cw_valid_id(conv + 2, len - 2, CW_ID_MAX)) return -1;
+        memcpy(a, conv + 2, len - 2);
+        a[len - 2] = '\0';
+        b[0] = '\0';
+        *is_group = 1;
+        return 0;
+    }
+    if (conv[0] != 'd') return -1;
+    colon = strchr(conv + 2, ':');
+    if (colon == NULL) return -1;
+    if (!cw_valid_id(conv + 2, (size_t) (colon - conv - 2), CW_ID_MAX)
+        || !cw_valid_id(colon + 1, strlen(colon + 1), CW_ID_MAX))
+    {
+        return -1;
+    }
+    memcpy(a, conv + 2, (size_t) (colon - conv - 2));
+    a[colon - conv - 2] = '\0';
+    strcpy(b, colon + 1);
+    if (strcmp(a, b) > 0) return -1;
+    *is_group = 0;
+    return 0;
+}
+
+void
+cw_entry_reset(cw_entry_t *e)
+{
+    free(e->ev);
+    memset(e, 0, sizeof(*e));
+}
+
+static int
+copy_field(char *dst, size_t cap, const char *v, size_t len)
+{
+    if (len >= cap) return -1;
+    memcpy(dst, v, len);
+    dst[len] = '\0';
+    return 0;
+}
+
+/* Takes one field of the entry; unknown fields are ignored (forward
+ * compatibility). Returns -1 when a value does not fit. */
+int
+cw_entry_field(cw_entry_t *e, const char *name, size_t nlen, const char *val, size_t vlen)
+{
+#define IS(s) (nlen == sizeof(s) - 1 && memcmp(name, s, nlen) == 0)
+    if (IS("t")) {
+        if (vlen == 3 && memcmp(val, "msg", 3) == 0) e->type = CW_T_MSG;
+        else if (vlen == 7 && memcmp(val, "receipt", 7) == 0) e->type = CW_T_RECEIPT;
+        else e->type = -1;
+        return 0;
+    }
+    if (IS("conv")) return copy_field(e->conv, sizeof(e->conv), val, vlen);
+    if (IS("from")) return copy_field(e->from, sizeof(e->from), val, vlen);
+    if (IS("dev")) return copy_field(e->dev, sizeof(e->dev), val, vlen);
+    if (IS("to")) return copy_field(e->to, sizeof(e->to), val, vlen);
+    if (IS("group")) return copy_field(e->group, sizeof(e->group), val, vlen);
+    if (IS("st")) return copy_field(e->st, sizeof(e->st), val, vlen);
+    if (IS("seq")) {
+        int64_t n = 0;
+        if (vlen == 0 || vlen > 18) return -1;
+        for (size_t i = 0; i < vlen; i++) {
+            if (val[i] < '0' || val[i] > '9') return -1;
+            n = n * 10 + (val[i] - '0');
+        }
+        e->seq = n;
+        return 0;
+    }
+    if (IS("ev")) {
+        free(e->ev);
+        e->ev = malloc(vlen + 1);
+        if (e->ev == NULL) return -1;
+        memcpy(e->ev, val, vlen);
+        e->ev[vlen] = '\0';
+        e->ev_len = vlen;
+        return 0;
+    }
+#undef IS
+    return 0;
+}
+
+static const char *
+other(const cw_entry_t *e, const char *u)
+{
+    return strcmp(u, e->a) == 0 ? e->b : e->a;
+}
+
+/* Checks that the entry is complete and consistent; sets valid and why. */
+void
+cw_entry_finish(cw_entry_t *e)
+{
+    e->valid = 0;
+    if (e->type != CW_T_MSG && e->type != CW_T_RECEIPT) { e->why = "unknown type t"; return; }
+    if (cw_parse_conv(e->conv, e->a, e->b, &e->is_group) != 0) { e->why = "bad conv"; return; }
+    if (!cw_valid_id(e->from, strlen(e->from), CW_ID_MAX)) { e->why = "bad from"; return; }
+    if (e->dev[0] && !cw_valid_id(e->dev, strlen(e->dev), CW_DEV_MAX)) { e->why = "bad dev"; return; }
+    if (e->seq < 1) { e->why = "bad seq"; return; }
+    if (e->ev == NULL || e->ev_len < 2 || e->ev[0] != '{') { e->why = "bad ev"; return; }
+    if (e->is_group) {
+        if (e->type != CW_T_MSG || strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
+    } else {
+        if (strcmp(e->from, e->a) != 0 && strcmp(e->from, e->b) != 0) {
+            e->why = "from is not a participant";
+            return;
+        }
+        if (e->type == CW_T_MSG && strcmp(e->to, other(e, e->from)) != 0) {
+            e->why = "to is not the other participant";
+            return;
+        }
+    }
+    if (e->type == CW_T_RECEIPT && strcmp(e->st, "delivered") != 0 && strcmp(e->st, "read") != 0) {
+        e->why = "bad receipt status st";
+        return;
+    }
+    e->why = NULL;
+    e->valid = 1;
+}
+
+/* A Kafka record's value: a JSON object with the entry's fields. Strings,
+ * or numbers for seq, or an object for ev. */
+int
+cw_entry_from_json(cw_entry_t *e, const char *json, size_t len)
+{
+    json_error_t  jerr;
+    json_t       *root, *v;
+    const char   *k;
+    int           rc = 0;
+
+    root = json_loadb(json, len, 0, &jerr);
+    if (root == NULL || !json_is_object(root)) {
+        json_decref(root);
+        e->why = "value is not a JSON object";
+        return -1;
+    }
+    json_object_foreach(root, k, v) {
+        char   num[32];
+        char  *dump = NULL;
+        const char *s = NULL;
+        size_t slen = 0;
+
+        if (json_is_string(v)) {
+            s = json_string_value(v);
+            slen = json_string_length(v);
+        } else if (json_is_integer(v)) {
+            slen = (size_t) snprintf(num, sizeof(num), "%lld", (long long) json_integer_value(v));
+            s = num;
+        } else if (json_is_object(v) && strcmp(k, "ev") == 0) {
+            dump = json_dumps(v, JSON_COMPACT);
+            s = dump;
+            slen = dump ? strlen(dump) : 0;
+        } else {
+            continue;
+        }
+        if (s && cw_entry_field(e, k, strlen(k), s, slen) != 0) rc = -1;
+        free(dump);
+    }
+    json_decref(root);
+    if (rc != 0) e->why = "a field is too long or malformed";
+    return rc;
+}
+
+/*
+ * Recipients of a valid entry (docs/PIPELINE.md, "Recipients"): at most
+ * two users, each with the inbox idempotency field and, for the acting
+ * user's own copy, the device to skip. Group entries have none yet.
+ */
+int
+cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2])
+{
+    int         n = 0, self = strcmp(e->a, e->b) == 0;
+    const char *peer;
+    char        field[CW_FIELD_MAX];
+
+    if (!e->valid || e->is_group) return 0;
+    peer = other(e, e->from);
+    if (e->type == CW_T_MSG) {
+        snprintf(field, sizeof(field), "m:%s", e->conv);
+    } else {
+        snprintf(field, sizeof(field), "r:%s:%s:%s", e->st, e->conv, e->from);
+    }
+    if (e->type == CW_T_MSG || strcmp(e->st, "read") == 0) {
+        if (!self) {
+            out[n].user = peer;
+            out[n].skip_dev = NULL;
+            memcpy(out[n].field, field, sizeof(field));
+            n++;
+        }
+        out[n].user = e->from;
+        out[n].skip_dev = e->dev[0] ? e->dev : NULL;
+        memcpy(out[n].field, field, sizeof(field));
+        n++;
+    } else if (!self) {                     /* delivered */
+        out[n].user = peer;
+        out[n].skip_dev = NULL;
+        memcpy(out[n].field, field, sizeof(field));
+        n++;
+    }
+    return n;
+}
+
+cw_entry_t *
+cw_batch_add(cw_batch_t *b)
+{
+    if (b->n == b->cap) {
+        int         cap = b->cap ? b->cap * 2 : 256;
+        cw_entry_t *ne = realloc(b->e, sizeof(*ne) * (size_t) cap);
+        if (ne == NULL) return NULL;
+        memset(ne + b->cap, 0, sizeof(*ne) * (size_t) (cap - b->cap));
+        b->e = ne;
+        b->cap = cap;
+    }
+    cw_entry_reset(&b->e[b->n]);
+    return &b->e[b->n++];
+}
+
+void
+cw_batch_clear(cw_batch_t *b)
+{
+    for (int i = 0; i < b->n; i++) cw_entry_reset(&b->e[i]);
+    b->n = 0;
+}
+
+void
+cw_batch_free(cw_batch_t *b)
+{
+    cw_batch_clear(b);
+    free(b->e);
+    b->e = NULL;
+    b->cap = 0;
+}

@@ -1,0 +1,567 @@
+/*
+ * The fanout role (docs/PIPELINE.md, "Delivery to nginx"): for each queue
+ * entry, append the event to every recipient's inbox (one Lua script per
+ * user, idempotent), then publish once per nginx worker channel holding
+ * the recipients' connections, then acknowledge the entry.
+ *
+ * One batch costs three round trips to Redis whatever its size: all
+ * inbox appends pipelined, then all PUBLISHes and the XACKs pipelined,
+ * then the next XREADGROUP. A batch is acknowledged only after all of it
+ * was done; after any failure the connection is dropped and, once
+ * reconnected, our pending entries are processed again: the inbox script
+ * turns that into a re-publish with the same cursors, never a second copy.
+ */
+#include "chat_worker.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/*
+ * Inbox append (one call per recipient user, on its {u:U} keys).
+ *   KEYS: chat:{u:U}:inbox  chat:{u:U}:cur  chat:{u:U}:last  chat:{u:U}:conns
+ *   ARGV: field  seq  event  now(ms)  inbox_max  retention(ms)
+ * Returns {appended, cursor, live registry members...}.
+ *
+ * last[field] = "<seq>:<cursor>" of the newest appended. An equal seq is a
+ * re-consumed entry: nothing is added and the stored cursor is returned, so
+ * the event is published again (the module drops what it already sent).
+ * Messages may arrive out of seq order (Kafka: seqs are assigned in Redis,
+ * then produced by several nginx processes), so when a message skips seqs
+ * they are remembered in last["h:<conv>"] (comma-separated, at most 64): an
+ * older message is appended if it is one of them, else it is a duplicate,
+ * published again with its cursor while it is still in the inbox (a batch
+ * re-consumed after a crash), or not at all ({0, 0}) once acknowledged and
+ * trimmed away. Receipt pointers only move forward.
+ * (Grouping several recipients into one call was measured: it costs Redis
+ * more, not less; the time goes to the redis.call()s, not the call.)
+ */
+static const char inbox_lua[] =
+    "local seq = tonumber(ARGV[2])\n"
+    "local prev = redis.call('HGET', KEYS[3], ARGV[1])\n"
+    "local pseq, pcur = 0, 0\n"
+    "if prev then\n"
+    "  local i = string.find(prev, ':', 1, true)\n"
+    "  pseq = tonumber(string.sub(prev, 1, i - 1))\n"
+    "  pcur = tonumber(string.sub(prev, i + 1))\n"
+    "end\n"
+    "local res\n"
+    "local msg = string.sub(ARGV[1], 1, 2) == 'm:'\n"
+    "local hf = 'h' .. string.sub(ARGV[1], 2)\n"
+    "if pseq == seq then\n"
+    "  res = {0, pcur}\n"
+    "elseif pseq > seq then\n"
+    "  local found, rest = false, {}\n"
+    "  local h = msg and redis.call('HGET', KEYS[3], hf)\n"
+    "  if h then\n"
+    "    for x in string.gmatch(h, '%d+') do\n"
+    "      if tonumber(x) == seq then found = true else rest[#rest + 1] = x end\n"
+    "    end\n"
+    "  end\n"
+    "  if not found then\n"
+    "    local c = redis.call('ZSCORE', KEYS[1], ARGV[3])\n"
+    "    if not c then return {0, 0} end\n"
+    "    res = {0, tonumber(c)}\n"
+    "  elseif #rest > 0 then redis.call('HSET', KEYS[3], hf, table.concat(rest, ','))\n"
+    "  else redis.call('HDEL', KEYS[3], hf) end\n"
+    "end\n"
+    "if not res then\n"
+    "  local cur = redis.call('INCR', KEYS[2])\n"
+    "  redis.call('ZADD', KEYS[1], cur, ARGV[3])\n"
+    "  if seq > pseq then\n"
+    "    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. cur)\n"
+    "    if msg and seq > pseq + 1 then\n"
+    "      local hs = {}\n"
+    "      local h = redis.call('HGET', KEYS[3], hf)\n"
+    "      if h then for x in string.gmatch(h, '%d+') do hs[#hs + 1] = x end end\n"
+    "      for x = math.max(pseq + 1, seq - 64), seq - 1 do hs[#hs + 1] = string.format('%d', x) end\n"
+    "      local from = math.max(1, #hs - 63)\n"
+    "      redis.call('HSET', KEYS[3], hf, table.concat(hs, ',', from, #hs))\n"
+    "    end\n"
+    "  end\n"
+    "  local n = redis.call('ZCARD', KEYS[1])\n"
+    "  local max = tonumber(ARGV[5])\n"
+    "  if n > max then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1) end\n"
+    "  redis.call('PEXPIRE', KEYS[1], ARGV[6])\n"
+    "  redis.call('PEXPIRE', KEYS[3], ARGV[6])\n"
+    "  res = {1, cur}\n"
+    "end\n"
+    "local m = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf')\n"
+    "for j = 1, #m do res[#res + 1] = m[j] end\n"
+    "return res\n";
+
+typedef struct {
+    char   *p;
+    size_t  len, cap;
+} buf_t;
+
+static int
+buf_put(buf_t *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        char  *np;
+        while (cap < b->len + n + 1) cap *= 2;
+        np = realloc(b->p, cap);
+        if (np == NULL) return -1;
+        b->p = np;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+    return 0;
+}
+
+/* One nginx worker channel and the recipient tokens published to it. */
+typedef struct {
+    const char *name;
+    size_t      name_len;
+    buf_t       toks;
+    int         last_rcpt;     /* the recipient whose token was added last */
+} chan_t;
+
+typedef struct {
+    const cw_config_t *cf;
+    redisContext      *c;
+    char               sha[48];
+    cw_queue_t        *q;
+    cw_batch_t         batch;
+    int                have_batch;       /* Kafka: a fetched batch not yet done */
+    cw_rcpt_t         *rcpts;            /* 2 per entry */
+    int               *nrcpt;
+    redisReply       **replies;          /* per recipient, in processing order */
+    int               *ord, *msgs, *pos; /* processing order (order_batch) */
+    int                cap;              /* entries the arrays above hold */
+    chan_t            *chans;
+    int                nchans, chans_cap;
+    buf_t              own;              /* an inbox member marked with its device */
+    char               max_s[24], ret_s[24];
+    /* counters for the periodic log line */
+    uint64_t           n_entries, n_appends, n_publishes, n_invalid;
+    int64_t            next_stats;
+} fanout_t;
+
+static int
+load_script(fanout_t *f)
+{
+    redisReply *r = redisCommand(f->c, "SCRIPT LOAD %s", inbox_lua);
+    if (r == NULL) return -1;
+    if (r->type != REDIS_REPLY_STRING) {
+        cw_error("SCRIPT LOAD: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+        freeReplyObject(r);
+        return -1;
+    }
+    snprintf(f->sha, sizeof(f->sha), "%s", r->str);
+    freeReplyObject(r);
+    return 0;
+}
+
+static int
+ensure_cap(fanout_t *f, int n)
+{
+    if (n <= f->cap) return 0;
+    free(f->rcpts);
+    free(f->nrcpt);
+    free(f->replies);
+    free(f->ord);
+    free(f->msgs);
+    free(f->pos);
+    f->rcpts = malloc(sizeof(cw_rcpt_t) * 2 * (size_t) n);
+    f->nrcpt = malloc(sizeof(int) * (size_t) n);
+    f->replies = malloc(sizeof(redisReply *) * 2 * (size_t) n);
+    f->ord = malloc(sizeof(int) * (size_t) n);
+    f->msgs = malloc(sizeof(int) * (size_t) n);
+    f->pos = malloc(sizeof(int) * (size_t) n);
+    if (!f->rcpts || !f->nrcpt || !f->replies || !f->ord || !f->msgs || !f->pos) {
+        f->cap = 0;
+        return -1;
+    }
+    f->cap = n;
+    return 0;
+}
+
+static chan_t *
+chan_get(fanout_t *f, const char *name, size_t len)
+{
+    for (int i = 0; i < f->nchans; i++) {
+        if (f->chans[i].name_len == len && memcmp(f->chans[i].name, name, len) == 0) return &f->chans[i];
+    }
+    if (f->nchans == f->chans_cap) {
+        int     cap = f->chans_cap ? f->chans_cap * 2 : 16;
+        chan_t *nc = realloc(f->chans, sizeof(chan_t) * (size_t) cap);
+        if (nc == NULL) return NULL;
+        memset(nc + f->chans_cap, 0, sizeof(chan_t) * (size_t) (cap - f->chans_cap));
+        f->chans = nc;
+        f->chans_cap = cap;
+    }
+    f->chans[f->nchans].name = name;
+    f->chans[f->nchans].name_len = len;
+    f->chans[f->nchans].toks.len = 0;
+    f->chans[f->nchans].last_rcpt = -1;
+    return &f->chans[f->nchans++];
+}
+
+/*
+ * Appends the PUBLISHes of entry e: for each recipient with a cursor, each
+ * live registry member "<channel>|<device>|<session>" adds the token
+ * "user:cursor[!device]" to its channel, once per user and channel. A
+ * channel whose only connection is the skipped device gets the token too:
+ * the module tracks each session's cursors and would take a missing one for
+ * a gap (docs/PIPELINE.md). Returns the number of commands appended, or -1
+ * on memory exhaustion.
+ */
+static int
+append_publishes(fanout_t *f, const cw_entry_t *e, const cw_rcpt_t *rc, int nrc, redisReply **rep)
+{
+    int n = 0;
+
+    f->nchans = 0;
+    for (int k = 0; k < nrc; k++) {
+        redisReply *r = rep[k];
+        long long   cursor;
+        char        tok[CW_ID_MAX + CW_DEV_MAX + 40];
+        int         toklen;
+
+        if (r->element[1]->type != REDIS_REPLY_INTEGER || (cursor = r->element[1]->integer) <= 0) continue;
+        toklen = snprintf(tok, sizeof(tok), "%s:%lld%s%s", rc[k].user, cursor,
+                          rc[k].skip_dev ? "!" : "", rc[k].skip_dev ? rc[k].skip_dev : "");
+        for (size_t j = 2; j < r->elements; j++) {
+            const char *m = r->element[j]->str, *bar;
+            chan_t     *ch;
+            if (r->element[j]->type != REDIS_REPLY_STRING) continue;
+            bar = strchr(m, '|');
+            if (bar == NULL || bar == m) continue;
+            /* the acting device's channel gets the token too ("!device"
+             * tells the module to skip it): its session keeps its cursors
+             * contiguous and never takes the skip for a gap */
+            ch = chan_get(f, m, (size_t) (bar - m));
+            if (ch == NULL) return -1;
+            if (ch->last_rcpt == k) continue;     /* one token per user and channel */
+            ch->last_rcpt = k;
+            if ((ch->toks.len && buf_put(&ch->toks, " ", 1) != 0) || buf_put(&ch->toks, tok, (size_t) toklen) != 0)
+                return -1;
+        }
+    }
+    for (int i = 0; i < f->nchans; i++) {
+        chan_t     *ch = &f->chans[i];
+        const char *argv[3];
+        size_t      lens[3];
+        if (buf_put(&ch->toks, "\n", 1) != 0 || buf_put(&ch->toks, e->ev, e->ev_len) != 0) return -1;
+        argv[0] = "PUBLISH";
+        lens[0] = 7;
+        argv[1] = ch->name;
+        lens[1] = ch->name_len;
+        argv[2] = ch->toks.p;
+        lens[2] = ch->toks.len;
+        redisAppendCommandArgv(f->c, 3, argv, lens);
+        n++;
+    }
+    return n;
+}
+
+/*
+ * The order the entries of a batch are processed in: each conversation's
+ * messages by seq, in the positions its messages had in the batch; every
+ * other entry stays where it is. A Redis stream holds each conversation in
+ * seq order already; a Kafka partition may not (seqs are assigned in Redis
+ * and produced by several nginx processes), and cursors follow this order.
+ */
+static const cw_batch_t *sort_batch;
+
+static int
+by_conv_seq(const void *x, const void *y)
+{
+    const cw_entry_t *a = &sort_batch->e[*(const int *) x], *b = &sort_batch->e[*(const int *) y];
+    int               c = strcmp(a->conv, b->conv);
+    if (c) return c;
+    if (a->seq != b->seq) return a->seq < b->seq ? -1 : 1;
+    return *(const int *) x - *(const int *) y;
+}
+
+static int
+by_conv_pos(const void *x, const void *y)
+{
+    const cw_entry_t *a = &sort_batch->e[*(const int *) x], *b = &sort_batch->e[*(const int *) y];
+    int               c = strcmp(a->conv, b->conv);
+    return c ? c : *(const int *) x - *(const int *) y;
+}
+
+static void
+order_batch(fanout_t *f)
+{
+    cw_batch_t *b = &f->batch;
+    int         n = 0;
+
+    for (int i = 0; i < b->n; i++) {
+        f->ord[i] = i;
+        if (b->e[i].valid && b->e[i].type == CW_T_MSG) f->msgs[n++] = i;
+    }
+    if (n < 2) return;
+    memcpy(f->pos, f->msgs, sizeof(int) * (size_t) n);
+    sort_batch = b;
+    qsort(f->msgs, (size_t) n, sizeof(int), by_conv_seq);
+    qsort(f->pos, (size_t) n, sizeof(int), by_conv_pos);
+    for (int k = 0; k < n; k++) f->ord[f->pos[k]] = f->msgs[k];
+}
+
+/* Returns 0 when the whole batch was delivered and acknowledged, -1 when
+ * the connection must be dropped (nothing of the batch was acknowledged
+ * unless all of it was done). */
+static int
+process(fanout_t *f)
+{
+    cw_batch_t *b = &f->batch;
+    char        now_s[24];
+    int         nrep, ncalls, tries = 0, err, ncmd, rc = 0;
+    redisReply *r;
+    static buf_t own;     /* an inbox copy with its origin device */
+
+    if (ensure_cap(f, b->n) != 0) return -1;
+    order_batch(f);
+again:
+    snprintf(now_s, sizeof(now_s), "%lld", (long long) cw_now_ms());
+    nrep = 0;
+    for (int oi = 0; oi < b->n; oi++) {
+        int         i = f->ord[oi];
+        cw_entry_t *e = &b->e[i];
+        cw_rcpt_t  *rc = &f->rcpts[2 * i];
+        f->nrcpt[i] = e->valid ? cw_recipients(e, rc) : 0;
+        for (int k = 0; k < f->nrcpt[i]; k++) {
+            static const char *suffix[] = { "inbox", "cur", "last", "conns" };
+            char        keys[4][CW_ID_MAX + 24], seq_s[24];
+            const char *argv[13];
+            size_t      lens[13];
+            for (int j = 0; j < 4; j++)
+                snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc[k].user, suffix[j]);
+            snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
+            argv[0] = "EVALSHA"; argv[1] = f->sha; argv[2] = "4";
+            argv[3] = keys[0]; argv[4] = keys[1]; argv[5] = keys[2]; argv[6] = keys[3];
+            argv[7] = rc[k].field; argv[8] = seq_s; argv[9] = e->ev;
+            argv[10] = now_s; argv[11] = f->max_s; argv[12] = f->ret_s;
+            for (int j = 0; j < 13; j++) lens[j] = strlen(argv[j]);
+            lens[9] = e->ev_len;
+            if (rc[k].skip_dev) {
+                /* the acting user's own copy: {"!":"<device>", + the rest of
+                 * the event, so a replay skips the device it came from */
+                f->own.len = 0;
+                if (buf_put(&f->own, "{\"!\":\"", 6) != 0
+                    || buf_put(&f->own, rc[k].skip_dev, strlen(rc[k].skip_dev)) != 0
+                    || buf_put(&f->own, "\",", 2) != 0
+                    || buf_put(&f->own, e->ev + 1, e->ev_len - 1) != 0)
+                {
+                    return -1;      /* nothing was sent: the connection is dropped */
+                }
+                argv[9] = f->own.p;
+                lens[9] = f->own.len;
+            }
+            if (rc[k].skip_dev && e->ev_len > 1 && e->ev[0] == '{') {
+                /* the acting user's own copy names the device it came
+                 * from, so a replay to that device skips it */
+                own.len = 0;
+                if (buf_put(&own, "{\"!\":\"", 6) != 0
+                    || buf_put(&own, rc[k].skip_dev, strlen(rc[k].skip_dev)) != 0
+                    || buf_put(&own, "\",", 2) != 0
+                    || buf_put(&own, e->ev + 1, e->ev_len - 1) != 0)
+                {
+                    return -1;
+                }
+                argv[9] = own.p;
+                lens[9] = own.len;
+            }
+            redisAppendCommandArgv(f->c, 13, argv, lens);
+            nrep++;
+        }
+    }
+    ncalls = nrep;
+    err = 0;
+    for (int i = 0; i < ncalls; i++) {
+        if (redisGetReply(f->c, (void **) &f->replies[i]) != REDIS_OK) {
+            for (int j = 0; j < i; j++) freeReplyObject(f->replies[j]);
+            return -1;
+        }
+        r = f->replies[i];
+        if (r->type == REDIS_REPLY_ERROR) {
+            if (strncmp(r->str, "NOSCRIPT", 8) == 0) err |= 1;
+            else {
+                if (!(err & 2)) cw_error("inbox append: %s", r->str);
+                err |= 2;
+            }
+        } else if (r->type != REDIS_REPLY_ARRAY || r->elements < 2) {
+            if (!(err & 2)) cw_error("inbox append: unexpected reply");
+            err |= 2;
+        }
+    }
+    if (err) {
+        for (int i = 0; i < ncalls; i++) freeReplyObject(f->replies[i]);
+        /* Redis restarted and lost its script cache: load and redo the
+         * batch (appends that were done return the same cursors). */
+        if (err == 1 && tries++ == 0 && load_script(f) == 0) goto again;
+        return -1;
+    }
+
+    /* Every append is done: publish once per channel, then acknowledge. */
+    ncmd = 0;
+    nrep = 0;
+    for (int oi = 0; oi < b->n; oi++) {
+        int         i = f->ord[oi];
+        cw_entry_t *e = &b->e[i];
+        int         n;
+        if (!e->valid) {
+            cw_warn("fanout: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
+                    e->why ? e->why : "invalid");
+            f->n_invalid++;
+        } else if (e->is_group) {
+            cw_warn("fanout: group conversations are not fanned out yet; entry %s (%s) acknowledged",
+                    e->qid, e->conv);
+        }
+        n = append_publishes(f, e, &f->rcpts[2 * i], f->nrcpt[i], f->replies + nrep);
+        nrep += f->nrcpt[i];
+        if (n < 0) {
+            rc = -1;
+            break;
+        }
+        ncmd += n;
+        f->n_publishes += (uint64_t) n;
+    }
+    for (int i = 0; i < ncalls; i++) freeReplyObject(f->replies[i]);
+    if (rc != 0) {
+        /* Out of memory halfway: the connection is dropped with whatever
+         * was appended unsent; the batch comes back as pending. */
+        cw_error("fanout: out of memory while building publishes");
+        return -1;
+    }
+    f->n_appends += (uint64_t) nrep;
+    if (!cw_queue_is_kafka(f->q)) {
+        int na = cw_queue_ack(f->q, f->c, b);
+        if (na < 0) return -1;
+        ncmd += na;
+    }
+    for (int i = 0; i < ncmd; i++) {
+        if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            cw_error("publish/ack: %s", r->str);
+            rc = -1;
+        }
+        freeReplyObject(r);
+    }
+    if (rc != 0) return -1;
+    if (cw_queue_is_kafka(f->q)) cw_queue_ack(f->q, NULL, b);   /* a failed commit is re-read: idempotent */
+    f->n_entries += (uint64_t) b->n;
+    return 0;
+}
+
+static void
+drop(fanout_t *f, cw_backoff_t *bo, const char *why)
+{
+    if (f->c) {
+        cw_warn("fanout: redis %s: %s; reconnecting in %d ms", why,
+                f->c->err ? f->c->errstr : "command failed", cw_backoff_ms(bo));
+        redisFree(f->c);
+        f->c = NULL;
+    }
+    cw_backoff_wait(bo);
+}
+
+int
+cw_role_fanout(const cw_config_t *cf)
+{
+    fanout_t        f;
+    cw_heartbeat_t  hb;
+    cw_backoff_t    bo;
+    int            *shards, nshards = 0;
+    char            err[256];
+
+    memset(&f, 0, sizeof(f));
+    f.cf = cf;
+    snprintf(f.max_s, sizeof(f.max_s), "%d", cf->inbox_max);
+    snprintf(f.ret_s, sizeof(f.ret_s), "%lld", (long long) cf->retention_days * 86400000LL);
+    shards = malloc(sizeof(int) * (size_t) cf->shards);
+    if (shards == NULL) return 1;
+    for (int s = 0; s < cf->shards; s++) {
+        if (s % cf->fanout_workers == cf->fanout_index) shards[nshards++] = s;
+    }
+    f.q = cw_queue_new(cf, "fanout", shards, nshards, 1);
+    free(shards);
+    if (f.q == NULL) return 1;
+    cw_heartbeat_init(&hb, cf, "fanout");
+    cw_backoff_reset(&bo);
+    if (cw_queue_is_kafka(f.q)) {
+        cw_info("role fanout started (node %s, kafka topic chat.in, group chat-fanout, batch %d)",
+                cf->node_id, cf->batch);
+    } else {
+        cw_info("role fanout started (node %s, consumer fanout-%d, %d of %d shards, batch %d)",
+                cf->node_id, cf->fanout_index, nshards, cf->shards, cf->batch);
+    }
+    f.next_stats = cw_mono_ms() + 10000;
+
+    while (!cw_stop) {
+        int n;
+        if (f.c == NULL) {
+            f.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
+            if (f.c == NULL) {
+                cw_warn("fanout: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
+                cw_backoff_wait(&bo);
+                continue;
+            }
+            if (load_script(&f) != 0 || cw_queue_setup(f.q, f.c) != 0) {
+                drop(&f, &bo, "setup failed");
+                continue;
+            }
+            cw_info("fanout: connected to redis %s", cf->redis_url);
+            cw_backoff_reset(&bo);
+        }
+        if (cw_heartbeat_tick(&hb, f.c) != 0 || cw_queue_maintain(f.q, f.c) != 0) {
+            drop(&f, &bo, "connection lost");
+            continue;
+        }
+        if (!f.have_batch) {
+            n = cw_queue_fetch(f.q, f.c, &f.batch, 1000);
+            if (n < 0) {
+                drop(&f, &bo, "read failed");
+                continue;
+            }
+            if (n == 0) goto stats;
+            f.have_batch = 1;
+        }
+        if (process(&f) != 0) {
+            /* Redis queue: the batch stays pending in the group and is read
+             * again after the reconnect. Kafka: keep it and retry. */
+            if (!cw_queue_is_kafka(f.q)) {
+                f.have_batch = 0;
+                cw_batch_clear(&f.batch);
+            }
+            drop(&f, &bo, "batch failed");
+            continue;
+        }
+        f.have_batch = 0;
+        cw_backoff_reset(&bo);
+stats:
+        if (cw_mono_ms() >= f.next_stats) {
+            if (f.n_entries) {
+                cw_info("fanout: %" PRIu64 " entries, %" PRIu64 " inbox appends, %" PRIu64
+                        " publishes, %" PRIu64 " malformed in the last 10 s",
+                        f.n_entries, f.n_appends, f.n_publishes, f.n_invalid);
+            }
+            f.n_entries = f.n_appends = f.n_publishes = f.n_invalid = 0;
+            f.next_stats = cw_mono_ms() + 10000;
+        }
+    }
+    cw_heartbeat_clear(&hb, f.c);
+    if (f.c) redisFree(f.c);
+    cw_queue_free(f.q);
+    cw_batch_free(&f.batch);
+    for (int i = 0; i < f.chans_cap; i++) free(f.chans[i].toks.p);
+    free(f.own.p);
+    free(f.chans);
+    free(f.rcpts);
+    free(f.nrcpt);
+    free(f.replies);
+    free(f.ord);
+    free(f.msgs);
+    free(f.pos);
+    cw_info("role fanout stopped");
+    return 0;
+}

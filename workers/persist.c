@@ -1,0 +1,574 @@
+/*
+ * The persist role (docs/PIPELINE.md, "MongoDB"): queue batches into
+ * MongoDB with write concern majority, acknowledged only after the writes
+ * succeeded. Every write is idempotent, so a batch written again after a
+ * crash or a failed acknowledgement changes nothing:
+ *
+ *   messages        insert, _id = message id; duplicate key = already there
+ *   conversations   one upsert per (user, conversation) and batch:
+ *                   $setOnInsert the zero pointers, $max last_seq, read_seq,
+ *                   delivered_seq; then `last` and `ts` are set only where
+ *                   last_seq equals this batch's newest message
+ *
+ * While MongoDB is away the batch is retried with backoff (up to 5 s),
+ * never acknowledged, and the process does not exit.
+ */
+#include "chat_worker.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <mongoc/mongoc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* What one batch changes in one conversations document. */
+typedef struct {
+    char        id[CW_ID_MAX + 1 + CW_CONV_MAX + 1];   /* "<user>|<conv>" */
+    const char *user;
+    const char *conv;
+    int64_t     last_seq, read_seq, delivered_seq;     /* 0: untouched */
+    int         last_msg;                              /* index of the newest msg, or -1 */
+} convop_t;
+
+typedef struct {
+    const cw_config_t   *cf;
+    mongoc_client_t     *client;
+    char                 db[128];
+    mongoc_collection_t *messages, *conversations;
+    int                  indexes_ok;
+    redisContext        *c;
+    cw_queue_t          *q;
+    cw_batch_t           batch;
+
+    /* per batch */
+    bson_t             **msg_doc;      /* per entry: the messages document, or NULL */
+    bson_t             **msg_last;     /* per entry: the `last` subdocument */
+    int64_t             *msg_ts;
+    int                  ecap;
+    convop_t            *ops;
+    int                  nops, opcap;
+    int                 *slots;        /* hash of ops by id */
+    int                  nslots;
+
+    uint64_t             n_msgs, n_receipts, n_batches;
+    int64_t              next_stats;
+} persist_t;
+
+static uint32_t
+fnv(const char *s)
+{
+    uint32_t h = 2166136261u;
+    while (*s) { h ^= (unsigned char) *s++; h *= 16777619u; }
+    return h;
+}
+
+static convop_t *
+op_get(persist_t *p, const char *user, const char *conv)
+{
+    char     id[sizeof(((convop_t *) 0)->id)];
+    uint32_t h;
+
+    snprintf(id, sizeof(id), "%s|%s", user, conv);
+    h = fnv(id) & (uint32_t) (p->nslots - 1);
+    while (p->slots[h] >= 0) {
+        convop_t *op = &p->ops[p->slots[h]];
+        if (strcmp(op->id, id) == 0) return op;
+        h = (h + 1) & (uint32_t) (p->nslots - 1);
+    }
+    if (p->nops == p->opcap) return NULL;              /* sized for the batch: cannot happen */
+    p->slots[h] = p->nops;
+    convop_t *op = &p->ops[p->nops++];
+    memset(op, 0, sizeof(*op));
+    snprintf(op->id, sizeof(op->id), "%s", id);
+    op->user = user;
+    op->conv = conv;
+    op->last_msg = -1;
+    return op;
+}
+
+static void
+free_batch_docs(persist_t *p)
+{
+    for (int i = 0; i < p->ecap; i++) {
+        if (p->msg_doc[i]) bson_destroy(p->msg_doc[i]);
+        if (p->msg_last[i]) bson_destroy(p->msg_last[i]);
+        p->msg_doc[i] = p->msg_last[i] = NULL;
+    }
+}
+
+static int
+ensure_cap(persist_t *p, int n)
+{
+    int slots = 16;
+    if (n > p->ecap) {
+        free_batch_docs(p);
+        free(p->msg_doc); free(p->msg_last); free(p->msg_ts); free(p->ops);
+        p->msg_doc = calloc((size_t) n, sizeof(bson_t *));
+        p->msg_last = calloc((size_t) n, sizeof(bson_t *));
+        p->msg_ts = calloc((size_t) n, sizeof(int64_t));
+        p->ops = calloc(2 * (size_t) n, sizeof(convop_t));
+        if (!p->msg_doc || !p->msg_last || !p->msg_ts || !p->ops) { p->ecap = 0; return -1; }
+        p->ecap = n;
+        p->opcap = 2 * n;
+    }
+    while (slots < 4 * n) slots *= 2;
+    if (slots > p->nslots) {
+        free(p->slots);
+        p->slots = malloc(sizeof(int) * (size_t) slots);
+        if (p->slots == NULL) { p->nslots = 0; return -1; }
+        p->nslots = slots;
+    }
+    for (int i = 0; i < p->nslots; i++) p->slots[i] = -1;
+    p->nops = 0;
+    return 0;
+}
+
+/* Fields of a message as clients see it (no type, no cursor). */
+static int
+append_msg(bson_t *b, const char *idkey, const char *id, const cw_entry_t *e, json_t *ev, int64_t ts)
+{
+    json_t *v;
+
+    BSON_APPEND_UTF8(b, idkey, id);
+    BSON_APPEND_UTF8(b, "conv", e->conv);
+    BSON_APPEND_INT64(b, "seq", e->seq);
+    BSON_APPEND_UTF8(b, "from", e->from);
+    if (e->is_group) BSON_APPEND_UTF8(b, "group", e->group);
+    else BSON_APPEND_UTF8(b, "to", e->to);
+    v = json_object_get(ev, "body");
+    if (json_is_string(v)) bson_append_utf8(b, "body", 4, json_string_value(v), (int) json_string_length(v));
+    v = json_object_get(ev, "kind");
+    BSON_APPEND_UTF8(b, "kind", json_is_string(v) ? json_string_value(v) : "text");
+    v = json_object_get(ev, "media");
+    if (json_is_object(v)) {
+        char         *s = json_dumps(v, JSON_COMPACT);
+        bson_error_t  err;
+        bson_t       *m = s ? bson_new_from_json((const uint8_t *) s, -1, &err) : NULL;
+        free(s);
+        if (m == NULL) return -1;
+        BSON_APPEND_DOCUMENT(b, "media", m);
+        bson_destroy(m);
+    }
+    BSON_APPEND_INT64(b, "ts", ts);
+    return 0;
+}
+
+/* Turns the batch into documents and per-conversation changes. Entries
+ * that cannot be stored are logged and skipped (and acknowledged). */
+static int
+prepare(persist_t *p)
+{
+    cw_batch_t *b = &p->batch;
+
+    if (ensure_cap(p, b->n) != 0) return -1;
+    free_batch_docs(p);
+    for (int i = 0; i < b->n; i++) {
+        cw_entry_t *e = &b->e[i];
+        convop_t   *op;
+
+        if (!e->valid) {
+            cw_warn("persist: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
+                    e->why ? e->why : "invalid");
+            continue;
+        }
+        if (e->type == CW_T_MSG) {
+            json_error_t jerr;
+            json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *id, *ts;
+            if (ev == NULL || !json_is_object(ev) || !json_is_string(id = json_object_get(ev, "id"))
+                || json_string_length(id) == 0)
+            {
+                cw_warn("persist: dropping queue entry %s: ev has no message id", e->qid);
+                json_decref(ev);
+                continue;
+            }
+            ts = json_object_get(ev, "ts");
+            p->msg_ts[i] = json_is_integer(ts) ? (int64_t) json_integer_value(ts) : cw_now_ms();
+            p->msg_doc[i] = bson_new();
+            p->msg_last[i] = bson_new();
+            if (append_msg(p->msg_doc[i], "_id", json_string_value(id), e, ev, p->msg_ts[i]) != 0
+                || append_msg(p->msg_last[i], "id", json_string_value(id), e, ev, p->msg_ts[i]) != 0)
+            {
+                cw_warn("persist: dropping queue entry %s: bad media object", e->qid);
+                bson_destroy(p->msg_doc[i]);
+                bson_destroy(p->msg_last[i]);
+                p->msg_doc[i] = p->msg_last[i] = NULL;
+                json_decref(ev);
+                continue;
+            }
+            json_decref(ev);
+            p->n_msgs++;
+            if (e->is_group) continue;      /* group conversations: with the groups issue */
+            for (int k = 0; k < (strcmp(e->a, e->b) == 0 ? 1 : 2); k++) {
+                op = op_get(p, k == 0 ? e->a : e->b, e->conv);
+                if (op == NULL) return -1;
+                if (e->seq > op->last_seq) {
+                    op->last_seq = e->seq;
+                    op->last_msg = i;
+                }
+            }
+        } else {
+            op = op_get(p, e->from, e->conv);
+            if (op == NULL) return -1;
+            if (strcmp(e->st, "read") == 0) { if (e->seq > op->read_seq) op->read_seq = e->seq; }
+            else if (e->seq > op->delivered_seq) op->delivered_seq = e->seq;
+            p->n_receipts++;
+        }
+    }
+    return 0;
+}
+
+static void
+wc_opts(bson_t *opts, int ordered)
+{
+    mongoc_write_concern_t *wc = mongoc_write_concern_new();
+    mongoc_write_concern_set_wmajority(wc, 10000);
+    bson_init(opts);
+    BSON_APPEND_BOOL(opts, "ordered", ordered);
+    mongoc_write_concern_append(wc, opts);
+    mongoc_write_concern_destroy(wc);
+}
+
+/* Only duplicate-key write errors (the document is already there)? */
+static int
+only_duplicates(const bson_t *reply)
+{
+    bson_iter_t it, arr, doc;
+    int         n = 0;
+
+    if (bson_iter_init_find(&it, reply, "writeConcernErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+        && bson_iter_recurse(&it, &arr) && bson_iter_next(&arr))
+    {
+        return 0;
+    }
+    if (!bson_iter_init_find(&it, reply, "writeErrors") || !BSON_ITER_HOLDS_ARRAY(&it)
+        || !bson_iter_recurse(&it, &arr))
+    {
+        return 0;
+    }
+    while (bson_iter_next(&arr)) {
+        if (!BSON_ITER_HOLDS_DOCUMENT(&arr) || !bson_iter_recurse(&arr, &doc)) return 0;
+        if (!bson_iter_find(&doc, "code") || bson_iter_as_int64(&doc) != 11000) return 0;
+        n++;
+    }
+    return n > 0;
+}
+
+static int
+run_bulk(mongoc_bulk_operation_t *bulk, int dup_ok, const char *what)
+{
+    bson_t       reply;
+    bson_error_t error;
+    int          ok = (int) mongoc_bulk_operation_execute(bulk, &reply, &error);
+
+    if (!ok && dup_ok && error.domain == MONGOC_ERROR_SERVER && only_duplicates(&reply)) ok = 1;
+    if (!ok) cw_warn("persist: %s: %s (domain %u, code %u)", what, error.message, error.domain, error.code);
+    bson_destroy(&reply);
+    mongoc_bulk_operation_destroy(bulk);
+    return ok ? 0 : -1;
+}
+
+/*
+ * FerretDB v1 (SQLite backend) keeps one pooled SQLite connection open per
+ * statement of an `update` command until the command ends
+ * (handler/msg_update.go defers closing each statement's query inside the
+ * loop), and its pool has 100: an update command of about 100 statements
+ * deadlocks the whole server. Updates therefore go in commands of at most
+ * UPDATE_CHUNK statements, leaving room for concurrent readers.
+ */
+#define UPDATE_CHUNK 32
+
+typedef struct {
+    mongoc_collection_t     *coll;
+    mongoc_bulk_operation_t *bulk;
+    int                      n;
+    const char              *what;
+} chunker_t;
+
+static mongoc_bulk_operation_t *
+new_bulk(mongoc_collection_t *coll)
+{
+    bson_t                   opts;
+    mongoc_bulk_operation_t *bulk;
+
+    wc_opts(&opts, 0);
+    bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+    bson_destroy(&opts);
+    return bulk;
+}
+
+/* Runs the pending command, if any. */
+static int
+chunk_flush(chunker_t *ch)
+{
+    mongoc_bulk_operation_t *bulk = ch->bulk;
+
+    ch->bulk = NULL;
+    ch->n = 0;
+    return bulk ? run_bulk(bulk, 0, ch->what) : 0;
+}
+
+/* Adds one update; runs the command when the chunk is full. */
+static int
+chunk_update(chunker_t *ch, const bson_t *sel, const bson_t *upd, const bson_t *opts)
+{
+    bson_error_t error;
+
+    if (ch->bulk == NULL) ch->bulk = new_bulk(ch->coll);
+    mongoc_bulk_operation_update_one_with_opts(ch->bulk, sel, upd, opts, &error);
+    if (++ch->n < UPDATE_CHUNK) return 0;
+    return chunk_flush(ch);
+}
+
+/* Writes the prepared batch; 0 when all of it is durably in MongoDB. */
+static int
+write_batch(persist_t *p)
+{
+    cw_batch_t              *b = &p->batch;
+    mongoc_bulk_operation_t *bulk;
+    bson_t                   upsert = BSON_INITIALIZER;
+    bson_error_t             error;
+    chunker_t                ch;
+    int                      n = 0, rc = -1;
+
+    BSON_APPEND_BOOL(&upsert, "upsert", true);
+
+    /* 1. messages: one insert command (FerretDB inserts it in one go) */
+    bulk = new_bulk(p->messages);
+    for (int i = 0; i < b->n; i++) {
+        if (p->msg_doc[i] == NULL) continue;
+        mongoc_bulk_operation_insert_with_opts(bulk, p->msg_doc[i], NULL, &error);
+        n++;
+    }
+    if (n == 0) mongoc_bulk_operation_destroy(bulk);
+    else if (run_bulk(bulk, 1, "insert messages") != 0) goto done;
+
+    /* 2. conversation pointers */
+    memset(&ch, 0, sizeof(ch));
+    ch.coll = p->conversations;
+    ch.what = "update conversations";
+    for (int i = 0; i < p->nops; i++) {
+        convop_t *op = &p->ops[i];
+        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
+        int       r;
+        BSON_APPEND_UTF8(&sel, "_id", op->id);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
+        BSON_APPEND_UTF8(&soi, "user", op->user);
+        BSON_APPEND_UTF8(&soi, "conv", op->conv);
+        if (!op->last_seq) BSON_APPEND_INT64(&soi, "last_seq", 0);
+        if (!op->read_seq) BSON_APPEND_INT64(&soi, "read_seq", 0);
+        if (!op->delivered_seq) BSON_APPEND_INT64(&soi, "delivered_seq", 0);
+        bson_append_document_end(&upd, &soi);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
+        if (op->last_seq) BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
+        if (op->read_seq) BSON_APPEND_INT64(&max, "read_seq", op->read_seq);
+        if (op->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", op->delivered_seq);
+        bson_append_document_end(&upd, &max);
+        r = chunk_update(&ch, &sel, &upd, &upsert);
+        bson_destroy(&sel);
+        bson_destroy(&upd);
+        if (r != 0) goto done_chunk;
+    }
+    if (chunk_flush(&ch) != 0) goto done;
+
+    /* 3. the newest message, where it still is the newest */
+    ch.what = "update last messages";
+    for (int i = 0; i < p->nops; i++) {
+        convop_t *op = &p->ops[i];
+        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set;
+        int       r;
+        if (op->last_msg < 0) continue;
+        BSON_APPEND_UTF8(&sel, "_id", op->id);
+        BSON_APPEND_INT64(&sel, "last_seq", op->last_seq);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
+        BSON_APPEND_DOCUMENT(&set, "last", p->msg_last[op->last_msg]);
+        BSON_APPEND_INT64(&set, "ts", p->msg_ts[op->last_msg]);
+        bson_append_document_end(&upd, &set);
+        r = chunk_update(&ch, &sel, &upd, NULL);
+        bson_destroy(&sel);
+        bson_destroy(&upd);
+        if (r != 0) goto done_chunk;
+    }
+    if (chunk_flush(&ch) != 0) goto done;
+    rc = 0;
+    goto done;
+done_chunk:
+    if (ch.bulk) mongoc_bulk_operation_destroy(ch.bulk);
+done:
+    bson_destroy(&upsert);
+    return rc;
+}
+
+static int
+create_indexes(persist_t *p)
+{
+    static const struct { const char *coll, *name, *k1; int d1; const char *k2; int d2; int unique; } ix[] = {
+        { "messages", "conv_1_seq_1", "conv", 1, "seq", 1, 1 },
+        { "conversations", "user_1_ts_-1", "user", 1, "ts", -1, 0 },
+    };
+    for (size_t i = 0; i < sizeof(ix) / sizeof(ix[0]); i++) {
+        bson_t       cmd = BSON_INITIALIZER, arr, idx, key, reply;
+        bson_error_t error;
+        int          ok;
+        BSON_APPEND_UTF8(&cmd, "createIndexes", ix[i].coll);
+        BSON_APPEND_ARRAY_BEGIN(&cmd, "indexes", &arr);
+        BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &idx);
+        BSON_APPEND_DOCUMENT_BEGIN(&idx, "key", &key);
+        BSON_APPEND_INT32(&key, ix[i].k1, ix[i].d1);
+        BSON_APPEND_INT32(&key, ix[i].k2, ix[i].d2);
+        bson_append_document_end(&idx, &key);
+        BSON_APPEND_UTF8(&idx, "name", ix[i].name);
+        if (ix[i].unique) BSON_APPEND_BOOL(&idx, "unique", true);
+        bson_append_document_end(&arr, &idx);
+        bson_append_array_end(&cmd, &arr);
+        ok = mongoc_client_write_command_with_opts(p->client, p->db, &cmd, NULL, &reply, &error);
+        bson_destroy(&cmd);
+        bson_destroy(&reply);
+        if (!ok) {
+            cw_warn("persist: createIndexes %s: %s", ix[i].coll, error.message);
+            return -1;
+        }
+    }
+    cw_info("persist: indexes on %s.messages and %s.conversations are in place", p->db, p->db);
+    return 0;
+}
+
+static void
+drop_redis(persist_t *p, cw_backoff_t *bo, const char *why)
+{
+    if (p->c) {
+        cw_warn("persist: redis %s: %s; reconnecting in %d ms", why,
+                p->c->err ? p->c->errstr : "command failed", cw_backoff_ms(bo));
+        redisFree(p->c);
+        p->c = NULL;
+    }
+    cw_backoff_wait(bo);
+}
+
+int
+cw_role_persist(const cw_config_t *cf)
+{
+    persist_t       p;
+    cw_heartbeat_t  hb;
+    cw_backoff_t    bo, mbo;
+    int            *shards, kafka, have_batch = 0;
+    int64_t         next_redis_try = 0;
+    char            err[256];
+
+    memset(&p, 0, sizeof(p));
+    p.cf = cf;
+    cw_mongo_log_init();
+    p.client = cw_mongo_client(cf, "chat-worker-persist", p.db, sizeof(p.db));
+    if (p.client == NULL) return 2;
+    p.messages = mongoc_client_get_collection(p.client, p.db, "messages");
+    p.conversations = mongoc_client_get_collection(p.client, p.db, "conversations");
+    shards = malloc(sizeof(int) * (size_t) cf->shards);
+    if (shards == NULL) return 1;
+    for (int s = 0; s < cf->shards; s++) shards[s] = s;
+    p.q = cw_queue_new(cf, "persist", shards, cf->shards, 0);
+    free(shards);
+    if (p.q == NULL) return 1;
+    kafka = cw_queue_is_kafka(p.q);
+    cw_heartbeat_init(&hb, cf, "persist");
+    cw_backoff_reset(&bo);
+    cw_backoff_reset(&mbo);
+    cw_info("role persist started (node %s, %s, database %s, batch %d)", cf->node_id,
+            kafka ? "kafka topic chat.in, group chat-persist" : "consumer persist-0 on every shard",
+            p.db, cf->batch);
+    p.next_stats = cw_mono_ms() + 10000;
+
+    while (!cw_stop) {
+        int n;
+
+        /* Redis: the queue (Redis mode) and the heartbeat. In Kafka mode
+         * a missing Redis only costs the heartbeat. */
+        if (p.c == NULL && (!kafka || cw_mono_ms() >= next_redis_try)) {
+            p.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
+            if (p.c == NULL) {
+                if (!kafka) {
+                    cw_warn("persist: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
+                    cw_backoff_wait(&bo);
+                    continue;
+                }
+                next_redis_try = cw_mono_ms() + 5000;
+            } else if (cw_queue_setup(p.q, p.c) != 0) {
+                if (!kafka) { drop_redis(&p, &bo, "setup failed"); continue; }
+                redisFree(p.c);
+                p.c = NULL;
+            } else {
+                cw_backoff_reset(&bo);
+            }
+        }
+        if (p.c && (cw_heartbeat_tick(&hb, p.c) != 0 || (!kafka && cw_queue_maintain(p.q, p.c) != 0))) {
+            if (!kafka) { drop_redis(&p, &bo, "connection lost"); continue; }
+            redisFree(p.c);
+            p.c = NULL;
+        }
+        if (!p.indexes_ok) {
+            if (create_indexes(&p) != 0) { cw_backoff_wait(&mbo); continue; }
+            p.indexes_ok = 1;
+            cw_backoff_reset(&mbo);
+        }
+        if (!have_batch) {
+            n = cw_queue_fetch(p.q, p.c, &p.batch, 1000);
+            if (n < 0) {
+                if (!kafka) drop_redis(&p, &bo, "read failed");
+                continue;
+            }
+            if (n == 0) goto stats;
+            if (prepare(&p) != 0) {
+                cw_error("persist: out of memory preparing a batch");
+                cw_batch_clear(&p.batch);
+                if (!kafka) drop_redis(&p, &bo, "batch dropped");
+                continue;
+            }
+            have_batch = 1;
+        }
+        if (write_batch(&p) != 0) {
+            cw_warn("persist: mongodb write failed; %d entries kept unacknowledged, retrying in %d ms",
+                    p.batch.n, cw_backoff_ms(&mbo));
+            if (p.c) cw_heartbeat_tick(&hb, p.c);
+            cw_backoff_wait(&mbo);
+            continue;
+        }
+        cw_backoff_reset(&mbo);
+        have_batch = 0;
+        if (kafka) {
+            cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
+        } else {
+            int na = cw_queue_ack(p.q, p.c, &p.batch), bad = 0;
+            for (int i = 0; i < na && !bad; i++) {
+                redisReply *r;
+                if (redisGetReply(p.c, (void **) &r) != REDIS_OK) bad = 1;
+                else freeReplyObject(r);
+            }
+            if (na < 0 || bad) {
+                /* The entries stay pending and are written again (no-op). */
+                drop_redis(&p, &bo, "ack failed");
+                continue;
+            }
+        }
+        p.n_batches++;
+stats:
+        if (cw_mono_ms() >= p.next_stats) {
+            if (p.n_batches) {
+                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts in %" PRIu64
+                        " batches in the last 10 s", p.n_msgs, p.n_receipts, p.n_batches);
+            }
+            p.n_msgs = p.n_receipts = p.n_batches = 0;
+            p.next_stats = cw_mono_ms() + 10000;
+        }
+    }
+    cw_heartbeat_clear(&hb, p.c);
+    if (p.c) redisFree(p.c);
+    cw_queue_free(p.q);
+    free_batch_docs(&p);
+    cw_batch_free(&p.batch);
+    free(p.msg_doc); free(p.msg_last); free(p.msg_ts); free(p.ops); free(p.slots);
+    mongoc_collection_destroy(p.messages);
+    mongoc_collection_destroy(p.conversations);
+    mongoc_client_destroy(p.client);
+    cw_info("role persist stopped");
+    return 0;
+}

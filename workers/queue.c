@@ -1,0 +1,744 @@
+/*
+ * The inbound queue, consumed by the fanout and persist roles
+ * (docs/PIPELINE.md, "Queue entries" and "Worker roles").
+ *
+ * Redis Streams: one stream per shard, chat:{s<s>}:in, with the consumer
+ * groups "fanout" and "persist". Consumer names are stable (fanout-<index>,
+ * persist-0), so a worker killed with -9 and restarted finds its own pending
+ * entries and processes them first, in stream order, before reading new
+ * ones. Entries another consumer left pending are claimed: at (re)connect
+ * all of them on our shards (only the owner of a shard reads it), later
+ * those idle longer than claim_idle_ms. Streams are trimmed to the oldest
+ * entry a group still needs.
+ *
+ * Kafka: topic chat.in, partition = shard, consumer groups chat-fanout and
+ * chat-persist, offsets committed synchronously after a batch was processed.
+ */
+#include "chat_worker.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <librdkafka/rdkafka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CW_TOPIC "chat.in"
+#define KAFKA_LINGER_MS 5
+
+struct cw_queue_s {
+    const cw_config_t  *cf;
+    int                 kafka;
+    char                group[16];
+    char                consumer[64];
+
+    /* Redis Streams */
+    int                 nshards;
+    int                *shards;          /* shard numbers we read */
+    char              **keys;            /* their stream keys */
+    int                *idx_of;          /* shard number -> index in shards, or -1 */
+    unsigned char      *pending;         /* still re-reading our pending entries */
+    int                 npending;
+    int                 trim;
+    int64_t             next_trim;
+    int64_t             next_claim;
+
+    /* Kafka */
+    rd_kafka_t         *rk;
+    rd_kafka_queue_t   *rkq;             /* the consumer queue */
+    int                 subscribed;
+    int64_t             next_topic_try;
+};
+
+int
+cw_queue_is_kafka(const cw_queue_t *q)
+{
+    return q->kafka;
+}
+
+static void cw_kafka_close(cw_queue_t *q);
+
+cw_queue_t *
+cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int nshards, int trim)
+{
+    cw_queue_t *q = calloc(1, sizeof(*q));
+
+    if (q == NULL) return NULL;
+    q->cf = cf;
+    q->kafka = strcmp(cf->queue, "kafka") == 0;
+    snprintf(q->group, sizeof(q->group), "%s", group);
+    if (strcmp(group, "fanout") == 0) snprintf(q->consumer, sizeof(q->consumer), "fanout-%d", cf->fanout_index);
+    else snprintf(q->consumer, sizeof(q->consumer), "%s-0", group);
+    q->trim = trim;
+    if (q->kafka) return q;
+
+    q->nshards = nshards;
+    q->shards = calloc((size_t) nshards, sizeof(int));
+    q->keys = calloc((size_t) nshards, sizeof(char *));
+    q->pending = calloc((size_t) nshards, 1);
+    q->idx_of = malloc(sizeof(int) * (size_t) cf->shards);
+    if (!q->shards || !q->keys || !q->pending || !q->idx_of) goto fail;
+    for (int s = 0; s < cf->shards; s++) q->idx_of[s] = -1;
+    for (int i = 0; i < nshards; i++) {
+        q->shards[i] = shards[i];
+        q->idx_of[shards[i]] = i;
+        q->keys[i] = malloc(32);
+        if (q->keys[i] == NULL) goto fail;
+        snprintf(q->keys[i], 32, "chat:{s%d}:in", shards[i]);
+    }
+    return q;
+fail:
+    cw_queue_free(q);
+    return NULL;
+}
+
+void
+cw_queue_free(cw_queue_t *q)
+{
+    if (q == NULL) return;
+    if (q->rk) cw_kafka_close(q);
+    for (int i = 0; q->keys && i < q->nshards; i++) free(q->keys[i]);
+    free(q->keys);
+    free(q->shards);
+    free(q->pending);
+    free(q->idx_of);
+    free(q);
+}
+
+
+/* ---- Redis Streams -------------------------------------------------------- */
+
+/* Reads n pipelined replies; returns -1 when the connection failed. */
+static int
+drain(redisContext *c, int n)
+{
+    redisReply *r;
+    for (int i = 0; i < n; i++) {
+        if (redisGetReply(c, (void **) &r) != REDIS_OK) return -1;
+        freeReplyObject(r);
+    }
+    return 0;
+}
+
+static int
+shard_of_key(const cw_queue_t *q, const char *key)
+{
+    long s;
+    if (strncmp(key, "chat:{s", 7) != 0) return -1;
+    s = strtol(key + 7, NULL, 10);
+    if (s < 0 || s >= q->cf->shards) return -1;
+    return q->idx_of[s];
+}
+
+/* Does a consumer other than us hold pending entries of the group on this
+ * stream? (reply of the summary form of XPENDING) */
+static int
+others_pending(const cw_queue_t *q, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 4 || r->element[3]->type != REDIS_REPLY_ARRAY) return 0;
+    for (size_t i = 0; i < r->element[3]->elements; i++) {
+        const redisReply *cr = r->element[3]->element[i];
+        if (cr->type == REDIS_REPLY_ARRAY && cr->elements >= 1 && cr->element[0]->type == REDIS_REPLY_STRING
+            && strcmp(cr->element[0]->str, q->consumer) != 0)
+        {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Takes over the pending entries other consumers left on our streams and
+ * marks those shards as pending for us (processed first, in id order):
+ * entries idle at least min_idle ms, one page of `batch` per stream, or the
+ * whole stream when all is set.
+ */
+static int
+claim(cw_queue_t *q, redisContext *c, long long min_idle, int all)
+{
+    char           idle[32], count[32];
+    redisReply    *r;
+    unsigned char *want;
+    int            rounds = 0, rc = 0;
+
+    want = calloc((size_t) q->nshards, 1);
+    if (want == NULL) return 0;
+    for (int i = 0; i < q->nshards; i++) redisAppendCommand(c, "XPENDING %s %s", q->keys[i], q->group);
+    for (int i = 0; i < q->nshards; i++) {
+        if (redisGetReply(c, (void **) &r) != REDIS_OK) { free(want); return -1; }
+        want[i] = (unsigned char) others_pending(q, r);
+        freeReplyObject(r);
+    }
+    snprintf(idle, sizeof(idle), "%lld", min_idle);
+    snprintf(count, sizeof(count), "%d", q->cf->batch);
+    for (int i = 0; i < q->nshards && rc == 0; i++) {
+        char   start[48] = "0-0";
+        size_t got = 0;
+        if (!want[i]) continue;
+        do {
+            r = redisCommand(c, "XAUTOCLAIM %s %s %s %s %s COUNT %s", q->keys[i], q->group,
+                             q->consumer, idle, start, count);
+            if (r == NULL) { rc = -1; break; }
+            if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->element[0]->type != REDIS_REPLY_STRING) {
+                if (r->type == REDIS_REPLY_ERROR) cw_warn("XAUTOCLAIM %s: %s", q->keys[i], r->str);
+                freeReplyObject(r);
+                break;
+            }
+            if (r->element[1]->type == REDIS_REPLY_ARRAY) got += r->element[1]->elements;
+            snprintf(start, sizeof(start), "%s", r->element[0]->str);
+            freeReplyObject(r);
+        } while (all && strcmp(start, "0-0") != 0 && ++rounds < 100000);
+        if (got > 0) {
+            if (!q->pending[i]) q->npending++;
+            q->pending[i] = 1;
+            cw_info("%s: took over %zu pending entries of %s left by another consumer",
+                    q->consumer, got, q->keys[i]);
+        }
+    }
+    free(want);
+    return rc;
+}
+
+static int
+redis_setup(cw_queue_t *q, redisContext *c)
+{
+    static const char *groups[] = { "fanout", "persist" };
+    redisReply        *r;
+    int                n = 0, rc = 0;
+
+    for (int i = 0; i < q->nshards; i++) {
+        for (int g = 0; g < 2; g++) {
+            redisAppendCommand(c, "XGROUP CREATE %s %s 0 MKSTREAM", q->keys[i], groups[g]);
+            n++;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (redisGetReply(c, (void **) &r) != REDIS_OK) return -1;
+        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
+            cw_error("XGROUP CREATE: %s", r->str);
+            rc = -1;
+        }
+        freeReplyObject(r);
+    }
+    if (rc != 0) return -1;
+
+    /* Only the owner of a shard reads it: whatever another consumer name
+     * left pending there is from a dead process or an older configuration. */
+    memset(q->pending, 1, (size_t) q->nshards);
+    q->npending = q->nshards;
+    if (claim(q, c, 0, 1) != 0) return -1;
+    q->next_claim = cw_mono_ms() + q->cf->claim_idle_ms;
+    q->next_trim = cw_mono_ms() + 1000;
+    return 0;
+}
+
+static void
+parse_fields(cw_entry_t *e, const redisReply *f)
+{
+    if (f == NULL || f->type != REDIS_REPLY_ARRAY) {
+        e->why = "entry deleted from the stream";
+        return;
+    }
+    for (size_t j = 0; j + 1 < f->elements; j += 2) {
+        const redisReply *k = f->element[j], *v = f->element[j + 1];
+        if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING) continue;
+        if (cw_entry_field(e, k->str, k->len, v->str, v->len) != 0) {
+            e->why = "a field is too long or malformed";
+            return;
+        }
+    }
+    cw_entry_finish(e);
+}
+
+/* Appends the entries of an XREADGROUP reply to b. In pending mode, a
+ * shard that returned nothing has no pending entry left. */
+static int
+take_reply(cw_queue_t *q, redisReply *r, cw_batch_t *b, int pending_mode)
+{
+    unsigned char *seen = NULL;
+
+    if (pending_mode) {
+        seen = calloc((size_t) q->nshards, 1);
+        if (seen == NULL) return -1;
+    }
+    if (r->type == REDIS_REPLY_ARRAY) {
+        for (size_t i = 0; i < r->elements; i++) {
+            redisReply *sr = r->element[i];
+            int         idx;
+            if (sr->type != REDIS_REPLY_ARRAY || sr->elements < 2 || sr->element[0]->type != REDIS_REPLY_STRING)
+                continue;
+            idx = shard_of_key(q, sr->element[0]->str);
+            if (idx < 0) continue;
+            if (sr->element[1]->type != REDIS_REPLY_ARRAY) continue;
+            for (size_t j = 0; j < sr->element[1]->elements; j++) {
+                redisReply *er = sr->element[1]->element[j];
+                cw_entry_t *e;
+                if (er->type != REDIS_REPLY_ARRAY || er->elements < 1 || er->element[0]->type != REDIS_REPLY_STRING)
+                    continue;
+                e = cw_batch_add(b);
+                if (e == NULL) { free(seen); return -1; }
+                e->shard = q->shards[idx];
+                snprintf(e->qid, sizeof(e->qid), "%s", er->element[0]->str);
+                parse_fields(e, er->elements > 1 ? er->element[1] : NULL);
+                if (seen) seen[idx] = 1;
+            }
+        }
+    }
+    if (pending_mode) {
+        for (int i = 0; i < q->nshards; i++) {
+            if (q->pending[i] && !seen[i]) {
+                q->pending[i] = 0;
+                q->npending--;
+            }
+        }
+        free(seen);
+    }
+    return 0;
+}
+
+static int
+redis_read(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms, int pending_mode)
+{
+    int          n = 0, argc, rc;
+    const char **argv;
+    size_t      *lens;
+    char         count[16], block[16];
+    redisReply  *r;
+
+    argv = malloc(sizeof(char *) * (size_t) (2 * q->nshards + 10));
+    lens = malloc(sizeof(size_t) * (size_t) (2 * q->nshards + 10));
+    if (argv == NULL || lens == NULL) { free(argv); free(lens); return -1; }
+    snprintf(count, sizeof(count), "%d", q->cf->batch);
+    snprintf(block, sizeof(block), "%d", block_ms);
+    argv[n++] = "XREADGROUP";
+    argv[n++] = "GROUP";
+    argv[n++] = q->group;
+    argv[n++] = q->consumer;
+    argv[n++] = "COUNT";
+    argv[n++] = count;
+    if (!pending_mode) {
+        argv[n++] = "BLOCK";
+        argv[n++] = block;
+    }
+    argv[n++] = "STREAMS";
+    argc = n;
+    for (int i = 0; i < q->nshards; i++) {
+        if (pending_mode && !q->pending[i]) continue;
+        argv[n++] = q->keys[i];
+    }
+    {
+        int nkeys = n - argc;                   /* one id per key */
+        for (int i = 0; i < nkeys; i++) argv[n++] = pending_mode ? "0" : ">";
+    }
+    for (int i = 0; i < n; i++) lens[i] = strlen(argv[i]);
+    r = redisCommandArgv(c, n, argv, lens);
+    free(argv);
+    free(lens);
+    if (r == NULL) return -1;
+    if (r->type == REDIS_REPLY_ERROR) {
+        /* NOGROUP: the stream was deleted; set up again after a reconnect. */
+        cw_error("XREADGROUP: %s", r->str);
+        freeReplyObject(r);
+        return -1;
+    }
+    rc = take_reply(q, r, b, pending_mode);
+    freeReplyObject(r);
+    return rc;
+}
+
+
+/* ---- Kafka ------------------------------------------------------------------ */
+
+static void
+cw_kafka_close(cw_queue_t *q)
+{
+    if (q->rkq) rd_kafka_queue_destroy(q->rkq);
+    q->rkq = NULL;
+    rd_kafka_consumer_close(q->rk);
+    rd_kafka_destroy(q->rk);
+    q->rk = NULL;
+    q->subscribed = 0;
+}
+
+static void
+kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    (void) rk;
+    if (level <= 4) cw_warn("kafka %s: %s", fac, buf);
+}
+
+static int
+kafka_create(cw_queue_t *q)
+{
+    char             err[512], gid[64];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+
+    snprintf(gid, sizeof(gid), "chat-%s", q->group);
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", q->cf->kafka_brokers, err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "group.id", gid, err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "client.id", q->consumer, err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "enable.partition.eof", "false", err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "max.poll.interval.ms", "600000", err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "session.timeout.ms", "6000", err, sizeof(err)) != RD_KAFKA_CONF_OK
+        || rd_kafka_conf_set(conf, "heartbeat.interval.ms", "1000", err, sizeof(err)) != RD_KAFKA_CONF_OK)
+    {
+        cw_error("kafka consumer config: %s", err);
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    rd_kafka_conf_set_log_cb(conf, kafka_log);
+    q->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
+    if (q->rk == NULL) {
+        cw_error("kafka consumer: %s", err);
+        return -1;
+    }
+    rd_kafka_poll_set_consumer(q->rk);
+    return 0;
+}
+
+/* chat.in must exist with one partition per shard: create it, or add
+ * partitions when it has fewer (existing partitions keep their data). */
+static int
+kafka_ensure_topic(cw_queue_t *q)
+{
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t   *t;
+    rd_kafka_resp_err_t err;
+    int                 have = -1;
+
+    t = rd_kafka_topic_new(q->rk, CW_TOPIC, NULL);
+    err = rd_kafka_metadata(q->rk, 0, t, &md, 5000);
+    rd_kafka_topic_destroy(t);
+    if (err) {
+        cw_warn("kafka metadata: %s", rd_kafka_err2str(err));
+        return -1;
+    }
+    if (md->topic_cnt == 1 && md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR) have = md->topics[0].partition_cnt;
+    rd_kafka_metadata_destroy(md);
+    if (have >= q->cf->shards) return 0;
+
+    {
+        char                  errstr[256];
+        rd_kafka_queue_t     *rq = rd_kafka_queue_new(q->rk);
+        rd_kafka_event_t     *ev;
+        rd_kafka_AdminOptions_t *opts = rd_kafka_AdminOptions_new(q->rk, RD_KAFKA_ADMIN_OP_ANY);
+        int                   ok = 0;
+
+        rd_kafka_AdminOptions_set_request_timeout(opts, 10000, errstr, sizeof(errstr));
+        if (have < 0) {
+            rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(CW_TOPIC, q->cf->shards, -1, errstr, sizeof(errstr));
+            if (nt == NULL) { cw_error("NewTopic: %s", errstr); goto out; }
+            rd_kafka_CreateTopics(q->rk, &nt, 1, opts, rq);
+            rd_kafka_NewTopic_destroy(nt);
+        } else {
+            rd_kafka_NewPartitions_t *np = rd_kafka_NewPartitions_new(CW_TOPIC, (size_t) q->cf->shards,
+                                                                      errstr, sizeof(errstr));
+            if (np == NULL) { cw_error("NewPartitions: %s", errstr); goto out; }
+            rd_kafka_CreatePartitions(q->rk, &np, 1, opts, rq);
+            rd_kafka_NewPartitions_destroy(np);
+        }
+        ev = rd_kafka_queue_poll(rq, 15000);
+        if (ev) {
+            const rd_kafka_topic_result_t **res = NULL;
+            size_t                          cnt = 0;
+            if (rd_kafka_event_error(ev)) {
+                cw_warn("kafka topic admin: %s", rd_kafka_event_error_string(ev));
+            } else {
+                if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_CREATETOPICS_RESULT)
+                    res = rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &cnt);
+                else
+                    res = rd_kafka_CreatePartitions_result_topics(rd_kafka_event_CreatePartitions_result(ev), &cnt);
+                ok = 1;
+                for (size_t i = 0; i < cnt; i++) {
+                    rd_kafka_resp_err_t e = rd_kafka_topic_result_error(res[i]);
+                    if (e && e != RD_KAFKA_RESP_ERR_TOPIC_ALREADY_EXISTS) {
+                        cw_warn("kafka topic %s: %s", CW_TOPIC, rd_kafka_topic_result_error_string(res[i]));
+                        ok = 0;
+                    }
+                }
+                if (ok) cw_info("kafka topic %s: %d partitions", CW_TOPIC, q->cf->shards);
+            }
+            rd_kafka_event_destroy(ev);
+        }
+out:
+        rd_kafka_AdminOptions_destroy(opts);
+        rd_kafka_queue_destroy(rq);
+        return ok ? 0 : -1;
+    }
+}
+
+static int
+kafka_fetch(cw_queue_t *q, cw_batch_t *b, int block_ms)
+{
+    int64_t deadline = cw_mono_ms() + block_ms;
+
+    if (q->rk == NULL && kafka_create(q) != 0) {
+        cw_sleep_ms(block_ms);
+        return 0;
+    }
+    if (!q->subscribed) {
+        rd_kafka_topic_partition_list_t *tl;
+        rd_kafka_resp_err_t               err;
+        if (cw_mono_ms() < q->next_topic_try) {
+            cw_sleep_ms(block_ms);
+            return 0;
+        }
+        if (kafka_ensure_topic(q) != 0) {
+            q->next_topic_try = cw_mono_ms() + 2000;
+            return 0;
+        }
+        tl = rd_kafka_topic_partition_list_new(1);
+        rd_kafka_topic_partition_list_add(tl, CW_TOPIC, RD_KAFKA_PARTITION_UA);
+        err = rd_kafka_subscribe(q->rk, tl);
+        rd_kafka_topic_partition_list_destroy(tl);
+        if (err) {
+            cw_error("kafka subscribe: %s", rd_kafka_err2str(err));
+            q->next_topic_try = cw_mono_ms() + 2000;
+            return 0;
+        }
+        q->subscribed = 1;
+        cw_info("%s: subscribed to kafka topic %s as group chat-%s", q->consumer, CW_TOPIC, q->group);
+    }
+    /* The same bound as a Redis batch (batch per stream, one stream per
+     * shard): a commit per batch is a synchronous round trip to the broker.
+     * The first record is waited for up to block_ms; then KAFKA_LINGER_MS
+     * once for more (records of one conversation produced by different
+     * nginx processes may arrive out of seq order a few ms apart, and the
+     * fan-out orders a conversation's messages within a batch); then what
+     * is there. (rd_kafka_consume_batch_queue waits to fill the array.) */
+    {
+        int                  max = q->cf->batch * q->cf->shards, round = 0;
+        rd_kafka_message_t  *ms[256];
+
+        if (q->rkq == NULL) q->rkq = rd_kafka_queue_get_consumer(q->rk);
+        while (b->n < max && !cw_stop) {
+            size_t  want = (size_t) (max - b->n) < 256 ? (size_t) (max - b->n) : 256;
+            ssize_t got;
+
+            if (round == 0) {
+                int64_t left = deadline - cw_mono_ms();
+                ms[0] = rd_kafka_consumer_poll(q->rk, left > 0 ? (int) left : 0);
+                got = ms[0] ? 1 : 0;
+            } else {
+                got = rd_kafka_consume_batch_queue(q->rkq, round == 1 ? KAFKA_LINGER_MS : 0, ms, want);
+            }
+            round++;
+            if (got <= 0) break;
+            for (ssize_t k = 0; k < got; k++) {
+                rd_kafka_message_t *m = ms[k];
+                cw_entry_t         *e;
+                if (m->err) {
+                    if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                        cw_warn("kafka consume: %s", rd_kafka_message_errstr(m));
+                    rd_kafka_message_destroy(m);
+                    continue;
+                }
+                e = cw_batch_add(b);
+                if (e == NULL) {
+                    for (; k < got; k++) rd_kafka_message_destroy(ms[k]);
+                    return -1;
+                }
+                e->shard = m->partition;
+                e->offset = m->offset;
+                snprintf(e->qid, sizeof(e->qid), "%d@%" PRId64, (int) m->partition, m->offset);
+                if (m->payload && cw_entry_from_json(e, m->payload, m->len) == 0) cw_entry_finish(e);
+                else if (e->why == NULL) e->why = "empty record";
+                rd_kafka_message_destroy(m);
+            }
+            if (round > 1 && (size_t) got < want) break;
+        }
+    }
+    return b->n;
+}
+
+static int
+kafka_commit(cw_queue_t *q, const cw_batch_t *b)
+{
+    rd_kafka_topic_partition_list_t *tl;
+    rd_kafka_resp_err_t               err;
+
+    if (b->n == 0 || q->rk == NULL) return 0;
+    tl = rd_kafka_topic_partition_list_new(16);
+    for (int i = 0; i < b->n; i++) {
+        rd_kafka_topic_partition_t *p = rd_kafka_topic_partition_list_find(tl, CW_TOPIC, b->e[i].shard);
+        if (p == NULL) p = rd_kafka_topic_partition_list_add(tl, CW_TOPIC, b->e[i].shard);
+        if (b->e[i].offset + 1 > p->offset) p->offset = b->e[i].offset + 1;
+    }
+    err = rd_kafka_commit(q->rk, tl, 0);
+    rd_kafka_topic_partition_list_destroy(tl);
+    if (err) {
+        /* After a rebalance the new owner re-reads from the last commit:
+         * processing is idempotent, so nothing is lost or shown twice. */
+        cw_warn("kafka commit: %s", rd_kafka_err2str(err));
+        return -1;
+    }
+    return 0;
+}
+
+
+/* ---- the interface ---------------------------------------------------------- */
+
+int
+cw_queue_setup(cw_queue_t *q, redisContext *c)
+{
+    if (q->kafka) return 0;
+    return redis_setup(q, c);
+}
+
+int
+cw_queue_fetch(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms)
+{
+    cw_batch_clear(b);
+    if (q->kafka) return kafka_fetch(q, b, block_ms);
+    if (q->npending > 0) {
+        if (redis_read(q, c, b, 0, 1) != 0) return -1;
+        if (b->n > 0) return b->n;
+    }
+    if (redis_read(q, c, b, block_ms, 0) != 0) return -1;
+    return b->n;
+}
+
+int
+cw_queue_ack(cw_queue_t *q, redisContext *c, const cw_batch_t *b)
+{
+    int          n = 0, i = 0;
+    const char **argv;
+    size_t      *lens;
+
+    if (q->kafka) return kafka_commit(q, b);
+    if (b->n == 0) return 0;
+    argv = malloc(sizeof(char *) * (size_t) (b->n + 3));
+    lens = malloc(sizeof(size_t) * (size_t) (b->n + 3));
+    if (argv == NULL || lens == NULL) { free(argv); free(lens); return -1; }
+    /* One XACK per run of entries of one stream (a batch lists each
+     * stream's entries together). */
+    while (i < b->n) {
+        int shard = b->e[i].shard, idx = q->idx_of[shard], argc = 0;
+        argv[argc++] = "XACK";
+        argv[argc++] = q->keys[idx];
+        argv[argc++] = q->group;
+        while (i < b->n && b->e[i].shard == shard) argv[argc++] = b->e[i++].qid;
+        for (int k = 0; k < argc; k++) lens[k] = strlen(argv[k]);
+        redisAppendCommandArgv(c, argc, argv, lens);
+        n++;
+    }
+    free(argv);
+    free(lens);
+    return n;
+}
+
+typedef struct { uint64_t ms, seq; } sid_t;
+
+static int
+parse_sid(const char *s, sid_t *id)
+{
+    char *end;
+    id->ms = strtoull(s, &end, 10);
+    if (*end == '-') id->seq = strtoull(end + 1, &end, 10);
+    else id->seq = 0;
+    return *end == '\0' ? 0 : -1;
+}
+
+static int
+sid_less(sid_t a, sid_t b)
+{
+    return a.ms < b.ms || (a.ms == b.ms && a.seq < b.seq);
+}
+
+/* Trim every stream to the oldest entry a consumer group still needs:
+ * its smallest pending entry, else its last delivered one. Both groups
+ * must exist, so the persist group never misses what it has not read. */
+static int
+trim_streams(cw_queue_t *q, redisContext *c)
+{
+    redisReply *info, *pf, *pp;
+    sid_t      *minid = calloc((size_t) q->nshards, sizeof(sid_t));
+    int        *ok = calloc((size_t) q->nshards, sizeof(int));
+    int         n = 0, rc = 0;
+
+    if (minid == NULL || ok == NULL) { free(minid); free(ok); return 0; }
+    for (int i = 0; i < q->nshards; i++) {
+        redisAppendCommand(c, "XINFO GROUPS %s", q->keys[i]);
+        redisAppendCommand(c, "XPENDING %s fanout", q->keys[i]);
+        redisAppendCommand(c, "XPENDING %s persist", q->keys[i]);
+    }
+    for (int i = 0; i < q->nshards; i++) {
+        int   groups = 0, first = 1;
+        sid_t m = { 0, 0 };
+        if (redisGetReply(c, (void **) &info) != REDIS_OK) { rc = -1; goto out; }
+        if (redisGetReply(c, (void **) &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
+        if (redisGetReply(c, (void **) &pp) != REDIS_OK) {
+            freeReplyObject(info); freeReplyObject(pf); rc = -1; goto out;
+        }
+        if (info->type == REDIS_REPLY_ARRAY) {
+            for (size_t g = 0; g < info->elements; g++) {
+                redisReply *gr = info->element[g];
+                const char *name = NULL, *last = NULL;
+                long long   pending = 0;
+                sid_t       need;
+                if (gr->type != REDIS_REPLY_ARRAY) continue;
+                for (size_t k = 0; k + 1 < gr->elements; k += 2) {
+                    redisReply *key = gr->element[k], *v = gr->element[k + 1];
+                    if (key->type != REDIS_REPLY_STRING) continue;
+                    if (strcmp(key->str, "name") == 0 && v->type == REDIS_REPLY_STRING) name = v->str;
+                    else if (strcmp(key->str, "last-delivered-id") == 0 && v->type == REDIS_REPLY_STRING) last = v->str;
+                    else if (strcmp(key->str, "pending") == 0 && v->type == REDIS_REPLY_INTEGER) pending = v->integer;
+                }
+                if (name == NULL || last == NULL || parse_sid(last, &need) != 0) { groups = -100; continue; }
+                if (strcmp(name, "fanout") == 0 || strcmp(name, "persist") == 0) groups++;
+                if (pending > 0) {
+                    redisReply *p = strcmp(name, "fanout") == 0 ? pf : strcmp(name, "persist") == 0 ? pp : NULL;
+                    sid_t       sm;
+                    /* another group's pending entries: keep everything */
+                    if (p == NULL || p->type != REDIS_REPLY_ARRAY || p->elements < 2
+                        || p->element[1]->type != REDIS_REPLY_STRING || parse_sid(p->element[1]->str, &sm) != 0)
+                    {
+                        groups = -100;
+                        continue;
+                    }
+                    if (sid_less(sm, need)) need = sm;
+                }
+                if (first || sid_less(need, m)) m = need;
+                first = 0;
+            }
+        }
+        if (groups == 2 && (m.ms > 0 || m.seq > 0)) {
+            minid[i] = m;
+            ok[i] = 1;
+        }
+        freeReplyObject(info);
+        freeReplyObject(pf);
+        freeReplyObject(pp);
+    }
+    for (int i = 0; i < q->nshards; i++) {
+        char id[48];
+        if (!ok[i]) continue;
+        snprintf(id, sizeof(id), "%" PRIu64 "-%" PRIu64, minid[i].ms, minid[i].seq);
+        redisAppendCommand(c, "XTRIM %s MINID ~ %s", q->keys[i], id);
+        n++;
+    }
+    rc = drain(c, n);
+out:
+    free(minid);
+    free(ok);
+    return rc;
+}
+
+int
+cw_queue_maintain(cw_queue_t *q, redisContext *c)
+{
+    int64_t now = cw_mono_ms();
+
+    if (q->kafka) return 0;
+    if (now >= q->next_claim) {
+        if (claim(q, c, q->cf->claim_idle_ms, 0) != 0) return -1;
+        q->next_claim = now + q->cf->claim_idle_ms;
+    }
+    if (q->trim && now >= q->next_trim) {
+        if (trim_streams(q, c) != 0) return -1;
+        q->next_trim = now + 5000;
+    }
+    return 0;
+}
