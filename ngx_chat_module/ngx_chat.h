@@ -265,6 +265,9 @@ ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
 void ngx_chat_session_register(ngx_chat_session_t *s,
     void (*done)(ngx_chat_session_t *s, ngx_int_t rc));
 void ngx_chat_session_close(ngx_chat_session_t *s);
+void ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc);
+void ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o);
+ngx_int_t ngx_chat_presence_reply_ok(void *reply);
 void ngx_chat_session_release(ngx_chat_session_t *s);
 void ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len);
 ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,

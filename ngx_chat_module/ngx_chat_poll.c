@@ -128,8 +128,6 @@ ngx_chat_poll_handler(ngx_http_request_t *r)
 static void
 ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
 {
-    ngx_int_t             hrc;
-    ngx_connection_t     *c;
     ngx_http_request_t   *r;
     ngx_chat_poll_ctx_t  *ctx;
 
@@ -138,25 +136,11 @@ ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
-    c = r->connection;
     ctx = ngx_http_get_module_ctx(r, ngx_chat_module);
 
     if (rc != NGX_OK) {
         ctx->session = NULL;
-        s->request = NULL;
-        ngx_chat_session_close(s);
-
-        if (rc == NGX_DECLINED) {
-            hrc = ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                      "rate_limited",
-                                      "too many connections for this user");
-        } else {
-            hrc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                      "unavailable", "try again later");
-        }
-
-        ngx_http_finalize_request(r, hrc);
-        ngx_http_run_posted_requests(c);
+        ngx_chat_session_refuse(s, rc);
         return;
     }
 
@@ -457,9 +441,7 @@ ngx_chat_presence_http_done(void *reply, void *data)
 
     who = ngx_http_get_module_ctx(r, ngx_chat_module);
 
-    if (rr == NULL || rr->type != REDIS_REPLY_ARRAY || rr->elements != 2
-        || rr->element[0]->type != REDIS_REPLY_INTEGER)
-    {
+    if (!ngx_chat_presence_reply_ok(rr)) {
         rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                  "unavailable", "try again later");
 

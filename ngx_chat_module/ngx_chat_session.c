@@ -367,6 +367,38 @@ ngx_chat_session_register(ngx_chat_session_t *s,
 }
 
 
+/*
+ * The registry refused a session still waiting in its HTTP request (WebSocket
+ * handshake or long-poll): forget the session and answer 429 (too many
+ * connections for the user) or 503.
+ */
+void
+ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc)
+{
+    ngx_int_t            hrc;
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+
+    r = s->request;
+    c = r->connection;
+
+    s->request = NULL;
+    ngx_chat_session_close(s);
+
+    if (rc == NGX_DECLINED) {
+        hrc = ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                  "rate_limited",
+                                  "too many connections for this user");
+    } else {
+        hrc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                  "unavailable", "try again later");
+    }
+
+    ngx_http_finalize_request(r, hrc);
+    ngx_http_run_posted_requests(c);
+}
+
+
 static void
 ngx_chat_session_unregister(ngx_chat_session_t *s)
 {
@@ -485,6 +517,22 @@ ngx_chat_session_free(ngx_chat_session_t *s)
 
 /* --- outbound queue ---------------------------------------------------------- */
 
+void
+ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o)
+{
+    if (s->out_tail) {
+        s->out_tail->next = o;
+
+    } else {
+        s->out_head = o;
+    }
+
+    s->out_tail = o;
+    s->out_count++;
+    s->out_bytes += o->hlen + o->buf->len;
+}
+
+
 /*
  * Queue [prefix][b] for the client. A consumer whose queue is over its
  * bounds is cut off alone; its durable events stay in its inbox.
@@ -540,16 +588,7 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
 
     b->refs++;
 
-    if (s->out_tail) {
-        s->out_tail->next = o;
-
-    } else {
-        s->out_head = o;
-    }
-
-    s->out_tail = o;
-    s->out_count++;
-    s->out_bytes += o->hlen + b->len;
+    ngx_chat_out_append(s, o);
 
     if (s->transport == NGX_CHAT_T_WS) {
         ngx_chat_ws_flush(s);
@@ -738,9 +777,11 @@ ngx_chat_presence_json(u_char *p, u_char *user, size_t len, void *r,
 }
 
 
-static ngx_int_t
-ngx_chat_presence_reply_ok(redisReply *reply)
+ngx_int_t
+ngx_chat_presence_reply_ok(void *r)
 {
+    redisReply  *reply = r;
+
     return reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2
            && reply->element[0]->type == REDIS_REPLY_INTEGER;
 }

@@ -232,7 +232,6 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
 {
     u_char               *p, hello[256], resp[160];
     size_t                rest;
-    ngx_int_t             hrc;
     ngx_pool_t           *pool;
     ngx_connection_t     *c;
     ngx_chat_ws_hs_t     *hs;
@@ -247,20 +246,7 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
     }
 
     if (rc != NGX_OK) {
-        /* the session never started: forget it before answering */
-        s->request = NULL;
-        ngx_chat_session_close(s);
-
-        if (rc == NGX_DECLINED) {
-            hrc = ngx_chat_http_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                      "rate_limited",
-                                      "too many connections for this user");
-        } else {
-            hrc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                      "unavailable", "try again later");
-        }
-
-        ngx_http_finalize_request(r, hrc);
+        ngx_chat_session_refuse(s, rc);
         return;
     }
 
@@ -547,16 +533,7 @@ ngx_chat_ws_queue_raw(ngx_chat_session_t *s, u_char *data, size_t len,
     o->hlen = 0;
     o->opcode = 0;
 
-    if (s->out_tail) {
-        s->out_tail->next = o;
-
-    } else {
-        s->out_head = o;
-    }
-
-    s->out_tail = o;
-    s->out_count++;
-    s->out_bytes += (uint32_t) len;
+    ngx_chat_out_append(s, o);
 
     ngx_chat_ws_flush(s);
 
