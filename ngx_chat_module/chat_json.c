@@ -220,6 +220,32 @@ typedef struct {
     int      esc;      /* saw a backslash */
 } scan_t;
 
+/* Append n decoded bytes: to out when there is one (-1: no room), to the
+ * length, and to the hash when asked for. */
+static int
+emit(unsigned char *out, size_t cap, size_t *olen, uint32_t *h, cup src,
+    size_t n)
+{
+    size_t  i;
+
+    if (out) {
+        if (cap - *olen < n) {
+            return -1;
+        }
+        memcpy(out + *olen, src, n);
+    }
+
+    *olen += n;
+
+    if (h) {
+        for (i = 0; i < n; i++) {
+            *h = (*h ^ src[i]) * FNV_MUL;
+        }
+    }
+
+    return 0;
+}
+
 /*
  * Scan a string body from p.  in_doc: the body ends at an unescaped '"'
  * (which must occur before end, *stop points at it); otherwise the body is
@@ -232,7 +258,7 @@ scan_string(cup p, cup end, int in_doc, int want_hash, unsigned char *out,
 {
     chat_json_rc_t rc;
     chat_json_rc_t short_rc = in_doc ? CHAT_JSON_E_EOF : CHAT_JSON_E_ESCAPE;
-    size_t         cp = 0, olen = 0, n, i;
+    size_t         cp = 0, olen = 0, n;
     uint32_t       h = FNV_INIT, v;
     unsigned char  tmp[4];
     int            esc = 0;
@@ -247,18 +273,9 @@ scan_string(cup p, cup end, int in_doc, int want_hash, unsigned char *out,
         n = (size_t) (p - run);
         if (n) {
             cp += n;
-            if (out) {
-                if (cap - olen < n) {
-                    *stop = run;
-                    return CHAT_JSON_E_SPACE;
-                }
-                memcpy(out + olen, run, n);
-            }
-            olen += n;
-            if (want_hash) {
-                for (i = 0; i < n; i++) {
-                    h = (h ^ run[i]) * FNV_MUL;
-                }
+            if (emit(out, cap, &olen, want_hash ? &h : NULL, run, n) != 0) {
+                *stop = run;
+                return CHAT_JSON_E_SPACE;
             }
         }
 
@@ -303,18 +320,9 @@ scan_string(cup p, cup end, int in_doc, int want_hash, unsigned char *out,
         }
 
         cp++;
-        if (out) {
-            if (cap - olen < n) {
-                *stop = p;
-                return CHAT_JSON_E_SPACE;
-            }
-            memcpy(out + olen, tmp, n);
-        }
-        olen += n;
-        if (want_hash) {
-            for (i = 0; i < n; i++) {
-                h = (h ^ tmp[i]) * FNV_MUL;
-            }
+        if (emit(out, cap, &olen, want_hash ? &h : NULL, tmp, n) != 0) {
+            *stop = p;
+            return CHAT_JSON_E_SPACE;
         }
     }
 

@@ -81,10 +81,8 @@ def test_retry_with_the_same_client_id_creates_nothing_new(stack):
     send(a1, b, "once", cid)
     again = ack_of(a1, cid)
     assert again == first
-    st, _, http_again = stack.request("POST", stack.http + "/send", auth(stack, a),
-                                      body={"client_id": cid, "to": b, "body": "once"}) \
-        if False else stack.request("POST", stack.http + "/send",
-                                    body={"client_id": cid, "to": b, "body": "once"}, headers=auth(stack, a))
+    st, _, http_again = stack.request("POST", stack.http + "/send",
+                                      body={"client_id": cid, "to": b, "body": "once"}, headers=auth(stack, a))
     assert st == 200 and http_again["id"] == first["id"] and http_again["seq"] == first["seq"]
     got = msgs(b1, 1)
     send(a1, b, "next")
