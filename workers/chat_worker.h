@@ -30,6 +30,8 @@ typedef struct {
     int   retention_days;       /* inbox TTL */
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
+    int   group_max_members;    /* active members a group may have (409 above) */
+    int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */
 } cw_config_t;
 
 /* config.c */
@@ -89,7 +91,7 @@ int  cw_backoff_ms(const cw_backoff_t *b);
 #define CW_CONV_MAX  (2 + CW_ID_MAX + 1 + CW_ID_MAX)
 #define CW_FIELD_MAX 256         /* a field of chat:{u:U}:last */
 
-enum { CW_T_MSG = 1, CW_T_RECEIPT = 2 };
+enum { CW_T_MSG = 1, CW_T_RECEIPT = 2, CW_T_GROUP = 3 };
 
 typedef struct {
     char        qid[48];         /* stream entry id, or "<partition>@<offset>" */
@@ -108,6 +110,10 @@ typedef struct {
     char        group[CW_ID_MAX + 1];
     char        st[16];          /* receipt status: delivered or read */
     int64_t     seq;
+    int64_t     prev;            /* receipt: the user's pointer before it (0 if absent) */
+    char        event[16];       /* group: created, added or removed */
+    char       *rcpt;            /* group: space-separated users (malloc'd) */
+    char       *state;           /* group: the group after the change, JSON (malloc'd) */
     char       *ev;              /* event JSON without cursor (malloc'd) */
     size_t      ev_len;
 } cw_entry_t;

@@ -65,6 +65,8 @@ void
 cw_entry_reset(cw_entry_t *e)
 {
     free(e->ev);
+    free(e->rcpt);
+    free(e->state);
     memset(e, 0, sizeof(*e));
 }
 
@@ -77,6 +79,30 @@ copy_field(char *dst, size_t cap, const char *v, size_t len)
     return 0;
 }
 
+static int
+copy_alloc(char **dst, const char *v, size_t len)
+{
+    free(*dst);
+    *dst = malloc(len + 1);
+    if (*dst == NULL) return -1;
+    memcpy(*dst, v, len);
+    (*dst)[len] = '\0';
+    return 0;
+}
+
+static int
+parse_num(int64_t *out, const char *val, size_t vlen)
+{
+    int64_t n = 0;
+    if (vlen == 0 || vlen > 18) return -1;
+    for (size_t i = 0; i < vlen; i++) {
+        if (val[i] < '0' || val[i] > '9') return -1;
+        n = n * 10 + (val[i] - '0');
+    }
+    *out = n;
+    return 0;
+}
+
 /* Takes one field of the entry; unknown fields are ignored (forward
  * compatibility). Returns -1 when a value does not fit. */
 int
@@ -86,6 +112,7 @@ cw_entry_field(cw_entry_t *e, const char *name, size_t nlen, const char *val, si
     if (IS("t")) {
         if (vlen == 3 && memcmp(val, "msg", 3) == 0) e->type = CW_T_MSG;
         else if (vlen == 7 && memcmp(val, "receipt", 7) == 0) e->type = CW_T_RECEIPT;
+        else if (vlen == 5 && memcmp(val, "group", 5) == 0) e->type = CW_T_GROUP;
         else e->type = -1;
         return 0;
     }
@@ -95,25 +122,16 @@ cw_entry_field(cw_entry_t *e, const char *name, size_t nlen, const char *val, si
     if (IS("to")) return copy_field(e->to, sizeof(e->to), val, vlen);
     if (IS("group")) return copy_field(e->group, sizeof(e->group), val, vlen);
     if (IS("st")) return copy_field(e->st, sizeof(e->st), val, vlen);
-    if (IS("seq")) {
-        int64_t n = 0;
-        if (vlen == 0 || vlen > 18) return -1;
-        for (size_t i = 0; i < vlen; i++) {
-            if (val[i] < '0' || val[i] > '9') return -1;
-            n = n * 10 + (val[i] - '0');
-        }
-        e->seq = n;
-        return 0;
-    }
+    if (IS("event")) return copy_field(e->event, sizeof(e->event), val, vlen);
+    if (IS("seq")) return parse_num(&e->seq, val, vlen);
+    if (IS("prev")) return parse_num(&e->prev, val, vlen);
     if (IS("ev")) {
-        free(e->ev);
-        e->ev = malloc(vlen + 1);
-        if (e->ev == NULL) return -1;
-        memcpy(e->ev, val, vlen);
-        e->ev[vlen] = '\0';
+        if (copy_alloc(&e->ev, val, vlen) != 0) return -1;
         e->ev_len = vlen;
         return 0;
     }
+    if (IS("rcpt")) return copy_alloc(&e->rcpt, val, vlen);
+    if (IS("state")) return copy_alloc(&e->state, val, vlen);
 #undef IS
     return 0;
 }
@@ -129,14 +147,26 @@ void
 cw_entry_finish(cw_entry_t *e)
 {
     e->valid = 0;
-    if (e->type != CW_T_MSG && e->type != CW_T_RECEIPT) { e->why = "unknown type t"; return; }
+    if (e->type != CW_T_MSG && e->type != CW_T_RECEIPT && e->type != CW_T_GROUP) {
+        e->why = "unknown type t";
+        return;
+    }
     if (cw_parse_conv(e->conv, e->a, e->b, &e->is_group) != 0) { e->why = "bad conv"; return; }
     if (!cw_valid_id(e->from, strlen(e->from), CW_ID_MAX)) { e->why = "bad from"; return; }
     if (e->dev[0] && !cw_valid_id(e->dev, strlen(e->dev), CW_DEV_MAX)) { e->why = "bad dev"; return; }
     if (e->seq < 1) { e->why = "bad seq"; return; }
     if (e->ev == NULL || e->ev_len < 2 || e->ev[0] != '{') { e->why = "bad ev"; return; }
-    if (e->is_group) {
-        if (e->type != CW_T_MSG || strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
+    if (e->type == CW_T_GROUP) {
+        if (!e->is_group || strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
+        if (strcmp(e->event, "created") != 0 && strcmp(e->event, "added") != 0
+            && strcmp(e->event, "removed") != 0)
+        {
+            e->why = "bad group event";
+            return;
+        }
+        if (e->rcpt == NULL || e->state == NULL) { e->why = "group entry without rcpt or state"; return; }
+    } else if (e->is_group) {
+        if (e->type == CW_T_MSG && strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
     } else {
         if (strcmp(e->from, e->a) != 0 && strcmp(e->from, e->b) != 0) {
             e->why = "from is not a participant";
