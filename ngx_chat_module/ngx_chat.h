@@ -145,6 +145,8 @@ struct ngx_chat_session_s {
     unsigned               replaying:1;   /* inbox replay in progress */
     unsigned               missed:1;      /* live events skipped meanwhile */
     unsigned               replay_wait:1; /* next page when the queue drains */
+    unsigned               behind:1;      /* events after its cursor were
+                                             dropped from the inbox */
     unsigned               nwatches:8;
 
     u_char                 dev_len;
@@ -248,6 +250,28 @@ extern ngx_str_t  ngx_chat_worker_channel;
 #define NGX_CHAT_SCRIPT_READ        7
 #define NGX_CHAT_SCRIPT_ACCEPT_K    8
 #define NGX_CHAT_SCRIPT_N           9
+
+/* the shard of a conversation (docs/PIPELINE.md, "Shards") */
+static ngx_inline ngx_uint_t
+ngx_chat_shard(ngx_chat_main_conf_t *cmcf, u_char *conv, size_t len)
+{
+    return ngx_crc32_long(conv, len) % cmcf->shards;
+}
+
+/* a key of group G's live state, on its conversation's shard:
+ * chat:{s<shard>}:g:<G>:<suffix> (docs/PIPELINE.md, "Groups") */
+#define NGX_CHAT_GROUP_KEY_LEN  (NGX_CHAT_USER_MAX + 48)
+
+/* typing in a group is relayed to at most this many members */
+#define NGX_CHAT_GROUP_TYPING_MAX  500
+
+static ngx_inline size_t
+ngx_chat_group_key(u_char *buf, ngx_uint_t shard, u_char *g, size_t glen,
+    const char *suffix)
+{
+    return ngx_sprintf(buf, "chat:{s%ui}:g:%*s:%s", shard, glen, g, suffix)
+           - buf;
+}
 
 /* wall clock in milliseconds (presence, registry expiry, message ts) */
 static ngx_inline int64_t

@@ -208,25 +208,12 @@ ngx_chat_msg_fail(ngx_chat_msg_ctx_t *ctx, const char *code,
 }
 
 
-static ngx_uint_t
-ngx_chat_shard(ngx_chat_main_conf_t *cmcf, u_char *conv, size_t len)
-{
-    return ngx_crc32_long(conv, len) % cmcf->shards;
-}
-
-
-/* A direct conversation the user takes part in (groups: issue 5). */
+/* A direct conversation the user takes part in. */
 static ngx_int_t
-ngx_chat_participant(u_char *user, size_t ulen, u_char *conv, size_t clen)
+ngx_chat_participant(u_char *user, size_t ulen, chat_conv_t *cv)
 {
-    chat_conv_t  cv;
-
-    if (chat_conv_parse((char *) conv, clen, &cv) != 0 || cv.kind != 'd') {
-        return 0;
-    }
-
-    return (cv.alen == ulen && ngx_memcmp(cv.a, user, ulen) == 0)
-           || (cv.blen == ulen && ngx_memcmp(cv.b, user, ulen) == 0);
+    return (cv->alen == ulen && ngx_memcmp(cv->a, user, ulen) == 0)
+           || (cv->blen == ulen && ngx_memcmp(cv->b, user, ulen) == 0);
 }
 
 
@@ -261,11 +248,34 @@ ngx_chat_msg_ack_send(ngx_chat_msg_ctx_t *ctx, u_char *rec, size_t len)
 }
 
 
+/* The accept script refused a group send: not_found or forbidden. */
+static ngx_int_t
+ngx_chat_msg_refused(ngx_chat_msg_ctx_t *ctx, redisReply *reply)
+{
+    if (reply == NULL || reply->type != REDIS_REPLY_STATUS) {
+        return 0;
+    }
+
+    if (reply->len == 9 && ngx_strncmp(reply->str, "forbidden", 9) == 0) {
+        ngx_chat_msg_fail(ctx, "forbidden", "not a member of the group", 0);
+
+    } else {
+        ngx_chat_msg_fail(ctx, "not_found", "no such group", 0);
+    }
+
+    return 1;
+}
+
+
 static void
 ngx_chat_msg_accepted(void *rp, void *data)
 {
     redisReply          *reply = rp;
     ngx_chat_msg_ctx_t  *ctx = data;
+
+    if (ngx_chat_msg_refused(ctx, reply)) {
+        return;
+    }
 
     if (reply == NULL || reply->type != REDIS_REPLY_STRING) {
         if (reply && reply->type == REDIS_REPLY_ERROR) {
@@ -318,6 +328,10 @@ ngx_chat_msg_accepted_k(void *rp, void *data)
     redisReply           *reply = rp, *rec, *record;
     ngx_chat_produced_t  *pr;
     ngx_chat_msg_ctx_t   *ctx = data;
+
+    if (ngx_chat_msg_refused(ctx, reply)) {
+        return;
+    }
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
         || reply->elements < 2
@@ -377,20 +391,18 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
                            ts[NGX_INT64_LEN], ttl[NGX_INT64_LEN],
                            dd[CHAT_PROTO_CLIENT_ID_MAX * 4 + 200],
                            seqk[32], stream[32], pre[256], cidbuf[1024],
-                          *suf, *p;
+                           mem[NGX_CHAT_GROUP_KEY_LEN],
+                           snd[NGX_CHAT_GROUP_KEY_LEN], *suf, *p;
     size_t                 clen, cidlen, slen;
     int64_t                wait, now;
     ngx_int_t              rc;
-    const char            *argv[13];
-    size_t                 argl[13];
+    ngx_uint_t             group, nkeys;
+    const char            *argv[15];
+    size_t                 argl[15];
     ngx_chat_main_conf_t  *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
-
-    if (f->target != CHAT_PROTO_TARGET_USER) {
-        ngx_chat_msg_fail(ctx, "not_found", "no such group", 0);
-        return;
-    }
+    group = (f->target == CHAT_PROTO_TARGET_GROUP);
 
     wait = ngx_chat_rate_take(ctx->conf->rate, ctx->conf->burst, ctx->user,
                               ctx->ulen);
@@ -406,8 +418,13 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         return;
     }
 
-    clen = chat_conv_direct((char *) ctx->user, ctx->ulen, f->target_id,
-                            f->target_len, (char *) conv);
+    if (group) {
+        clen = chat_conv_group(f->target_id, f->target_len, (char *) conv);
+    } else {
+        clen = chat_conv_direct((char *) ctx->user, ctx->ulen, f->target_id,
+                                f->target_len, (char *) conv);
+    }
+
     ctx->shard = ngx_chat_shard(cmcf, conv, clen);
     now = ngx_chat_now_ms();
 
@@ -423,9 +440,10 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         return;
     }
 
-    p = ngx_sprintf(suf, ",\"from\":\"%*s\",\"to\":\"%*s\",\"body\":\"%*s\","
+    p = ngx_sprintf(suf, ",\"from\":\"%*s\",\"%s\":\"%*s\",\"body\":\"%*s\","
                     "\"kind\":\"%s\"", (size_t) ctx->ulen, ctx->user,
-                    (size_t) f->target_len, f->target_id,
+                    group ? "group" : "to", (size_t) f->target_len,
+                    f->target_id,
                     (size_t) f->body.len, f->body.p,
                     f->kind == CHAT_PROTO_MEDIA ? "media" : "text");
 
@@ -462,27 +480,43 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     argl[9] = ctx->ulen;
     argv[10] = (char *) ctx->device;
     argl[10] = ctx->dlen;
-    argv[11] = "to";
-    argl[11] = 2;
+    argv[11] = group ? "group" : "to";
+    argl[11] = group ? 5 : 2;
     argv[12] = f->target_id;
     argl[12] = f->target_len;
+
+    /* a group send also names the member hash and the senders' set: the
+     * keys go before ARGV, after the dedup, seq and stream keys */
+    nkeys = 3;
+
+    if (group) {
+        ngx_memmove(&argv[5], &argv[3], 10 * sizeof(argv[0]));
+        ngx_memmove(&argl[5], &argl[3], 10 * sizeof(argl[0]));
+        argv[3] = (char *) mem;
+        argl[3] = ngx_chat_group_key(mem, ctx->shard, (u_char *) f->target_id,
+                                     f->target_len, "mem");
+        argv[4] = (char *) snd;
+        argl[4] = ngx_chat_group_key(snd, ctx->shard, (u_char *) f->target_id,
+                                     f->target_len, "snd");
+        nkeys = 5;
+    }
 
     if (cmcf->kafka) {
         /* dedup and seq in Redis, the queue is Kafka: no stream key */
         ngx_memcpy(ctx->dd, dd, argl[0]);
         ctx->dd_len = argl[0];
         argv[2] = argv[1];            /* drop the stream key: */
-        argl[2] = argl[1];            /* dedup, seq, then ARGV */
+        argl[2] = argl[1];            /* dedup, seq, then the rest */
         argv[1] = argv[0];
         argl[1] = argl[0];
 
         rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT_K,
-                                   ngx_chat_msg_accepted_k, ctx, 2, 12,
-                                   argv + 1, argl + 1);
+                                   ngx_chat_msg_accepted_k, ctx, nkeys - 1,
+                                   nkeys + 9, argv + 1, argl + 1);
     } else {
         rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT,
-                                   ngx_chat_msg_accepted, ctx, 3, 13,
-                                   argv, argl);
+                                   ngx_chat_msg_accepted, ctx, nkeys,
+                                   nkeys + 10, argv, argl);
     }
 
     if (rc != NGX_OK) {
@@ -508,8 +542,8 @@ ngx_chat_receipt_produce(const char **argv, size_t *argl, ngx_uint_t shard,
     p = buf;
     *p++ = '{';
 
-    /* argv[3..16]: field, value pairs */
-    for (i = 3; i + 1 < 17; i += 2) {
+    /* argv[3..18]: field, value pairs */
+    for (i = 3; i + 1 < 19; i += 2) {
         n = chat_json_escape_len(argv[i + 1], argl[i + 1]);
         if ((size_t) (p - buf) + argl[i] + n + 8 > sizeof(buf)) {
             return;
@@ -543,11 +577,12 @@ ngx_chat_receipt_produce(const char **argv, size_t *argl, ngx_uint_t shard,
 
 static void
 ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
-    u_char *conv, size_t clen, const char *status, u_char *seq, size_t seqlen)
+    u_char *conv, size_t clen, const char *status, u_char *seq, size_t seqlen,
+    u_char *prev, size_t prevlen)
 {
     u_char                 stream[32], ev[400];
-    const char            *argv[17];
-    size_t                 argl[17];
+    const char            *argv[19];
+    size_t                 argl[19];
     ngx_chat_main_conf_t  *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
@@ -577,6 +612,8 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
                            "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
                            "\"ts\":%L}", clen, conv, status, blen, by,
                            seqlen, seq, ngx_chat_now_ms()) - ev;
+    argv[17] = "prev";          argl[17] = 4;
+    argv[18] = (char *) prev;   argl[18] = prevlen;
 
     if (cmcf->kafka) {
         ngx_chat_receipt_produce(argv, argl, ngx_chat_shard(cmcf, conv, clen),
@@ -584,7 +621,7 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
         return;
     }
 
-    if (ngx_chat_redis_commandv(NULL, NULL, 17, argv, argl) != NGX_OK) {
+    if (ngx_chat_redis_commandv(NULL, NULL, 19, argv, argl) != NGX_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: %s receipt for %*s lost: redis unavailable",
                       status, clen, conv);
@@ -596,7 +633,7 @@ static void
 ngx_chat_msg_acked(void *rp, void *data)
 {
     size_t               i;
-    redisReply          *reply = rp, *c, *q;
+    redisReply          *reply = rp, *c, *q, *pv;
     ngx_chat_msg_ctx_t  *ctx = data;
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
@@ -604,15 +641,19 @@ ngx_chat_msg_acked(void *rp, void *data)
         return;
     }
 
-    /* {conv, seq, ...}: a delivered receipt for each */
-    for (i = 0; i + 1 < reply->elements; i += 2) {
+    /* {conv, seq, prev, ...}: a delivered receipt for each */
+    for (i = 0; i + 2 < reply->elements; i += 3) {
         c = reply->element[i];
         q = reply->element[i + 1];
+        pv = reply->element[i + 2];
 
-        if (c->type == REDIS_REPLY_STRING && q->type == REDIS_REPLY_STRING) {
+        if (c->type == REDIS_REPLY_STRING && q->type == REDIS_REPLY_STRING
+            && pv->type == REDIS_REPLY_STRING)
+        {
             ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device,
                                      ctx->dlen, (u_char *) c->str, c->len,
-                                     "delivered", (u_char *) q->str, q->len);
+                                     "delivered", (u_char *) q->str, q->len,
+                                     (u_char *) pv->str, pv->len);
         }
     }
 
@@ -670,16 +711,20 @@ ngx_chat_msg_read_done(void *rp, void *data)
     ngx_chat_read_ctx_t  *rc = data;
     ngx_chat_msg_ctx_t   *ctx = rc->ctx;
 
+    u_char                prev[NGX_INT64_LEN];
+
     if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
         return;
     }
 
-    if (reply->integer == 1) {
+    if (reply->integer >= 0) {
         ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
                                  rc->conv, rc->clen, "read", rc->seq,
-                                 rc->seqlen);
+                                 rc->seqlen, prev,
+                                 ngx_sprintf(prev, "%L", reply->integer)
+                                 - prev);
     }
 
     ngx_free(rc);
@@ -687,16 +732,48 @@ ngx_chat_msg_read_done(void *rp, void *data)
 }
 
 
+static void ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc);
+
+
+/* A read in a group: the reader must be an active member. */
+static void
+ngx_chat_msg_read_member(void *rp, void *data)
+{
+    redisReply           *reply = rp;
+    ngx_chat_read_ctx_t  *rc = data;
+    ngx_chat_msg_ctx_t   *ctx = rc->ctx;
+
+    if (reply == NULL
+        || (reply->type != REDIS_REPLY_STRING && reply->type != REDIS_REPLY_NIL))
+    {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    if (reply->type == REDIS_REPLY_NIL
+        || ngx_strlchr((u_char *) reply->str, (u_char *) reply->str
+                       + reply->len, ':'))
+    {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "forbidden", "not a member of the group", 0);
+        return;
+    }
+
+    ngx_chat_msg_read_pointer(rc);
+}
+
+
 static void
 ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
-    u_char               key[96];
-    const char          *argv[3];
-    size_t               argl[3];
-    ngx_chat_read_ctx_t *rc;
+    u_char                 key[NGX_CHAT_GROUP_KEY_LEN];
+    chat_conv_t            cv;
+    ngx_chat_read_ctx_t   *rc;
+    ngx_chat_main_conf_t  *cmcf;
 
-    if (!ngx_chat_participant(ctx->user, ctx->ulen, (u_char *) f->conv,
-                              f->conv_len))
+    if (chat_conv_parse(f->conv, f->conv_len, &cv) != 0
+        || (cv.kind == 'd' && !ngx_chat_participant(ctx->user, ctx->ulen, &cv)))
     {
         ngx_chat_msg_fail(ctx, "forbidden", "not a participant", 0);
         return;
@@ -713,11 +790,39 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     ngx_memcpy(rc->conv, f->conv, f->conv_len);
     rc->seqlen = ngx_sprintf(rc->seq, "%L", f->seq) - rc->seq;
 
+    if (cv.kind == 'd') {
+        ngx_chat_msg_read_pointer(rc);
+        return;
+    }
+
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    if (ngx_chat_redis_command(ngx_chat_msg_read_member, rc, "HGET %b %b", key,
+                               ngx_chat_group_key(key,
+                                   ngx_chat_shard(cmcf, rc->conv, rc->clen),
+                                   (u_char *) cv.a, cv.alen, "mem"),
+                               ctx->user, (size_t) ctx->ulen)
+        != NGX_OK)
+    {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+    }
+}
+
+
+static void
+ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
+{
+    u_char               key[96];
+    const char          *argv[3];
+    size_t               argl[3];
+    ngx_chat_msg_ctx_t  *ctx = rc->ctx;
+
     argv[0] = (char *) key;
     argl[0] = ngx_sprintf(key, "chat:{u:%*s}:read", (size_t) ctx->ulen,
                           ctx->user) - key;
-    argv[1] = f->conv;
-    argl[1] = f->conv_len;
+    argv[1] = (char *) rc->conv;
+    argl[1] = rc->clen;
     argv[2] = (char *) rc->seq;
     argl[2] = rc->seqlen;
 

@@ -144,6 +144,9 @@ ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
+    /* the registry left the inbox's trim point in sent_cursor */
+    s->behind = (s->sent_cursor > ctx->cursor);
+
     /* the answer's cursor is the one polled with: it acknowledges up to it */
     s->cursor = ctx->cursor;
     s->sent_cursor = ctx->cursor;
@@ -249,7 +252,7 @@ ngx_chat_poll_respond(ngx_chat_session_t *s)
 
     r = s->request;
 
-    len = sizeof("{\"events\":[],\"cursor\":}") + NGX_INT64_LEN;
+    len = sizeof("{\"events\":[],\"cursor\":,\"behind\":true}") + NGX_INT64_LEN;
     for (o = s->out_head; o; o = o->next) {
         len += o->hlen + o->buf->len + 1;
     }
@@ -289,7 +292,8 @@ ngx_chat_poll_respond(ngx_chat_session_t *s)
     s->out_count = 0;
     s->out_bytes = 0;
 
-    p = ngx_sprintf(p, "],\"cursor\":%uL}", cursor);
+    p = ngx_sprintf(p, "],\"cursor\":%uL%s}", cursor,
+                    s->behind ? ",\"behind\":true" : "");
 
     rc = ngx_chat_http_json(r, NGX_HTTP_OK, json, p - json);
     ngx_http_finalize_request(r, rc);

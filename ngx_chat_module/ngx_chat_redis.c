@@ -62,13 +62,29 @@ ngx_str_t       ngx_chat_worker_channel;
  * Lua scripts. Every key a script touches carries one hash tag and is
  * passed in KEYS, so each runs on one slot of a Redis Cluster.
  */
+/* A group send: KEYS[k] is the member hash; ARGV[7] the sender, who must
+ * be an active member ("<since>", not "<since>:<until>"). */
+#define NGX_CHAT_LUA_MEMBER(k)                                                \
+    "if KEYS[" #k "] then\n"                                                 \
+    "  local m = redis.call('HGET', KEYS[" #k "], ARGV[7])\n"                \
+    "  if not m then\n"                                                      \
+    "    if redis.call('EXISTS', KEYS[" #k "]) == 0 then"                     \
+    " return redis.status_reply('not_found') end\n"                          \
+    "    return redis.status_reply('forbidden')\n"                           \
+    "  end\n"                                                                \
+    "  if string.find(m, ':', 1, true) then"                                  \
+    " return redis.status_reply('forbidden') end\n"                          \
+    "end\n"
+
 static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
 
-    /* REGISTER  KEYS: conns acked  ARGV: member now ttl max user device */
+    /* REGISTER  KEYS: conns acked last  ARGV: member now ttl max user device
+     * returns {connections, acked cursor, trim point}: the trim point is the
+     * newest cursor the inbox dropped unacknowledged (size or age bound) */
     "local now = tonumber(ARGV[2])\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
     "local n = redis.call('ZCARD', KEYS[1])\n"
-    "if n >= tonumber(ARGV[4]) then return {-1, '0'} end\n"
+    "if n >= tonumber(ARGV[4]) then return {-1, '0', '0'} end\n"
     "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])\n"
     "redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))\n"
     "if n == 0 then redis.call('PUBLISH', 'chat:p:' .. ARGV[5],"
@@ -76,7 +92,7 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     " '\",\"online\":true,\"last_seen\":null}') end\n"
     "redis.call('HSETNX', KEYS[2], ARGV[6], 0)\n"
     "local acked = redis.call('HGET', KEYS[2], ARGV[6])\n"
-    "return {n + 1, acked}\n",
+    "return {n + 1, acked, redis.call('HGET', KEYS[3], 'trim') or '0'}\n",
 
     /* UNREGISTER  KEYS: conns seen  ARGV: member now user */
     "local removed = redis.call('ZREM', KEYS[1], ARGV[1])\n"
@@ -121,12 +137,16 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "end\n"
     "return n\n",
 
-    /* ACCEPT  KEYS: dedup seq stream
+    /* ACCEPT  KEYS: dedup seq stream [mem snd]
      * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
-     * dedup, number and enqueue in one step; returns "id|seq|ts|conv" */
+     * dedup, (group: check the sender is an active member,) number and
+     * enqueue in one step; returns "id|seq|ts|conv", or the status
+     * not_found / forbidden */
     "local d = redis.call('GET', KEYS[1])\n"
     "if d then return d end\n"
+    NGX_CHAT_LUA_MEMBER(4)
     "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
+    "if KEYS[5] then redis.call('ZADD', KEYS[5], seq, ARGV[7]) end\n"
     "redis.call('XADD', KEYS[3], '*', 't', 'msg', 'conv', ARGV[1],"
     " 'from', ARGV[7], 'dev', ARGV[8], ARGV[9], ARGV[10], 'seq', seq,"
     " 'ev', ARGV[5] .. seq .. ARGV[6])\n"
@@ -135,8 +155,9 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "return rec\n",
 
     /* ACK  KEYS: acked inbox dlv cur  ARGV: device n user
-     * moves the device's cursor, returns {conv, seq, ...} of delivered
-     * receipts to emit, trims what every device has acknowledged */
+     * moves the device's cursor, returns {conv, seq, prev, ...} of
+     * delivered receipts to emit (prev: the pointer before), trims what
+     * every device has acknowledged */
     "local prev = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
     "local n = tonumber(ARGV[2])\n"
     "local top = tonumber(redis.call('GET', KEYS[4]) or '0')\n"
@@ -157,6 +178,7 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "    redis.call('HSET', KEYS[3], conv, best[conv])\n"
     "    table.insert(out, conv)\n"
     "    table.insert(out, string.format('%d', best[conv]))\n"
+    "    table.insert(out, string.format('%d', d))\n"
     "  end\n"
     "end\n"
     "local min = n\n"
@@ -167,15 +189,16 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', min)\n"
     "return out\n",
 
-    /* READ  KEYS: read  ARGV: conv seq  -> 1 when the pointer moved */
+    /* READ  KEYS: read  ARGV: conv seq
+     * -> the pointer before when it moved, else -1 */
     "local p = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
     "if tonumber(ARGV[2]) > p then\n"
     "  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n"
-    "  return 1\n"
+    "  return p\n"
     "end\n"
-    "return 0\n",
+    "return -1\n",
 
-    /* ACCEPT_K (Kafka queue)  KEYS: dedup seq
+    /* ACCEPT_K (Kafka queue)  KEYS: dedup seq [mem snd]
      * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
      * dedup and number; the record to produce is kept with the dedup entry
      * until the broker acknowledged it, so a retry produces the same bytes.
@@ -186,7 +209,9 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "  if nl then return {1, string.sub(d, 1, nl - 1), string.sub(d, nl + 1)} end\n"
     "  return {0, d}\n"
     "end\n"
+    NGX_CHAT_LUA_MEMBER(3)
     "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
+    "if KEYS[4] then redis.call('ZADD', KEYS[4], seq, ARGV[7]) end\n"
     "local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]\n"
     "local p = {t = 'msg', conv = ARGV[1], from = ARGV[7], dev = ARGV[8],"
     " seq = tostring(seq), ev = ARGV[5] .. seq .. ARGV[6]}\n"
@@ -728,11 +753,11 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
     int nkeys, int argc, const char **argv, const size_t *argvlen)
 {
     u_char       nk[NGX_INT_T_LEN];
-    const char  *av[16];
-    size_t       al[16];
+    const char  *av[20];
+    size_t       al[20];
     int          i;
 
-    if (argc > 13) {
+    if (argc > 17) {
         return NGX_ERROR;
     }
 

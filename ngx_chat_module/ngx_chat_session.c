@@ -278,7 +278,7 @@ ngx_chat_session_registered(void *r, void *data)
     }
 
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
-        || reply->elements != 2
+        || reply->elements != 3
         || reply->element[0]->type != REDIS_REPLY_INTEGER)
     {
         if (reply && reply->type == REDIS_REPLY_ERROR) {
@@ -304,6 +304,18 @@ ngx_chat_session_registered(void *r, void *data)
         }
     }
 
+    /* the inbox's trim point, until the transport has told the client
+     * (hello): sent_cursor is not used before the replay starts */
+    s->sent_cursor = 0;
+
+    if (reply->element[2]->type == REDIS_REPLY_STRING) {
+        s->sent_cursor = ngx_atoof((u_char *) reply->element[2]->str,
+                                   reply->element[2]->len);
+        if (s->sent_cursor == (uint64_t) NGX_ERROR) {
+            s->sent_cursor = 0;
+        }
+    }
+
     done(s, NGX_OK);
 }
 
@@ -317,10 +329,10 @@ void
 ngx_chat_session_register(ngx_chat_session_t *s,
     void (*done)(ngx_chat_session_t *s, ngx_int_t rc))
 {
-    u_char                    member[160], conns[96], acked[96], now[32],
-                              ttl[32], max[32];
-    const char               *argv[8];
-    size_t                    argl[8];
+    u_char                    member[160], conns[96], acked[96], last[96],
+                              now[32], ttl[32], max[32];
+    const char               *argv[9];
+    size_t                    argl[9];
     ngx_chat_main_conf_t     *cmcf;
     ngx_chat_register_ctx_t  *ctx;
 
@@ -339,23 +351,25 @@ ngx_chat_session_register(ngx_chat_session_t *s,
     argl[0] = ngx_chat_user_key(s->user, "conns", conns);
     argv[1] = (char *) acked;
     argl[1] = ngx_chat_user_key(s->user, "acked", acked);
-    argv[2] = (char *) member;
-    argl[2] = ngx_chat_session_member(s, member);
-    argv[3] = (char *) now;
-    argl[3] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
+    argv[2] = (char *) last;
+    argl[2] = ngx_chat_user_key(s->user, "last", last);
+    argv[3] = (char *) member;
+    argl[3] = ngx_chat_session_member(s, member);
+    argv[4] = (char *) now;
+    argl[4] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
               - now;
-    argv[4] = (char *) ttl;
-    argl[4] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
+    argv[5] = (char *) ttl;
+    argl[5] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
               - ttl;
-    argv[5] = (char *) max;
-    argl[5] = ngx_sprintf(max, "%ui", cmcf->max_conns_user) - max;
-    argv[6] = (char *) s->user->id;
-    argl[6] = s->user->len;
-    argv[7] = (char *) s->device;
-    argl[7] = s->dev_len;
+    argv[6] = (char *) max;
+    argl[6] = ngx_sprintf(max, "%ui", cmcf->max_conns_user) - max;
+    argv[7] = (char *) s->user->id;
+    argl[7] = s->user->len;
+    argv[8] = (char *) s->device;
+    argl[8] = s->dev_len;
 
     if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REGISTER,
-                              ngx_chat_session_registered, ctx, 2, 8,
+                              ngx_chat_session_registered, ctx, 3, 9,
                               argv, argl) != NGX_OK)
     {
         ngx_free(ctx);
@@ -1083,40 +1097,148 @@ ngx_chat_deliver(u_char *p, size_t len)
 
 /* --- client frames ------------------------------------------------------------- */
 
+/* One recipient of a typing indicator: one PUBLISH per worker process that
+ * holds a connection of it, straight from its registry. */
+static ngx_int_t
+ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
+{
+    u_char        conns[96], now[32];
+    const char   *argv[4];
+    size_t        argl[4];
+
+    argv[0] = (char *) conns;
+    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", ulen, user) - conns;
+    argv[1] = (char *) now;
+    argl[1] = ngx_sprintf(now, "%L", ngx_chat_now_ms()) - now;
+    argv[2] = (char *) user;
+    argl[2] = ulen;
+    argv[3] = (char *) json;
+    argl[3] = jlen;
+
+    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_TYPING, NULL, NULL, 1, 4,
+                                 argv, argl);
+}
+
+
+typedef struct {
+    size_t   flen;
+    size_t   jlen;
+    u_char   from[NGX_CHAT_USER_MAX];
+    u_char   json[320];
+} ngx_chat_typing_ctx_t;
+
+
+/* The group's member hash: relay to every active member but the sender,
+ * when the sender is one and the group is small enough to push to. */
+static void
+ngx_chat_typing_members(void *rp, void *data)
+{
+    size_t                  i, active;
+    redisReply             *reply = rp, *m, *v;
+    ngx_uint_t              member;
+    ngx_chat_typing_ctx_t  *t = data;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
+        ngx_free(t);
+        return;
+    }
+
+    member = 0;
+    active = 0;
+
+    for (i = 0; i + 1 < reply->elements; i += 2) {
+        m = reply->element[i];
+        v = reply->element[i + 1];
+
+        if (v->type != REDIS_REPLY_STRING
+            || ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len, ':'))
+        {
+            continue;
+        }
+
+        active++;
+
+        if ((size_t) m->len == t->flen
+            && ngx_strncmp(m->str, t->from, t->flen) == 0)
+        {
+            member = 1;
+        }
+    }
+
+    if (member && active <= NGX_CHAT_GROUP_TYPING_MAX) {
+        for (i = 0; i + 1 < reply->elements; i += 2) {
+            m = reply->element[i];
+            v = reply->element[i + 1];
+
+            if (m->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING
+                || ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len,
+                               ':')
+                || ((size_t) m->len == t->flen
+                    && ngx_strncmp(m->str, t->from, t->flen) == 0))
+            {
+                continue;
+            }
+
+            (void) ngx_chat_typing_to((u_char *) m->str, m->len, t->json,
+                                      t->jlen);
+        }
+    }
+
+    ngx_free(t);
+}
+
+
 /*
- * Relay {"type":"typing"} to the connections of the target: one PUBLISH per
- * worker that holds one, straight from the registry, never stored.
- * NGX_DECLINED: no such target kind yet (groups); NGX_ERROR: Redis is away.
+ * Relay {"type":"typing"} to the connections of the target, never stored.
+ * A group's typing goes to its active members (when the sender is one and
+ * the group has at most NGX_CHAT_GROUP_TYPING_MAX of them; else it is
+ * dropped: typing is best effort). NGX_ERROR: Redis is away.
  */
 ngx_int_t
 ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f)
 {
-    u_char        conv[CHAT_CONV_MAX + 1], json[320], conns[96], now[32];
-    size_t        clen;
-    const char   *argv[4];
-    size_t        argl[4];
+    u_char                  conv[CHAT_CONV_MAX + 1], key[NGX_CHAT_GROUP_KEY_LEN],
+                            json[320];
+    size_t                  clen;
+    ngx_chat_main_conf_t   *cmcf;
+    ngx_chat_typing_ctx_t  *t;
 
-    if (f->target != CHAT_PROTO_TARGET_USER) {
-        return NGX_DECLINED;
+    if (f->target != CHAT_PROTO_TARGET_GROUP) {
+        clen = chat_conv_direct((char *) from, flen, f->target_id,
+                                f->target_len, (char *) conv);
+
+        return ngx_chat_typing_to((u_char *) f->target_id, f->target_len, json,
+                                  ngx_sprintf(json, "{\"type\":\"typing\","
+                                              "\"conv\":\"%*s\",\"from\":\"%*s\"}",
+                                              clen, conv, flen, from) - json);
     }
 
-    clen = chat_conv_direct((char *) from, flen, f->target_id, f->target_len,
-                            (char *) conv);
+    t = ngx_alloc(sizeof(ngx_chat_typing_ctx_t), ngx_cycle->log);
+    if (t == NULL) {
+        return NGX_ERROR;
+    }
 
-    argv[0] = (char *) conns;
-    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", (size_t) f->target_len,
-                          f->target_id) - conns;
-    argv[1] = (char *) now;
-    argl[1] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
-              - now;
-    argv[2] = f->target_id;
-    argl[2] = f->target_len;
-    argv[3] = (char *) json;
-    argl[3] = ngx_sprintf(json, "{\"type\":\"typing\",\"conv\":\"%*s\","
-                          "\"from\":\"%*s\"}", clen, conv, flen, from) - json;
+    clen = chat_conv_group(f->target_id, f->target_len, (char *) conv);
+    t->flen = flen;
+    ngx_memcpy(t->from, from, flen);
+    t->jlen = ngx_sprintf(t->json, "{\"type\":\"typing\",\"conv\":\"%*s\","
+                          "\"from\":\"%*s\"}", clen, conv, flen, from)
+              - t->json;
 
-    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_TYPING, NULL, NULL, 1, 4,
-                                 argv, argl);
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    if (ngx_chat_redis_command(ngx_chat_typing_members, t, "HGETALL %b", key,
+                               ngx_chat_group_key(key,
+                                   ngx_chat_shard(cmcf, conv, clen),
+                                   (u_char *) f->target_id, f->target_len,
+                                   "mem"))
+        != NGX_OK)
+    {
+        ngx_free(t);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 

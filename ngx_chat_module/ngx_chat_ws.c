@@ -320,10 +320,15 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
+    /* the registry left the inbox's trim point in sent_cursor: events
+     * after the cursor replayed from were dropped unacknowledged */
+    s->behind = (s->sent_cursor > (uint64_t) hs->cursor);
+
     p = ngx_sprintf(hello, "{\"type\":\"hello\",\"user\":\"%*s\","
-                    "\"device\":\"%*s\",\"cursor\":%uL,\"heartbeat\":%T}",
+                    "\"device\":\"%*s\",\"cursor\":%uL,\"heartbeat\":%T%s}",
                     (size_t) s->user->len, s->user->id, (size_t) s->dev_len,
-                    s->device, s->cursor, s->conf->heartbeat);
+                    s->device, s->cursor, s->conf->heartbeat,
+                    s->behind ? ",\"behind\":true" : "");
 
     (void) ngx_chat_session_send(s, hello, p - hello);
 

@@ -112,7 +112,9 @@ typedef struct {
     int64_t     seq;
     int64_t     prev;            /* receipt: the user's pointer before it (0 if absent) */
     char        event[16];       /* group: created, added or removed */
-    char       *rcpt;            /* group: space-separated users (malloc'd) */
+    char       *rcpt;            /* group: the users, each NUL-terminated, one after
+                                    the other (malloc'd; space-separated on the wire) */
+    int         n_rcpt;          /* how many */
     char       *state;           /* group: the group after the change, JSON (malloc'd) */
     char       *ev;              /* event JSON without cursor (malloc'd) */
     size_t      ev_len;
@@ -127,7 +129,6 @@ typedef struct {
 typedef struct {
     const char *user;
     const char *skip_dev;        /* NULL: every device */
-    char        field[CW_FIELD_MAX];
 } cw_rcpt_t;
 
 int  cw_valid_id(const char *s, size_t len, size_t max);
@@ -137,6 +138,8 @@ int  cw_entry_field(cw_entry_t *e, const char *name, size_t nlen,
                     const char *val, size_t vlen);
 void cw_entry_finish(cw_entry_t *e);
 int  cw_entry_from_json(cw_entry_t *e, const char *json, size_t len);
+/* The inbox idempotency field of an entry's recipients (one per entry). */
+void cw_entry_inbox_field(const cw_entry_t *e, char field[CW_FIELD_MAX]);
 int  cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2]);
 
 cw_entry_t *cw_batch_add(cw_batch_t *b);

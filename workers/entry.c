@@ -142,6 +142,28 @@ other(const cw_entry_t *e, const char *u)
     return strcmp(u, e->a) == 0 ? e->b : e->a;
 }
 
+/* "a b c" -> "a\0b\0c\0", each a valid id; once (a finished entry may be
+ * finished again: n_rcpt says it was split already). */
+static int
+split_users(cw_entry_t *e)
+{
+    char *p = e->rcpt, *end;
+
+    if (e->n_rcpt > 0) return 0;
+    end = p + strlen(p);
+    while (p < end) {
+        char *sp = strchr(p, ' ');
+        if (sp == NULL) sp = end;
+        if (sp > p) {
+            if (!cw_valid_id(p, (size_t) (sp - p), CW_ID_MAX)) return -1;
+            e->n_rcpt++;
+        }
+        *sp = '\0';
+        p = sp + 1;
+    }
+    return 0;
+}
+
 /* Checks that the entry is complete and consistent; sets valid and why. */
 void
 cw_entry_finish(cw_entry_t *e)
@@ -165,6 +187,7 @@ cw_entry_finish(cw_entry_t *e)
             return;
         }
         if (e->rcpt == NULL || e->state == NULL) { e->why = "group entry without rcpt or state"; return; }
+        if (split_users(e) != 0) { e->why = "bad rcpt"; return; }
     } else if (e->is_group) {
         if (e->type == CW_T_MSG && strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
     } else {
@@ -228,40 +251,39 @@ cw_entry_from_json(cw_entry_t *e, const char *json, size_t len)
     return rc;
 }
 
+void
+cw_entry_inbox_field(const cw_entry_t *e, char field[CW_FIELD_MAX])
+{
+    /* messages and membership changes share the conversation's seqs */
+    if (e->type == CW_T_RECEIPT) snprintf(field, CW_FIELD_MAX, "r:%s:%s:%s", e->st, e->conv, e->from);
+    else snprintf(field, CW_FIELD_MAX, "m:%s", e->conv);
+}
+
 /*
- * Recipients of a valid entry (docs/PIPELINE.md, "Recipients"): at most
- * two users, each with the inbox idempotency field and, for the acting
- * user's own copy, the device to skip. Group entries have none yet.
+ * Recipients of a valid direct entry (docs/PIPELINE.md, "Recipients"): at
+ * most two users, with the device to skip for the acting user's own copy.
+ * Group entries have theirs from Redis (the fan-out resolves them).
  */
 int
 cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2])
 {
     int         n = 0, self = strcmp(e->a, e->b) == 0;
     const char *peer;
-    char        field[CW_FIELD_MAX];
 
     if (!e->valid || e->is_group) return 0;
     peer = other(e, e->from);
-    if (e->type == CW_T_MSG) {
-        snprintf(field, sizeof(field), "m:%s", e->conv);
-    } else {
-        snprintf(field, sizeof(field), "r:%s:%s:%s", e->st, e->conv, e->from);
-    }
     if (e->type == CW_T_MSG || strcmp(e->st, "read") == 0) {
         if (!self) {
             out[n].user = peer;
             out[n].skip_dev = NULL;
-            memcpy(out[n].field, field, sizeof(field));
             n++;
         }
         out[n].user = e->from;
         out[n].skip_dev = e->dev[0] ? e->dev : NULL;
-        memcpy(out[n].field, field, sizeof(field));
         n++;
     } else if (!self) {                     /* delivered */
         out[n].user = peer;
         out[n].skip_dev = NULL;
-        memcpy(out[n].field, field, sizeof(field));
         n++;
     }
     return n;

@@ -22,8 +22,17 @@
 /*
  * Inbox append (one call per recipient user, on its {u:U} keys).
  *   KEYS: chat:{u:U}:inbox  chat:{u:U}:cur  chat:{u:U}:last  chat:{u:U}:conns
+ *         chat:{u:U}:ages
  *   ARGV: field  seq  event  now(ms)  inbox_max  retention(ms)
  * Returns {appended, cursor, live registry members...}.
+ *
+ * Bounds: the inbox keeps at most inbox_max events, and none older than the
+ * retention. Age is tracked coarsely: `ages` holds a marker (score = time,
+ * member = the first cursor appended after it) at most once an hour; when a
+ * marker is added, events before the newest marker older than the
+ * retention are dropped. The newest cursor dropped by either bound is kept
+ * in last["trim"]: a device whose cursor is below it has missed events, and
+ * hello says so ("behind").
  *
  * last[field] = "<seq>:<cursor>" of the newest appended. An equal seq is a
  * re-consumed entry: nothing is added and the stored cursor is returned, so
@@ -83,14 +92,53 @@ static const char inbox_lua[] =
     "  end\n"
     "  local n = redis.call('ZCARD', KEYS[1])\n"
     "  local max = tonumber(ARGV[5])\n"
-    "  if n > max then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1) end\n"
-    "  redis.call('PEXPIRE', KEYS[1], ARGV[6])\n"
-    "  redis.call('PEXPIRE', KEYS[3], ARGV[6])\n"
+    "  local trim = 0\n"
+    "  if n > max then\n"
+    "    trim = tonumber(redis.call('ZRANGE', KEYS[1], n - max - 1, n - max - 1, 'WITHSCORES')[2])\n"
+    "    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)\n"
+    "  end\n"
+    "  local now, ret = tonumber(ARGV[4]), tonumber(ARGV[6])\n"
+    "  local mk = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')\n"
+    "  if #mk == 0 or now - tonumber(mk[2]) >= 3600000 then\n"
+    "    redis.call('ZADD', KEYS[5], now, cur)\n"
+    "    local old = redis.call('ZREVRANGEBYSCORE', KEYS[5], now - ret, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
+    "    if #old > 0 then\n"
+    "      local top = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. old[1], '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
+    "      if #top > 0 then\n"
+    "        if tonumber(top[2]) > trim then trim = tonumber(top[2]) end\n"
+    "        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. old[1])\n"
+    "      end\n"
+    "      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. old[2])\n"
+    "    end\n"
+    "    redis.call('PEXPIRE', KEYS[5], ret)\n"
+    "  end\n"
+    "  if trim > 0 and trim > tonumber(redis.call('HGET', KEYS[3], 'trim') or '0') then\n"
+    "    redis.call('HSET', KEYS[3], 'trim', string.format('%d', trim))\n"
+    "  end\n"
+    "  redis.call('PEXPIRE', KEYS[1], ret)\n"
+    "  redis.call('PEXPIRE', KEYS[3], ret)\n"
     "  res = {1, cur}\n"
     "end\n"
     "local m = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf')\n"
     "for j = 1, #m do res[#res + 1] = m[j] end\n"
     "return res\n";
+
+/*
+ * A group receipt (on the group's shard keys, docs/PIPELINE.md "Group
+ * receipts"): raise the member's delivered (and, for read, read) pointer,
+ * return the senders whose newest message is after the member's previous
+ * pointer: they are the ones this receipt tells something new.
+ *   KEYS: chat:{s<s>}:g:<G>:dlv  :read  :snd
+ *   ARGV: member  seq  status  prev
+ */
+static const char receipt_lua[] =
+    "local n = tonumber(ARGV[2])\n"
+    "local function raise(k)\n"
+    "  if n > tonumber(redis.call('HGET', k, ARGV[1]) or '0') then redis.call('HSET', k, ARGV[1], n) end\n"
+    "end\n"
+    "raise(KEYS[1])\n"
+    "if ARGV[3] == 'read' then raise(KEYS[2]) end\n"
+    "return redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[4], '+inf')\n";
 
 typedef struct {
     char   *p;
@@ -123,16 +171,26 @@ typedef struct {
     int         last_rcpt;     /* the recipient whose token was added last */
 } chan_t;
 
+/* What one entry of a batch goes to. */
+typedef struct {
+    int          r0, n;          /* its recipients: rc[r0 .. r0 + n) */
+    int          pull;           /* big group: live delivery only, no inbox copy */
+    redisReply  *group;          /* the group's members or senders (Redis reply) */
+    char         field[CW_FIELD_MAX];
+} target_t;
+
 typedef struct {
     const cw_config_t *cf;
     redisContext      *c;
-    char               sha[48];
+    char               sha[48];          /* inbox append */
+    char               sha_receipt[48];  /* group receipt */
     cw_queue_t        *q;
     cw_batch_t         batch;
     int                have_batch;       /* Kafka: a fetched batch not yet done */
-    cw_rcpt_t         *rcpts;            /* 2 per entry */
-    int               *nrcpt;
-    redisReply       **replies;          /* per recipient, in processing order */
+    target_t          *tg;               /* per entry */
+    cw_rcpt_t         *rc;               /* every recipient of the batch */
+    redisReply       **replies;          /* per recipient */
+    int                nrc, rc_cap;
     int               *ord, *msgs, *pos; /* processing order (order_batch) */
     int                cap;              /* entries the arrays above hold */
     chan_t            *chans;
@@ -145,42 +203,65 @@ typedef struct {
 } fanout_t;
 
 static int
-load_script(fanout_t *f)
+load_one(fanout_t *f, const char *lua, char *sha, size_t len)
 {
-    redisReply *r = redisCommand(f->c, "SCRIPT LOAD %s", inbox_lua);
+    redisReply *r = redisCommand(f->c, "SCRIPT LOAD %s", lua);
     if (r == NULL) return -1;
     if (r->type != REDIS_REPLY_STRING) {
         cw_error("SCRIPT LOAD: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
         freeReplyObject(r);
         return -1;
     }
-    snprintf(f->sha, sizeof(f->sha), "%s", r->str);
+    snprintf(sha, len, "%s", r->str);
     freeReplyObject(r);
     return 0;
+}
+
+static int
+load_script(fanout_t *f)
+{
+    if (load_one(f, inbox_lua, f->sha, sizeof(f->sha)) != 0) return -1;
+    return load_one(f, receipt_lua, f->sha_receipt, sizeof(f->sha_receipt));
 }
 
 static int
 ensure_cap(fanout_t *f, int n)
 {
     if (n <= f->cap) return 0;
-    free(f->rcpts);
-    free(f->nrcpt);
-    free(f->replies);
+    free(f->tg);
     free(f->ord);
     free(f->msgs);
     free(f->pos);
-    f->rcpts = malloc(sizeof(cw_rcpt_t) * 2 * (size_t) n);
-    f->nrcpt = malloc(sizeof(int) * (size_t) n);
-    f->replies = malloc(sizeof(redisReply *) * 2 * (size_t) n);
+    f->tg = calloc((size_t) n, sizeof(target_t));
     f->ord = malloc(sizeof(int) * (size_t) n);
     f->msgs = malloc(sizeof(int) * (size_t) n);
     f->pos = malloc(sizeof(int) * (size_t) n);
-    if (!f->rcpts || !f->nrcpt || !f->replies || !f->ord || !f->msgs || !f->pos) {
+    if (!f->tg || !f->ord || !f->msgs || !f->pos) {
         f->cap = 0;
         return -1;
     }
     f->cap = n;
     return 0;
+}
+
+/* Room for one more recipient; returns it, or NULL. */
+static cw_rcpt_t *
+rcpt_add(fanout_t *f, const char *user, const char *skip_dev)
+{
+    if (f->nrc == f->rc_cap) {
+        int          cap = f->rc_cap ? f->rc_cap * 2 : 1024;
+        cw_rcpt_t   *nr = realloc(f->rc, sizeof(cw_rcpt_t) * (size_t) cap);
+        redisReply **np;
+        if (nr == NULL) return NULL;
+        f->rc = nr;
+        np = realloc(f->replies, sizeof(redisReply *) * (size_t) cap);
+        if (np == NULL) return NULL;
+        f->replies = np;
+        f->rc_cap = cap;
+    }
+    f->rc[f->nrc].user = user;
+    f->rc[f->nrc].skip_dev = skip_dev;
+    return &f->rc[f->nrc++];
 }
 
 static chan_t *
@@ -205,30 +286,38 @@ chan_get(fanout_t *f, const char *name, size_t len)
 }
 
 /*
- * Appends the PUBLISHes of entry e: for each recipient with a cursor, each
- * live registry member "<channel>|<device>|<session>" adds the token
- * "user:cursor[!device]" to its channel, once per user and channel. A
- * channel whose only connection is the skipped device gets the token too:
- * the module tracks each session's cursors and would take a missing one for
- * a gap (docs/PIPELINE.md). Returns the number of commands appended, or -1
- * on memory exhaustion.
+ * Appends the PUBLISHes of entry e: for each recipient, each live registry
+ * member "<channel>|<device>|<session>" adds the token
+ * "user[:cursor][!device]" to its channel, once per user and channel (no
+ * cursor: a pull-mode group event, delivered live only). A channel whose
+ * only connection is the skipped device gets the token too: the module
+ * tracks each session's cursors and would take a missing one for a gap
+ * (docs/PIPELINE.md). rep[k] is recipient k's inbox append reply
+ * {appended, cursor, members...} or, for pull, its registry members.
+ * Returns the number of commands appended, or -1 on memory exhaustion.
  */
 static int
-append_publishes(fanout_t *f, const cw_entry_t *e, const cw_rcpt_t *rc, int nrc, redisReply **rep)
+append_publishes(fanout_t *f, const cw_entry_t *e, const target_t *t, redisReply **rep)
 {
     int n = 0;
 
     f->nchans = 0;
-    for (int k = 0; k < nrc; k++) {
-        redisReply *r = rep[k];
-        long long   cursor;
-        char        tok[CW_ID_MAX + CW_DEV_MAX + 40];
-        int         toklen;
+    for (int k = 0; k < t->n; k++) {
+        const cw_rcpt_t *rc = &f->rc[t->r0 + k];
+        redisReply      *r = rep[k];
+        long long        cursor = 0;
+        size_t           first = 0;
+        char             tok[CW_ID_MAX + CW_DEV_MAX + 40];
+        int              toklen;
 
-        if (r->element[1]->type != REDIS_REPLY_INTEGER || (cursor = r->element[1]->integer) <= 0) continue;
-        toklen = snprintf(tok, sizeof(tok), "%s:%lld%s%s", rc[k].user, cursor,
-                          rc[k].skip_dev ? "!" : "", rc[k].skip_dev ? rc[k].skip_dev : "");
-        for (size_t j = 2; j < r->elements; j++) {
+        if (!t->pull) {
+            if (r->element[1]->type != REDIS_REPLY_INTEGER || (cursor = r->element[1]->integer) <= 0) continue;
+            first = 2;
+        }
+        toklen = cursor ? snprintf(tok, sizeof(tok), "%s:%lld", rc->user, cursor)
+                        : snprintf(tok, sizeof(tok), "%s", rc->user);
+        if (rc->skip_dev) toklen += snprintf(tok + toklen, sizeof(tok) - (size_t) toklen, "!%s", rc->skip_dev);
+        for (size_t j = first; j < r->elements; j++) {
             const char *m = r->element[j]->str, *bar;
             chan_t     *ch;
             if (r->element[j]->type != REDIS_REPLY_STRING) continue;
@@ -307,6 +396,180 @@ order_batch(fanout_t *f)
     for (int k = 0; k < n; k++) f->ord[f->pos[k]] = f->msgs[k];
 }
 
+static void
+free_groups(fanout_t *f)
+{
+    for (int i = 0; i < f->batch.n; i++) {
+        if (f->tg[i].group) freeReplyObject(f->tg[i].group);
+        f->tg[i].group = NULL;
+    }
+}
+
+/*
+ * One pipelined round trip for the group entries of the batch: a message's
+ * member hash, a receipt's pointer update and senders. Returns -1 when the
+ * connection must be dropped.
+ */
+static int
+resolve_groups(fanout_t *f)
+{
+    cw_batch_t *b = &f->batch;
+    int         n = 0;
+
+    for (int oi = 0; oi < b->n; oi++) {
+        cw_entry_t *e = &b->e[f->ord[oi]];
+        char        k[3][CW_ID_MAX + 48], seq_s[24], prev_s[24];
+
+        f->tg[f->ord[oi]].group = NULL;
+        if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
+        if (e->type == CW_T_MSG) {
+            redisAppendCommand(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
+        } else {
+            static const char *what[] = { "dlv", "read", "snd" };
+            const char        *argv[10];
+            size_t             lens[10];
+            for (int j = 0; j < 3; j++) snprintf(k[j], sizeof(k[j]), "chat:{s%d}:g:%s:%s", e->shard, e->a, what[j]);
+            snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
+            snprintf(prev_s, sizeof(prev_s), "%" PRId64, e->prev);
+            argv[0] = "EVALSHA"; argv[1] = f->sha_receipt; argv[2] = "3";
+            argv[3] = k[0]; argv[4] = k[1]; argv[5] = k[2];
+            argv[6] = e->from; argv[7] = seq_s; argv[8] = e->st; argv[9] = prev_s;
+            for (int j = 0; j < 10; j++) lens[j] = strlen(argv[j]);
+            redisAppendCommandArgv(f->c, 10, argv, lens);
+        }
+        n++;
+    }
+    for (int oi = 0; oi < b->n && n > 0; oi++) {
+        cw_entry_t *e = &b->e[f->ord[oi]];
+        redisReply *r;
+        if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
+        if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+        f->tg[f->ord[oi]].group = r;
+        n--;
+        if (r->type != REDIS_REPLY_ARRAY) {
+            cw_error("fanout: group %s: %s", e->conv, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+            while (n-- > 0) {
+                if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+                freeReplyObject(r);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* "<since>" or "<since>:<until>": a member at seq n? active: not removed. */
+static int
+member_at(const char *v, int64_t n, int *active)
+{
+    char      *end;
+    long long  since = strtoll(v, &end, 10), until = 0;
+
+    *active = (*end == '\0');
+    if (*end == ':') until = strtoll(end + 1, NULL, 10);
+    return since < n && (until == 0 || n < until);
+}
+
+/* The recipients of every entry, in processing order. */
+static int
+build_targets(fanout_t *f)
+{
+    cw_batch_t *b = &f->batch;
+
+    f->nrc = 0;
+    for (int oi = 0; oi < b->n; oi++) {
+        int         i = f->ord[oi];
+        cw_entry_t *e = &b->e[i];
+        target_t   *t = &f->tg[i];
+        redisReply *g = t->group;
+
+        t->r0 = f->nrc;
+        t->n = 0;
+        t->pull = 0;
+        if (!e->valid) continue;
+        cw_entry_inbox_field(e, t->field);
+        if (!e->is_group) {
+            cw_rcpt_t d[2];
+            int       nd = cw_recipients(e, d);
+            for (int k = 0; k < nd; k++)
+                if (rcpt_add(f, d[k].user, d[k].skip_dev) == NULL) return -1;
+        } else if (e->type == CW_T_GROUP) {
+            /* membership change: the users the entry names, every device */
+            const char *u = e->rcpt;
+            for (int k = 0; k < e->n_rcpt; k++, u += strlen(u) + 1)
+                if (rcpt_add(f, u, NULL) == NULL) return -1;
+        } else if (e->type == CW_T_MSG) {
+            /* members at this seq; the sender's own copy skips its device */
+            int active = 0;
+            for (size_t j = 0; j + 1 < g->elements; j += 2) {
+                const char *u = g->element[j]->str;
+                int         now;
+                if (g->element[j]->type != REDIS_REPLY_STRING || g->element[j + 1]->type != REDIS_REPLY_STRING)
+                    continue;
+                if (member_at(g->element[j + 1]->str, e->seq, &now)
+                    && rcpt_add(f, u, strcmp(u, e->from) == 0 && e->dev[0] ? e->dev : NULL) == NULL)
+                {
+                    return -1;
+                }
+                active += now;
+            }
+            t->pull = active > f->cf->group_push_limit;
+        } else {
+            /* group receipt: the senders it tells something new, and for a
+             * read the reader's other devices */
+            for (size_t j = 0; j < g->elements; j++) {
+                const char *u = g->element[j]->str;
+                if (g->element[j]->type == REDIS_REPLY_STRING && strcmp(u, e->from) != 0
+                    && rcpt_add(f, u, NULL) == NULL)
+                {
+                    return -1;
+                }
+            }
+            if (strcmp(e->st, "read") == 0 && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL) return -1;
+        }
+        t->n = f->nrc - t->r0;
+    }
+    return 0;
+}
+
+/* Appends recipient k's command: the inbox append (push), or a registry
+ * read (pull). */
+static int
+append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t *rc, const char *now_s)
+{
+    static const char *suffix[] = { "inbox", "cur", "last", "conns", "ages" };
+    char               keys[5][CW_ID_MAX + 24], seq_s[24];
+    const char        *argv[14];
+    size_t             lens[14];
+
+    if (t->pull) {
+        redisAppendCommand(f->c, "ZRANGEBYSCORE chat:{u:%s}:conns %s +inf", rc->user, now_s);
+        return 0;
+    }
+    for (int j = 0; j < 5; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
+    snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
+    argv[0] = "EVALSHA"; argv[1] = f->sha; argv[2] = "5";
+    for (int j = 0; j < 5; j++) argv[3 + j] = keys[j];
+    argv[8] = t->field; argv[9] = seq_s; argv[10] = e->ev;
+    argv[11] = now_s; argv[12] = f->max_s; argv[13] = f->ret_s;
+    for (int j = 0; j < 14; j++) lens[j] = strlen(argv[j]);
+    lens[10] = e->ev_len;
+    if (rc->skip_dev) {
+        /* the acting user's own copy names the device it came from, so a
+         * replay to that device skips it: {"!":"<device>", + the event */
+        f->own.len = 0;
+        if (buf_put(&f->own, "{\"!\":\"", 6) != 0 || buf_put(&f->own, rc->skip_dev, strlen(rc->skip_dev)) != 0
+            || buf_put(&f->own, "\",", 2) != 0 || buf_put(&f->own, e->ev + 1, e->ev_len - 1) != 0)
+        {
+            return -1;
+        }
+        argv[10] = f->own.p;
+        lens[10] = f->own.len;
+    }
+    redisAppendCommandArgv(f->c, 14, argv, lens);
+    return 0;
+}
+
 /* Returns 0 when the whole batch was delivered and acknowledged, -1 when
  * the connection must be dropped (nothing of the batch was acknowledged
  * unless all of it was done). */
@@ -315,71 +578,31 @@ process(fanout_t *f)
 {
     cw_batch_t *b = &f->batch;
     char        now_s[24];
-    int         nrep, ncalls, tries = 0, err, ncmd, rc = 0;
+    int         tries = 0, err, ncmd, rc = 0;
     redisReply *r;
-    static buf_t own;     /* an inbox copy with its origin device */
 
     if (ensure_cap(f, b->n) != 0) return -1;
     order_batch(f);
 again:
     snprintf(now_s, sizeof(now_s), "%lld", (long long) cw_now_ms());
-    nrep = 0;
+    if (resolve_groups(f) != 0 || build_targets(f) != 0) {
+        free_groups(f);
+        return -1;
+    }
     for (int oi = 0; oi < b->n; oi++) {
-        int         i = f->ord[oi];
-        cw_entry_t *e = &b->e[i];
-        cw_rcpt_t  *rc = &f->rcpts[2 * i];
-        f->nrcpt[i] = e->valid ? cw_recipients(e, rc) : 0;
-        for (int k = 0; k < f->nrcpt[i]; k++) {
-            static const char *suffix[] = { "inbox", "cur", "last", "conns" };
-            char        keys[4][CW_ID_MAX + 24], seq_s[24];
-            const char *argv[13];
-            size_t      lens[13];
-            for (int j = 0; j < 4; j++)
-                snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc[k].user, suffix[j]);
-            snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
-            argv[0] = "EVALSHA"; argv[1] = f->sha; argv[2] = "4";
-            argv[3] = keys[0]; argv[4] = keys[1]; argv[5] = keys[2]; argv[6] = keys[3];
-            argv[7] = rc[k].field; argv[8] = seq_s; argv[9] = e->ev;
-            argv[10] = now_s; argv[11] = f->max_s; argv[12] = f->ret_s;
-            for (int j = 0; j < 13; j++) lens[j] = strlen(argv[j]);
-            lens[9] = e->ev_len;
-            if (rc[k].skip_dev) {
-                /* the acting user's own copy: {"!":"<device>", + the rest of
-                 * the event, so a replay skips the device it came from */
-                f->own.len = 0;
-                if (buf_put(&f->own, "{\"!\":\"", 6) != 0
-                    || buf_put(&f->own, rc[k].skip_dev, strlen(rc[k].skip_dev)) != 0
-                    || buf_put(&f->own, "\",", 2) != 0
-                    || buf_put(&f->own, e->ev + 1, e->ev_len - 1) != 0)
-                {
-                    return -1;      /* nothing was sent: the connection is dropped */
-                }
-                argv[9] = f->own.p;
-                lens[9] = f->own.len;
+        int i = f->ord[oi];
+        for (int k = 0; k < f->tg[i].n; k++) {
+            if (append_rcpt(f, &b->e[i], &f->tg[i], &f->rc[f->tg[i].r0 + k], now_s) != 0) {
+                free_groups(f);
+                return -1;        /* commands are half written: the connection is dropped */
             }
-            if (rc[k].skip_dev && e->ev_len > 1 && e->ev[0] == '{') {
-                /* the acting user's own copy names the device it came
-                 * from, so a replay to that device skips it */
-                own.len = 0;
-                if (buf_put(&own, "{\"!\":\"", 6) != 0
-                    || buf_put(&own, rc[k].skip_dev, strlen(rc[k].skip_dev)) != 0
-                    || buf_put(&own, "\",", 2) != 0
-                    || buf_put(&own, e->ev + 1, e->ev_len - 1) != 0)
-                {
-                    return -1;
-                }
-                argv[9] = own.p;
-                lens[9] = own.len;
-            }
-            redisAppendCommandArgv(f->c, 13, argv, lens);
-            nrep++;
         }
     }
-    ncalls = nrep;
     err = 0;
-    for (int i = 0; i < ncalls; i++) {
+    for (int i = 0; i < f->nrc; i++) {
         if (redisGetReply(f->c, (void **) &f->replies[i]) != REDIS_OK) {
             for (int j = 0; j < i; j++) freeReplyObject(f->replies[j]);
+            free_groups(f);
             return -1;
         }
         r = f->replies[i];
@@ -389,13 +612,20 @@ again:
                 if (!(err & 2)) cw_error("inbox append: %s", r->str);
                 err |= 2;
             }
-        } else if (r->type != REDIS_REPLY_ARRAY || r->elements < 2) {
+        } else if (r->type != REDIS_REPLY_ARRAY) {
             if (!(err & 2)) cw_error("inbox append: unexpected reply");
             err |= 2;
         }
     }
+    for (int oi = 0; oi < b->n && !err; oi++) {
+        const target_t *t = &f->tg[f->ord[oi]];
+        for (int k = 0; k < t->n && !t->pull; k++) {
+            if (f->replies[t->r0 + k]->elements < 2) err |= 2;
+        }
+    }
     if (err) {
-        for (int i = 0; i < ncalls; i++) freeReplyObject(f->replies[i]);
+        for (int i = 0; i < f->nrc; i++) freeReplyObject(f->replies[i]);
+        free_groups(f);
         /* Redis restarted and lost its script cache: load and redo the
          * batch (appends that were done return the same cursors). */
         if (err == 1 && tries++ == 0 && load_script(f) == 0) goto again;
@@ -404,36 +634,34 @@ again:
 
     /* Every append is done: publish once per channel, then acknowledge. */
     ncmd = 0;
-    nrep = 0;
     for (int oi = 0; oi < b->n; oi++) {
-        int         i = f->ord[oi];
-        cw_entry_t *e = &b->e[i];
-        int         n;
+        int             i = f->ord[oi];
+        cw_entry_t     *e = &b->e[i];
+        const target_t *t = &f->tg[i];
+        int             n;
         if (!e->valid) {
             cw_warn("fanout: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
                     e->why ? e->why : "invalid");
             f->n_invalid++;
-        } else if (e->is_group) {
-            cw_warn("fanout: group conversations are not fanned out yet; entry %s (%s) acknowledged",
-                    e->qid, e->conv);
+            continue;
         }
-        n = append_publishes(f, e, &f->rcpts[2 * i], f->nrcpt[i], f->replies + nrep);
-        nrep += f->nrcpt[i];
+        n = append_publishes(f, e, t, f->replies + t->r0);
         if (n < 0) {
             rc = -1;
             break;
         }
         ncmd += n;
         f->n_publishes += (uint64_t) n;
+        if (!t->pull) f->n_appends += (uint64_t) t->n;
     }
-    for (int i = 0; i < ncalls; i++) freeReplyObject(f->replies[i]);
+    for (int i = 0; i < f->nrc; i++) freeReplyObject(f->replies[i]);
+    free_groups(f);
     if (rc != 0) {
         /* Out of memory halfway: the connection is dropped with whatever
          * was appended unsent; the batch comes back as pending. */
         cw_error("fanout: out of memory while building publishes");
         return -1;
     }
-    f->n_appends += (uint64_t) nrep;
     if (!cw_queue_is_kafka(f->q)) {
         int na = cw_queue_ack(f->q, f->c, b);
         if (na < 0) return -1;
@@ -556,8 +784,8 @@ stats:
     for (int i = 0; i < f.chans_cap; i++) free(f.chans[i].toks.p);
     free(f.own.p);
     free(f.chans);
-    free(f.rcpts);
-    free(f.nrcpt);
+    free(f.tg);
+    free(f.rc);
     free(f.replies);
     free(f.ord);
     free(f.msgs);
