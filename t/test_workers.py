@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from chatlib import ROOT
+from wsclient import WS
 
 SHARDS = 16
 RETENTION_MS = 365 * 86400 * 1000
@@ -525,6 +526,29 @@ def test_inbox_is_bounded_and_expires(stack, r, q, chan):
         assert [e["id"] for _, e in ib] == [json.loads(f["ev"])["id"] for f in fs[70:]]
         assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "inbox")) <= 2 * 86400000
         assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "last")) <= 2 * 86400000
+        # the newest cursor dropped unacknowledged is kept: a device below it
+        # is told it is behind, one at or above it is not
+        assert r.hget(ukey(bob, "last"), "trim") == "70"
+        for cursor, behind in ((None, True), (69, True), (70, False)):
+            c = WS(stack.host, stack.port, stack.ws_path, token=stack.token(bob, "old"),
+                   query=None if cursor is None else f"cursor={cursor}")
+            hello = c.recv()
+            assert hello["type"] == "hello" and hello.get("behind", False) is behind, (cursor, hello)
+            c.close()
+        st, _, body = get(stack, bob, "/poll?cursor=0&timeout=1")
+        assert st == 200 and body["behind"] is True
+        # the age bound: an hourly marker older than the retention (2 days)
+        # drops every event appended before it when the next marker is set
+        now = int(time.time() * 1000)
+        r.delete(ukey(bob, "ages"))
+        r.zadd(ukey(bob, "ages"), {"100": now - 2 * 86400000 - 7200000, "110": now - 2 * 86400000 - 3600000})
+        q.send(msg_fields(conv, alice, bob, 121))
+        q.flush()
+        eventually(lambda: r.get(ukey(bob, "cur")) == "121", timeout=30, what="one more append")
+        assert [c for c, _ in inbox(r, bob)] == list(range(110, 122))
+        assert r.hget(ukey(bob, "last"), "trim") == "109"
+        assert r.zrange(ukey(bob, "ages"), 0, -1) == ["110", "121"]
+        assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "ages")) <= 2 * 86400000
     finally:
         own.terminate()
         own.wait(timeout=20)
