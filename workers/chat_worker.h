@@ -188,4 +188,24 @@ struct _mongoc_client_t *cw_mongo_client(const cw_config_t *cf, const char *app,
  * documents and arrays); key "_id" is renamed to "id". */
 struct json_t *cw_bson_to_json(const struct _bson_t *doc);
 
+/* ---- groups in the rest role (groups.c) --------------------------------- */
+
+/* The handlers answer with an HTTP status and a JSON body (*out, the
+ * caller's to free). */
+void cw_groups_init(const cw_config_t *cf);
+/* From the rest role's loop: the rebuild of Redis group state from MongoDB
+ * (until it succeeded once; client NULL: not yet), and with the Kafka queue
+ * the produce of membership records whose first produce failed. */
+void cw_groups_tick(struct _mongoc_client_t *client, const char *db);
+void cw_groups_close(void);
+/* POST /chat/groups, GET /chat/groups/G, POST /chat/groups/G/members */
+int  cw_groups_request(const char *method, const char *path, const char *user,
+                       const char *body, size_t body_len, struct json_t **out);
+/* 1: user is an active member of group (since: its since seq), 0: not,
+ * -1: Redis unavailable */
+int  cw_group_member(const char *group, const char *user, int64_t *since);
+/* GET /chat/receipts for a parsed conversation (a, b as cw_parse_conv) */
+int  cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_t seq,
+                 const char *user, struct json_t **out);
+
 #endif

@@ -9,6 +9,11 @@
  *                   $setOnInsert the zero pointers, $max last_seq, read_seq,
  *                   delivered_seq; then `last` and `ts` are set only where
  *                   last_seq equals this batch's newest message
+ *   groups          membership entries: one upsert per group and batch with
+ *                   the newest state, filter {_id, ver: {$lt: seq}} (a
+ *                   duplicate key means a newer state is stored already),
+ *                   and a history record "g:G#<seq>" in messages; group
+ *                   messages raise last_seq and set last/ts like above
  *
  * While MongoDB is away the batch is retried with backoff (up to 5 s),
  * never acknowledged, and the process does not exit.
@@ -23,20 +28,24 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* What one batch changes in one conversations document. */
+/* What one batch changes in one conversations document, or (group set)
+ * in one groups document. */
 typedef struct {
-    char        id[CW_ID_MAX + 1 + CW_CONV_MAX + 1];   /* "<user>|<conv>" */
+    char        id[CW_ID_MAX + 1 + CW_CONV_MAX + 1];   /* "<user>|<conv>", or "g:G" for a group */
     const char *user;
     const char *conv;
+    const char *group;                                 /* groups document: its _id */
     int64_t     last_seq, read_seq, delivered_seq;     /* 0: untouched */
     int         last_msg;                              /* index of the newest msg, or -1 */
+    int64_t     state_seq;                             /* group: newest membership entry */
+    int         state_entry;                           /* ... its index, or -1 */
 } convop_t;
 
 typedef struct {
     const cw_config_t   *cf;
     mongoc_client_t     *client;
     char                 db[128];
-    mongoc_collection_t *messages, *conversations;
+    mongoc_collection_t *messages, *conversations, *groups;
     int                  indexes_ok;
     redisContext        *c;
     cw_queue_t          *q;
@@ -45,6 +54,7 @@ typedef struct {
     /* per batch */
     bson_t             **msg_doc;      /* per entry: the messages document, or NULL */
     bson_t             **msg_last;     /* per entry: the `last` subdocument */
+    bson_t             **state_set;    /* per membership entry: the groups document's $set */
     int64_t             *msg_ts;
     int                  ecap;
     convop_t            *ops;
@@ -52,7 +62,7 @@ typedef struct {
     int                 *slots;        /* hash of ops by id */
     int                  nslots;
 
-    uint64_t             n_msgs, n_receipts, n_batches;
+    uint64_t             n_msgs, n_receipts, n_groups, n_batches;
     int64_t              next_stats;
 } persist_t;
 
@@ -64,13 +74,15 @@ fnv(const char *s)
     return h;
 }
 
+/* user NULL: the groups document of conv "g:G" */
 static convop_t *
 op_get(persist_t *p, const char *user, const char *conv)
 {
     char     id[sizeof(((convop_t *) 0)->id)];
     uint32_t h;
 
-    snprintf(id, sizeof(id), "%s|%s", user, conv);
+    if (user) snprintf(id, sizeof(id), "%s|%s", user, conv);
+    else snprintf(id, sizeof(id), "%s", conv);
     h = fnv(id) & (uint32_t) (p->nslots - 1);
     while (p->slots[h] >= 0) {
         convop_t *op = &p->ops[p->slots[h]];
@@ -84,7 +96,9 @@ op_get(persist_t *p, const char *user, const char *conv)
     snprintf(op->id, sizeof(op->id), "%s", id);
     op->user = user;
     op->conv = conv;
+    op->group = user ? NULL : conv + 2;
     op->last_msg = -1;
+    op->state_entry = -1;
     return op;
 }
 
@@ -94,7 +108,8 @@ free_batch_docs(persist_t *p)
     for (int i = 0; i < p->ecap; i++) {
         if (p->msg_doc[i]) bson_destroy(p->msg_doc[i]);
         if (p->msg_last[i]) bson_destroy(p->msg_last[i]);
-        p->msg_doc[i] = p->msg_last[i] = NULL;
+        if (p->state_set[i]) bson_destroy(p->state_set[i]);
+        p->msg_doc[i] = p->msg_last[i] = p->state_set[i] = NULL;
     }
 }
 
@@ -104,12 +119,13 @@ ensure_cap(persist_t *p, int n)
     int slots = 16;
     if (n > p->ecap) {
         free_batch_docs(p);
-        free(p->msg_doc); free(p->msg_last); free(p->msg_ts); free(p->ops);
+        free(p->msg_doc); free(p->msg_last); free(p->state_set); free(p->msg_ts); free(p->ops);
         p->msg_doc = calloc((size_t) n, sizeof(bson_t *));
         p->msg_last = calloc((size_t) n, sizeof(bson_t *));
+        p->state_set = calloc((size_t) n, sizeof(bson_t *));
         p->msg_ts = calloc((size_t) n, sizeof(int64_t));
         p->ops = calloc(2 * (size_t) n, sizeof(convop_t));
-        if (!p->msg_doc || !p->msg_last || !p->msg_ts || !p->ops) { p->ecap = 0; return -1; }
+        if (!p->msg_doc || !p->msg_last || !p->state_set || !p->msg_ts || !p->ops) { p->ecap = 0; return -1; }
         p->ecap = n;
         p->opcap = 2 * n;
     }
@@ -153,6 +169,88 @@ append_msg(bson_t *b, const char *idkey, const char *id, const cw_entry_t *e, js
     }
     BSON_APPEND_INT64(b, "ts", ts);
     return 0;
+}
+
+/*
+ * A membership entry: its history record for messages ({_id: "g:G#<seq>",
+ * conv, seq, group, from, kind: "group", event, members, ts}) and the $set
+ * of its groups document (name, owner, members, since, created, ver).
+ * FerretDB refuses field names with '.', which user ids may contain, so
+ * since is stored as [{u, seq}] instead of {u: seq}.
+ */
+static int
+group_docs(persist_t *p, int i)
+{
+    cw_entry_t  *e = &p->batch.e[i];
+    json_error_t jerr;
+    json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *st = json_loads(e->state, 0, &jerr);
+    json_t      *members, *smembers, *since, *name, *owner, *ts, *created, *v;
+    bson_t      *doc, *set, arr, sub;
+    const char  *k;
+    size_t       n;
+    char         id[CW_CONV_MAX + 24], key[24];
+    int          rc = -1;
+
+    if (ev == NULL || st == NULL) goto done;
+    members = json_object_get(ev, "members");
+    ts = json_object_get(ev, "ts");
+    name = json_object_get(st, "name");
+    owner = json_object_get(st, "owner");
+    smembers = json_object_get(st, "members");
+    since = json_object_get(st, "since");
+    created = json_object_get(st, "created");
+    if (!json_is_array(members) || !json_is_string(name) || !json_is_string(owner) || !json_is_array(smembers)
+        || !json_is_object(since) || !json_is_integer(created))
+    {
+        goto done;
+    }
+    p->msg_ts[i] = json_is_integer(ts) ? (int64_t) json_integer_value(ts) : cw_now_ms();
+
+    doc = p->msg_doc[i] = bson_new();
+    snprintf(id, sizeof(id), "%s#%" PRId64, e->conv, e->seq);
+    BSON_APPEND_UTF8(doc, "_id", id);
+    BSON_APPEND_UTF8(doc, "conv", e->conv);
+    BSON_APPEND_INT64(doc, "seq", e->seq);
+    BSON_APPEND_UTF8(doc, "group", e->group);
+    BSON_APPEND_UTF8(doc, "from", e->from);
+    BSON_APPEND_UTF8(doc, "kind", "group");
+    BSON_APPEND_UTF8(doc, "event", e->event);
+    BSON_APPEND_ARRAY_BEGIN(doc, "members", &arr);
+    json_array_foreach(members, n, v) {
+        if (!json_is_string(v)) continue;
+        snprintf(key, sizeof(key), "%zu", n);
+        bson_append_utf8(&arr, key, -1, json_string_value(v), (int) json_string_length(v));
+    }
+    bson_append_array_end(doc, &arr);
+    BSON_APPEND_INT64(doc, "ts", p->msg_ts[i]);
+
+    set = p->state_set[i] = bson_new();
+    bson_append_utf8(set, "name", 4, json_string_value(name), (int) json_string_length(name));
+    bson_append_utf8(set, "owner", 5, json_string_value(owner), (int) json_string_length(owner));
+    BSON_APPEND_ARRAY_BEGIN(set, "members", &arr);
+    json_array_foreach(smembers, n, v) {
+        if (!json_is_string(v)) continue;
+        snprintf(key, sizeof(key), "%zu", n);
+        bson_append_utf8(&arr, key, -1, json_string_value(v), (int) json_string_length(v));
+    }
+    bson_append_array_end(set, &arr);
+    BSON_APPEND_ARRAY_BEGIN(set, "since", &arr);
+    n = 0;
+    json_object_foreach(since, k, v) {
+        snprintf(key, sizeof(key), "%zu", n++);
+        BSON_APPEND_DOCUMENT_BEGIN(&arr, key, &sub);
+        BSON_APPEND_UTF8(&sub, "u", k);
+        BSON_APPEND_INT64(&sub, "seq", json_is_integer(v) ? (int64_t) json_integer_value(v) : e->seq);
+        bson_append_document_end(&arr, &sub);
+    }
+    bson_append_array_end(set, &arr);
+    BSON_APPEND_INT64(set, "created", (int64_t) json_integer_value(created));
+    BSON_APPEND_INT64(set, "ver", e->seq);
+    rc = 0;
+done:
+    json_decref(ev);
+    json_decref(st);
+    return rc;
 }
 
 /* Turns the batch into documents and per-conversation changes. Entries
@@ -199,7 +297,15 @@ prepare(persist_t *p)
             }
             json_decref(ev);
             p->n_msgs++;
-            if (e->is_group) continue;      /* group conversations: with the groups issue */
+            if (e->is_group) {
+                op = op_get(p, NULL, e->conv);
+                if (op == NULL) return -1;
+                if (e->seq > op->last_seq) {
+                    op->last_seq = e->seq;
+                    op->last_msg = i;
+                }
+                continue;
+            }
             for (int k = 0; k < (strcmp(e->a, e->b) == 0 ? 1 : 2); k++) {
                 op = op_get(p, k == 0 ? e->a : e->b, e->conv);
                 if (op == NULL) return -1;
@@ -208,6 +314,18 @@ prepare(persist_t *p)
                     op->last_msg = i;
                 }
             }
+        } else if (e->type == CW_T_GROUP) {
+            if (group_docs(p, i) != 0) {
+                cw_warn("persist: dropping membership entry %s: bad state or ev", e->qid);
+                continue;
+            }
+            op = op_get(p, NULL, e->conv);
+            if (op == NULL) return -1;
+            if (e->seq > op->state_seq) {
+                op->state_seq = e->seq;
+                op->state_entry = i;
+            }
+            p->n_groups++;
         } else {
             op = op_get(p, e->from, e->conv);
             if (op == NULL) return -1;
@@ -283,6 +401,7 @@ typedef struct {
     mongoc_collection_t     *coll;
     mongoc_bulk_operation_t *bulk;
     int                      n;
+    int                      dup_ok;               /* duplicate keys are success */
     const char              *what;
 } chunker_t;
 
@@ -306,7 +425,7 @@ chunk_flush(chunker_t *ch)
 
     ch->bulk = NULL;
     ch->n = 0;
-    return bulk ? run_bulk(bulk, 0, ch->what) : 0;
+    return bulk ? run_bulk(bulk, ch->dup_ok, ch->what) : 0;
 }
 
 /* Adds one update; runs the command when the chunk is full. */
@@ -319,6 +438,13 @@ chunk_update(chunker_t *ch, const bson_t *sel, const bson_t *upd, const bson_t *
     mongoc_bulk_operation_update_one_with_opts(ch->bulk, sel, upd, opts, &error);
     if (++ch->n < UPDATE_CHUNK) return 0;
     return chunk_flush(ch);
+}
+
+static int64_t
+get_created(const bson_t *set)
+{
+    bson_iter_t it;
+    return bson_iter_init_find(&it, set, "created") ? bson_iter_as_int64(&it) : 0;
 }
 
 /* Writes the prepared batch; 0 when all of it is durably in MongoDB. */
@@ -344,14 +470,64 @@ write_batch(persist_t *p)
     if (n == 0) mongoc_bulk_operation_destroy(bulk);
     else if (run_bulk(bulk, 1, "insert messages") != 0) goto done;
 
-    /* 2. conversation pointers */
+    /* 2. group states: the newest of the batch, where it is newer than
+     * the stored one (else the upsert's insert is a duplicate key) */
     memset(&ch, 0, sizeof(ch));
+    ch.coll = p->groups;
+    ch.what = "update group states";
+    ch.dup_ok = 1;
+    for (int i = 0; i < p->nops; i++) {
+        convop_t *op = &p->ops[i];
+        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, lt, soi;
+        int       r;
+        if (op->state_entry < 0) continue;
+        BSON_APPEND_UTF8(&sel, "_id", op->group);
+        BSON_APPEND_DOCUMENT_BEGIN(&sel, "ver", &lt);
+        BSON_APPEND_INT64(&lt, "$lt", op->state_seq);
+        bson_append_document_end(&sel, &lt);
+        BSON_APPEND_DOCUMENT(&upd, "$set", p->state_set[op->state_entry]);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
+        BSON_APPEND_INT64(&soi, "last_seq", 0);
+        BSON_APPEND_INT64(&soi, "ts", get_created(p->state_set[op->state_entry]));
+        bson_append_document_end(&upd, &soi);
+        r = chunk_update(&ch, &sel, &upd, &upsert);
+        bson_destroy(&sel);
+        bson_destroy(&upd);
+        if (r != 0) goto done_chunk;
+    }
+    if (chunk_flush(&ch) != 0) goto done;
+
+    /* 3. group messages raise last_seq (a message persisted before its
+     * group's first state leaves a document with ver 0 for it) */
+    ch.dup_ok = 0;
+    ch.what = "update group last_seq";
+    for (int i = 0; i < p->nops; i++) {
+        convop_t *op = &p->ops[i];
+        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
+        int       r;
+        if (op->group == NULL || op->last_msg < 0) continue;
+        BSON_APPEND_UTF8(&sel, "_id", op->group);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
+        BSON_APPEND_INT64(&soi, "ver", 0);
+        bson_append_document_end(&upd, &soi);
+        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
+        BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
+        bson_append_document_end(&upd, &max);
+        r = chunk_update(&ch, &sel, &upd, &upsert);
+        bson_destroy(&sel);
+        bson_destroy(&upd);
+        if (r != 0) goto done_chunk;
+    }
+    if (chunk_flush(&ch) != 0) goto done;
+
+    /* 4. conversation pointers */
     ch.coll = p->conversations;
     ch.what = "update conversations";
     for (int i = 0; i < p->nops; i++) {
         convop_t *op = &p->ops[i];
         bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
         int       r;
+        if (op->group) continue;
         BSON_APPEND_UTF8(&sel, "_id", op->id);
         BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
         BSON_APPEND_UTF8(&soi, "user", op->user);
@@ -372,25 +548,29 @@ write_batch(persist_t *p)
     }
     if (chunk_flush(&ch) != 0) goto done;
 
-    /* 3. the newest message, where it still is the newest */
-    ch.what = "update last messages";
-    for (int i = 0; i < p->nops; i++) {
-        convop_t *op = &p->ops[i];
-        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set;
-        int       r;
-        if (op->last_msg < 0) continue;
-        BSON_APPEND_UTF8(&sel, "_id", op->id);
-        BSON_APPEND_INT64(&sel, "last_seq", op->last_seq);
-        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
-        BSON_APPEND_DOCUMENT(&set, "last", p->msg_last[op->last_msg]);
-        BSON_APPEND_INT64(&set, "ts", p->msg_ts[op->last_msg]);
-        bson_append_document_end(&upd, &set);
-        r = chunk_update(&ch, &sel, &upd, NULL);
-        bson_destroy(&sel);
-        bson_destroy(&upd);
-        if (r != 0) goto done_chunk;
+    /* 5. the newest message, where it still is the newest (conversations,
+     * then groups) */
+    for (int g = 0; g < 2; g++) {
+        ch.coll = g ? p->groups : p->conversations;
+        ch.what = g ? "update group last messages" : "update last messages";
+        for (int i = 0; i < p->nops; i++) {
+            convop_t *op = &p->ops[i];
+            bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set;
+            int       r;
+            if (op->last_msg < 0 || (op->group != NULL) != g) continue;
+            BSON_APPEND_UTF8(&sel, "_id", g ? op->group : op->id);
+            BSON_APPEND_INT64(&sel, "last_seq", op->last_seq);
+            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
+            BSON_APPEND_DOCUMENT(&set, "last", p->msg_last[op->last_msg]);
+            BSON_APPEND_INT64(&set, "ts", p->msg_ts[op->last_msg]);
+            bson_append_document_end(&upd, &set);
+            r = chunk_update(&ch, &sel, &upd, NULL);
+            bson_destroy(&sel);
+            bson_destroy(&upd);
+            if (r != 0) goto done_chunk;
+        }
+        if (chunk_flush(&ch) != 0) goto done;
     }
-    if (chunk_flush(&ch) != 0) goto done;
     rc = 0;
     goto done;
 done_chunk:
@@ -406,6 +586,7 @@ create_indexes(persist_t *p)
     static const struct { const char *coll, *name, *k1; int d1; const char *k2; int d2; int unique; } ix[] = {
         { "messages", "conv_1_seq_1", "conv", 1, "seq", 1, 1 },
         { "conversations", "user_1_ts_-1", "user", 1, "ts", -1, 0 },
+        { "groups", "members_1", "members", 1, NULL, 0, 0 },
     };
     for (size_t i = 0; i < sizeof(ix) / sizeof(ix[0]); i++) {
         bson_t       cmd = BSON_INITIALIZER, arr, idx, key, reply;
@@ -416,7 +597,7 @@ create_indexes(persist_t *p)
         BSON_APPEND_DOCUMENT_BEGIN(&arr, "0", &idx);
         BSON_APPEND_DOCUMENT_BEGIN(&idx, "key", &key);
         BSON_APPEND_INT32(&key, ix[i].k1, ix[i].d1);
-        BSON_APPEND_INT32(&key, ix[i].k2, ix[i].d2);
+        if (ix[i].k2) BSON_APPEND_INT32(&key, ix[i].k2, ix[i].d2);
         bson_append_document_end(&idx, &key);
         BSON_APPEND_UTF8(&idx, "name", ix[i].name);
         if (ix[i].unique) BSON_APPEND_BOOL(&idx, "unique", true);
@@ -430,7 +611,7 @@ create_indexes(persist_t *p)
             return -1;
         }
     }
-    cw_info("persist: indexes on %s.messages and %s.conversations are in place", p->db, p->db);
+    cw_info("persist: indexes on %s.messages, %s.conversations and %s.groups are in place", p->db, p->db, p->db);
     return 0;
 }
 
@@ -463,6 +644,7 @@ cw_role_persist(const cw_config_t *cf)
     if (p.client == NULL) return 2;
     p.messages = mongoc_client_get_collection(p.client, p.db, "messages");
     p.conversations = mongoc_client_get_collection(p.client, p.db, "conversations");
+    p.groups = mongoc_client_get_collection(p.client, p.db, "groups");
     shards = malloc(sizeof(int) * (size_t) cf->shards);
     if (shards == NULL) return 1;
     for (int s = 0; s < cf->shards; s++) shards[s] = s;
@@ -553,10 +735,10 @@ cw_role_persist(const cw_config_t *cf)
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
-                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts in %" PRIu64
-                        " batches in the last 10 s", p.n_msgs, p.n_receipts, p.n_batches);
+                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes in %"
+                        PRIu64 " batches in the last 10 s", p.n_msgs, p.n_receipts, p.n_groups, p.n_batches);
             }
-            p.n_msgs = p.n_receipts = p.n_batches = 0;
+            p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = 0;
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
@@ -565,9 +747,10 @@ stats:
     cw_queue_free(p.q);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
-    free(p.msg_doc); free(p.msg_last); free(p.msg_ts); free(p.ops); free(p.slots);
+    free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);
     mongoc_collection_destroy(p.messages);
     mongoc_collection_destroy(p.conversations);
+    mongoc_collection_destroy(p.groups);
     mongoc_client_destroy(p.client);
     cw_info("role persist stopped");
     return 0;

@@ -10,8 +10,13 @@
  *
  *   GET /chat/history?conv=C&before=n&limit=k
  *       {"messages":[...],"next_before":n|null}, newest first
+ *   GET /chat/history?conv=C&after=n&limit=k
+ *       {"messages":[...],"next_after":n|null}, oldest first
  *   GET /chat/conversations
  *       {"conversations":[{"conv","last_seq","read_seq","unread","last"}...]}
+ *       (groups also carry "group" and "name")
+ *   POST /chat/groups, GET /chat/groups/G, POST /chat/groups/G/members,
+ *   GET /chat/receipts?conv=C&seq=n      (groups.c)
  */
 #include "chat_worker.h"
 
@@ -31,7 +36,8 @@
 #include <jansson.h>
 #include <mongoc/mongoc.h>
 
-#define REST_MAX_REQUEST  16384
+/* Headers and body: a group of 500 members of 64-character ids is about 34k. */
+#define REST_MAX_REQUEST  65536
 
 typedef struct rest_conn_s rest_conn_t;
 struct rest_conn_s {
@@ -82,11 +88,14 @@ reason_of(int status)
 {
     switch (status) {
     case 200: return "OK";
+    case 201: return "Created";
     case 400: return "Bad Request";
     case 401: return "Unauthorized";
     case 403: return "Forbidden";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
+    case 409: return "Conflict";
+    case 413: return "Content Too Large";
     case 503: return "Service Unavailable";
     default:  return "Error";
     }
@@ -129,7 +138,7 @@ respond_error(int fd, int status, const char *code, const char *message)
 
 static const cw_config_t   *rest_cf;
 static mongoc_client_t     *rest_client;
-static mongoc_collection_t *rest_messages, *rest_conversations;
+static mongoc_collection_t *rest_messages, *rest_conversations, *rest_groups;
 static char                 rest_db[128];
 
 static int
@@ -141,6 +150,7 @@ mongo_ready(void)
     if (rest_client == NULL) return -1;
     rest_messages = mongoc_client_get_collection(rest_client, rest_db, "messages");
     rest_conversations = mongoc_client_get_collection(rest_client, rest_db, "conversations");
+    rest_groups = mongoc_client_get_collection(rest_client, rest_db, "groups");
     return 0;
 }
 
@@ -213,13 +223,30 @@ parse_pos(const char *s)
 #define HISTORY_MAX      100
 #define CONVERSATIONS_MAX 200
 
+/* A history document as clients see it: messages as stored (with "id"),
+ * membership records as the group event object. */
+static json_t *
+history_item(const bson_t *doc)
+{
+    json_t *m = cw_bson_to_json(doc), *kind = json_object_get(m, "kind"), *ev;
+
+    if (!json_is_string(kind) || strcmp(json_string_value(kind), "group") != 0) return m;
+    ev = json_pack("{s:s, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?}", "type", "group",
+                   "id", json_object_get(m, "id"), "conv", json_object_get(m, "conv"),
+                   "seq", json_object_get(m, "seq"), "group", json_object_get(m, "group"),
+                   "event", json_object_get(m, "event"), "members", json_object_get(m, "members"),
+                   "by", json_object_get(m, "from"), "ts", json_object_get(m, "ts"));
+    json_decref(m);
+    return ev;
+}
+
 static void
 history(int fd, const rest_req_t *rq)
 {
     char             conv[CW_CONV_MAX + 1], a[CW_ID_MAX + 1], b[CW_ID_MAX + 1], num[32];
     int              is_group, rc, n = 0;
-    int64_t          limit = HISTORY_DEFAULT, before = 0, last_seq = 0;
-    bson_t          *filter, *opts;
+    int64_t          limit = HISTORY_DEFAULT, before = 0, after = -1, since = 0, last_seq = 0;
+    bson_t          *opts, filter = BSON_INITIALIZER, range;
     mongoc_cursor_t *cur;
     const bson_t    *doc;
     bson_error_t     error;
@@ -244,8 +271,28 @@ history(int fd, const rest_req_t *rq)
             return;
         }
     }
-    if (is_group || (strcmp(rq->user, a) != 0 && strcmp(rq->user, b) != 0)) {
-        /* Group history arrives with the groups: until then nobody reads it. */
+    if ((rc = qparam(rq->query, "after", num, sizeof(num))) != 0) {
+        after = rc > 0 ? parse_pos(num) : -1;
+        if (after < 0) {
+            respond_error(fd, 400, "bad_request", "after must be a non-negative integer");
+            return;
+        }
+        if (before) {
+            respond_error(fd, 400, "bad_request", "before and after cannot be combined");
+            return;
+        }
+    }
+    if (is_group) {
+        rc = cw_group_member(a, rq->user, &since);
+        if (rc < 0) {
+            respond_error(fd, 503, "unavailable", "redis unavailable");
+            return;
+        }
+        if (rc == 0) {
+            respond_error(fd, 403, "forbidden", "not a member of this group");
+            return;
+        }
+    } else if (strcmp(rq->user, a) != 0 && strcmp(rq->user, b) != 0) {
         respond_error(fd, 403, "forbidden", "not a participant of this conversation");
         return;
     }
@@ -253,10 +300,17 @@ history(int fd, const rest_req_t *rq)
         respond_error(fd, 503, "unavailable", "storage unavailable");
         return;
     }
-    if (before) filter = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$lt", BCON_INT64(before), "}");
-    else filter = BCON_NEW("conv", BCON_UTF8(conv));
-    opts = BCON_NEW("sort", "{", "seq", BCON_INT32(-1), "}", "limit", BCON_INT64(limit + 1));
-    cur = mongoc_collection_find_with_opts(rest_messages, filter, opts, NULL);
+    /* a group member sees from the event that made it a member on */
+    BSON_APPEND_UTF8(&filter, "conv", conv);
+    if (before || after >= 0 || since > 0) {
+        BSON_APPEND_DOCUMENT_BEGIN(&filter, "seq", &range);
+        if (before) BSON_APPEND_INT64(&range, "$lt", before);
+        if (after >= 0 && after >= since) BSON_APPEND_INT64(&range, "$gt", after);
+        else if (since > 0) BSON_APPEND_INT64(&range, "$gte", since);
+        bson_append_document_end(&filter, &range);
+    }
+    opts = BCON_NEW("sort", "{", "seq", BCON_INT32(after >= 0 ? 1 : -1), "}", "limit", BCON_INT64(limit + 1));
+    cur = mongoc_collection_find_with_opts(rest_messages, &filter, opts, NULL);
     msgs = json_array();
     while (mongoc_cursor_next(cur, &doc)) {
         bson_iter_t it;
@@ -264,25 +318,26 @@ history(int fd, const rest_req_t *rq)
             n++;
             break;
         }
-        json_array_append_new(msgs, cw_bson_to_json(doc));
+        json_array_append_new(msgs, history_item(doc));
         if (bson_iter_init_find(&it, doc, "seq")) last_seq = bson_iter_as_int64(&it);
         n++;
     }
     if (n <= limit && mongoc_cursor_error(cur, &error)) {
         cw_warn("rest: history %s: %s", conv, error.message);
         mongoc_cursor_destroy(cur);
-        bson_destroy(filter);
+        bson_destroy(&filter);
         bson_destroy(opts);
         json_decref(msgs);
         respond_error(fd, 503, "unavailable", "storage unavailable");
         return;
     }
     mongoc_cursor_destroy(cur);
-    bson_destroy(filter);
+    bson_destroy(&filter);
     bson_destroy(opts);
     root = json_object();
     json_object_set_new(root, "messages", msgs);
-    json_object_set_new(root, "next_before", n > limit ? json_integer(last_seq) : json_null());
+    json_object_set_new(root, after >= 0 ? "next_after" : "next_before",
+                        n > limit ? json_integer(last_seq) : json_null());
     respond_json(fd, 200, root);
 }
 
@@ -297,76 +352,306 @@ get_int(const bson_t *doc, const char *k)
     return 0;
 }
 
+/* One row of the conversation list and what it is sorted by. */
+typedef struct {
+    int64_t     ts;
+    const char *last_id;       /* inside obj, or "" */
+    json_t     *obj;
+} conv_row_t;
+
+typedef struct {
+    conv_row_t *rows;
+    size_t      n, cap;
+} conv_rows_t;
+
+static int
+rows_add(conv_rows_t *l, int64_t ts, json_t *obj)
+{
+    json_t *id = json_object_get(json_object_get(obj, "last"), "id");
+
+    if (l->n == l->cap) {
+        size_t      cap = l->cap ? 2 * l->cap : 64;
+        conv_row_t *r = realloc(l->rows, sizeof(*r) * cap);
+        if (r == NULL) {
+            json_decref(obj);
+            return -1;
+        }
+        l->rows = r;
+        l->cap = cap;
+    }
+    l->rows[l->n].ts = ts;
+    l->rows[l->n].last_id = json_is_string(id) ? json_string_value(id) : "";
+    l->rows[l->n].obj = obj;
+    l->n++;
+    return 0;
+}
+
+/* newest first; equal ts: the greater last message id first */
+static int
+rows_cmp(const void *x, const void *y)
+{
+    const conv_row_t *a = x, *b = y;
+    if (a->ts != b->ts) return a->ts > b->ts ? -1 : 1;
+    if (strlen(a->last_id) != strlen(b->last_id)) return strlen(a->last_id) > strlen(b->last_id) ? -1 : 1;
+    return -strcmp(a->last_id, b->last_id);
+}
+
 static void
-conversations(int fd, const rest_req_t *rq)
+rows_free(conv_rows_t *l)
+{
+    for (size_t i = 0; i < l->n; i++) json_decref(l->rows[i].obj);
+    free(l->rows);
+}
+
+/* A subdocument as JSON, or null. */
+static json_t *
+sub_json(const bson_t *doc, const char *k)
+{
+    bson_iter_t    it;
+    const uint8_t *data;
+    uint32_t       len;
+    bson_t         d;
+
+    if (!bson_iter_init_find(&it, doc, k) || !BSON_ITER_HOLDS_DOCUMENT(&it)) return json_null();
+    bson_iter_document(&it, &len, &data);
+    if (!bson_init_static(&d, data, len)) return json_null();
+    return cw_bson_to_json(&d);
+}
+
+/* Messages of conv after seq that user did not send (membership records
+ * are not messages); -1 on error. */
+static int64_t
+unread_count(const char *conv, int64_t after, const char *user, bson_error_t *error)
+{
+    bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(after), "}",
+                         "from", "{", "$ne", BCON_UTF8(user), "}", "kind", "{", "$ne", BCON_UTF8("group"), "}");
+    int64_t n = mongoc_collection_count_documents(rest_messages, q, NULL, NULL, NULL, error);
+    bson_destroy(q);
+    return n;
+}
+
+/* Direct conversations: the user's conversations documents. */
+static int
+direct_rows(const char *user, conv_rows_t *rows)
 {
     bson_t          *filter, *opts;
     mongoc_cursor_t *cur;
     const bson_t    *doc;
     bson_error_t     error;
-    json_t          *list, *root;
     int              failed = 0;
 
-    if (mongo_ready() != 0) {
-        respond_error(fd, 503, "unavailable", "storage unavailable");
-        return;
-    }
-    filter = BCON_NEW("user", BCON_UTF8(rq->user), "last_seq", "{", "$gt", BCON_INT64(0), "}");
+    filter = BCON_NEW("user", BCON_UTF8(user), "last_seq", "{", "$gt", BCON_INT64(0), "}");
     /* ts has millisecond resolution: ties go to the newer message id
      * (Snowflake-style ids of equal length sort by time, node, counter) */
     opts = BCON_NEW("sort", "{", "ts", BCON_INT32(-1), "last.id", BCON_INT32(-1), "}",
                     "limit", BCON_INT64(CONVERSATIONS_MAX));
     cur = mongoc_collection_find_with_opts(rest_conversations, filter, opts, NULL);
-    list = json_array();
     while (mongoc_cursor_next(cur, &doc)) {
-        bson_iter_t  it, sub;
+        bson_iter_t  it;
         const char  *conv;
         int64_t      last_seq = get_int(doc, "last_seq"), read_seq = get_int(doc, "read_seq"), unread = 0;
-        json_t      *c, *last = json_null();
+        json_t      *c;
 
         if (!bson_iter_init_find(&it, doc, "conv") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
         conv = bson_iter_utf8(&it, NULL);
-        if (bson_iter_init_find(&sub, doc, "last") && BSON_ITER_HOLDS_DOCUMENT(&sub)) {
-            const uint8_t *data;
-            uint32_t       len;
-            bson_t         ld;
-            bson_iter_document(&sub, &len, &data);
-            if (bson_init_static(&ld, data, len)) {
-                json_decref(last);
-                last = cw_bson_to_json(&ld);
-            }
-        }
+        if (conv[0] != 'd') continue;                 /* group pointers: see group_rows */
         if (last_seq > read_seq) {
-            bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(read_seq), "}",
-                                 "from", "{", "$ne", BCON_UTF8(rq->user), "}");
-            unread = mongoc_collection_count_documents(rest_messages, q, NULL, NULL, NULL, &error);
-            bson_destroy(q);
+            unread = unread_count(conv, read_seq, user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
-                json_decref(last);
                 failed = 1;
                 break;
             }
         }
         c = json_pack("{s:s, s:I, s:I, s:I, s:o}", "conv", conv, "last_seq", (json_int_t) last_seq,
-                      "read_seq", (json_int_t) read_seq, "unread", (json_int_t) unread, "last", last);
-        if (c) json_array_append_new(list, c);
+                      "read_seq", (json_int_t) read_seq, "unread", (json_int_t) unread,
+                      "last", sub_json(doc, "last"));
+        if (c && rows_add(rows, get_int(doc, "ts"), c) != 0) { failed = 1; break; }
     }
     if (!failed && mongoc_cursor_error(cur, &error)) {
-        cw_warn("rest: conversations of %s: %s", rq->user, error.message);
+        cw_warn("rest: conversations of %s: %s", user, error.message);
         failed = 1;
     }
     mongoc_cursor_destroy(cur);
     bson_destroy(filter);
     bson_destroy(opts);
-    if (failed) {
-        json_decref(list);
+    return failed ? -1 : 0;
+}
+
+/* The user's read pointers of the groups in convs (an array of "g:G"),
+ * into ptrs: conv -> read_seq. */
+static int
+group_pointers(const char *user, const bson_t *convs, json_t *ptrs)
+{
+    bson_t           filter = BSON_INITIALIZER, in;
+    mongoc_cursor_t *cur;
+    const bson_t    *doc;
+    bson_error_t     error;
+    int              failed = 0;
+
+    BSON_APPEND_UTF8(&filter, "user", user);
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "conv", &in);
+    BSON_APPEND_ARRAY(&in, "$in", convs);
+    bson_append_document_end(&filter, &in);
+    cur = mongoc_collection_find_with_opts(rest_conversations, &filter, NULL, NULL);
+    while (mongoc_cursor_next(cur, &doc)) {
+        bson_iter_t it;
+        if (bson_iter_init_find(&it, doc, "conv") && BSON_ITER_HOLDS_UTF8(&it)) {
+            json_object_set_new(ptrs, bson_iter_utf8(&it, NULL), json_integer(get_int(doc, "read_seq")));
+        }
+    }
+    if (mongoc_cursor_error(cur, &error)) {
+        cw_warn("rest: group pointers of %s: %s", user, error.message);
+        failed = 1;
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(&filter);
+    return failed ? -1 : 0;
+}
+
+/* The since seq of user in a groups document (since: [{u, seq}]). */
+static int64_t
+group_since(const bson_t *doc, const char *user)
+{
+    bson_iter_t it, arr;
+
+    if (!bson_iter_init_find(&it, doc, "since") || !BSON_ITER_HOLDS_ARRAY(&it) || !bson_iter_recurse(&it, &arr))
+        return 0;
+    while (bson_iter_next(&arr)) {
+        bson_iter_t e;
+        int         match = 0;
+        int64_t     seq = 0;
+        if (!BSON_ITER_HOLDS_DOCUMENT(&arr) || !bson_iter_recurse(&arr, &e)) continue;
+        while (bson_iter_next(&e)) {
+            if (strcmp(bson_iter_key(&e), "u") == 0 && BSON_ITER_HOLDS_UTF8(&e))
+                match = strcmp(bson_iter_utf8(&e, NULL), user) == 0;
+            else if (strcmp(bson_iter_key(&e), "seq") == 0 && BSON_ITER_HOLDS_NUMBER(&e))
+                seq = bson_iter_as_int64(&e);
+        }
+        if (match) return seq;
+    }
+    return 0;
+}
+
+/* Groups: the groups documents the user is an active member of. */
+static int
+group_rows(const char *user, conv_rows_t *rows)
+{
+    bson_t          *filter, *opts, convs = BSON_INITIALIZER;
+    mongoc_cursor_t *cur;
+    const bson_t    *doc;
+    bson_error_t     error;
+    json_t          *ptrs = json_object();
+    int              failed = 0, n = 0;
+    size_t           first = rows->n;
+
+    filter = BCON_NEW("members", BCON_UTF8(user));
+    opts = BCON_NEW("sort", "{", "ts", BCON_INT32(-1), "}", "limit", BCON_INT64(CONVERSATIONS_MAX));
+    cur = mongoc_collection_find_with_opts(rest_groups, filter, opts, NULL);
+    while (mongoc_cursor_next(cur, &doc)) {
+        bson_iter_t it;
+        const char *g, *name;
+        char        conv[CW_CONV_MAX + 1], key[16];
+        int64_t     since = group_since(doc, user), ts = get_int(doc, "ts");
+        json_t     *c;
+
+        if (!bson_iter_init_find(&it, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
+        g = bson_iter_utf8(&it, NULL);
+        if (!bson_iter_init_find(&it, doc, "name") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
+        name = bson_iter_utf8(&it, NULL);
+        snprintf(conv, sizeof(conv), "g:%s", g);
+        snprintf(key, sizeof(key), "%d", n++);
+        BSON_APPEND_UTF8(&convs, key, conv);
+        /* read_seq and unread are filled in below, with the pointers */
+        c = json_pack("{s:s, s:I, s:I, s:I, s:o, s:s, s:s, s:I}", "conv", conv,
+                      "last_seq", (json_int_t) get_int(doc, "last_seq"), "read_seq", (json_int_t) 0,
+                      "unread", (json_int_t) 0, "last", sub_json(doc, "last"), "group", g, "name", name,
+                      "since", (json_int_t) since);
+        if (c && rows_add(rows, ts ? ts : get_int(doc, "created"), c) != 0) { failed = 1; break; }
+    }
+    if (!failed && mongoc_cursor_error(cur, &error)) {
+        cw_warn("rest: groups of %s: %s", user, error.message);
+        failed = 1;
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(filter);
+    bson_destroy(opts);
+    if (!failed && n > 0 && group_pointers(user, &convs, ptrs) != 0) failed = 1;
+    for (size_t i = first; !failed && i < rows->n; i++) {
+        json_t     *c = rows->rows[i].obj;
+        const char *conv = json_string_value(json_object_get(c, "conv"));
+        int64_t     read_seq = json_integer_value(json_object_get(ptrs, conv));
+        int64_t     since = json_integer_value(json_object_get(c, "since"));
+        int64_t     from = read_seq > since ? read_seq : since, unread = 0;
+
+        if (json_integer_value(json_object_get(c, "last_seq")) > from) {
+            unread = unread_count(conv, from, user, &error);
+            if (unread < 0) {
+                cw_warn("rest: unread count %s: %s", conv, error.message);
+                failed = 1;
+                break;
+            }
+        }
+        json_object_set_new(c, "read_seq", json_integer(read_seq));
+        json_object_set_new(c, "unread", json_integer(unread));
+        json_object_del(c, "since");
+    }
+    bson_destroy(&convs);
+    json_decref(ptrs);
+    return failed ? -1 : 0;
+}
+
+static void
+conversations(int fd, const rest_req_t *rq)
+{
+    conv_rows_t rows = { NULL, 0, 0 };
+    json_t     *list, *root;
+
+    if (mongo_ready() != 0) {
         respond_error(fd, 503, "unavailable", "storage unavailable");
         return;
     }
+    if (direct_rows(rq->user, &rows) != 0 || group_rows(rq->user, &rows) != 0) {
+        rows_free(&rows);
+        respond_error(fd, 503, "unavailable", "storage unavailable");
+        return;
+    }
+    if (rows.n > 1) qsort(rows.rows, rows.n, sizeof(conv_row_t), rows_cmp);
+    list = json_array();
+    for (size_t i = 0; i < rows.n && i < CONVERSATIONS_MAX; i++) json_array_append(list, rows.rows[i].obj);
+    rows_free(&rows);
     root = json_object();
     json_object_set_new(root, "conversations", list);
     respond_json(fd, 200, root);
+}
+
+/* ---- GET /chat/receipts ---------------------------------------------------- */
+
+static void
+receipts(int fd, const rest_req_t *rq)
+{
+    char    conv[CW_CONV_MAX + 1], a[CW_ID_MAX + 1], b[CW_ID_MAX + 1], num[32];
+    int     is_group, rc, status;
+    int64_t seq;
+    json_t *out = NULL;
+
+    rc = qparam(rq->query, "conv", conv, sizeof(conv));
+    if (rc <= 0 || cw_parse_conv(conv, a, b, &is_group) != 0) {
+        respond_error(fd, 400, "bad_request", rc == 0 ? "conv is required" : "conv is not a conversation id");
+        return;
+    }
+    rc = qparam(rq->query, "seq", num, sizeof(num));
+    seq = rc > 0 ? parse_pos(num) : -1;
+    if (seq < 1) {
+        respond_error(fd, 400, "bad_request", "seq must be a positive integer");
+        return;
+    }
+    if (!is_group && strcmp(rq->user, a) != 0 && strcmp(rq->user, b) != 0) {
+        respond_error(fd, 403, "forbidden", "not a participant of this conversation");
+        return;
+    }
+    status = cw_receipts(conv, a, b, is_group, seq, rq->user, &out);
+    respond_json(fd, status, out);
 }
 
 static void
@@ -374,12 +659,14 @@ route(int fd, const rest_req_t *rq)
 {
     int is_history = strcmp(rq->path, "/chat/history") == 0;
     int is_convs = strcmp(rq->path, "/chat/conversations") == 0;
+    int is_receipts = strcmp(rq->path, "/chat/receipts") == 0;
+    int is_groups = strncmp(rq->path, "/chat/groups", 12) == 0 && (rq->path[12] == '\0' || rq->path[12] == '/');
 
     if (strcmp(rq->path, "/healthz") == 0) {
         respond(fd, 200, "{\"status\":\"ok\"}");
         return;
     }
-    if (!is_history && !is_convs) {
+    if (!is_history && !is_convs && !is_receipts && !is_groups) {
         respond_error(fd, 404, "not_found", "no such endpoint");
         return;
     }
@@ -387,15 +674,23 @@ route(int fd, const rest_req_t *rq)
         respond_error(fd, 401, "unauthorized", "no authenticated user");
         return;
     }
+    if (is_groups) {
+        json_t *out = NULL;
+        int     status = cw_groups_request(rq->method, rq->path, rq->user, rq->body, rq->body_len, &out);
+        respond_json(fd, status, out);
+        return;
+    }
     if (strcmp(rq->method, "GET") != 0) {
         respond_error(fd, 405, "bad_request", "only GET is allowed here");
         return;
     }
     if (is_history) history(fd, rq);
+    else if (is_receipts) receipts(fd, rq);
     else conversations(fd, rq);
 }
 
-/* Returns bytes consumed by a complete request, 0 if incomplete, -1 if bad. */
+/* Returns bytes consumed by a complete request, 0 if incomplete, -1 if bad,
+ * -2 if its body does not fit. */
 static ssize_t
 parse_and_serve(rest_conn_t *c)
 {
@@ -416,7 +711,7 @@ parse_and_serve(rest_conn_t *c)
             break;
         }
     }
-    if (clen > REST_MAX_REQUEST - head_len - 1) return -1;
+    if (clen > REST_MAX_REQUEST - head_len - 1) return -2;
     if (c->len < head_len + clen) {
         *end = '\r';
         return 0;
@@ -485,9 +780,14 @@ cw_role_rest(const cw_config_t *cf)
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     rest_cf = cf;
     cw_info("role rest listening on %s", cf->rest_listen);
+    cw_groups_init(cf);
 
     while (!cw_stop) {
-        int n = epoll_wait(ep, evs, 64, 500);
+        int n;
+
+        /* the group rebuild (until done once) and the Kafka re-produce sweep */
+        cw_groups_tick(mongo_ready() == 0 ? rest_client : NULL, rest_db);
+        n = epoll_wait(ep, evs, 64, 500);
         for (int i = 0; i < n; i++) {
             rest_conn_t *c = evs[i].data.ptr;
             if (c == NULL) {
@@ -517,7 +817,8 @@ cw_role_rest(const cw_config_t *cf)
                         c->len -= (size_t) used;
                     }
                     if (used < 0) {
-                        respond_error(c->fd, 400, "bad_request", "malformed request");
+                        if (used == -2) respond_error(c->fd, 413, "too_large", "request body too large");
+                        else respond_error(c->fd, 400, "bad_request", "malformed request");
                         r = 0;
                     } else {
                         continue;
@@ -531,11 +832,13 @@ cw_role_rest(const cw_config_t *cf)
         }
     }
     while (rest_conns) conn_close(ep, rest_conns);
+    cw_groups_close();
     close(ep);
     close(lfd);
     if (rest_client) {
         mongoc_collection_destroy(rest_messages);
         mongoc_collection_destroy(rest_conversations);
+        mongoc_collection_destroy(rest_groups);
         mongoc_client_destroy(rest_client);
     }
     cw_info("role rest stopped");
