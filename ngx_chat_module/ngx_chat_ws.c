@@ -232,6 +232,7 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
 {
     u_char               *p, hello[256], resp[160];
     size_t                rest;
+    uint64_t              from;
     ngx_pool_t           *pool;
     ngx_connection_t     *c;
     ngx_chat_ws_hs_t     *hs;
@@ -255,9 +256,11 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
                     "Sec-WebSocket-Accept: %*s\r\n\r\n",
                     (size_t) CHAT_WS_ACCEPT_LEN, hs->accept);
 
-    if (hs->cursor < 0) {
-        hs->cursor = (int64_t) s->cursor;
-    }
+    /* where the replay starts, and whether the inbox dropped events after
+     * it unacknowledged (the registry left its trim point in sent_cursor);
+     * hs goes with the request's pool below */
+    from = (hs->cursor < 0) ? s->cursor : (uint64_t) hs->cursor;
+    s->behind = (s->sent_cursor > from);
 
     /* bytes the client sent right after its handshake */
     rest = r->header_in ? (size_t) (r->header_in->last - r->header_in->pos)
@@ -320,10 +323,6 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
-    /* the registry left the inbox's trim point in sent_cursor: events
-     * after the cursor replayed from were dropped unacknowledged */
-    s->behind = (s->sent_cursor > (uint64_t) hs->cursor);
-
     p = ngx_sprintf(hello, "{\"type\":\"hello\",\"user\":\"%*s\","
                     "\"device\":\"%*s\",\"cursor\":%uL,\"heartbeat\":%T%s}",
                     (size_t) s->user->len, s->user->id, (size_t) s->dev_len,
@@ -333,7 +332,7 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
     (void) ngx_chat_session_send(s, hello, p - hello);
 
     /* then everything retained after the cursor, then live */
-    s->sent_cursor = (uint64_t) hs->cursor;
+    s->sent_cursor = from;
     ngx_chat_replay_start(s);
 
     if (s->error) {
