@@ -120,7 +120,7 @@ struct cstats {
     char     err[4][160];
     int      nerr;
     char     lost_list[512];
-    struct lg_hist h_conn, h_pong, h_ack, h_lat, h_lag, h_drain;
+    struct lg_hist h_conn, h_pong, h_ack, h_lat, h_lag, h_drain, h_last;
 };
 
 struct shared {
@@ -214,6 +214,7 @@ struct flow {
     uint8_t  *seen;               /* nrecv * cap bits */
     uint8_t  *tries;              /* resends per seq */
     uint32_t *rcount;             /* per receiver distinct deliveries */
+    uint32_t *mcount;             /* per seq: receivers that have it */
     uint64_t  late_start;         /* offline: when the receivers started */
 };
 
@@ -765,6 +766,7 @@ static void on_delivery(struct conn *c, const char *body, size_t n, const char *
     f->rcount[c->rslot]++;
     INC(delivered);
     lg_hist_add(&S->h_lat, now > t ? now - t : 0);
+    if (++f->mcount[seq] == f->nrecv) lg_hist_add(&S->h_last, now > t ? now - t : 0);   /* the last member has it */
     if (O.scenario == SC_OFFLINE && f->rcount[c->rslot] == f->nacked && f->done) {
         uint64_t d = now - (f->late_start ? f->late_start : c->t_start);
         lg_hist_add(&S->h_drain, d);
@@ -1732,6 +1734,7 @@ static void plan_child(void)
         f->nrecv = members - 1;
         f->recv = xcalloc(f->nrecv, sizeof(*f->recv));
         f->rcount = xcalloc(f->nrecv, sizeof(uint32_t));
+        f->mcount = xcalloc(f->cap, sizeof(uint32_t));
         f->seen = xcalloc(((uint64_t)f->nrecv * f->cap + 7) / 8, 1);
         f->members = xcalloc(members, sizeof(*f->members));
         f->nmembers = members;
@@ -2116,7 +2119,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < O.procs; i++) {
         struct cstats *s = &SH->st[i];
         lg_hist_init(&s->h_conn); lg_hist_init(&s->h_pong); lg_hist_init(&s->h_ack);
-        lg_hist_init(&s->h_lat); lg_hist_init(&s->h_lag); lg_hist_init(&s->h_drain);
+        lg_hist_init(&s->h_lat); lg_hist_init(&s->h_lag); lg_hist_init(&s->h_drain); lg_hist_init(&s->h_last);
     }
     uint64_t t0 = lg_now_ns();
     SH->deadline_ns = t0 + (uint64_t)(O.max_time * NS);
@@ -2254,13 +2257,14 @@ int main(int argc, char **argv)
     }
 
     /* ---- report ---- */
-    struct lg_hist h_conn, h_pong, h_ack, h_lat, h_lag, h_drain;
+    struct lg_hist h_conn, h_pong, h_ack, h_lat, h_lag, h_drain, h_last;
     lg_hist_init(&h_conn); lg_hist_init(&h_pong); lg_hist_init(&h_ack);
-    lg_hist_init(&h_lat); lg_hist_init(&h_lag); lg_hist_init(&h_drain);
+    lg_hist_init(&h_lat); lg_hist_init(&h_lag); lg_hist_init(&h_drain); lg_hist_init(&h_last);
     for (int i = 0; i < O.procs; i++) {
         lg_hist_merge(&h_conn, &SH->st[i].h_conn); lg_hist_merge(&h_pong, &SH->st[i].h_pong);
         lg_hist_merge(&h_ack, &SH->st[i].h_ack); lg_hist_merge(&h_lat, &SH->st[i].h_lat);
         lg_hist_merge(&h_lag, &SH->st[i].h_lag); lg_hist_merge(&h_drain, &SH->st[i].h_drain);
+        lg_hist_merge(&h_last, &SH->st[i].h_last);
     }
     double elapsed = (double)(lg_now_ns() - t0) / 1e9;
     const char *lbl = target_label();
@@ -2301,6 +2305,7 @@ int main(int argc, char **argv)
         print_hist("send to delivery", &h_lat, stdout);
         print_hist("scheduler lag", &h_lag, stdout);
         if (O.scenario == SC_OFFLINE) print_hist("offline drain", &h_drain, stdout);
+        if (O.scenario == SC_FANOUT) print_hist("send to last member", &h_last, stdout);
         printf("messages:    flows %" PRIu64 " (ready %" PRIu64 ", failed %" PRIu64 "), sent %" PRIu64
                ", acked %" PRIu64 ", send errors %" PRIu64 ", retries %" PRIu64 ", not sent (sender down or full) %" PRIu64 "\n",
                SUM(flows), SUM(flows_ready), SUM(flows_failed), SUM(sent), SUM(acked), SUM(send_err),
@@ -2385,6 +2390,7 @@ int main(int argc, char **argv)
         result_hist(stdout, "ack", &h_ack);
         result_hist(stdout, "lat", &h_lat);
         if (O.scenario == SC_OFFLINE) result_hist(stdout, "drain", &h_drain);
+        if (O.scenario == SC_FANOUT) result_hist(stdout, "last", &h_last);
     }
     printf(" timed_out=%d\n", timed_out);
     if (O.hist_dump) {
