@@ -523,3 +523,35 @@ def test_rest_rebuilds_redis_group_state_from_mongodb(stack, r, q, db):
     assert r.hget(gkey(lost, "meta"), "ver") == "5"
     st, b = history(stack, carol, f"conv=g:{lost}")
     assert st == 200 and [m["seq"] for m in b["messages"]][-1] == 2
+
+
+# ---- Kafka: a change whose record could not be produced ----------------------------------
+
+@pytest.mark.queue("kafka")
+def test_kafka_outage_answers_503_and_the_change_is_queued_later(stack, r, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    stack_cmd(stack, "kill", "kafka")
+    try:
+        t0 = time.time()
+        st, b = api(stack, alice, "POST", "/groups", {"name": "offline", "members": [bob]})
+        assert_error(st, b, 503, "unavailable")
+        assert time.time() - t0 < 20                                    # bounded wait for the broker
+        pend = {k: v for s in range(SHARDS) for k, v in r.hgetall("chat:{s%d}:gq" % s).items()}
+        mine = [k for k, v in pend.items() if f'"from":"{alice}"' in v]
+        assert len(mine) == 1, pend
+        g = mine[0].split("#")[0]
+        # the change is applied in Redis and kept for the queue
+        assert r.hgetall(gkey(g, "mem")) == {alice: "1", bob: "1"}
+        assert r.hexists("chat:{s%d}:gq" % shard("g:" + g), f"{g}#1")
+    finally:
+        stack_cmd(stack, "up")
+    # once the broker is back the sweep produces it: persisted, and gone from gq
+    d = persisted(db, g, 1, timeout=90)
+    assert d["name"] == "offline" and sorted(d["members"]) == sorted([alice, bob])
+    eventually(lambda: not r.hexists("chat:{s%d}:gq" % shard("g:" + g), f"{g}#1"), timeout=30,
+               what="pending record removed")
+    st, b = api(stack, bob, "GET", f"/groups/{g}")
+    assert st == 200 and b["owner"] == alice
+    # and the next change goes straight through again
+    assert change(stack, alice, g, remove=[bob])[0] == 200
+    persisted(db, g, 2)
