@@ -28,7 +28,8 @@
 #define GROUP_NAME_MAX     128         /* characters (code points) */
 #define GROUP_KAFKA_WAIT   8000        /* ms: message.timeout.ms + margin */
 #define GROUP_SWEEP_MS     5000        /* re-produce pending Kafka records this often */
-#define GROUP_SWEEP_AGE    20000       /* ... when they are at least this old */
+#define GROUP_SWEEP_AGE    10000       /* ... when they are at least this old (a live
+                                          * request gives up after GROUP_KAFKA_WAIT) */
 #define GROUP_REBUILD_MS   5000        /* retry a failed rebuild this often */
 
 /*
@@ -432,10 +433,24 @@ produce(int s, const char *conv, redisReply **fields, redisReply **recs, int n)
         rd_kafka_poll(rk, 50);
     }
     if (pending) {
-        /* The reports still come later (into freed memory): wait them out.
-         * message.timeout.ms is below the deadline, so this ends soon. */
-        rd_kafka_flush(rk, 10000);
-        rd_kafka_poll(rk, 0);
+        /* message.timeout.ms is below the deadline, so this is rare: purge
+         * what is left so that its reports (errors) are served now, not
+         * later into freed memory */
+        rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        rd_kafka_flush(rk, 2000);
+        for (int i = 0; i < n; i++) {
+            if (!st[i].done) {
+                cw_error("rest: kafka delivery report missing after purge; leaking its state");
+                st = NULL;                  /* never freed: a late report may still write it */
+                return -1;
+            }
+        }
+    }
+    if (rd_kafka_fatal_error(rk, NULL, 0) != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        /* an idempotent producer can fail for good: start a new one */
+        cw_warn("rest: kafka producer failed for good; a new one will be made");
+        rd_kafka_destroy(rk);
+        gr_rk = NULL;
     }
     snprintf(gq, sizeof(gq), "chat:{s%d}:gq", s);
     for (int i = 0; i < n; i++) {
