@@ -39,6 +39,8 @@ typedef struct {
     ngx_uint_t    shards;          /* chat_shards */
     ngx_uint_t    node_id;         /* chat_node_id */
     time_t        dedup_ttl;       /* chat_dedup_ttl */
+    ngx_msec_t    receipt_delay;   /* chat_receipt_delay: delivered receipts
+                                      of a user and conversation coalesce */
     ngx_flag_t    kafka;           /* chat_queue kafka (else Redis Streams) */
     ngx_str_t     kafka_brokers;   /* chat_kafka_brokers */
     ngx_str_t     kafka_topic;     /* chat_kafka_topic */

@@ -629,6 +629,135 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
 }
 
 
+/*
+ * Delivered receipts, coalesced: an ack moves the user's delivered pointer
+ * in Redis at once, but the receipt for the senders waits up to
+ * chat_receipt_delay in this worker, so that a device acknowledging every
+ * message one by one produces one receipt per conversation and delay, not
+ * one per message (a group of 500 would otherwise send its senders 499
+ * receipts per message). Pending receipts are bounded; the timer that
+ * flushes them is not cancelable, so a graceful exit (reload, quit) sends
+ * them first.
+ */
+#define NGX_CHAT_DLV_MAX  65536
+
+typedef struct {
+    ngx_str_node_t   sn;          /* key: hash of "user conv"; str: that */
+    int64_t          seq;         /* the newest pointer */
+    int64_t          prev;        /* the pointer before the first of them */
+    u_char           dlen;
+    u_char           device[NGX_CHAT_DEVICE_MAX];
+    u_char           ulen;
+    u_char           key[NGX_CHAT_USER_MAX + 1 + CHAT_CONV_MAX];
+} ngx_chat_dlv_t;
+
+static ngx_rbtree_t        ngx_chat_dlv_tree;
+static ngx_rbtree_node_t   ngx_chat_dlv_sentinel;
+static ngx_uint_t          ngx_chat_dlv_n;
+static ngx_event_t         ngx_chat_dlv_ev;
+static ngx_connection_t    ngx_chat_dlv_conn;
+
+
+static void
+ngx_chat_dlv_flush(ngx_event_t *ev)
+{
+    u_char             seq[NGX_INT64_LEN], prev[NGX_INT64_LEN];
+    ngx_chat_dlv_t    *d;
+    ngx_rbtree_node_t *node;
+
+    while (ngx_chat_dlv_tree.root != &ngx_chat_dlv_sentinel) {
+        node = ngx_rbtree_min(ngx_chat_dlv_tree.root, &ngx_chat_dlv_sentinel);
+        d = (ngx_chat_dlv_t *) node;
+
+        ngx_chat_receipt_enqueue(d->key, d->ulen, d->device, d->dlen,
+                                 d->key + d->ulen + 1,
+                                 d->sn.str.len - d->ulen - 1, "delivered",
+                                 seq, ngx_sprintf(seq, "%L", d->seq) - seq,
+                                 prev, ngx_sprintf(prev, "%L", d->prev) - prev);
+
+        ngx_rbtree_delete(&ngx_chat_dlv_tree, node);
+        ngx_free(d);
+    }
+
+    ngx_chat_dlv_n = 0;
+}
+
+
+static void
+ngx_chat_dlv_add(ngx_chat_msg_ctx_t *ctx, u_char *conv, size_t clen,
+    u_char *seq, size_t seqlen, u_char *prev, size_t prevlen)
+{
+    u_char                 key[NGX_CHAT_USER_MAX + 1 + CHAT_CONV_MAX];
+    int64_t                n, p;
+    uint32_t               hash;
+    ngx_str_t              k;
+    ngx_chat_dlv_t        *d;
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    n = ngx_atoof(seq, seqlen);
+    p = ngx_atoof(prev, prevlen);
+
+    if (cmcf->receipt_delay == 0 || clen > CHAT_CONV_MAX || n < 0 || p < 0) {
+        ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
+                                 conv, clen, "delivered", seq, seqlen, prev,
+                                 prevlen);
+        return;
+    }
+
+    k.data = key;
+    k.len = ngx_sprintf(key, "%*s %*s", (size_t) ctx->ulen, ctx->user, clen,
+                        conv) - key;
+    hash = ngx_crc32_short(k.data, k.len);
+
+    d = (ngx_chat_dlv_t *) ngx_str_rbtree_lookup(&ngx_chat_dlv_tree, &k, hash);
+
+    if (d) {
+        if (n > d->seq) {
+            d->seq = n;
+        }
+
+        if (p < d->prev) {
+            d->prev = p;
+        }
+
+        d->dlen = ctx->dlen;
+        ngx_memcpy(d->device, ctx->device, ctx->dlen);
+        return;
+    }
+
+    d = ngx_alloc(sizeof(ngx_chat_dlv_t), ngx_cycle->log);
+    if (d == NULL) {
+        ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
+                                 conv, clen, "delivered", seq, seqlen, prev,
+                                 prevlen);
+        return;
+    }
+
+    ngx_memcpy(d->key, key, k.len);
+    d->sn.str.data = d->key;
+    d->sn.str.len = k.len;
+    d->sn.node.key = hash;
+    d->ulen = ctx->ulen;
+    d->dlen = ctx->dlen;
+    ngx_memcpy(d->device, ctx->device, ctx->dlen);
+    d->seq = n;
+    d->prev = p;
+
+    ngx_rbtree_insert(&ngx_chat_dlv_tree, &d->sn.node);
+
+    if (++ngx_chat_dlv_n >= NGX_CHAT_DLV_MAX) {
+        ngx_chat_dlv_flush(&ngx_chat_dlv_ev);
+        return;
+    }
+
+    if (!ngx_chat_dlv_ev.timer_set) {
+        ngx_add_timer(&ngx_chat_dlv_ev, cmcf->receipt_delay);
+    }
+}
+
+
 static void
 ngx_chat_msg_acked(void *rp, void *data)
 {
@@ -650,10 +779,9 @@ ngx_chat_msg_acked(void *rp, void *data)
         if (c->type == REDIS_REPLY_STRING && q->type == REDIS_REPLY_STRING
             && pv->type == REDIS_REPLY_STRING)
         {
-            ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device,
-                                     ctx->dlen, (u_char *) c->str, c->len,
-                                     "delivered", (u_char *) q->str, q->len,
-                                     (u_char *) pv->str, pv->len);
+            ngx_chat_dlv_add(ctx, (u_char *) c->str, c->len,
+                             (u_char *) q->str, q->len,
+                             (u_char *) pv->str, pv->len);
         }
     }
 
@@ -1069,6 +1197,14 @@ ngx_chat_msg_init_process(ngx_cycle_t *cycle)
     cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
 
     ngx_chat_id_node = ((cmcf->node_id << 5) | (ngx_worker & 0x1f)) & 0x3ff;
+
+    ngx_rbtree_init(&ngx_chat_dlv_tree, &ngx_chat_dlv_sentinel,
+                    ngx_str_rbtree_insert_value);
+    ngx_chat_dlv_conn.fd = (ngx_socket_t) -1;
+    ngx_chat_dlv_ev.data = &ngx_chat_dlv_conn;
+    ngx_chat_dlv_ev.handler = ngx_chat_dlv_flush;
+    ngx_chat_dlv_ev.log = cycle->log;
+    ngx_chat_dlv_ev.cancelable = 0;     /* a graceful exit flushes first */
 
     return NGX_OK;
 }
