@@ -525,6 +525,26 @@ def test_rest_rebuilds_redis_group_state_from_mongodb(stack, r, q, db):
     assert st == 200 and [m["seq"] for m in b["messages"]][-1] == 2
 
 
+def test_rest_survives_a_redis_restart(stack, r):
+    alice, bob = uid("alice"), uid("bob")
+    g = create(stack, alice, [bob])
+    time.sleep(1.2)                                 # AOF fsync (everysec)
+    pid = open(f"{stack.dir}/pids/worker-rest").read().strip()
+    stack_cmd(stack, "kill", "redis")
+    try:
+        assert_error(*api(stack, bob, "GET", f"/groups/{g}"), 503, "unavailable")
+    finally:
+        stack_cmd(stack, "up")
+    r2 = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    eventually(lambda: r2.ping(), what="redis back")
+    r2.close()
+    # the first request after the restart is answered, on a new connection
+    st, b = api(stack, bob, "GET", f"/groups/{g}")
+    assert st == 200 and b["members"] == sorted([alice, bob]), b
+    assert change(stack, alice, g, remove=[bob])[0] == 200
+    assert open(f"{stack.dir}/pids/worker-rest").read().strip() == pid      # never restarted
+
+
 # ---- Kafka: a change whose record could not be produced ----------------------------------
 
 @pytest.mark.queue("kafka")

@@ -171,6 +171,7 @@ static const char rebuild_script[] =
 
 static const cw_config_t *gr_cf;
 static redisContext      *gr_redis;
+static int64_t            gr_redis_used;      /* mono ms of the last use */
 static rd_kafka_t        *gr_rk;
 static int                gr_rebuilt;
 static int64_t            gr_next_rebuild, gr_next_sweep;
@@ -218,13 +219,31 @@ fail(json_t **out, int status, const char *code, const char *message)
     return status;
 }
 
+/*
+ * The connection to Redis, (re)connected when needed. A connection idle
+ * for a second is checked with a PING first: after a Redis restart the
+ * first command on the old connection would fail, and a membership change
+ * must not be sent twice to find out.
+ */
 static redisContext *
 rdb(void)
 {
-    char err[256];
-    if (gr_redis) return gr_redis;
-    gr_redis = cw_redis_connect(gr_cf->redis_url, 3000, err, sizeof(err));
-    if (gr_redis == NULL) cw_warn("rest: redis: %s", err);
+    char    err[256];
+    int64_t now = cw_mono_ms();
+
+    if (gr_redis && now - gr_redis_used > 1000) {
+        redisReply *r = redisCommand(gr_redis, "PING");
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            redisFree(gr_redis);
+            gr_redis = NULL;
+        }
+        if (r) freeReplyObject(r);
+    }
+    if (gr_redis == NULL) {
+        gr_redis = cw_redis_connect(gr_cf->redis_url, 3000, err, sizeof(err));
+        if (gr_redis == NULL) cw_warn("rest: redis: %s", err);
+    }
+    gr_redis_used = now;
     return gr_redis;
 }
 
