@@ -13,8 +13,7 @@ import time
 import pytest
 import redis
 
-from chatlib import make_jwt  # noqa: F401  (the stack's tokens come from stack.token)
-from test_workers import (SHARDS, Queue, eventually, receipt_fields, rest_url, shard, stack_cmd, stream, uid,
+from test_workers import (SHARDS, eventually, receipt_fields, rest_url, shard, stack_cmd, stream, uid,
                           ukey)
 from test_workers import db, q, r  # noqa: F401  (fixtures)
 

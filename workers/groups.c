@@ -488,7 +488,8 @@ produce(int s, const char *conv, redisReply **fields, redisReply **recs, int n)
 }
 
 /* Kafka: produce again the records of every shard whose first produce
- * failed (or whose process died before it finished). */
+ * failed (or whose process died before it finished). Stops at the first
+ * failure, so that a broker outage costs one wait per sweep. */
 static void
 sweep(void)
 {
@@ -514,7 +515,11 @@ sweep(void)
                 rec.len = v->len - (size_t) (sp + 1 - v->str);
                 fp[0] = f;
                 rp[0] = &rec;
-                if (produce(s, conv, fp, rp, 1) == 0) cw_info("rest: produced pending group record %s", f->str);
+                if (produce(s, conv, fp, rp, 1) != 0) {
+                    freeReplyObject(r);             /* the broker is still away: next sweep */
+                    return;
+                }
+                cw_info("rest: produced pending group record %s", f->str);
             }
         }
         freeReplyObject(r);
