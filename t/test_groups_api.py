@@ -13,8 +13,7 @@ import time
 import pytest
 import redis
 
-from chatlib import make_jwt  # noqa: F401  (the stack's tokens come from stack.token)
-from test_workers import (SHARDS, Queue, eventually, receipt_fields, rest_url, shard, stack_cmd, stream, uid,
+from test_workers import (SHARDS, eventually, receipt_fields, rest_url, shard, stack_cmd, stream, uid,
                           ukey)
 from test_workers import db, q, r  # noqa: F401  (fixtures)
 
@@ -530,6 +529,26 @@ def test_rest_rebuilds_redis_group_state_from_mongodb(stack, r, q, db):
     assert st == 200 and [m["seq"] for m in b["messages"]][-1] == 2
 
 
+def test_rest_survives_a_redis_restart(stack, r):
+    alice, bob = uid("alice"), uid("bob")
+    g = create(stack, alice, [bob])
+    time.sleep(1.2)                                 # AOF fsync (everysec)
+    pid = open(f"{stack.dir}/pids/worker-rest").read().strip()
+    stack_cmd(stack, "kill", "redis")
+    try:
+        assert_error(*api(stack, bob, "GET", f"/groups/{g}"), 503, "unavailable")
+    finally:
+        stack_cmd(stack, "up")
+    r2 = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    eventually(lambda: r2.ping(), what="redis back")
+    r2.close()
+    # the first request after the restart is answered, on a new connection
+    st, b = api(stack, bob, "GET", f"/groups/{g}")
+    assert st == 200 and b["members"] == sorted([alice, bob]), b
+    assert change(stack, alice, g, remove=[bob])[0] == 200
+    assert open(f"{stack.dir}/pids/worker-rest").read().strip() == pid      # never restarted
+
+
 # ---- Kafka: a change whose record could not be produced ----------------------------------
 
 @pytest.mark.queue("kafka")
@@ -559,4 +578,4 @@ def test_kafka_outage_answers_503_and_the_change_is_queued_later(stack, r, q, db
     assert st == 200 and b["owner"] == alice
     # and the next change goes straight through again
     assert change(stack, alice, g, remove=[bob])[0] == 200
-    persisted(db, g, 2)
+    persisted(db, g, 2, timeout=90)                 # consumers may still be rejoining after the restart

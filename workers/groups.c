@@ -171,6 +171,7 @@ static const char rebuild_script[] =
 
 static const cw_config_t *gr_cf;
 static redisContext      *gr_redis;
+static int64_t            gr_redis_used;      /* mono ms of the last use */
 static rd_kafka_t        *gr_rk;
 static int                gr_rebuilt;
 static int64_t            gr_next_rebuild, gr_next_sweep;
@@ -218,13 +219,31 @@ fail(json_t **out, int status, const char *code, const char *message)
     return status;
 }
 
+/*
+ * The connection to Redis, (re)connected when needed. A connection idle
+ * for a second is checked with a PING first: after a Redis restart the
+ * first command on the old connection would fail, and a membership change
+ * must not be sent twice to find out.
+ */
 static redisContext *
 rdb(void)
 {
-    char err[256];
-    if (gr_redis) return gr_redis;
-    gr_redis = cw_redis_connect(gr_cf->redis_url, 3000, err, sizeof(err));
-    if (gr_redis == NULL) cw_warn("rest: redis: %s", err);
+    char    err[256];
+    int64_t now = cw_mono_ms();
+
+    if (gr_redis && now - gr_redis_used > 1000) {
+        redisReply *r = redisCommand(gr_redis, "PING");
+        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+            redisFree(gr_redis);
+            gr_redis = NULL;
+        }
+        if (r) freeReplyObject(r);
+    }
+    if (gr_redis == NULL) {
+        gr_redis = cw_redis_connect(gr_cf->redis_url, 3000, err, sizeof(err));
+        if (gr_redis == NULL) cw_warn("rest: redis: %s", err);
+    }
+    gr_redis_used = now;
     return gr_redis;
 }
 
@@ -469,7 +488,8 @@ produce(int s, const char *conv, redisReply **fields, redisReply **recs, int n)
 }
 
 /* Kafka: produce again the records of every shard whose first produce
- * failed (or whose process died before it finished). */
+ * failed (or whose process died before it finished). Stops at the first
+ * failure, so that a broker outage costs one wait per sweep. */
 static void
 sweep(void)
 {
@@ -495,7 +515,11 @@ sweep(void)
                 rec.len = v->len - (size_t) (sp + 1 - v->str);
                 fp[0] = f;
                 rp[0] = &rec;
-                if (produce(s, conv, fp, rp, 1) == 0) cw_info("rest: produced pending group record %s", f->str);
+                if (produce(s, conv, fp, rp, 1) != 0) {
+                    freeReplyObject(r);             /* the broker is still away: next sweep */
+                    return;
+                }
+                cw_info("rest: produced pending group record %s", f->str);
             }
         }
         freeReplyObject(r);
