@@ -327,6 +327,32 @@ def test_persist_writes_the_group_and_its_history_records(stack, r, q, db):
     assert db.messages.count_documents({"conv": "g:" + g}) == 4
 
 
+def test_a_stale_state_does_not_hold_back_a_newer_one_in_the_same_batch(stack, r, q, db):
+    """FerretDB stops an unordered update command at its first error: the
+    duplicate key of a stale state must not cost the other groups' states
+    of the batch."""
+    from test_workers import stop_worker
+    alice, bob = uid("alice"), uid("bob")
+    a = create(stack, alice, [bob], name="old")
+    while shard("g:" + a) >= SHARDS - 1:                 # a needs a shard below another group's
+        a = create(stack, alice, [bob], name="old")
+    assert change(stack, alice, a, remove=[bob])[0] == 200
+    persisted(db, a, 2)
+    stale = queued(stack, r, a, 1)[0]
+    stop_worker(stack, "persist")
+    try:
+        q.send(stale)                                   # re-consumed: older than what is stored
+        q.flush()
+        b = create(stack, alice, [bob], name="new")
+        while shard("g:" + b) <= shard("g:" + a):
+            b = create(stack, alice, [bob], name="new")
+    finally:
+        stack_cmd(stack, "up")
+    d = persisted(db, b, 1)
+    assert d["name"] == "new"
+    assert db.groups.find_one({"_id": a})["ver"] == 2
+
+
 def test_group_receipts_update_member_pointers(stack, r, q, db):
     alice, bob = uid("alice"), uid("bob")
     g = create(stack, alice, [bob])
