@@ -8,6 +8,7 @@ rebuild of Redis group state from MongoDB when the rest role starts.
 Group messages are enqueued the way the module's accept script does it
 (HINCRBY of the group's seq counter, then XADD or a Kafka record)."""
 import json
+import socket
 import time
 
 import pytest
@@ -277,6 +278,31 @@ def test_names_are_counted_in_characters(stack):
     alice = uid("alice")
     st, b = api(stack, alice, "POST", "/groups", {"name": "\u00e9" * 128})
     assert st == 201 and b["name"] == "\u00e9" * 128
+
+
+def test_bodies_are_bounded(stack):
+    alice = uid("alice")
+    many = [f"{i:06d}" + "x" * 58 for i in range(MAX_MEMBERS - 1)]       # 64-character ids: about 33k
+    st, b = api(stack, alice, "POST", "/groups", {"name": "wide", "members": many})
+    assert st == 201 and len(b["members"]) == MAX_MEMBERS
+    for _ in range(10):                                 # answered, not reset, every time
+        st, b = api(stack, alice, "POST", "/groups", {"name": "huge", "members": many * 2})
+        assert_error(st, b, 413, "too_large")
+    # straight to the worker: the refused body is read and dropped, and the
+    # connection serves the next request
+    host, port = rest_url(stack)[len("http://"):].split(":")
+    body = json.dumps({"name": "huge", "members": many * 2}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sk:
+        sk.sendall(b"POST /chat/groups HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
+                   + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                   + b"GET /chat/conversations HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
+                   + b"\r\n\r\n")
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.rstrip().endswith(b"}"):
+            chunk = sk.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 413 ") and b"HTTP/1.1 200 " in got and b'"conversations":' in got
 
 
 def test_groups_api_needs_a_user(stack):
