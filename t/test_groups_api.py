@@ -8,6 +8,7 @@ rebuild of Redis group state from MongoDB when the rest role starts.
 Group messages are enqueued the way the module's accept script does it
 (HINCRBY of the group's seq counter, then XADD or a Kafka record)."""
 import json
+import socket
 import time
 
 import pytest
@@ -279,6 +280,31 @@ def test_names_are_counted_in_characters(stack):
     assert st == 201 and b["name"] == "\u00e9" * 128
 
 
+def test_bodies_are_bounded(stack):
+    alice = uid("alice")
+    many = [f"{i:06d}" + "x" * 58 for i in range(MAX_MEMBERS - 1)]       # 64-character ids: about 33k
+    st, b = api(stack, alice, "POST", "/groups", {"name": "wide", "members": many})
+    assert st == 201 and len(b["members"]) == MAX_MEMBERS
+    for _ in range(10):                                 # answered, not reset, every time
+        st, b = api(stack, alice, "POST", "/groups", {"name": "huge", "members": many * 2})
+        assert_error(st, b, 413, "too_large")
+    # straight to the worker: the refused body is read and dropped, and the
+    # connection serves the next request
+    host, port = rest_url(stack)[len("http://"):].split(":")
+    body = json.dumps({"name": "huge", "members": many * 2}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sk:
+        sk.sendall(b"POST /chat/groups HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
+                   + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                   + b"GET /chat/conversations HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
+                   + b"\r\n\r\n")
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.rstrip().endswith(b"}"):
+            chunk = sk.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 413 ") and b"HTTP/1.1 200 " in got and b'"conversations":' in got
+
+
 def test_groups_api_needs_a_user(stack):
     assert_error(*api(stack, None, "POST", "/groups", {"name": "x"}), 401, "unauthorized")
     st, _, b = stack.request("POST", rest_url(stack) + "/chat/groups", body={"name": "x"})
@@ -325,6 +351,32 @@ def test_persist_writes_the_group_and_its_history_records(stack, r, q, db):
     d = db.groups.find_one({"_id": g})
     assert d["ver"] == 3 and sorted(d["members"]) == sorted([alice, carol]) and d["last_seq"] == seq
     assert db.messages.count_documents({"conv": "g:" + g}) == 4
+
+
+def test_a_stale_state_does_not_hold_back_a_newer_one_in_the_same_batch(stack, r, q, db):
+    """FerretDB stops an unordered update command at its first error: the
+    duplicate key of a stale state must not cost the other groups' states
+    of the batch."""
+    from test_workers import stop_worker
+    alice, bob = uid("alice"), uid("bob")
+    a = create(stack, alice, [bob], name="old")
+    while shard("g:" + a) >= SHARDS - 1:                 # a needs a shard below another group's
+        a = create(stack, alice, [bob], name="old")
+    assert change(stack, alice, a, remove=[bob])[0] == 200
+    persisted(db, a, 2)
+    stale = queued(stack, r, a, 1)[0]
+    stop_worker(stack, "persist")
+    try:
+        q.send(stale)                                   # re-consumed: older than what is stored
+        q.flush()
+        b = create(stack, alice, [bob], name="new")
+        while shard("g:" + b) <= shard("g:" + a):
+            b = create(stack, alice, [bob], name="new")
+    finally:
+        stack_cmd(stack, "up")
+    d = persisted(db, b, 1)
+    assert d["name"] == "new"
+    assert db.groups.find_one({"_id": a})["ver"] == 2
 
 
 def test_group_receipts_update_member_pointers(stack, r, q, db):

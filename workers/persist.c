@@ -408,6 +408,7 @@ typedef struct {
     mongoc_bulk_operation_t *bulk;
     int                      n;
     int                      dup_ok;               /* duplicate keys are success */
+    int                      max;                  /* statements per command (0: UPDATE_CHUNK) */
     const char              *what;
 } chunker_t;
 
@@ -442,7 +443,7 @@ chunk_update(chunker_t *ch, const bson_t *sel, const bson_t *upd, const bson_t *
 
     if (ch->bulk == NULL) ch->bulk = new_bulk(ch->coll);
     mongoc_bulk_operation_update_one_with_opts(ch->bulk, sel, upd, opts, &error);
-    if (++ch->n < UPDATE_CHUNK) return 0;
+    if (++ch->n < (ch->max ? ch->max : UPDATE_CHUNK)) return 0;
     return chunk_flush(ch);
 }
 
@@ -477,11 +478,15 @@ write_batch(persist_t *p)
     else if (run_bulk(bulk, 1, "insert messages") != 0) goto done;
 
     /* 2. group states: the newest of the batch, where it is newer than
-     * the stored one (else the upsert's insert is a duplicate key) */
+     * the stored one (else the upsert's insert is a duplicate key). One
+     * statement per command: FerretDB 1.24 stops an unordered update
+     * command at its first error, so a stale state's duplicate key would
+     * silently skip the statements after it. */
     memset(&ch, 0, sizeof(ch));
     ch.coll = p->groups;
     ch.what = "update group states";
     ch.dup_ok = 1;
+    ch.max = 1;
     for (int i = 0; i < p->nops; i++) {
         convop_t *op = &p->ops[i];
         bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, lt, soi;
@@ -506,6 +511,7 @@ write_batch(persist_t *p)
     /* 3. group messages raise last_seq (a message persisted before its
      * group's first state leaves a document with ver 0 for it) */
     ch.dup_ok = 0;
+    ch.max = 0;
     ch.what = "update group last_seq";
     for (int i = 0; i < p->nops; i++) {
         convop_t *op = &p->ops[i];

@@ -38,12 +38,18 @@
 
 /* Headers and body: a group of 500 members of 64-character ids is about 34k. */
 #define REST_MAX_REQUEST  65536
+/* A larger request is answered 413; its body is read and dropped when it
+ * is at most this long (so that the proxy reads the answer, not a reset),
+ * else the connection is closed. */
+#define REST_MAX_DISCARD  (1024 * 1024 + REST_MAX_REQUEST)
 
 typedef struct rest_conn_s rest_conn_t;
 struct rest_conn_s {
     rest_conn_t *prev, *next;      /* every open connection, freed at exit */
     int          fd;
     size_t       len;
+    size_t       toolarge;         /* length of the request refused with 413 */
+    size_t       discard;          /* bytes of it still to drop */
     char         buf[REST_MAX_REQUEST];
 };
 
@@ -386,13 +392,13 @@ rows_add(conv_rows_t *l, int64_t ts, json_t *obj)
     return 0;
 }
 
-/* newest first; equal ts: the greater last message id first */
+/* newest first; equal ts: the greater last message id first (in byte
+ * order, as MongoDB sorts the direct ones) */
 static int
 rows_cmp(const void *x, const void *y)
 {
     const conv_row_t *a = x, *b = y;
     if (a->ts != b->ts) return a->ts > b->ts ? -1 : 1;
-    if (strlen(a->last_id) != strlen(b->last_id)) return strlen(a->last_id) > strlen(b->last_id) ? -1 : 1;
     return -strcmp(a->last_id, b->last_id);
 }
 
@@ -711,7 +717,10 @@ parse_and_serve(rest_conn_t *c)
             break;
         }
     }
-    if (clen > REST_MAX_REQUEST - head_len - 1) return -2;
+    if (clen > REST_MAX_REQUEST - head_len - 1) {
+        c->toolarge = head_len + clen;
+        return -2;
+    }
     if (c->len < head_len + clen) {
         *end = '\r';
         return 0;
@@ -810,11 +819,23 @@ cw_role_rest(const cw_config_t *cf)
             for (;;) {
                 ssize_t r = read(c->fd, c->buf + c->len, REST_MAX_REQUEST - 1 - c->len);
                 if (r > 0) {
-                    ssize_t used;
+                    ssize_t used = 0;
                     c->len += (size_t) r;
-                    while ((used = parse_and_serve(c)) > 0) {
+                    if (c->discard) {               /* the rest of a refused body */
+                        size_t d = c->discard < c->len ? c->discard : c->len;
+                        memmove(c->buf, c->buf + d, c->len - d);
+                        c->len -= d;
+                        c->discard -= d;
+                    }
+                    while (c->discard == 0 && (used = parse_and_serve(c)) > 0) {
                         memmove(c->buf, c->buf + used, c->len - (size_t) used);
                         c->len -= (size_t) used;
+                    }
+                    if (used == -2 && c->toolarge <= REST_MAX_DISCARD) {
+                        respond_error(c->fd, 413, "too_large", "request body too large");
+                        c->discard = c->toolarge - c->len;      /* the buffer holds its start only */
+                        c->len = 0;
+                        continue;
                     }
                     if (used < 0) {
                         if (used == -2) respond_error(c->fd, 413, "too_large", "request body too large");
