@@ -32,7 +32,9 @@
  * marker is added, events before the newest marker older than the
  * retention are dropped. The newest cursor dropped by either bound is kept
  * in last["trim"]: a device whose cursor is below it has missed events, and
- * hello says so ("behind").
+ * hello says so ("behind"). The keys' expiry (the retention) is renewed
+ * with the markers, at most once an hour, not on every append; an inbox
+ * created anew (emptied by acks) gets it at once.
  *
  * last[field] = "<seq>:<cursor>" of the newest appended. An equal seq is a
  * re-consumed entry: nothing is added and the stored cursor is returned, so
@@ -111,12 +113,14 @@ static const char inbox_lua[] =
     "      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. old[2])\n"
     "    end\n"
     "    redis.call('PEXPIRE', KEYS[5], ret)\n"
+    "    redis.call('PEXPIRE', KEYS[1], ret)\n"
+    "    redis.call('PEXPIRE', KEYS[3], ret)\n"
+    "  elseif n == 1 then\n"
+    "    redis.call('PEXPIRE', KEYS[1], ret)\n"
     "  end\n"
     "  if trim > 0 and trim > tonumber(redis.call('HGET', KEYS[3], 'trim') or '0') then\n"
     "    redis.call('HSET', KEYS[3], 'trim', string.format('%d', trim))\n"
     "  end\n"
-    "  redis.call('PEXPIRE', KEYS[1], ret)\n"
-    "  redis.call('PEXPIRE', KEYS[3], ret)\n"
     "  res = {1, cur}\n"
     "end\n"
     "local m = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf')\n"
