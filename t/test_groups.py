@@ -15,23 +15,7 @@ import pytest
 import redis
 
 from chatlib import ROOT
-from wsclient import WS
-
-
-def uniq(p):
-    return f"{p}{uuid.uuid4().hex[:10]}"
-
-
-def auth(stack, user, device=None):
-    return {"Authorization": "Bearer " + stack.token(user, device)}
-
-
-def ws(stack, user, device=None, cursor=None):
-    c = WS(stack.host, stack.port, stack.ws_path, token=stack.token(user, device),
-           query=None if cursor is None else f"cursor={cursor}")
-    c.hello = c.recv()
-    assert c.hello["type"] == "hello"
-    return c
+from test_messaging import auth, uniq, ws
 
 
 def create(stack, owner, members, name="team"):

@@ -171,6 +171,24 @@ append_msg(bson_t *b, const char *idkey, const char *id, const cw_entry_t *e, js
     return 0;
 }
 
+/* name: [the strings of the JSON array a] */
+static void
+append_strings(bson_t *doc, const char *name, json_t *a)
+{
+    bson_t  arr;
+    size_t  n;
+    json_t *v;
+    char    key[24];
+
+    BSON_APPEND_ARRAY_BEGIN(doc, name, &arr);
+    json_array_foreach(a, n, v) {
+        if (!json_is_string(v)) continue;
+        snprintf(key, sizeof(key), "%zu", n);
+        bson_append_utf8(&arr, key, -1, json_string_value(v), (int) json_string_length(v));
+    }
+    bson_append_array_end(doc, &arr);
+}
+
 /*
  * A membership entry: its history record for messages ({_id: "g:G#<seq>",
  * conv, seq, group, from, kind: "group", event, members, ts}) and the $set
@@ -215,25 +233,13 @@ group_docs(persist_t *p, int i)
     BSON_APPEND_UTF8(doc, "from", e->from);
     BSON_APPEND_UTF8(doc, "kind", "group");
     BSON_APPEND_UTF8(doc, "event", e->event);
-    BSON_APPEND_ARRAY_BEGIN(doc, "members", &arr);
-    json_array_foreach(members, n, v) {
-        if (!json_is_string(v)) continue;
-        snprintf(key, sizeof(key), "%zu", n);
-        bson_append_utf8(&arr, key, -1, json_string_value(v), (int) json_string_length(v));
-    }
-    bson_append_array_end(doc, &arr);
+    append_strings(doc, "members", members);
     BSON_APPEND_INT64(doc, "ts", p->msg_ts[i]);
 
     set = p->state_set[i] = bson_new();
     bson_append_utf8(set, "name", 4, json_string_value(name), (int) json_string_length(name));
     bson_append_utf8(set, "owner", 5, json_string_value(owner), (int) json_string_length(owner));
-    BSON_APPEND_ARRAY_BEGIN(set, "members", &arr);
-    json_array_foreach(smembers, n, v) {
-        if (!json_is_string(v)) continue;
-        snprintf(key, sizeof(key), "%zu", n);
-        bson_append_utf8(&arr, key, -1, json_string_value(v), (int) json_string_length(v));
-    }
-    bson_append_array_end(set, &arr);
+    append_strings(set, "members", smembers);
     BSON_APPEND_ARRAY_BEGIN(set, "since", &arr);
     n = 0;
     json_object_foreach(since, k, v) {
