@@ -412,9 +412,6 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
         rc = ngx_chat_typing(id->user, id->user_len, &f);
         if (rc == NGX_OK) {
             rc = ngx_chat_http_json(r, NGX_HTTP_NO_CONTENT, NULL, 0);
-        } else if (rc == NGX_DECLINED) {
-            rc = ngx_chat_http_error(r, NGX_HTTP_NOT_FOUND, "not_found",
-                                     "no such group");
         } else {
             rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                      "unavailable", "try again later");

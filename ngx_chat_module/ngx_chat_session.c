@@ -1273,13 +1273,7 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
         return;
 
     case CHAT_PROTO_TYPING:
-        switch (ngx_chat_typing(s->user->id, s->user->len, &f)) {
-        case NGX_OK:
-            break;
-        case NGX_DECLINED:
-            ngx_chat_session_error(s, "not_found", "no such group", NULL);
-            break;
-        default:
+        if (ngx_chat_typing(s->user->id, s->user->len, &f) != NGX_OK) {
             ngx_chat_session_error(s, "unavailable", "try again later", NULL);
         }
         return;
