@@ -41,6 +41,8 @@ typedef struct {
     time_t        dedup_ttl;       /* chat_dedup_ttl */
     ngx_msec_t    receipt_delay;   /* chat_receipt_delay: delivered receipts
                                       of a user and conversation coalesce */
+    ngx_msec_t    ack_delay;       /* chat_ack_delay: a WebSocket session's
+                                      acks within it run one ack script */
     ngx_flag_t    kafka;           /* chat_queue kafka (else Redis Streams) */
     ngx_str_t     kafka_brokers;   /* chat_kafka_brokers */
     ngx_str_t     kafka_topic;     /* chat_kafka_topic */
@@ -149,6 +151,7 @@ struct ngx_chat_session_s {
     unsigned               replay_wait:1; /* next page when the queue drains */
     unsigned               behind:1;      /* events after its cursor were
                                              dropped from the inbox */
+    unsigned               ack_pending:1; /* cursor acked, script not run yet */
     unsigned               nwatches:8;
 
     u_char                 dev_len;
@@ -319,6 +322,7 @@ extern ngx_queue_t  ngx_chat_sessions;
 void ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f);
 ngx_int_t ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
     chat_proto_frame_t *f);
+void ngx_chat_msg_ack_flush(ngx_chat_session_t *s);
 void ngx_chat_replay_start(ngx_chat_session_t *s);
 void ngx_chat_replay_resume(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);

@@ -172,6 +172,13 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, dedup_ttl),
       NULL },
 
+    { ngx_string("chat_ack_delay"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, ack_delay),
+      NULL },
+
     { ngx_string("chat_receipt_delay"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
@@ -356,6 +363,7 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->node_id = NGX_CONF_UNSET_UINT;
     cmcf->dedup_ttl = NGX_CONF_UNSET;
     cmcf->receipt_delay = NGX_CONF_UNSET_MSEC;
+    cmcf->ack_delay = NGX_CONF_UNSET_MSEC;
     cmcf->kafka = NGX_CONF_UNSET;
 
     return cmcf;
@@ -391,6 +399,7 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_uint_value(cmcf->node_id, 0);
     ngx_conf_init_value(cmcf->dedup_ttl, 7 * 86400);
     ngx_conf_init_msec_value(cmcf->receipt_delay, 200);
+    ngx_conf_init_msec_value(cmcf->ack_delay, 100);
 
     if (cmcf->shards < 1 || cmcf->shards > 4096) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,

@@ -983,11 +983,85 @@ ngx_chat_msg_dispatch(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 }
 
 
+/*
+ * Acks of a WebSocket session, coalesced: the session's cursor moves at
+ * once (replay and delivery use it), the ack script (inbox trim, delivered
+ * pointer, receipts) runs for the newest cursor once per chat_ack_delay,
+ * and when the session closes. A device that acknowledges every message of
+ * a busy conversation by itself would otherwise cost one script per
+ * message per member.
+ */
+static ngx_uint_t         ngx_chat_acks_pending;
+static ngx_event_t        ngx_chat_ack_ev;
+static ngx_connection_t   ngx_chat_ack_conn;
+
+
+void
+ngx_chat_msg_ack_flush(ngx_chat_session_t *s)
+{
+    ngx_chat_msg_ctx_t  *ctx;
+
+    if (!s->ack_pending) {
+        return;
+    }
+
+    s->ack_pending = 0;
+    ngx_chat_acks_pending--;
+
+    ctx = ngx_chat_msg_ctx(s, NULL, s->user->id, s->user->len, s->device,
+                           s->dev_len, NULL);
+    if (ctx == NULL) {
+        return;
+    }
+
+    ngx_chat_msg_ack(ctx, (int64_t) s->cursor);
+}
+
+
+static void
+ngx_chat_ack_timer(ngx_event_t *ev)
+{
+    ngx_queue_t         *q, *next;
+    ngx_chat_session_t  *s;
+
+    for (q = ngx_queue_head(&ngx_chat_sessions);
+         q != ngx_queue_sentinel(&ngx_chat_sessions) && ngx_chat_acks_pending;
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        s = ngx_queue_data(q, ngx_chat_session_t, all_link);
+        ngx_chat_msg_ack_flush(s);
+    }
+}
+
+
 /* send, ack, read from a WebSocket session */
 void
 ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f)
 {
-    ngx_chat_msg_ctx_t  *ctx;
+    ngx_chat_msg_ctx_t    *ctx;
+    ngx_chat_main_conf_t  *cmcf;
+
+    if (f->type == CHAT_PROTO_ACK && s->transport == NGX_CHAT_T_WS) {
+        cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+        if (cmcf->ack_delay) {
+            if ((uint64_t) f->cursor > s->cursor) {
+                s->cursor = (uint64_t) f->cursor;
+
+                if (!s->ack_pending) {
+                    s->ack_pending = 1;
+                    ngx_chat_acks_pending++;
+
+                    if (!ngx_chat_ack_ev.timer_set) {
+                        ngx_add_timer(&ngx_chat_ack_ev, cmcf->ack_delay);
+                    }
+                }
+            }
+
+            return;
+        }
+    }
 
     ctx = ngx_chat_msg_ctx(s, NULL, s->user->id, s->user->len, s->device,
                            s->dev_len,
@@ -1205,6 +1279,12 @@ ngx_chat_msg_init_process(ngx_cycle_t *cycle)
     ngx_chat_dlv_ev.handler = ngx_chat_dlv_flush;
     ngx_chat_dlv_ev.log = cycle->log;
     ngx_chat_dlv_ev.cancelable = 0;     /* a graceful exit flushes first */
+
+    ngx_chat_ack_conn.fd = (ngx_socket_t) -1;
+    ngx_chat_ack_ev.data = &ngx_chat_ack_conn;
+    ngx_chat_ack_ev.handler = ngx_chat_ack_timer;
+    ngx_chat_ack_ev.log = cycle->log;
+    ngx_chat_ack_ev.cancelable = 1;     /* closing sessions flush their own */
 
     return NGX_OK;
 }

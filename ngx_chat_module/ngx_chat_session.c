@@ -469,6 +469,10 @@ ngx_chat_session_close(ngx_chat_session_t *s)
         return;
     }
 
+    /* an acknowledgement still waiting for chat_ack_delay goes now, before
+     * the registry entry does */
+    ngx_chat_msg_ack_flush(s);
+
     s->closed = 1;
     s->connection = NULL;
     s->request = NULL;
@@ -1264,6 +1268,12 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
                                f.type == CHAT_PROTO_SEND && f.client_id.len
                                ? &f.client_id : NULL);
         return;
+    }
+
+    if (f.type != CHAT_PROTO_ACK) {
+        /* any other frame applies a delayed ack first: "ack, ping, pong"
+         * means the ack is in Redis before anything the client does next */
+        ngx_chat_msg_ack_flush(s);
     }
 
     switch (f.type) {
