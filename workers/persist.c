@@ -558,6 +558,10 @@ write_batch(persist_t *p)
         if (op->last_seq) BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
         if (op->read_seq) BSON_APPEND_INT64(&max, "read_seq", op->read_seq);
         if (op->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", op->delivered_seq);
+        /* the time of the newest message with the pointers: a conversation
+         * is in its place in the list as soon as it is in the list (step 5
+         * adds the message itself) */
+        if (op->last_msg >= 0) BSON_APPEND_INT64(&max, "ts", p->msg_ts[op->last_msg]);
         bson_append_document_end(&upd, &max);
         r = chunk_update(&ch, &sel, &upd, &upsert);
         bson_destroy(&sel);
