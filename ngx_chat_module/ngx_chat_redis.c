@@ -679,7 +679,8 @@ ngx_chat_redis_req(ngx_chat_redis_cb cb, void *data)
 {
     ngx_chat_redis_req_t  *req;
 
-    if (!ngx_chat_redis_ready()) {
+    /* no link (the worker is exiting, or it was lost): nothing is sent */
+    if (!ngx_chat_redis_ready() || ngx_chat_cmd.ac == NULL) {
         return NULL;
     }
 
@@ -941,6 +942,15 @@ ngx_chat_redis_exit_process(ngx_cycle_t *cycle)
             }
         }
     }
+
+    /*
+     * Freeing a context calls the callbacks of its pending commands with no
+     * reply; a callback that reacts by sending (a session closing on the
+     * failure sends its unregister) must find the links not ready, not
+     * reach for a context that is being freed.
+     */
+    ngx_chat_cmd.ready = 0;
+    ngx_chat_sub.ready = 0;
 
     if (ngx_chat_sub.ac) {
         ac = ngx_chat_sub.ac;

@@ -635,6 +635,21 @@ ngx_chat_ws_finalize(ngx_chat_session_t *s)
 
     c = s->connection;
 
+    if (c) {
+        /*
+         * The connection logs through the session (c->log = &s->log), and
+         * the session may be freed by the close below: nginx's own
+         * ngx_close_connection() reads the log of the events whose timers
+         * it deletes. Hand the connection the cycle's log first (a reload
+         * with live sessions found this as a worker dying on SIGSEGV once
+         * the freed session was the heap top and got trimmed; ASan cannot
+         * see it, nginx itself is not instrumented).
+         */
+        c->log = ngx_cycle->log;
+        c->read->log = c->log;
+        c->write->log = c->log;
+    }
+
     ngx_chat_session_close(s);
 
     if (c == NULL) {

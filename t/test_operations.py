@@ -78,10 +78,12 @@ def test_redis_restart_under_live_connections(stack):
 class Bulk:
     """Many WebSocket connections in one process, driven by a selector."""
 
-    def __init__(self, stack, n, prefix, port=None):
+    def __init__(self, stack, n, prefix, port=None, on_open=None):
         self.stack, self.conns = stack, []
         sel = selectors.DefaultSelector()
         for i in range(n):
+            if on_open:
+                on_open(i)
             s = socket.create_connection((stack.host, port or stack.port))
             key = base64.b64encode(os.urandom(16)).decode()
             tok = stack.token(f"{prefix}{i}")
@@ -236,5 +238,69 @@ def test_quit_drains_connections_and_exits(stack, tmp_path):
     finally:
         try:
             os.killpg(master, 9)      # master and workers share its group
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def test_stop_with_redis_commands_in_flight(stack, tmp_path):
+    """nginx -s stop (SIGTERM) while Redis holds the replies of handshakes and
+    inbox reads: freeing the link answers them with no reply, the sessions
+    fail, and nothing may send on the link being freed. Every worker exits
+    with code 0."""
+    import redis
+    prefix = stack.env["CHAT_NGINX_PREFIX"]
+    port = stack.port + 51
+    conf = open(stack.env["CHAT_NGINX_CONF"]).read()
+    conf = conf.replace(f"listen 127.0.0.1:{stack.port};", f"listen 127.0.0.1:{port};")
+    conf = conf.replace(prefix, str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "nginx.conf").write_text(conf)
+    from chatlib import nginx_argv
+    run = lambda *a: subprocess.run(nginx_argv("-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), *a),
+                                    check=True, env=stack.proc_env)
+    r = redis.Redis.from_url(stack.env["REDIS_URL"])
+    run()
+    master = int(eventually(lambda: (tmp_path / "nginx.pid").read_text().strip()))
+    try:
+        eventually(lambda: WS(stack.host, port, stack.ws_path, token=stack.token("stop-probe")).close() or True)
+        # handshakes in every state: some registered with their inbox read in
+        # flight, some with the registry script in flight
+        # (Redis is paused while the handshakes stream in)
+        import threading
+        started = threading.Event()
+        out = {}
+
+        def open_bulk():
+            out["bulk"] = Bulk(stack, 400, "stop-user-", port=port, on_open=lambda i: i == 200 and started.set())
+        t = threading.Thread(target=open_bulk)
+        t.start()
+        assert started.wait(30)
+        r.execute_command("CLIENT", "PAUSE", "5000", "ALL")
+        t.join(30)
+        bulk = out["bulk"]
+        # those after the pause are not answered
+        assert not bulk.pump(lambda c: any(b'"hello"' in p for _, p in c["frames"]), 1)
+        run("-s", "stop")
+
+        def gone():
+            try:
+                os.kill(master, 0)
+                return False
+            except ProcessLookupError:
+                return True
+        eventually(gone, timeout=20)
+        bulk.close()
+        log = (tmp_path / "logs" / "error.log").read_text()
+        assert "exited on signal" not in log, log[-2000:]
+        started = log.count("start worker process ")
+        assert started >= 1 and log.count("exited with code 0") == started, log[-2000:]
+    finally:
+        try:
+            r.execute_command("CLIENT", "UNPAUSE")
+        except Exception:
+            pass
+        try:
+            os.killpg(master, 9)
         except (ProcessLookupError, PermissionError):
             pass
