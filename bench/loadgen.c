@@ -81,6 +81,7 @@ static struct opts {
     int    body_size, pub_conns, poll_timeout, max_inflight_hs, verbose, hist_dump;
     double ramp, hold, duration, max_time, ping_interval, rate, churn_rate, drain;
     double settle, progress;
+    double offline_wait;          /* offline: pause between the last ack and the receivers */
 } O;
 
 /* ===================================================================== */
@@ -1933,6 +1934,8 @@ static int usage(int rc)
 "  --http-prefix P             chat: HTTP prefix (default /chat)\n"
 "  --sub-prefix P --pub-prefix P  nchan: locations (default /sub/ and /pub/; offline uses /subold/)\n"
 "  --settle S                  idle: pause before the memory measurement (default 1)\n"
+"  --offline-wait S            offline: pause between the last ack and the receivers' connect\n"
+"                              (default 0: they connect while the pipeline may still be storing)\n"
 "  --pub-conns N               HTTP publisher connections per process (default 8)\n"
 "  --drain S                   stop waiting for deliveries after S seconds without progress (default 10)\n"
 "  --max-time S                hard limit for the whole run\n"
@@ -1996,7 +1999,7 @@ int main(int argc, char **argv)
         { "max-time", 1, 0, 'M' }, { "run", 1, 0, 'N' }, { "label", 1, 0, 'L' },
         { "device", 1, 0, 'V' }, { "http-prefix", 1, 0, 'X' }, { "sub-prefix", 1, 0, 'S' },
         { "pub-prefix", 1, 0, 'B' }, { "poll-timeout", 1, 0, 'O' }, { "hist", 0, 0, 'z' },
-        { "settle", 1, 0, 'Z' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
+        { "settle", 1, 0, 'Z' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
     };
     int opt;
 
@@ -2063,6 +2066,7 @@ int main(int argc, char **argv)
         case 'O': O.poll_timeout = atoi(optarg); break;
         case 'z': O.hist_dump = 1; break;
         case 'Z': O.settle = atof(optarg); break;
+        case 'y': O.offline_wait = atof(optarg); break;
         case 'Q': O.progress = atof(optarg); break;
         case 'v': O.verbose = 1; break;
         case '?': return usage(strcmp(argv[optind - 1], "--help") ? 2 : 0);
@@ -2194,8 +2198,14 @@ int main(int argc, char **argv)
             } else if (O.scenario == SC_OFFLINE) {
                 if (SUM(flows_done) + SUM(flows_failed) >= SUM(flows) || in_phase > 90) {
                     progress_t = 0;
-                    fprintf(stderr, "loadgen: %" PRIu64 " messages acknowledged in %.1f s; receivers connect now\n",
-                            SUM(acked), in_phase);
+                    fprintf(stderr, "loadgen: %" PRIu64 " messages acknowledged in %.1f s; receivers connect %s\n",
+                            SUM(acked), in_phase, O.offline_wait > 0 ? "after the wait" : "now");
+                    if (O.offline_wait > 0) {
+                        /* what is waiting is stored by then (ngx-chat: the
+                         * fan-out has appended it to the inboxes) */
+                        usleep((useconds_t)(O.offline_wait * 1e6));
+                        t = lg_now_ns();
+                    }
                     set_phase(ph = PH_LATE);
                     t_phase = t;
                 }
