@@ -542,12 +542,15 @@ def test_inbox_is_bounded_and_expires(stack, r, q, chan):
         now = int(time.time() * 1000)
         r.delete(ukey(bob, "ages"))
         r.zadd(ukey(bob, "ages"), {"100": now - 2 * 86400000 - 7200000, "110": now - 2 * 86400000 - 3600000})
+        assert int(r.hget(ukey(bob, "last"), "mk")) > now - 600000    # the newest marker's time
+        r.hset(ukey(bob, "last"), "mk", now - 2 * 86400000 - 3600000)
         q.send(msg_fields(conv, alice, bob, 121))
         q.flush()
         eventually(lambda: r.get(ukey(bob, "cur")) == "121", timeout=30, what="one more append")
         assert [c for c, _ in inbox(r, bob)] == list(range(110, 122))
         assert r.hget(ukey(bob, "last"), "trim") == "109"
         assert r.zrange(ukey(bob, "ages"), 0, -1) == ["110", "121"]
+        assert int(r.hget(ukey(bob, "last"), "mk")) >= now
         assert 2 * 86400000 - 60000 < r.pttl(ukey(bob, "ages")) <= 2 * 86400000
     finally:
         own.terminate()

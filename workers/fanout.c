@@ -28,7 +28,9 @@
  *
  * Bounds: the inbox keeps at most inbox_max events, and none older than the
  * retention. Age is tracked coarsely: `ages` holds a marker (score = time,
- * member = the first cursor appended after it) at most once an hour; when a
+ * member = the first cursor appended after it) at most once an hour (the
+ * newest marker's time is also in last["mk"], read with the seq: one call
+ * less per append than asking `ages`); when a
  * marker is added, events before the newest marker older than the
  * retention are dropped. The newest cursor dropped by either bound is kept
  * in last["trim"]: a device whose cursor is below it has missed events, and
@@ -51,7 +53,8 @@
  */
 static const char inbox_lua[] =
     "local seq = tonumber(ARGV[2])\n"
-    "local prev = redis.call('HGET', KEYS[3], ARGV[1])\n"
+    "local got = redis.call('HMGET', KEYS[3], ARGV[1], 'mk')\n"
+    "local prev = got[1]\n"
     "local pseq, pcur = 0, 0\n"
     "if prev then\n"
     "  local i = string.find(prev, ':', 1, true)\n"
@@ -100,9 +103,9 @@ static const char inbox_lua[] =
     "    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)\n"
     "  end\n"
     "  local now, ret = tonumber(ARGV[4]), tonumber(ARGV[6])\n"
-    "  local mk = redis.call('ZREVRANGE', KEYS[5], 0, 0, 'WITHSCORES')\n"
-    "  if #mk == 0 or now - tonumber(mk[2]) >= 3600000 then\n"
+    "  if now - tonumber(got[2] or '0') >= 3600000 then\n"
     "    redis.call('ZADD', KEYS[5], now, cur)\n"
+    "    redis.call('HSET', KEYS[3], 'mk', ARGV[4])\n"
     "    local old = redis.call('ZREVRANGEBYSCORE', KEYS[5], now - ret, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
     "    if #old > 0 then\n"
     "      local top = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. old[1], '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
