@@ -12,7 +12,7 @@
  * entry a group still needs.
  *
  * Kafka: topic chat.in, partition = shard, consumer groups chat-fanout and
- * chat-persist, offsets committed synchronously after a batch was processed.
+ * chat-persist, offsets committed (asynchronously) after a batch was processed.
  */
 #include "chat_worker.h"
 
@@ -367,6 +367,17 @@ kafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
     if (level <= 4) cw_warn("kafka %s: %s", fac, buf);
 }
 
+/* The outcome of an asynchronous commit (served by the next poll). A lost
+ * commit only means a batch is read again: processing is idempotent. */
+static void
+kafka_committed(rd_kafka_t *rk, rd_kafka_resp_err_t err, rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+    (void) rk;
+    (void) offsets;
+    (void) opaque;
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET) cw_warn("kafka commit: %s", rd_kafka_err2str(err));
+}
+
 static int
 kafka_create(cw_queue_t *q)
 {
@@ -389,6 +400,7 @@ kafka_create(cw_queue_t *q)
         return -1;
     }
     rd_kafka_conf_set_log_cb(conf, kafka_log);
+    rd_kafka_conf_set_offset_commit_cb(conf, kafka_committed);
     q->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof(err));
     if (q->rk == NULL) {
         cw_error("kafka consumer: %s", err);
@@ -502,7 +514,7 @@ kafka_fetch(cw_queue_t *q, cw_batch_t *b, int block_ms)
         cw_info("%s: subscribed to kafka topic %s as group chat-%s", q->consumer, CW_TOPIC, q->group);
     }
     /* The same bound as a Redis batch (batch per stream, one stream per
-     * shard): a commit per batch is a synchronous round trip to the broker.
+     * shard): one commit per batch.
      * The first record is waited for up to block_ms; then KAFKA_LINGER_MS
      * once for more (records of one conversation produced by different
      * nginx processes may arrive out of seq order a few ms apart, and the
@@ -566,11 +578,14 @@ kafka_commit(cw_queue_t *q, const cw_batch_t *b)
         if (p == NULL) p = rd_kafka_topic_partition_list_add(tl, CW_TOPIC, b->e[i].shard);
         if (b->e[i].offset + 1 > p->offset) p->offset = b->e[i].offset + 1;
     }
-    err = rd_kafka_commit(q->rk, tl, 0);
+    /* Asynchronous: the next batch does not wait for the coordinator's
+     * answer (a synchronous commit was a broker round trip per batch on the
+     * delivery path). The broker applies a consumer's commits in order; one
+     * that fails (a rebalance) means the new owner re-reads from the last
+     * commit, and processing is idempotent: nothing is lost or shown twice. */
+    err = rd_kafka_commit(q->rk, tl, 1);
     rd_kafka_topic_partition_list_destroy(tl);
     if (err) {
-        /* After a rebalance the new owner re-reads from the last commit:
-         * processing is idempotent, so nothing is lost or shown twice. */
         cw_warn("kafka commit: %s", rd_kafka_err2str(err));
         return -1;
     }
