@@ -214,6 +214,16 @@ ngx_chat_session_create(ngx_connection_t *c, ngx_chat_loc_conf_t *conf,
     s->id = ++ngx_chat_next_sid;
     s->dev_len = (u_char) id->dev_len;
     ngx_memcpy(s->device, id->device, id->dev_len);
+
+    /*
+     * Until its replay starts (the registry answered, the cursor is known),
+     * a new session takes no durable event live: the replay reads it from
+     * the inbox. Taken live before, it was queued with a cursor the replay
+     * then read again (the registry's answer resets sent_cursor), and a
+     * device got the event twice (a long-poll test caught it).
+     */
+    s->replaying = 1;
+
     ngx_queue_init(&s->watches);
     ngx_queue_insert_tail(&u->sessions, &s->user_link);
     ngx_queue_insert_tail(&ngx_chat_sessions, &s->all_link);
