@@ -235,6 +235,7 @@ typedef void (*ngx_chat_redis_cb)(void *reply, void *data);
 ngx_int_t ngx_chat_redis_init_process(ngx_cycle_t *cycle);
 void ngx_chat_redis_exit_process(ngx_cycle_t *cycle);
 ngx_int_t ngx_chat_redis_ready(void);
+void ngx_chat_redis_flush(void);
 ngx_int_t ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data,
     const char *fmt, ...);
 ngx_int_t ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data,

@@ -778,6 +778,22 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
 }
 
 
+/*
+ * Write what is queued for Redis now, not when this event-loop turn ends:
+ * a delayed ack applied because the client sent another frame must reach
+ * Redis before that frame's answer reaches the client (a client that gets
+ * its pong and reconnects through another worker must find the ack).
+ * Called from event handlers only, never from a hiredis callback.
+ */
+void
+ngx_chat_redis_flush(void)
+{
+    if (ngx_chat_cmd.ac && ngx_chat_cmd.ready) {
+        redisAsyncHandleWrite(ngx_chat_cmd.ac);
+    }
+}
+
+
 /* --- watchdog: a link whose replies stopped is dropped -------------------- */
 
 static void

@@ -215,6 +215,10 @@ def test_offline_member_catches_up_in_order(stack):
     assert quiet(b1) == []
     # acknowledged: a new connection of the same device replays nothing
     b1.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
+    # the pong comes after the (delayed) ack is in Redis: the new connection
+    # may land on another nginx worker, which must find it
+    b1.send_json({"type": "ping"})
+    assert b1.recv_type("pong", timeout=10)["type"] == "pong"
     b1.close()
     b2 = ws(stack, b)
     assert quiet(b2) == []
