@@ -996,13 +996,14 @@ static ngx_event_t        ngx_chat_ack_ev;
 static ngx_connection_t   ngx_chat_ack_conn;
 
 
-void
-ngx_chat_msg_ack_flush(ngx_chat_session_t *s)
+/* Runs the session's pending ack script; returns 0 when none was pending. */
+static ngx_uint_t
+ngx_chat_ack_run(ngx_chat_session_t *s)
 {
     ngx_chat_msg_ctx_t  *ctx;
 
     if (!s->ack_pending) {
-        return;
+        return 0;
     }
 
     s->ack_pending = 0;
@@ -1010,11 +1011,27 @@ ngx_chat_msg_ack_flush(ngx_chat_session_t *s)
 
     ctx = ngx_chat_msg_ctx(s, NULL, s->user->id, s->user->len, s->device,
                            s->dev_len, NULL);
-    if (ctx == NULL) {
-        return;
+    if (ctx != NULL) {
+        ngx_chat_msg_ack(ctx, (int64_t) s->cursor);
     }
 
-    ngx_chat_msg_ack(ctx, (int64_t) s->cursor);
+    return 1;
+}
+
+
+/*
+ * The client sent another frame, or the session closes: its pending ack is
+ * applied and written to Redis now, not when this event-loop turn ends, so
+ * it is in Redis before that frame's answer reaches the client ("ack, ping,
+ * pong"), whichever worker the client reconnects through. Event handlers
+ * only, never from a hiredis callback.
+ */
+void
+ngx_chat_msg_ack_flush(ngx_chat_session_t *s)
+{
+    if (ngx_chat_ack_run(s)) {
+        ngx_chat_redis_flush();
+    }
 }
 
 
@@ -1030,7 +1047,7 @@ ngx_chat_ack_timer(ngx_event_t *ev)
     {
         next = ngx_queue_next(q);
         s = ngx_queue_data(q, ngx_chat_session_t, all_link);
-        ngx_chat_msg_ack_flush(s);
+        (void) ngx_chat_ack_run(s);   /* written out in one go by the event loop */
     }
 }
 

@@ -679,8 +679,7 @@ ngx_chat_redis_req(ngx_chat_redis_cb cb, void *data)
 {
     ngx_chat_redis_req_t  *req;
 
-    /* no link (the worker is exiting, or it was lost): nothing is sent */
-    if (!ngx_chat_redis_ready() || ngx_chat_cmd.ac == NULL) {
+    if (!ngx_chat_redis_ready()) {
         return NULL;
     }
 
@@ -778,17 +777,12 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
 }
 
 
-/*
- * Write what is queued for Redis now, not when this event-loop turn ends:
- * a delayed ack applied because the client sent another frame must reach
- * Redis before that frame's answer reaches the client (a client that gets
- * its pong and reconnects through another worker must find the ack).
- * Called from event handlers only, never from a hiredis callback.
- */
+/* Write what is queued for Redis now, not when this event-loop turn ends
+ * (a link is ready only while it has a context). */
 void
 ngx_chat_redis_flush(void)
 {
-    if (ngx_chat_cmd.ac && ngx_chat_cmd.ready) {
+    if (ngx_chat_cmd.ready) {
         redisAsyncHandleWrite(ngx_chat_cmd.ac);
     }
 }

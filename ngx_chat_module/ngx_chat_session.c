@@ -480,12 +480,8 @@ ngx_chat_session_close(ngx_chat_session_t *s)
     }
 
     /* an acknowledgement still waiting for chat_ack_delay goes now, before
-     * the registry entry does (and out at once: the device may reconnect
-     * through another worker) */
-    if (s->ack_pending) {
-        ngx_chat_msg_ack_flush(s);
-        ngx_chat_redis_flush();
-    }
+     * the registry entry does */
+    ngx_chat_msg_ack_flush(s);
 
     s->closed = 1;
     s->connection = NULL;
@@ -1284,11 +1280,9 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
         return;
     }
 
-    if (f.type != CHAT_PROTO_ACK && s->ack_pending) {
-        /* any other frame applies a delayed ack first: "ack, ping, pong"
-         * means the ack is in Redis before anything the client does next */
+    if (f.type != CHAT_PROTO_ACK) {
+        /* any other frame applies a delayed ack first */
         ngx_chat_msg_ack_flush(s);
-        ngx_chat_redis_flush();
     }
 
     switch (f.type) {

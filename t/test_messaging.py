@@ -209,20 +209,27 @@ def test_notes_to_self(stack):
     a2.close()
 
 
+def poll_until(stack, user, n, device="browser"):
+    """Long-polls from cursor 0, each poll from the cursor of the previous
+    answer, until n events came (the fan-out may still be working); returns
+    them and the last cursor."""
+    events, cur = [], 0
+    while len(events) < n:
+        st, _, body = stack.request("GET", stack.http + f"/poll?cursor={cur}&timeout=5",
+                                    headers=auth(stack, user, device))
+        assert st == 200 and body["events"], body
+        events += body["events"]
+        assert body["cursor"] == body["events"][-1]["cursor"] > cur
+        cur = body["cursor"]
+    return events, cur
+
+
 def test_long_poll_device_gets_messages_and_acks_by_polling(stack):
     a, b = uniq("a"), uniq("b")
     a1 = ws(stack, a)
     for i in range(3):
         ack_of(a1, send(a1, b, f"p{i}"))
-    # the fan-out may still be working: poll until all three came
-    events, cur = [], 0
-    while len(events) < 3:
-        st, _, body = stack.request("GET", stack.http + f"/poll?cursor={cur}&timeout=5",
-                                    headers=auth(stack, b, "browser"))
-        assert st == 200 and body["events"], body
-        events += body["events"]
-        assert body["cursor"] == body["events"][-1]["cursor"] > cur
-        cur = body["cursor"]
+    events, cur = poll_until(stack, b, 3)
     assert [e["body"] for e in events] == ["p0", "p1", "p2"]
     # polling with the cursor acknowledges: a delivered receipt reaches the sender
     res = {}
@@ -251,13 +258,7 @@ def test_a_device_connecting_while_messages_arrive_gets_each_once(stack):
         a1 = ws(stack, a)
         for i in range(3):
             ack_of(a1, send(a1, b, f"p{i}"))
-        events, cur = [], 0
-        while len(events) < 3:
-            st, _, body = stack.request("GET", stack.http + f"/poll?cursor={cur}&timeout=5",
-                                        headers=auth(stack, b, "browser"))
-            assert st == 200 and body["events"], body
-            events += body["events"]
-            cur = body["cursor"]
+        events, _ = poll_until(stack, b, 3)
         got = [(e["body"], e["cursor"]) for e in events]
         if got != [("p0", 1), ("p1", 2), ("p2", 3)]:
             bad.append((it, got))

@@ -197,27 +197,58 @@ def test_reload_answers_held_long_polls(stack):
     assert time.time() - t0 < 5
 
 
+class SecondNginx:
+    """A second nginx on the same stack (its own prefix and port), for tests
+    that stop it; killed with its workers when the test ends."""
+
+    def __init__(self, stack, prefix, port):
+        self.stack, self.prefix, self.port = stack, prefix, port
+        conf = open(stack.env["CHAT_NGINX_CONF"]).read()
+        conf = conf.replace(f"listen 127.0.0.1:{stack.port};", f"listen 127.0.0.1:{port};")
+        conf = conf.replace(stack.env["CHAT_NGINX_PREFIX"], str(prefix))
+        (prefix / "logs").mkdir()
+        (prefix / "tmp").mkdir()
+        (prefix / "nginx.conf").write_text(conf)
+        self.run()
+        self.master = int(eventually(lambda: (prefix / "nginx.pid").read_text().strip()))
+        try:
+            # ready once its workers reach Redis
+            eventually(lambda: WS(stack.host, port, stack.ws_path, token=stack.token("probe")).close() or True)
+        except BaseException:
+            self.kill()
+            raise
+
+    def run(self, *args):
+        from chatlib import nginx_argv
+        subprocess.run(nginx_argv("-p", str(self.prefix), "-c", str(self.prefix / "nginx.conf"), *args),
+                       check=True, env=self.stack.proc_env)
+
+    def wait_exit(self):
+        def gone():
+            try:
+                os.kill(self.master, 0)
+                return False
+            except ProcessLookupError:
+                return True
+        eventually(gone, timeout=20)
+
+    def log(self):
+        return (self.prefix / "logs" / "error.log").read_text()
+
+    def kill(self):
+        try:
+            os.killpg(self.master, 9)      # master and workers share its group
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def test_quit_drains_connections_and_exits(stack, tmp_path):
     """A second nginx on the same stack, stopped with -s quit under load."""
-    prefix = stack.env["CHAT_NGINX_PREFIX"]
-    port = stack.port + 50
-    conf = open(stack.env["CHAT_NGINX_CONF"]).read()
-    conf = conf.replace(f"listen 127.0.0.1:{stack.port};", f"listen 127.0.0.1:{port};")
-    conf = conf.replace(prefix, str(tmp_path))
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "tmp").mkdir()
-    (tmp_path / "nginx.conf").write_text(conf)
-    from chatlib import nginx_argv
-    run = lambda *a: subprocess.run(nginx_argv("-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), *a),
-                                    check=True, env=stack.proc_env)
-    run()
-    master = int(eventually(lambda: (tmp_path / "nginx.pid").read_text().strip()))
+    ngx = SecondNginx(stack, tmp_path, stack.port + 50)
     try:
-        # ready once its workers reach Redis
-        eventually(lambda: WS(stack.host, port, stack.ws_path, token=stack.token("quit-probe")).close() or True)
-        bulk = Bulk(stack, 300, "quit-user-", port=port)
+        bulk = Bulk(stack, 300, "quit-user-", port=ngx.port)
         assert bulk.pump(lambda c: any(op == 1 and b'"hello"' in p for op, p in c["frames"]), 30)
-        run("-s", "quit")
+        ngx.run("-s", "quit")
         assert bulk.pump(lambda c: any(op == 8 for op, _ in c["frames"]), 20)
         for c in bulk.conns:
             texts = [p for op, p in c["frames"] if op == 1]
@@ -225,21 +256,11 @@ def test_quit_drains_connections_and_exits(stack, tmp_path):
         # clients that never answer the close are let go after the close wait
         assert bulk.pump(lambda c: c.get("eof"), 20)
         bulk.close()
-
-        def gone():
-            try:
-                os.kill(master, 0)
-                return False
-            except ProcessLookupError:
-                return True
-        eventually(gone, timeout=20)
-        log = (tmp_path / "logs" / "error.log").read_text()
+        ngx.wait_exit()
+        log = ngx.log()
         assert "open socket" not in log and "exited on signal" not in log
     finally:
-        try:
-            os.killpg(master, 9)      # master and workers share its group
-        except (ProcessLookupError, PermissionError):
-            pass
+        ngx.kill()
 
 
 def test_stop_with_redis_commands_in_flight(stack, tmp_path):
@@ -247,60 +268,41 @@ def test_stop_with_redis_commands_in_flight(stack, tmp_path):
     inbox reads: freeing the link answers them with no reply, the sessions
     fail, and nothing may send on the link being freed. Every worker exits
     with code 0."""
+    import threading
     import redis
-    prefix = stack.env["CHAT_NGINX_PREFIX"]
-    port = stack.port + 51
-    conf = open(stack.env["CHAT_NGINX_CONF"]).read()
-    conf = conf.replace(f"listen 127.0.0.1:{stack.port};", f"listen 127.0.0.1:{port};")
-    conf = conf.replace(prefix, str(tmp_path))
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "tmp").mkdir()
-    (tmp_path / "nginx.conf").write_text(conf)
-    from chatlib import nginx_argv
-    run = lambda *a: subprocess.run(nginx_argv("-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), *a),
-                                    check=True, env=stack.proc_env)
     r = redis.Redis.from_url(stack.env["REDIS_URL"])
-    run()
-    master = int(eventually(lambda: (tmp_path / "nginx.pid").read_text().strip()))
+    ngx = SecondNginx(stack, tmp_path, stack.port + 51)
     try:
-        eventually(lambda: WS(stack.host, port, stack.ws_path, token=stack.token("stop-probe")).close() or True)
         # handshakes in every state: some registered with their inbox read in
-        # flight, some with the registry script in flight
-        # (Redis is paused while the handshakes stream in)
-        import threading
-        started = threading.Event()
+        # flight, some with the registry script in flight (Redis is paused
+        # while the handshakes stream in)
+        halfway = threading.Event()
         out = {}
 
         def open_bulk():
-            out["bulk"] = Bulk(stack, 400, "stop-user-", port=port, on_open=lambda i: i == 200 and started.set())
+            out["bulk"] = Bulk(stack, 400, "stop-user-", port=ngx.port,
+                               on_open=lambda i: i == 200 and halfway.set())
         t = threading.Thread(target=open_bulk)
         t.start()
-        assert started.wait(30)
+        assert halfway.wait(30)
         r.execute_command("CLIENT", "PAUSE", "5000", "ALL")
         t.join(30)
         bulk = out["bulk"]
         # those after the pause are not answered
         assert not bulk.pump(lambda c: any(b'"hello"' in p for _, p in c["frames"]), 1)
-        run("-s", "stop")
-
-        def gone():
-            try:
-                os.kill(master, 0)
-                return False
-            except ProcessLookupError:
-                return True
-        eventually(gone, timeout=20)
+        ngx.run("-s", "stop")
+        ngx.wait_exit()
+        r.execute_command("CLIENT", "UNPAUSE")
         bulk.close()
-        log = (tmp_path / "logs" / "error.log").read_text()
+        log = ngx.log()
         assert "exited on signal" not in log, log[-2000:]
-        started = log.count("start worker process ")
-        assert started >= 1 and log.count("exited with code 0") == started, log[-2000:]
+        workers = log.count("start worker process ")
+        assert workers >= 1 and log.count("exited with code 0") == workers, log[-2000:]
+        # the stack's own nginx lived through the pause: the next test finds it serving
+        eventually(lambda: ws(stack, "after-stop").close() or True, timeout=20)
     finally:
         try:
             r.execute_command("CLIENT", "UNPAUSE")
         except Exception:
             pass
-        try:
-            os.killpg(master, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
+        ngx.kill()
