@@ -347,13 +347,13 @@ mime_valid(const char *m, size_t n)
     return slash != 0 && slash != n - 1;
 }
 
-/* a non-negative integer */
+/* an integer 0 .. CHAT_INT_MAX */
 static int
 get_uint(const chat_json_doc_t *d, unsigned i, int64_t *v)
 {
     return d->tok[i].type == CHAT_JSON_NUMBER
            && chat_json_get_int64(d, i, v) == CHAT_JSON_OK
-           && *v >= 0;
+           && *v >= 0 && *v <= CHAT_INT_MAX;
 }
 
 #define FAIL(code, text)                                                     \
@@ -593,7 +593,7 @@ chat_proto_parse(const char *buf, size_t len, const chat_proto_opts_t *opts,
             BAD("missing cursor");
         }
         if (!get_uint(d, i, &f->cursor)) {
-            BAD("cursor must be a non-negative integer");
+            BAD("cursor must be an integer 0..2^53-1");
         }
         break;
 
@@ -617,7 +617,7 @@ chat_proto_parse(const char *buf, size_t len, const chat_proto_opts_t *opts,
             BAD("missing seq");
         }
         if (!get_uint(d, i, &f->seq)) {
-            BAD("seq must be a non-negative integer");
+            BAD("seq must be an integer 0..2^53-1");
         }
         break;
 

@@ -25,7 +25,9 @@
  *     255 bytes; size: integer 1..max_media_size (larger -> too_large);
  *   - watch/unwatch: users is an array of 1..100 valid user ids; more than
  *     100 -> too_large; repeats are allowed;
- *   - ack cursor, read seq: integers 0..2^63-1 (no fraction/exponent);
+ *   - ack cursor, read seq: integers 0..CHAT_INT_MAX = 2^53-1 (no
+ *     fraction/exponent): the one range of seqs, cursors and pointers in
+ *     the module, the scripts and the workers, and exact in JavaScript;
  *   - read conv: canonical: "d:<a>:<b>" with a <= b (byte order) or
  *     "g:<group>".
  */
@@ -47,6 +49,11 @@
 #define CHAT_PROTO_MAX_USERS          100
 #define CHAT_PROTO_MAX_TOKENS         256
 #define CHAT_PROTO_MAX_DEPTH          8
+
+/* seqs, cursors and pointers: 0 .. 2^53-1 everywhere (JSON numbers that
+ * every client, JavaScript included, reads exactly); 16 digits */
+#define CHAT_INT_MAX                  9007199254740991LL
+#define CHAT_INT_DIGITS               16
 
 typedef enum {
     CHAT_PROTO_OK = 0,

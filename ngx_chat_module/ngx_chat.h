@@ -49,6 +49,25 @@ typedef struct {
 } ngx_chat_main_conf_t;
 
 
+/* Client actions with a budget of their own (chat_limit). */
+#define NGX_CHAT_ACT_SEND      0
+#define NGX_CHAT_ACT_TYPING    1
+#define NGX_CHAT_ACT_READ      2
+#define NGX_CHAT_ACT_ACK       3
+#define NGX_CHAT_ACT_WATCH     4
+#define NGX_CHAT_ACT_PRESENCE  5
+#define NGX_CHAT_ACT_N         6
+
+typedef struct {
+    ngx_uint_t    rate;            /* a minute; 0: no limit */
+    ngx_uint_t    burst;
+} ngx_chat_limit_t;
+
+/* "send", "typing", ...: directive arguments and metric labels; the first
+ * letters differ, and a bucket's key starts with it */
+extern ngx_str_t  ngx_chat_limit_names[NGX_CHAT_ACT_N];
+
+
 typedef struct {
     ngx_uint_t    handlers;        /* NGX_CHAT_LOC_* */
     ngx_flag_t    auth;            /* chat_auth: authenticate, then the
@@ -64,8 +83,10 @@ typedef struct {
     size_t        out_bytes;       /*   and bytes */
     time_t        poll_timeout;    /* chat_poll_timeout: default hold */
     time_t        poll_max;        /*   and the most a client may ask */
-    ngx_uint_t    rate;            /* chat_rate_limit: messages a minute */
-    ngx_uint_t    burst;           /*   and the burst */
+    ngx_chat_limit_t  limits[NGX_CHAT_ACT_N];  /* chat_limit (and
+                                      chat_rate_limit for send) */
+    ngx_msec_t    typing_interval; /* chat_typing_interval: one relayed
+                                      typing per sender and conversation */
 } ngx_chat_loc_conf_t;
 
 
@@ -188,7 +209,24 @@ struct ngx_chat_session_s {
     X(closed_drain, "ngx_chat_closed_total", "{reason=\"drain\"}", "counter", \
       "Sessions closed by the server, by reason.")                            \
     X(redis_up, "ngx_chat_redis_connected_workers", "", "gauge",              \
-      "Worker processes whose Redis connections are up.")
+      "Worker processes whose Redis connections are up.")                     \
+    X(limited_send, "ngx_chat_limited_total", "{action=\"send\"}", "counter", \
+      "Client actions refused by their budget (chat_limit).")                 \
+    X(limited_typing, "ngx_chat_limited_total", "{action=\"typing\"}",        \
+      "counter", "Client actions refused by their budget (chat_limit).")      \
+    X(limited_read, "ngx_chat_limited_total", "{action=\"read\"}", "counter", \
+      "Client actions refused by their budget (chat_limit).")                 \
+    X(limited_ack, "ngx_chat_limited_total", "{action=\"ack\"}", "counter",   \
+      "Client actions refused by their budget (chat_limit).")                 \
+    X(limited_watch, "ngx_chat_limited_total", "{action=\"watch\"}",          \
+      "counter", "Client actions refused by their budget (chat_limit).")      \
+    X(limited_presence, "ngx_chat_limited_total", "{action=\"presence\"}",    \
+      "counter", "Client actions refused by their budget (chat_limit).")      \
+    X(typing_dropped, "ngx_chat_typing_dropped_total", "", "counter",         \
+      "Typing indicators dropped by chat_typing_interval.")                   \
+    X(ephemeral_dropped, "ngx_chat_ephemeral_dropped_total", "", "counter",   \
+      "Typing and presence frames not queued to a session whose outbound "   \
+      "queue was above half its bound.")
 
 #define NGX_CHAT_STAT_FIELD(field, name, labels, type, help)  ngx_atomic_t field;
 
@@ -202,6 +240,19 @@ extern ngx_chat_stats_t  *ngx_chat_stats;
     (void) ngx_atomic_fetch_add(&ngx_chat_stats->field, 1)
 #define ngx_chat_stat_dec(field)                                              \
     (void) ngx_atomic_fetch_add(&ngx_chat_stats->field, (ngx_atomic_int_t) -1)
+
+static ngx_inline void
+ngx_chat_stat_limited(ngx_uint_t action)
+{
+    switch (action) {
+    case NGX_CHAT_ACT_SEND:     ngx_chat_stat_inc(limited_send); break;
+    case NGX_CHAT_ACT_TYPING:   ngx_chat_stat_inc(limited_typing); break;
+    case NGX_CHAT_ACT_READ:     ngx_chat_stat_inc(limited_read); break;
+    case NGX_CHAT_ACT_ACK:      ngx_chat_stat_inc(limited_ack); break;
+    case NGX_CHAT_ACT_WATCH:    ngx_chat_stat_inc(limited_watch); break;
+    default:                    ngx_chat_stat_inc(limited_presence); break;
+    }
+}
 
 ngx_int_t ngx_chat_stats_add_zone(ngx_conf_t *cf);
 ngx_int_t ngx_chat_status_handler(ngx_http_request_t *r);
@@ -224,6 +275,9 @@ ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message);
 ngx_int_t ngx_chat_http_json(ngx_http_request_t *r, ngx_uint_t status,
     u_char *json, size_t len);
+ngx_int_t ngx_chat_http_retry_after(ngx_http_request_t *r, int64_t wait);
+ngx_int_t ngx_chat_http_limited(ngx_http_request_t *r, const char *message,
+    int64_t wait);
 ngx_int_t ngx_chat_arg_int(ngx_http_request_t *r, const char *name,
     size_t nlen, int64_t *v);
 ngx_int_t ngx_chat_arg_id(ngx_http_request_t *r, const char *name,
@@ -271,6 +325,12 @@ ngx_chat_shard(ngx_chat_main_conf_t *cmcf, u_char *conv, size_t len)
 /* typing in a group is relayed to at most this many members */
 #define NGX_CHAT_GROUP_TYPING_MAX  500
 
+/* every nginx worker process subscribes to it besides its own channel:
+ * one publish reaches the members of a group wherever they are connected
+ * (the same "<recipients>\n<json>" payload as a worker channel) */
+#define NGX_CHAT_BROADCAST_CHANNEL  "chat:w:all"
+
+
 static ngx_inline size_t
 ngx_chat_group_key(u_char *buf, ngx_uint_t shard, u_char *g, size_t glen,
     const char *suffix)
@@ -289,7 +349,8 @@ ngx_chat_now_ms(void)
 }
 
 /* ngx_chat_session.c */
-ngx_int_t ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f);
+ngx_int_t ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from,
+    size_t flen, chat_proto_frame_t *f, int64_t *wait);
 ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
     ngx_chat_loc_conf_t *conf, ngx_chat_identity_t *id, ngx_uint_t transport);
 void ngx_chat_session_register(ngx_chat_session_t *s,
@@ -304,14 +365,18 @@ ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,
     size_t len);
 ngx_int_t ngx_chat_session_send_shared(ngx_chat_session_t *s,
     ngx_chat_shbuf_t *b, u_char *prefix, size_t plen);
+ngx_int_t ngx_chat_session_send_ephemeral(ngx_chat_session_t *s,
+    ngx_chat_shbuf_t *b);
 void ngx_chat_session_error(ngx_chat_session_t *s, const char *code,
     const char *message, chat_proto_str_t *client_id);
+void ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
+    int64_t wait);
 ngx_chat_shbuf_t *ngx_chat_shbuf_alloc(size_t len);
 void ngx_chat_shbuf_release(ngx_chat_shbuf_t *b);
 void ngx_chat_deliver(u_char *p, size_t len);
 void ngx_chat_presence_resubscribe(void);
-ngx_int_t ngx_chat_presence_query(u_char *user, size_t len,
-    ngx_chat_redis_cb cb, void *data);
+ngx_int_t ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
+    size_t vlen, ngx_chat_redis_cb cb, void *data);
 u_char *ngx_chat_presence_json(u_char *p, u_char *user, size_t len,
     void *reply, ngx_uint_t with_type);
 ngx_int_t ngx_chat_redis_check_url(ngx_str_t *url);
@@ -331,7 +396,11 @@ ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
 /* ngx_chat_rate.c */
 ngx_int_t ngx_chat_rate_add_zone(ngx_conf_t *cf);
 int64_t ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
-    size_t len);
+    size_t len, ngx_uint_t n);
+int64_t ngx_chat_limit(ngx_chat_loc_conf_t *conf, ngx_uint_t action,
+    u_char *user, size_t ulen, ngx_uint_t n);
+ngx_uint_t ngx_chat_typing_allowed(ngx_chat_loc_conf_t *conf, u_char *user,
+    size_t ulen, u_char *conv, size_t clen);
 
 /* ngx_chat_kafka.c */
 typedef void (*ngx_chat_kafka_cb)(ngx_int_t ok, void *data);

@@ -92,6 +92,53 @@ ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
 }
 
 
+/* Retry-After: the wait in seconds, rounded up (wait in milliseconds) */
+ngx_int_t
+ngx_chat_http_retry_after(ngx_http_request_t *r, int64_t wait)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->value.data = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (h->value.data == NULL) {
+        h->hash = 0;
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Retry-After");
+    h->value.len = ngx_sprintf(h->value.data, "%L", (wait + 999) / 1000)
+                   - h->value.data;
+
+    return NGX_OK;
+}
+
+
+/* 429 rate_limited with retry_after (ms) in the body and Retry-After */
+ngx_int_t
+ngx_chat_http_limited(ngx_http_request_t *r, const char *message,
+    int64_t wait)
+{
+    u_char  *json, *p;
+
+    json = ngx_pnalloc(r->pool, 128 + ngx_strlen(message));
+    if (json == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_sprintf(json, "{\"type\":\"error\",\"code\":\"rate_limited\","
+                    "\"message\":\"%s\",\"retry_after\":%L}", message, wait);
+
+    (void) ngx_chat_http_retry_after(r, wait);
+
+    return ngx_chat_http_json(r, NGX_HTTP_TOO_MANY_REQUESTS, json, p - json);
+}
+
+
 ngx_int_t
 ngx_chat_arg_int(ngx_http_request_t *r, const char *name, size_t nlen,
     int64_t *v)
@@ -104,7 +151,8 @@ ngx_chat_arg_int(ngx_http_request_t *r, const char *name, size_t nlen,
         return NGX_DECLINED;
     }
 
-    if (arg.len == 0 || arg.len > 18) {
+    /* the one integer range of cursors and seqs (chat_proto.h) */
+    if (arg.len == 0 || arg.len > CHAT_INT_DIGITS) {
         return NGX_ERROR;
     }
 
@@ -114,6 +162,10 @@ ngx_chat_arg_int(ngx_http_request_t *r, const char *name, size_t nlen,
             return NGX_ERROR;
         }
         n = n * 10 + (arg.data[i] - '0');
+    }
+
+    if (n > CHAT_INT_MAX) {
+        return NGX_ERROR;
     }
 
     *v = n;

@@ -17,6 +17,8 @@ static char *ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_limit(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_chat_set_queue(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_chat_preconfiguration(ngx_conf_t *cf);
@@ -31,6 +33,25 @@ static char *ngx_chat_check_max_message(ngx_conf_t *cf, void *post,
 
 
 static ngx_uint_t  ngx_chat_enabled;
+
+
+ngx_str_t  ngx_chat_limit_names[NGX_CHAT_ACT_N] = {
+    ngx_string("send"), ngx_string("typing"), ngx_string("read"),
+    ngx_string("ack"), ngx_string("watch"), ngx_string("presence")
+};
+
+/* Budgets a user gets on one nginx node unless chat_limit says otherwise:
+ * well above what a person and a well-behaved client do, far below what
+ * a script can send (docs/PROTOCOL.md, "Limits"). */
+static ngx_chat_limit_t  ngx_chat_limit_defaults[NGX_CHAT_ACT_N] = {
+    { 60, 10 },        /* send: messages */
+    { 120, 20 },       /* typing: frames, every conversation together */
+    { 300, 60 },       /* read: read pointers moved */
+    { 600, 120 },      /* ack: acks applied one by one (HTTP, or WebSocket
+                          with chat_ack_delay 0) */
+    { 600, 250 },      /* watch: users newly watched */
+    { 120, 30 }        /* presence: GET /chat/presence */
+};
 
 
 static ngx_conf_post_handler_pt  ngx_chat_max_message_p =
@@ -149,6 +170,20 @@ static ngx_command_t  ngx_chat_commands[] = {
       ngx_chat_set_rate,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
+      NULL },
+
+    { ngx_string("chat_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE3,
+      ngx_chat_set_limit,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("chat_typing_interval"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_chat_loc_conf_t, typing_interval),
       NULL },
 
     { ngx_string("chat_shards"),
@@ -438,6 +473,7 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
 static void *
 ngx_chat_create_loc_conf(ngx_conf_t *cf)
 {
+    ngx_uint_t            i;
     ngx_chat_loc_conf_t  *clcf;
 
     clcf = ngx_pcalloc(cf->pool, sizeof(ngx_chat_loc_conf_t));
@@ -457,8 +493,12 @@ ngx_chat_create_loc_conf(ngx_conf_t *cf)
     clcf->out_bytes = NGX_CONF_UNSET_SIZE;
     clcf->poll_timeout = NGX_CONF_UNSET;
     clcf->poll_max = NGX_CONF_UNSET;
-    clcf->rate = NGX_CONF_UNSET_UINT;
-    clcf->burst = NGX_CONF_UNSET_UINT;
+    for (i = 0; i < NGX_CHAT_ACT_N; i++) {
+        clcf->limits[i].rate = NGX_CONF_UNSET_UINT;
+        clcf->limits[i].burst = NGX_CONF_UNSET_UINT;
+    }
+
+    clcf->typing_interval = NGX_CONF_UNSET_MSEC;
 
     return clcf;
 }
@@ -467,6 +507,7 @@ ngx_chat_create_loc_conf(ngx_conf_t *cf)
 static char *
 ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 {
+    ngx_uint_t            i;
     ngx_chat_loc_conf_t  *prev = parent;
     ngx_chat_loc_conf_t  *conf = child;
 
@@ -477,14 +518,22 @@ ngx_chat_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->idle_timeout, prev->idle_timeout,
                          conf->heartbeat * 5 / 2);
     ngx_conf_merge_value(conf->send_timeout, prev->send_timeout, 30);
-    ngx_conf_merge_size_value(conf->max_message, prev->max_message, 16384);
+    ngx_conf_merge_size_value(conf->max_message, prev->max_message, 65536);
     ngx_conf_merge_uint_value(conf->max_body, prev->max_body, 1000);
     ngx_conf_merge_uint_value(conf->out_frames, prev->out_frames, 1024);
     ngx_conf_merge_size_value(conf->out_bytes, prev->out_bytes, 1024 * 1024);
     ngx_conf_merge_value(conf->poll_timeout, prev->poll_timeout, 25);
     ngx_conf_merge_value(conf->poll_max, prev->poll_max, 60);
-    ngx_conf_merge_uint_value(conf->rate, prev->rate, 60);
-    ngx_conf_merge_uint_value(conf->burst, prev->burst, 10);
+    for (i = 0; i < NGX_CHAT_ACT_N; i++) {
+        ngx_conf_merge_uint_value(conf->limits[i].rate, prev->limits[i].rate,
+                                  ngx_chat_limit_defaults[i].rate);
+        ngx_conf_merge_uint_value(conf->limits[i].burst,
+                                  prev->limits[i].burst,
+                                  ngx_chat_limit_defaults[i].burst);
+    }
+
+    ngx_conf_merge_msec_value(conf->typing_interval, prev->typing_interval,
+                              2000);
 
     if (conf->heartbeat < 1 || conf->idle_timeout <= conf->heartbeat) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -581,33 +630,63 @@ ngx_chat_set_queue(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* chat_rate_limit <messages a minute> <burst>; 0 0 turns it off */
 static char *
-ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_chat_limit_value(ngx_chat_limit_t *l, ngx_str_t *rv, ngx_str_t *bv)
 {
-    ngx_chat_loc_conf_t  *clcf = conf;
-    ngx_str_t            *value;
-    ngx_int_t             rate, burst;
+    ngx_int_t  rate, burst;
 
-    if (clcf->rate != NGX_CONF_UNSET_UINT) {
+    if (l->rate != NGX_CONF_UNSET_UINT) {
         return "is duplicate";
     }
 
-    value = cf->args->elts;
-
-    rate = ngx_atoi(value[1].data, value[1].len);
-    burst = ngx_atoi(value[2].data, value[2].len);
+    rate = ngx_atoi(rv->data, rv->len);
+    burst = ngx_atoi(bv->data, bv->len);
 
     if (rate == NGX_ERROR || burst == NGX_ERROR || rate > 6000000
         || burst > 1000000 || (rate > 0 && burst < 1))
     {
-        return "takes messages a minute and a burst of at least 1";
+        return "takes a number a minute and a burst of at least 1";
     }
 
-    clcf->rate = (ngx_uint_t) rate;
-    clcf->burst = (ngx_uint_t) burst;
+    l->rate = (ngx_uint_t) rate;
+    l->burst = (ngx_uint_t) burst;
 
     return NGX_CONF_OK;
+}
+
+
+/* chat_rate_limit <messages a minute> <burst>; 0 0 turns it off (the send
+ * budget; the same as chat_limit send) */
+static char *
+ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_loc_conf_t  *clcf = conf;
+    ngx_str_t            *value = cf->args->elts;
+
+    return ngx_chat_limit_value(&clcf->limits[NGX_CHAT_ACT_SEND], &value[1],
+                                &value[2]);
+}
+
+
+/* chat_limit send|typing|read|ack|watch|presence <a minute> <burst>; */
+static char *
+ngx_chat_set_limit(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_loc_conf_t  *clcf = conf;
+    ngx_str_t            *value = cf->args->elts;
+    ngx_uint_t            i;
+
+    for (i = 0; i < NGX_CHAT_ACT_N; i++) {
+        if (value[1].len == ngx_chat_limit_names[i].len
+            && ngx_strncmp(value[1].data, ngx_chat_limit_names[i].data,
+                           value[1].len) == 0)
+        {
+            return ngx_chat_limit_value(&clcf->limits[i], &value[2],
+                                        &value[3]);
+        }
+    }
+
+    return "takes send, typing, read, ack, watch or presence";
 }
 
 

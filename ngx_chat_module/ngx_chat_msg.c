@@ -156,6 +156,7 @@ ngx_chat_msg_status(const char *code)
 {
     switch (code[0]) {
     case 'b': return NGX_HTTP_BAD_REQUEST;
+    case 'c': return NGX_HTTP_CONFLICT;
     case 'f': return NGX_HTTP_FORBIDDEN;
     case 'n': return NGX_HTTP_NOT_FOUND;
     case 't': return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE;
@@ -172,7 +173,6 @@ ngx_chat_msg_fail(ngx_chat_msg_ctx_t *ctx, const char *code,
     const char *message, int64_t retry_after)
 {
     u_char            buf[1024], *p;
-    ngx_table_elt_t  *h;
 
     p = ngx_sprintf(buf, "{\"type\":\"error\",\"code\":\"%s\",\"message\":\"%s\"",
                     code, message);
@@ -185,19 +185,7 @@ ngx_chat_msg_fail(ngx_chat_msg_ctx_t *ctx, const char *code,
         p = ngx_sprintf(p, ",\"retry_after\":%L", retry_after);
 
         if (ctx->r) {
-            h = ngx_list_push(&ctx->r->headers_out.headers);
-            if (h) {
-                h->hash = 1;
-                ngx_str_set(&h->key, "Retry-After");
-                h->value.data = ngx_pnalloc(ctx->r->pool, NGX_INT64_LEN);
-                if (h->value.data) {
-                    h->value.len = ngx_sprintf(h->value.data, "%L",
-                                               (retry_after + 999) / 1000)
-                                   - h->value.data;
-                } else {
-                    h->hash = 0;
-                }
-            }
+            (void) ngx_chat_http_retry_after(ctx->r, retry_after);
         }
     }
 
@@ -384,6 +372,178 @@ ngx_chat_msg_accepted_k(void *rp, void *data)
 }
 
 
+/*
+ * Deduplication is keyed by (sender, client_id) for every conversation:
+ * before the accept script (which runs on the conversation's shard and
+ * keeps its own idempotency record there) the client_id is claimed on the
+ * sender's slot with a fingerprint of what it names (conversation, kind,
+ * body, media). A retry with the same fingerprint goes on to the accept
+ * script, which answers the original ack; a client_id reused for anything
+ * else is answered `conflict`. One plain SET ... NX GET, no script.
+ */
+#define NGX_CHAT_ACCEPT_ARGS  15
+
+typedef struct {
+    ngx_uint_t           script;
+    ngx_chat_redis_cb    cb;
+    ngx_chat_msg_ctx_t  *ctx;
+    int                  nkeys;
+    int                  argc;
+    size_t               fplen;
+    const char          *argv[NGX_CHAT_ACCEPT_ARGS];
+    size_t               argl[NGX_CHAT_ACCEPT_ARGS];
+    u_char               data[1];     /* fingerprint, then the arguments */
+} ngx_chat_accept_t;
+
+
+static void
+ngx_chat_msg_claimed(void *rp, void *data)
+{
+    redisReply          *reply = rp;
+    ngx_chat_accept_t   *a = data;
+    ngx_chat_msg_ctx_t  *ctx = a->ctx;
+
+    if (reply == NULL
+        || (reply->type != REDIS_REPLY_NIL && reply->type != REDIS_REPLY_STRING))
+    {
+        if (reply && reply->type == REDIS_REPLY_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                          "chat: client_id claim failed: %s", reply->str);
+        }
+        ngx_free(a);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    if (reply->type == REDIS_REPLY_STRING
+        && ((size_t) reply->len != a->fplen
+            || ngx_memcmp(reply->str, a->data, a->fplen) != 0))
+    {
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: client_id of %*s reused for another message",
+                       (size_t) ctx->ulen, ctx->user);
+        ngx_free(a);
+        ngx_chat_msg_fail(ctx, "conflict",
+                          "client_id already used for another message", 0);
+        return;
+    }
+
+    if (ngx_chat_redis_script(a->script, a->cb, ctx, a->nkeys, a->argc,
+                              a->argv, a->argl)
+        != NGX_OK)
+    {
+        ngx_free(a);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    ngx_free(a);     /* hiredis formatted the command already */
+}
+
+
+/* "<conv>|<kind>|<crc32 of the decoded body, media url, mime, size>" */
+static size_t
+ngx_chat_msg_fingerprint(chat_proto_frame_t *f, u_char *conv, size_t clen,
+    u_char *out)
+{
+    u_char    *dec, sz[NGX_INT64_LEN];
+    size_t     dlen;
+    uint32_t   crc;
+
+    ngx_crc32_init(crc);
+
+    dec = ngx_alloc(f->body.len + 1, ngx_cycle->log);
+    if (dec != NULL
+        && chat_json_unescape(f->body.p, f->body.len, (char *) dec,
+                              f->body.len + 1, &dlen) == CHAT_JSON_OK)
+    {
+        ngx_crc32_update(&crc, dec, dlen);
+
+    } else {
+        /* cannot happen for a parsed frame; the raw form is as good */
+        ngx_crc32_update(&crc, (u_char *) f->body.p, f->body.len);
+    }
+
+    if (dec) {
+        ngx_free(dec);
+    }
+
+    if (f->kind == CHAT_PROTO_MEDIA) {
+        ngx_crc32_update(&crc, (u_char *) "\0", 1);
+        ngx_crc32_update(&crc, (u_char *) f->media_url.p, f->media_url.len);
+        ngx_crc32_update(&crc, (u_char *) "\0", 1);
+        ngx_crc32_update(&crc, (u_char *) f->media_mime.p, f->media_mime.len);
+        ngx_crc32_update(&crc, sz, ngx_sprintf(sz, "%L", f->media_size) - sz);
+    }
+
+    ngx_crc32_final(crc);
+
+    return ngx_sprintf(out, "%*s|%c|%08xD", clen, conv,
+                       f->kind == CHAT_PROTO_MEDIA ? 'm' : 't', crc) - out;
+}
+
+
+static ngx_int_t
+ngx_chat_msg_claim(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f,
+    u_char *conv, size_t clen, u_char *cid, size_t cidlen, ngx_uint_t script,
+    ngx_chat_redis_cb cb, int nkeys, int argc, const char **argv,
+    size_t *argl)
+{
+    u_char                 fp[CHAT_CONV_MAX + 16], key[CHAT_PROTO_CLIENT_ID_MAX * 4
+                                                       + NGX_CHAT_USER_MAX + 32],
+                           ttl[NGX_INT64_LEN], *p;
+    size_t                 fplen, size, klen;
+    int                    i;
+    ngx_chat_accept_t     *a;
+    ngx_chat_main_conf_t  *cmcf;
+
+    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+
+    fplen = ngx_chat_msg_fingerprint(f, conv, clen, fp);
+
+    size = sizeof(ngx_chat_accept_t) + fplen;
+    for (i = 0; i < argc; i++) {
+        size += argl[i];
+    }
+
+    a = ngx_alloc(size, ngx_cycle->log);
+    if (a == NULL) {
+        return NGX_ERROR;
+    }
+
+    a->script = script;
+    a->cb = cb;
+    a->ctx = ctx;
+    a->nkeys = nkeys;
+    a->argc = argc;
+    a->fplen = fplen;
+
+    p = ngx_cpymem(a->data, fp, fplen);
+
+    for (i = 0; i < argc; i++) {
+        a->argv[i] = (char *) p;
+        a->argl[i] = argl[i];
+        p = ngx_cpymem(p, argv[i], argl[i]);
+    }
+
+    klen = ngx_sprintf(key, "chat:{u:%*s}:cid:%*s", (size_t) ctx->ulen,
+                       ctx->user, cidlen, cid) - key;
+
+    if (ngx_chat_redis_command(ngx_chat_msg_claimed, a,
+                               "SET %b %b NX GET EX %b", key, klen, fp, fplen,
+                               ttl, (size_t) (ngx_sprintf(ttl, "%T",
+                                                          cmcf->dedup_ttl)
+                                              - ttl))
+        != NGX_OK)
+    {
+        ngx_free(a);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 static void
 ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
@@ -404,8 +564,8 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
     group = (f->target == CHAT_PROTO_TARGET_GROUP);
 
-    wait = ngx_chat_rate_take(ctx->conf->rate, ctx->conf->burst, ctx->user,
-                              ctx->ulen);
+    wait = ngx_chat_limit(ctx->conf, NGX_CHAT_ACT_SEND, ctx->user, ctx->ulen,
+                          1);
     if (wait) {
         ngx_chat_msg_fail(ctx, "rate_limited", "too many messages", wait);
         return;
@@ -510,13 +670,15 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         argv[1] = argv[0];
         argl[1] = argl[0];
 
-        rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT_K,
-                                   ngx_chat_msg_accepted_k, ctx, nkeys - 1,
-                                   nkeys + 9, argv + 1, argl + 1);
+        rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
+                                NGX_CHAT_SCRIPT_ACCEPT_K,
+                                ngx_chat_msg_accepted_k, nkeys - 1,
+                                nkeys + 9, argv + 1, argl + 1);
     } else {
-        rc = ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACCEPT,
-                                   ngx_chat_msg_accepted, ctx, nkeys,
-                                   nkeys + 10, argv, argl);
+        rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
+                                NGX_CHAT_SCRIPT_ACCEPT,
+                                ngx_chat_msg_accepted, nkeys, nkeys + 10,
+                                argv, argl);
     }
 
     if (rc != NGX_OK) {
@@ -525,7 +687,7 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         return;
     }
 
-    ngx_free(suf);   /* hiredis formatted the command already */
+    ngx_free(suf);   /* the claim copied the arguments */
 }
 
 
@@ -827,6 +989,10 @@ typedef struct {
     ngx_chat_msg_ctx_t  *ctx;
     size_t               clen;
     size_t               seqlen;
+    int64_t              cap;          /* group: its last seq; -1: direct */
+    ngx_uint_t           member;       /* group: 1 active member, 2 not,
+                                          3 Redis failed, 4 the seq query
+                                          was not sent */
     u_char               conv[CHAT_CONV_MAX];
     u_char               seq[NGX_INT64_LEN];
 } ngx_chat_read_ctx_t;
@@ -839,19 +1005,27 @@ ngx_chat_msg_read_done(void *rp, void *data)
     ngx_chat_read_ctx_t  *rc = data;
     ngx_chat_msg_ctx_t   *ctx = rc->ctx;
 
-    u_char                prev[NGX_INT64_LEN];
+    u_char                prev[NGX_INT64_LEN], seq[NGX_INT64_LEN];
 
-    if (reply == NULL || reply->type != REDIS_REPLY_INTEGER) {
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements != 2
+        || reply->element[0]->type != REDIS_REPLY_INTEGER
+        || reply->element[1]->type != REDIS_REPLY_INTEGER)
+    {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
         return;
     }
 
-    if (reply->integer >= 0) {
+    if (reply->element[0]->integer >= 0) {
+        /* the receipt names the pointer as stored: capped at the last seq */
         ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
-                                 rc->conv, rc->clen, "read", rc->seq,
-                                 rc->seqlen, prev,
-                                 ngx_sprintf(prev, "%L", reply->integer)
+                                 rc->conv, rc->clen, "read", seq,
+                                 ngx_sprintf(seq, "%L",
+                                             reply->element[1]->integer)
+                                 - seq, prev,
+                                 ngx_sprintf(prev, "%L",
+                                             reply->element[0]->integer)
                                  - prev);
     }
 
@@ -863,31 +1037,69 @@ ngx_chat_msg_read_done(void *rp, void *data)
 static void ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc);
 
 
-/* A read in a group: the reader must be an active member. */
+/* A read in a group: the reader must be an active member (first reply of
+ * the pipeline; the group's last seq is the second). */
 static void
 ngx_chat_msg_read_member(void *rp, void *data)
 {
     redisReply           *reply = rp;
+    ngx_chat_msg_ctx_t   *ctx;
     ngx_chat_read_ctx_t  *rc = data;
-    ngx_chat_msg_ctx_t   *ctx = rc->ctx;
+
+    if (rc->member == 4) {
+        /* the second command could not be queued: answer here */
+        ctx = rc->ctx;
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
 
     if (reply == NULL
         || (reply->type != REDIS_REPLY_STRING && reply->type != REDIS_REPLY_NIL))
+    {
+        rc->member = 3;
+
+    } else if (reply->type == REDIS_REPLY_NIL
+               || ngx_strlchr((u_char *) reply->str, (u_char *) reply->str
+                              + reply->len, ':'))
+    {
+        rc->member = 2;
+
+    } else {
+        rc->member = 1;
+    }
+}
+
+
+static void
+ngx_chat_msg_read_group_seq(void *rp, void *data)
+{
+    int64_t               n;
+    redisReply           *reply = rp;
+    ngx_chat_read_ctx_t  *rc = data;
+    ngx_chat_msg_ctx_t   *ctx = rc->ctx;
+
+    if (rc->member == 2) {
+        ngx_free(rc);
+        ngx_chat_msg_fail(ctx, "forbidden", "not a member of the group", 0);
+        return;
+    }
+
+    n = 0;
+    if (reply && reply->type == REDIS_REPLY_STRING) {
+        n = ngx_atoof((u_char *) reply->str, reply->len);
+    }
+
+    if (rc->member != 1 || reply == NULL
+        || (reply->type != REDIS_REPLY_STRING && reply->type != REDIS_REPLY_NIL)
+        || n < 0)
     {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
         return;
     }
 
-    if (reply->type == REDIS_REPLY_NIL
-        || ngx_strlchr((u_char *) reply->str, (u_char *) reply->str
-                       + reply->len, ':'))
-    {
-        ngx_free(rc);
-        ngx_chat_msg_fail(ctx, "forbidden", "not a member of the group", 0);
-        return;
-    }
-
+    rc->cap = n;
     ngx_chat_msg_read_pointer(rc);
 }
 
@@ -895,7 +1107,8 @@ ngx_chat_msg_read_member(void *rp, void *data)
 static void
 ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
-    u_char                 key[NGX_CHAT_GROUP_KEY_LEN];
+    u_char                 key[NGX_CHAT_GROUP_KEY_LEN], seqk[32];
+    ngx_uint_t             shard;
     chat_conv_t            cv;
     ngx_chat_read_ctx_t   *rc;
     ngx_chat_main_conf_t  *cmcf;
@@ -915,6 +1128,8 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 
     rc->ctx = ctx;
     rc->clen = f->conv_len;
+    rc->cap = -1;
+    rc->member = 0;
     ngx_memcpy(rc->conv, f->conv, f->conv_len);
     rc->seqlen = ngx_sprintf(rc->seq, "%L", f->seq) - rc->seq;
 
@@ -924,16 +1139,29 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     }
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+    shard = ngx_chat_shard(cmcf, rc->conv, rc->clen);
 
+    /* membership and the group's last seq, pipelined on its shard */
     if (ngx_chat_redis_command(ngx_chat_msg_read_member, rc, "HGET %b %b", key,
-                               ngx_chat_group_key(key,
-                                   ngx_chat_shard(cmcf, rc->conv, rc->clen),
-                                   (u_char *) cv.a, cv.alen, "mem"),
+                               ngx_chat_group_key(key, shard, (u_char *) cv.a,
+                                                  cv.alen, "mem"),
                                ctx->user, (size_t) ctx->ulen)
         != NGX_OK)
     {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        return;
+    }
+
+    if (ngx_chat_redis_command(ngx_chat_msg_read_group_seq, rc, "HGET %b %b",
+                               seqk, (size_t) (ngx_sprintf(seqk,
+                                                  "chat:{s%ui}:seq", shard)
+                                               - seqk),
+                               rc->conv, rc->clen)
+        != NGX_OK)
+    {
+        /* the first callback answers */
+        rc->member = 4;
     }
 }
 
@@ -941,22 +1169,44 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 static void
 ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
 {
-    u_char               key[96];
-    const char          *argv[3];
-    size_t               argl[3];
+    u_char               key[96], last[96], cap[NGX_INT64_LEN];
+    const char          *argv[5];
+    size_t               argl[5];
+    ngx_int_t            rv;
     ngx_chat_msg_ctx_t  *ctx = rc->ctx;
 
     argv[0] = (char *) key;
     argl[0] = ngx_sprintf(key, "chat:{u:%*s}:read", (size_t) ctx->ulen,
                           ctx->user) - key;
-    argv[1] = (char *) rc->conv;
-    argl[1] = rc->clen;
-    argv[2] = (char *) rc->seq;
-    argl[2] = rc->seqlen;
 
-    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ, ngx_chat_msg_read_done, rc,
-                              1, 3, argv, argl) != NGX_OK)
-    {
+    if (rc->cap < 0) {
+        /* direct: capped by the reader's inbox record of the conversation */
+        argv[1] = (char *) last;
+        argl[1] = ngx_sprintf(last, "chat:{u:%*s}:last", (size_t) ctx->ulen,
+                              ctx->user) - last;
+        argv[2] = (char *) rc->conv;
+        argl[2] = rc->clen;
+        argv[3] = (char *) rc->seq;
+        argl[3] = rc->seqlen;
+
+        rv = ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ,
+                                   ngx_chat_msg_read_done, rc, 2, 4, argv,
+                                   argl);
+
+    } else {
+        argv[1] = (char *) rc->conv;
+        argl[1] = rc->clen;
+        argv[2] = (char *) rc->seq;
+        argl[2] = rc->seqlen;
+        argv[3] = (char *) cap;
+        argl[3] = ngx_sprintf(cap, "%L", rc->cap) - cap;
+
+        rv = ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ,
+                                   ngx_chat_msg_read_done, rc, 1, 4, argv,
+                                   argl);
+    }
+
+    if (rv != NGX_OK) {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
     }
@@ -966,6 +1216,8 @@ ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
 static void
 ngx_chat_msg_dispatch(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
+    int64_t  wait;
+
     switch (f->type) {
 
     case CHAT_PROTO_SEND:
@@ -973,10 +1225,26 @@ ngx_chat_msg_dispatch(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         return;
 
     case CHAT_PROTO_ACK:
+        /* an ack applied at once costs a script: it has a budget (the
+         * coalesced WebSocket acks cost one per chat_ack_delay) */
+        wait = ngx_chat_limit(ctx->conf, NGX_CHAT_ACT_ACK, ctx->user,
+                              ctx->ulen, 1);
+        if (wait) {
+            ngx_chat_msg_fail(ctx, "rate_limited", "too many acks", wait);
+            return;
+        }
+
         ngx_chat_msg_ack(ctx, f->cursor);
         return;
 
     default: /* CHAT_PROTO_READ */
+        wait = ngx_chat_limit(ctx->conf, NGX_CHAT_ACT_READ, ctx->user,
+                              ctx->ulen, 1);
+        if (wait) {
+            ngx_chat_msg_fail(ctx, "rate_limited", "too many reads", wait);
+            return;
+        }
+
         ngx_chat_msg_read(ctx, f);
         return;
     }

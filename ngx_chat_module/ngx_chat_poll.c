@@ -75,7 +75,7 @@ ngx_chat_poll_handler(ngx_http_request_t *r)
     v = 0;
     if (ngx_chat_arg_int(r, "cursor", 6, &v) == NGX_ERROR) {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "cursor must be a non-negative integer");
+                                   "cursor must be an integer 0..2^53-1");
     }
 
     ctx->cursor = (uint64_t) v;
@@ -348,6 +348,7 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
 {
     u_char               *body;
     size_t                len;
+    int64_t               wait;
     ngx_int_t             rc;
     const char           *msg;
     chat_proto_rc_t       prc;
@@ -409,9 +410,11 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
         break;
 
     case CHAT_PROTO_TYPING:
-        rc = ngx_chat_typing(id->user, id->user_len, &f);
+        rc = ngx_chat_typing(clcf, id->user, id->user_len, &f, &wait);
         if (rc == NGX_OK) {
             rc = ngx_chat_http_json(r, NGX_HTTP_NO_CONTENT, NULL, 0);
+        } else if (rc == NGX_BUSY) {
+            rc = ngx_chat_http_limited(r, "too many typing frames", wait);
         } else {
             rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                      "unavailable", "try again later");
@@ -466,6 +469,7 @@ ngx_chat_presence_http_done(void *reply, void *data)
 static ngx_int_t
 ngx_chat_presence_handler(ngx_http_request_t *r)
 {
+    int64_t               wait;
     ngx_int_t             rc;
     ngx_chat_identity_t  *ids;
 
@@ -491,6 +495,13 @@ ngx_chat_presence_handler(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ids, ngx_chat_module);
 
+    wait = ngx_chat_limit(ngx_http_get_module_loc_conf(r, ngx_chat_module),
+                          NGX_CHAT_ACT_PRESENCE, ids[0].user,
+                          ids[0].user_len, 1);
+    if (wait) {
+        return ngx_chat_http_limited(r, "too many presence queries", wait);
+    }
+
     if (ngx_chat_arg_id(r, "user", 4, ids[1].user, NGX_CHAT_USER_MAX,
                         &ids[1].user_len) != NGX_OK)
     {
@@ -503,8 +514,9 @@ ngx_chat_presence_handler(ngx_http_request_t *r)
         return rc;
     }
 
-    if (ngx_chat_presence_query(ids[1].user, ids[1].user_len,
-                                ngx_chat_presence_http_done, r) != NGX_OK)
+    if (ngx_chat_presence_query(ids[1].user, ids[1].user_len, ids[0].user,
+                                ids[0].user_len, ngx_chat_presence_http_done,
+                                r) != NGX_OK)
     {
         return ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                    "unavailable", "try again later");

@@ -1,14 +1,18 @@
 /*
- * Per-user send rate limit shared by every worker process of this nginx:
- * token buckets in a shared memory zone (an rbtree by user id with an LRU
- * queue, as nginx's limit_req keeps its states). When the zone is full the
- * least recently used buckets are dropped (those users start with a full
- * bucket again).
+ * Budgets of client actions shared by every worker process of this nginx:
+ * token buckets in a shared memory zone (an rbtree by key with an LRU
+ * queue, as nginx's limit_req keeps its states). A key is the action's
+ * letter and the user id (and, for the typing interval, the target), so
+ * every action of every user has a bucket of its own. When the zone is
+ * full the least recently used buckets are dropped (those users start with
+ * a full bucket again). Buckets count per nginx node by design: checking
+ * them costs no Redis round trip, and a user's sessions across N nodes get
+ * at most N budgets (bounded by chat_max_connections_per_user).
  */
 #include "ngx_chat.h"
 
 
-#define NGX_CHAT_RATE_ZONE_SIZE  (4 * 1024 * 1024)
+#define NGX_CHAT_RATE_ZONE_SIZE  (16 * 1024 * 1024)
 
 
 typedef struct {
@@ -171,12 +175,13 @@ ngx_chat_rate_evict(ngx_uint_t n)
 
 
 /*
- * Take one token from the user's bucket: 0, or the milliseconds until one
- * will be there. rate: tokens a minute (0: no limit), burst: bucket size.
+ * Take n tokens from the bucket of key: 0, or the milliseconds until they
+ * will be there (nothing is taken then). rate: tokens a minute (0: no
+ * limit), burst: bucket size; n is at most burst.
  */
 int64_t
 ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
-    size_t len)
+    size_t len, ngx_uint_t n)
 {
     int64_t                now, refill, wait;
     uint32_t               hash;
@@ -184,9 +189,11 @@ ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
     ngx_rbtree_node_t     *node;
     ngx_chat_rate_node_t  *rn;
 
-    if (rate == 0 || ngx_chat_rate_sh == NULL) {
+    if (rate == 0 || ngx_chat_rate_sh == NULL || len > 255) {
         return 0;
     }
+
+    n = ngx_min(ngx_max(n, 1), burst);
 
     now = ngx_chat_now_ms();
     hash = ngx_crc32_short(user, len);
@@ -231,15 +238,85 @@ ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
         rn->ms = now;
     }
 
-    if (rn->milli >= 1000) {
-        rn->milli -= 1000;
+    if (rn->milli >= (int64_t) n * 1000) {
+        rn->milli -= (int64_t) n * 1000;
         wait = 0;
 
     } else {
-        wait = (1000 - rn->milli) * 60 / (int64_t) rate + 1;
+        wait = ((int64_t) n * 1000 - rn->milli) * 60 / (int64_t) rate + 1;
     }
 
     ngx_shmtx_unlock(&ngx_chat_rate_pool->mutex);
 
     return wait;
+}
+
+
+/*
+ * The budget of one action of one user (chat_limit): 0, or the
+ * milliseconds until n more are allowed.
+ */
+int64_t
+ngx_chat_limit(ngx_chat_loc_conf_t *conf, ngx_uint_t action, u_char *user,
+    size_t ulen, ngx_uint_t n)
+{
+    u_char              key[1 + NGX_CHAT_USER_MAX];
+    int64_t             wait;
+    ngx_chat_limit_t   *l;
+
+    l = &conf->limits[action];
+
+    if (l->rate == 0 || ulen > NGX_CHAT_USER_MAX) {
+        return 0;
+    }
+
+    key[0] = (u_char) ngx_chat_limit_names[action].data[0];
+    ngx_memcpy(key + 1, user, ulen);
+
+    wait = ngx_chat_rate_take(l->rate, l->burst, key, ulen + 1, n);
+
+    if (wait) {
+        ngx_chat_stat_limited(action);
+        ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: %V budget of %*s spent",
+                       &ngx_chat_limit_names[action], ulen, user);
+    }
+
+    return wait;
+}
+
+
+/*
+ * At most one relayed typing indicator per sender and conversation per
+ * chat_typing_interval: 1 when this one may go, 0 when it is dropped.
+ * Typing is repeated every few seconds while a user types, so a dropped
+ * extra changes nothing a recipient sees.
+ */
+ngx_uint_t
+ngx_chat_typing_allowed(ngx_chat_loc_conf_t *conf, u_char *user, size_t ulen,
+    u_char *conv, size_t clen)
+{
+    u_char      key[2 + NGX_CHAT_USER_MAX + CHAT_CONV_MAX];
+    ngx_uint_t  per_minute;
+
+    if (conf->typing_interval == 0 || ulen > NGX_CHAT_USER_MAX
+        || clen > CHAT_CONV_MAX)
+    {
+        return 1;
+    }
+
+    per_minute = ngx_max(60000 / conf->typing_interval, 1);
+
+    key[0] = 'i';
+    ngx_memcpy(key + 1, user, ulen);
+    key[1 + ulen] = ' ';
+    ngx_memcpy(key + 2 + ulen, conv, clen);
+
+    if (ngx_chat_rate_take(per_minute, 1, key, ulen + 2 + clen, 1) == 0) {
+        return 1;
+    }
+
+    ngx_chat_stat_inc(typing_dropped);
+
+    return 0;
 }

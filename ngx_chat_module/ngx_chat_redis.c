@@ -78,45 +78,56 @@ ngx_str_t       ngx_chat_worker_channel;
 
 static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
 
-    /* REGISTER  KEYS: conns acked last  ARGV: member now ttl max user device
+    /* REGISTER  KEYS: conns acked last set  ARGV: member now ttl max user
+     * device
      * returns {connections, acked cursor, trim point}: the trim point is the
-     * newest cursor the inbox dropped unacknowledged (size or age bound) */
+     * newest cursor the inbox dropped unacknowledged (size or age bound).
+     * A user whose settings say last_seen nobody is never announced. */
     "local now = tonumber(ARGV[2])\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
     "local n = redis.call('ZCARD', KEYS[1])\n"
     "if n >= tonumber(ARGV[4]) then return {-1, '0', '0'} end\n"
     "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])\n"
     "redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))\n"
-    "if n == 0 then redis.call('PUBLISH', 'chat:p:' .. ARGV[5],"
+    "if n == 0 and redis.call('HGET', KEYS[4], 'last_seen') ~= 'nobody' then"
+    " redis.call('PUBLISH', 'chat:p:' .. ARGV[5],"
     " '{\"type\":\"presence\",\"user\":\"' .. ARGV[5] .."
     " '\",\"online\":true,\"last_seen\":null}') end\n"
     "redis.call('HSETNX', KEYS[2], ARGV[6], 0)\n"
     "local acked = redis.call('HGET', KEYS[2], ARGV[6])\n"
     "return {n + 1, acked, redis.call('HGET', KEYS[3], 'trim') or '0'}\n",
 
-    /* UNREGISTER  KEYS: conns seen  ARGV: member now user */
+    /* UNREGISTER  KEYS: conns seen set  ARGV: member now user */
     "local removed = redis.call('ZREM', KEYS[1], ARGV[1])\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]))\n"
     "if removed == 1 and redis.call('ZCARD', KEYS[1]) == 0 then\n"
     "  redis.call('SET', KEYS[2], ARGV[2])\n"
-    "  redis.call('PUBLISH', 'chat:p:' .. ARGV[3],"
+    "  if redis.call('HGET', KEYS[3], 'last_seen') ~= 'nobody' then\n"
+    "    redis.call('PUBLISH', 'chat:p:' .. ARGV[3],"
     " '{\"type\":\"presence\",\"user\":\"' .. ARGV[3] .."
     " '\",\"online\":false,\"last_seen\":' .. ARGV[2] .. '}')\n"
+    "  end\n"
     "end\n"
     "return removed\n",
 
-    /* REFRESH  KEYS: conns  ARGV: member now ttl user */
+    /* REFRESH  KEYS: conns set  ARGV: member now ttl user */
     "local now = tonumber(ARGV[2])\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
     "local n = redis.call('ZCARD', KEYS[1])\n"
     "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])\n"
     "redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))\n"
-    "if n == 0 then redis.call('PUBLISH', 'chat:p:' .. ARGV[4],"
+    "if n == 0 and redis.call('HGET', KEYS[2], 'last_seen') ~= 'nobody' then"
+    " redis.call('PUBLISH', 'chat:p:' .. ARGV[4],"
     " '{\"type\":\"presence\",\"user\":\"' .. ARGV[4] .."
     " '\",\"online\":true,\"last_seen\":null}') end\n"
     "return n\n",
 
-    /* PRESENCE  KEYS: conns seen  ARGV: now */
+    /* PRESENCE  KEYS: conns seen set  ARGV: now self
+     * a user whose settings say last_seen nobody looks offline and never
+     * seen to everyone but themselves (self = 1) */
+    "if ARGV[2] ~= '1' and"
+    " redis.call('HGET', KEYS[3], 'last_seen') == 'nobody' then"
+    " return {0, ''} end\n"
     "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]))\n"
     "if redis.call('ZCARD', KEYS[1]) > 0 then return {1, ''} end\n"
     "return {0, redis.call('GET', KEYS[2]) or ''}\n",
@@ -189,14 +200,25 @@ static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
     "redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', min)\n"
     "return out\n",
 
-    /* READ  KEYS: read  ARGV: conv seq
-     * -> the pointer before when it moved, else -1 */
-    "local p = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
-    "if tonumber(ARGV[2]) > p then\n"
-    "  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])\n"
-    "  return p\n"
+    /* READ  KEYS: read [last]  ARGV: conv seq [cap]
+     * a read pointer never passes the conversation's last seq: cap is the
+     * group's seq (read on its shard), or, for a direct conversation, the
+     * newest seq appended to the reader's inbox for it (last, m:<conv>;
+     * both participants get every message of a direct conversation).
+     * -> {the pointer before, or -1 when it did not move; the capped seq} */
+    "local n = tonumber(ARGV[2])\n"
+    "local cap = tonumber(ARGV[3] or '')\n"
+    "if not cap then\n"
+    "  local l = KEYS[2] and redis.call('HGET', KEYS[2], 'm:' .. ARGV[1])\n"
+    "  cap = tonumber(l and string.match(l, '^(%d+)') or '0')\n"
     "end\n"
-    "return -1\n",
+    "if n > cap then n = cap end\n"
+    "local p = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
+    "if n > p then\n"
+    "  redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', n))\n"
+    "  return {p, n}\n"
+    "end\n"
+    "return {-1, n}\n",
 
     /* ACCEPT_K (Kafka queue)  KEYS: dedup seq [mem snd]
      * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
@@ -531,6 +553,9 @@ ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
         redisAsyncCommand(link->ac, ngx_chat_redis_sub_cb, NULL,
                           "SUBSCRIBE %b", ngx_chat_worker_channel.data,
                           ngx_chat_worker_channel.len);
+        /* every worker process: group typing, one publish for all members */
+        redisAsyncCommand(link->ac, ngx_chat_redis_sub_cb, NULL,
+                          "SUBSCRIBE " NGX_CHAT_BROADCAST_CHANNEL);
         ngx_chat_presence_resubscribe();
 
     } else {
@@ -606,8 +631,10 @@ ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *r, void *data)
         return;
     }
 
-    if ((size_t) ch->len == ngx_chat_worker_channel.len
-        && ngx_strncmp(ch->str, ngx_chat_worker_channel.data, ch->len) == 0)
+    if (((size_t) ch->len == ngx_chat_worker_channel.len
+         && ngx_strncmp(ch->str, ngx_chat_worker_channel.data, ch->len) == 0)
+        || ((size_t) ch->len == sizeof(NGX_CHAT_BROADCAST_CHANNEL) - 1
+            && ngx_strncmp(ch->str, NGX_CHAT_BROADCAST_CHANNEL, ch->len) == 0))
     {
         ngx_chat_deliver((u_char *) payload->str, payload->len);
 

@@ -340,9 +340,9 @@ ngx_chat_session_register(ngx_chat_session_t *s,
     void (*done)(ngx_chat_session_t *s, ngx_int_t rc))
 {
     u_char                    member[160], conns[96], acked[96], last[96],
-                              now[32], ttl[32], max[32];
-    const char               *argv[9];
-    size_t                    argl[9];
+                              set[96], now[32], ttl[32], max[32];
+    const char               *argv[10];
+    size_t                    argl[10];
     ngx_chat_main_conf_t     *cmcf;
     ngx_chat_register_ctx_t  *ctx;
 
@@ -363,23 +363,25 @@ ngx_chat_session_register(ngx_chat_session_t *s,
     argl[1] = ngx_chat_user_key(s->user, "acked", acked);
     argv[2] = (char *) last;
     argl[2] = ngx_chat_user_key(s->user, "last", last);
-    argv[3] = (char *) member;
-    argl[3] = ngx_chat_session_member(s, member);
-    argv[4] = (char *) now;
-    argl[4] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
+    argv[3] = (char *) set;
+    argl[3] = ngx_chat_user_key(s->user, "set", set);
+    argv[4] = (char *) member;
+    argl[4] = ngx_chat_session_member(s, member);
+    argv[5] = (char *) now;
+    argl[5] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
               - now;
-    argv[5] = (char *) ttl;
-    argl[5] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
+    argv[6] = (char *) ttl;
+    argl[6] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
               - ttl;
-    argv[6] = (char *) max;
-    argl[6] = ngx_sprintf(max, "%ui", cmcf->max_conns_user) - max;
-    argv[7] = (char *) s->user->id;
-    argl[7] = s->user->len;
-    argv[8] = (char *) s->device;
-    argl[8] = s->dev_len;
+    argv[7] = (char *) max;
+    argl[7] = ngx_sprintf(max, "%ui", cmcf->max_conns_user) - max;
+    argv[8] = (char *) s->user->id;
+    argl[8] = s->user->len;
+    argv[9] = (char *) s->device;
+    argl[9] = s->dev_len;
 
     if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REGISTER,
-                              ngx_chat_session_registered, ctx, 3, 9,
+                              ngx_chat_session_registered, ctx, 4, 10,
                               argv, argl) != NGX_OK)
     {
         ngx_free(ctx);
@@ -426,24 +428,26 @@ ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc)
 static void
 ngx_chat_session_unregister(ngx_chat_session_t *s)
 {
-    u_char        member[160], conns[96], seen[96], now[32];
-    const char   *argv[5];
-    size_t        argl[5];
+    u_char        member[160], conns[96], seen[96], set[96], now[32];
+    const char   *argv[6];
+    size_t        argl[6];
 
     argv[0] = (char *) conns;
     argl[0] = ngx_chat_user_key(s->user, "conns", conns);
     argv[1] = (char *) seen;
     argl[1] = ngx_chat_user_key(s->user, "seen", seen);
-    argv[2] = (char *) member;
-    argl[2] = ngx_chat_session_member(s, member);
-    argv[3] = (char *) now;
-    argl[3] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
+    argv[2] = (char *) set;
+    argl[2] = ngx_chat_user_key(s->user, "set", set);
+    argv[3] = (char *) member;
+    argl[3] = ngx_chat_session_member(s, member);
+    argv[4] = (char *) now;
+    argl[4] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
               - now;
-    argv[4] = (char *) s->user->id;
-    argl[4] = s->user->len;
+    argv[5] = (char *) s->user->id;
+    argl[5] = s->user->len;
 
     /* fire and forget: an entry left behind expires with the registry TTL */
-    (void) ngx_chat_redis_script(NGX_CHAT_SCRIPT_UNREGISTER, NULL, NULL, 2, 5,
+    (void) ngx_chat_redis_script(NGX_CHAT_SCRIPT_UNREGISTER, NULL, NULL, 3, 6,
                                  argv, argl);
 }
 
@@ -629,6 +633,31 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
 }
 
 
+/*
+ * Typing and presence: queued only while the session's outbound queue is
+ * under half its bounds (the low-water mark), else dropped and counted.
+ * An ephemeral event never costs a recipient its connection: a flood of
+ * them aimed at one user fills nothing (durable events still have the
+ * whole queue).
+ */
+ngx_int_t
+ngx_chat_session_send_ephemeral(ngx_chat_session_t *s, ngx_chat_shbuf_t *b)
+{
+    if (s->out_count >= s->conf->out_frames / 2
+        || s->out_bytes + b->len + 1 + CHAT_WS_MAX_SERVER_HDR
+           > s->conf->out_bytes / 2)
+    {
+        ngx_chat_stat_inc(ephemeral_dropped);
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                       "chat: ephemeral event dropped, %uD frames and %uD "
+                       "bytes queued", s->out_count, s->out_bytes);
+        return NGX_DECLINED;
+    }
+
+    return ngx_chat_session_send_shared(s, b, (u_char *) "{", 1);
+}
+
+
 /* Queue one JSON object (a whole frame) for this session alone. */
 ngx_int_t
 ngx_chat_session_send(ngx_chat_session_t *s, u_char *json, size_t len)
@@ -670,6 +699,22 @@ ngx_chat_session_error(ngx_chat_session_t *s, const char *code,
     }
 
     *p++ = '}';
+
+    ngx_chat_stat_inc(errors_sent);
+
+    (void) ngx_chat_session_send(s, buf, p - buf);
+}
+
+
+/* rate_limited: a budget is spent; retry_after in milliseconds */
+void
+ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
+    int64_t wait)
+{
+    u_char  buf[256], *p;
+
+    p = ngx_sprintf(buf, "{\"type\":\"error\",\"code\":\"rate_limited\","
+                    "\"message\":\"%s\",\"retry_after\":%L}", message, wait);
 
     ngx_chat_stat_inc(errors_sent);
 
@@ -835,24 +880,30 @@ ngx_chat_presence_once(void *r, void *data)
 }
 
 
-/* Query a user's presence; cb gets the reply (see ngx_chat_presence_json). */
+/* Query a user's presence for viewer; cb gets the reply (see
+ * ngx_chat_presence_json). The user's privacy setting is applied by the
+ * script. */
 ngx_int_t
-ngx_chat_presence_query(u_char *user, size_t len, ngx_chat_redis_cb cb,
-    void *data)
+ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
+    size_t vlen, ngx_chat_redis_cb cb, void *data)
 {
-    u_char       conns[96], seen[96], now[32];
-    const char  *argv[3];
-    size_t       argl[3];
+    u_char       conns[96], seen[96], set[96], now[32];
+    const char  *argv[5];
+    size_t       argl[5];
 
     argv[0] = (char *) conns;
     argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", len, user) - conns;
     argv[1] = (char *) seen;
     argl[1] = ngx_sprintf(seen, "chat:{u:%*s}:seen", len, user) - seen;
-    argv[2] = (char *) now;
-    argl[2] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
+    argv[2] = (char *) set;
+    argl[2] = ngx_sprintf(set, "chat:{u:%*s}:set", len, user) - set;
+    argv[3] = (char *) now;
+    argl[3] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
               - now;
+    argv[4] = (len == vlen && ngx_memcmp(user, viewer, len) == 0) ? "1" : "0";
+    argl[4] = 1;
 
-    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_PRESENCE, cb, data, 2, 3,
+    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_PRESENCE, cb, data, 3, 5,
                                  argv, argl);
 }
 
@@ -863,6 +914,7 @@ ngx_chat_session_watch(ngx_chat_session_t *s, chat_proto_frame_t *f,
 {
     u_char                    id[CHAT_ID_MAX + 1];
     size_t                    pos, len;
+    int64_t                   wait;
     ngx_chat_watch_t         *w;
     ngx_chat_watch_link_t    *l;
     ngx_chat_presence_ctx_t  *ctx;
@@ -887,6 +939,15 @@ ngx_chat_session_watch(ngx_chat_session_t *s, chat_proto_frame_t *f,
         if (s->nwatches >= NGX_CHAT_MAX_WATCHES) {
             ngx_chat_session_error(s, "too_large",
                                    "too many watched users", NULL);
+            return;
+        }
+
+        /* each newly watched user costs a presence query and maybe a
+         * subscription: the budget counts users, not frames */
+        wait = ngx_chat_limit(s->conf, NGX_CHAT_ACT_WATCH, s->user->id,
+                              s->user->len, 1);
+        if (wait) {
+            ngx_chat_session_limited(s, "too many watches", wait);
             return;
         }
 
@@ -926,7 +987,8 @@ ngx_chat_session_watch(ngx_chat_session_t *s, chat_proto_frame_t *f,
         ctx->len = (u_char) len;
         ngx_memcpy(ctx->id, id, len);
 
-        if (ngx_chat_presence_query(id, len, ngx_chat_presence_once, ctx)
+        if (ngx_chat_presence_query(id, len, s->user->id, s->user->len,
+                                    ngx_chat_presence_once, ctx)
             != NGX_OK)
         {
             ngx_free(ctx);
@@ -980,7 +1042,7 @@ ngx_chat_presence_deliver(u_char *p, size_t len)
     {
         l = ngx_queue_data(q, ngx_chat_watch_link_t, watch_link);
         q = ngx_queue_next(q);
-        (void) ngx_chat_session_send_shared(l->session, b, (u_char *) "{", 1);
+        (void) ngx_chat_session_send_ephemeral(l->session, b);
 
         if (ngx_chat_watch_find(u, e - u) != w) {
             break;   /* the last watcher went away */
@@ -1005,6 +1067,7 @@ ngx_chat_deliver(u_char *p, size_t len)
                          prefix[40];
     size_t               plen;
     uint64_t             cursor;
+    ngx_uint_t           eph;
     ngx_queue_t         *q, *next;
     ngx_chat_user_t     *u;
     ngx_chat_shbuf_t    *b;
@@ -1025,6 +1088,9 @@ ngx_chat_deliver(u_char *p, size_t len)
     }
 
     ngx_memcpy(b->data, nl + 2, b->len);
+
+    /* typing (the only ephemeral event on these channels) */
+    eph = (b->len > 15 && ngx_strncmp(b->data, "\"type\":\"typing\"", 15) == 0);
 
     for (tok = p; tok < nl; tok = end + 1) {
         end = ngx_strlchr(tok, nl, ' ');
@@ -1096,7 +1162,12 @@ ngx_chat_deliver(u_char *p, size_t len)
                 continue;   /* the device the event came from */
             }
 
-            (void) ngx_chat_session_send_shared(s, b, prefix, plen);
+            if (eph && !cursor) {
+                (void) ngx_chat_session_send_ephemeral(s, b);
+
+            } else {
+                (void) ngx_chat_session_send_shared(s, b, prefix, plen);
+            }
 
             /* the send may have closed the last session and freed u */
             if (ngx_chat_user_find(tok, uend - tok) != u) {
@@ -1142,12 +1213,28 @@ typedef struct {
 } ngx_chat_typing_ctx_t;
 
 
-/* The group's member hash: relay to every active member but the sender,
- * when the sender is one and the group is small enough to push to. */
+/* A member hash value is "<since>" (active) or "<since>:<until>". */
+static ngx_inline ngx_uint_t
+ngx_chat_member_active(redisReply *v)
+{
+    return v->type == REDIS_REPLY_STRING
+           && ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len, ':')
+              == NULL;
+}
+
+
+/*
+ * The group's member hash: relay to every active member but the sender,
+ * when the sender is one and the group is small enough to push to, with
+ * one PUBLISH on the broadcast channel that every nginx worker process
+ * reads ("<m1> <m2> ...\n<json>"): one Redis call per typing frame, not
+ * one per member.
+ */
 static void
 ngx_chat_typing_members(void *rp, void *data)
 {
-    size_t                  i, active;
+    u_char                 *buf, *p;
+    size_t                  i, active, size;
     redisReply             *reply = rp, *m, *v;
     ngx_uint_t              member;
     ngx_chat_typing_ctx_t  *t = data;
@@ -1159,18 +1246,18 @@ ngx_chat_typing_members(void *rp, void *data)
 
     member = 0;
     active = 0;
+    size = t->jlen + 2;
 
     for (i = 0; i + 1 < reply->elements; i += 2) {
         m = reply->element[i];
         v = reply->element[i + 1];
 
-        if (v->type != REDIS_REPLY_STRING
-            || ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len, ':'))
-        {
+        if (m->type != REDIS_REPLY_STRING || !ngx_chat_member_active(v)) {
             continue;
         }
 
         active++;
+        size += m->len + 1;
 
         if ((size_t) m->len == t->flen
             && ngx_strncmp(m->str, t->from, t->flen) == 0)
@@ -1179,25 +1266,45 @@ ngx_chat_typing_members(void *rp, void *data)
         }
     }
 
-    if (member && active <= NGX_CHAT_GROUP_TYPING_MAX) {
-        for (i = 0; i + 1 < reply->elements; i += 2) {
-            m = reply->element[i];
-            v = reply->element[i + 1];
-
-            if (m->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING
-                || ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len,
-                               ':')
-                || ((size_t) m->len == t->flen
-                    && ngx_strncmp(m->str, t->from, t->flen) == 0))
-            {
-                continue;
-            }
-
-            (void) ngx_chat_typing_to((u_char *) m->str, m->len, t->json,
-                                      t->jlen);
-        }
+    if (!member || active < 2 || active > NGX_CHAT_GROUP_TYPING_MAX) {
+        ngx_free(t);
+        return;
     }
 
+    buf = ngx_alloc(size, ngx_cycle->log);
+    if (buf == NULL) {
+        ngx_free(t);
+        return;
+    }
+
+    p = buf;
+
+    for (i = 0; i + 1 < reply->elements; i += 2) {
+        m = reply->element[i];
+        v = reply->element[i + 1];
+
+        if (m->type != REDIS_REPLY_STRING || !ngx_chat_member_active(v)
+            || ((size_t) m->len == t->flen
+                && ngx_strncmp(m->str, t->from, t->flen) == 0))
+        {
+            continue;
+        }
+
+        if (p != buf) {
+            *p++ = ' ';
+        }
+
+        p = ngx_cpymem(p, m->str, m->len);
+    }
+
+    *p++ = '\n';
+    p = ngx_cpymem(p, t->json, t->jlen);
+
+    (void) ngx_chat_redis_command(NULL, NULL, "PUBLISH %s %b",
+                                  NGX_CHAT_BROADCAST_CHANNEL, buf,
+                                  (size_t) (p - buf));
+
+    ngx_free(buf);
     ngx_free(t);
 }
 
@@ -1206,10 +1313,15 @@ ngx_chat_typing_members(void *rp, void *data)
  * Relay {"type":"typing"} to the connections of the target, never stored.
  * A group's typing goes to its active members (when the sender is one and
  * the group has at most NGX_CHAT_GROUP_TYPING_MAX of them; else it is
- * dropped: typing is best effort). NGX_ERROR: Redis is away.
+ * dropped: typing is best effort). The sender's typing budget (chat_limit
+ * typing) is checked first: NGX_BUSY with *wait when it is spent. Beyond
+ * it, one indicator per sender and conversation per chat_typing_interval
+ * is relayed and extras are dropped silently (NGX_OK). NGX_ERROR: Redis is
+ * away.
  */
 ngx_int_t
-ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f)
+ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from, size_t flen,
+    chat_proto_frame_t *f, int64_t *wait)
 {
     u_char                  conv[CHAT_CONV_MAX + 1], key[NGX_CHAT_GROUP_KEY_LEN],
                             json[320];
@@ -1217,10 +1329,23 @@ ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f)
     ngx_chat_main_conf_t   *cmcf;
     ngx_chat_typing_ctx_t  *t;
 
+    *wait = ngx_chat_limit(conf, NGX_CHAT_ACT_TYPING, from, flen, 1);
+    if (*wait) {
+        return NGX_BUSY;
+    }
+
     if (f->target != CHAT_PROTO_TARGET_GROUP) {
         clen = chat_conv_direct((char *) from, flen, f->target_id,
                                 f->target_len, (char *) conv);
+    } else {
+        clen = chat_conv_group(f->target_id, f->target_len, (char *) conv);
+    }
 
+    if (!ngx_chat_typing_allowed(conf, from, flen, conv, clen)) {
+        return NGX_OK;
+    }
+
+    if (f->target != CHAT_PROTO_TARGET_GROUP) {
         return ngx_chat_typing_to((u_char *) f->target_id, f->target_len, json,
                                   ngx_sprintf(json, "{\"type\":\"typing\","
                                               "\"conv\":\"%*s\",\"from\":\"%*s\"}",
@@ -1232,7 +1357,6 @@ ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f)
         return NGX_ERROR;
     }
 
-    clen = chat_conv_group(f->target_id, f->target_len, (char *) conv);
     t->flen = flen;
     ngx_memcpy(t->from, from, flen);
     t->jlen = ngx_sprintf(t->json, "{\"type\":\"typing\",\"conv\":\"%*s\","
@@ -1263,6 +1387,8 @@ ngx_chat_typing(u_char *from, size_t flen, chat_proto_frame_t *f)
 void
 ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
 {
+    int64_t              wait;
+    ngx_int_t            trc;
     const char          *msg;
     chat_proto_rc_t      rc;
     chat_proto_opts_t    opts;
@@ -1292,7 +1418,12 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
         return;
 
     case CHAT_PROTO_TYPING:
-        if (ngx_chat_typing(s->user->id, s->user->len, &f) != NGX_OK) {
+        trc = ngx_chat_typing(s->conf, s->user->id, s->user->len, &f, &wait);
+
+        if (trc == NGX_BUSY) {
+            ngx_chat_session_limited(s, "too many typing frames", wait);
+
+        } else if (trc != NGX_OK) {
             ngx_chat_session_error(s, "unavailable", "try again later", NULL);
         }
         return;
@@ -1318,20 +1449,20 @@ ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
 static void
 ngx_chat_refresh_all(void)
 {
-    u_char                 member[160], conns[96], now[32], ttl[32];
-    const char            *argv[5];
-    size_t                 argl[5];
+    u_char                 member[160], conns[96], set[96], now[32], ttl[32];
+    const char            *argv[6];
+    size_t                 argl[6];
     ngx_queue_t           *q;
     ngx_chat_session_t    *s;
     ngx_chat_main_conf_t  *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
 
-    argv[2] = (char *) now;
-    argl[2] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
+    argv[3] = (char *) now;
+    argl[3] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
               - now;
-    argv[3] = (char *) ttl;
-    argl[3] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
+    argv[4] = (char *) ttl;
+    argl[4] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
               - ttl;
 
     for (q = ngx_queue_head(&ngx_chat_sessions);
@@ -1346,12 +1477,14 @@ ngx_chat_refresh_all(void)
 
         argv[0] = (char *) conns;
         argl[0] = ngx_chat_user_key(s->user, "conns", conns);
-        argv[1] = (char *) member;
-        argl[1] = ngx_chat_session_member(s, member);
-        argv[4] = (char *) s->user->id;
-        argl[4] = s->user->len;
+        argv[1] = (char *) set;
+        argl[1] = ngx_chat_user_key(s->user, "set", set);
+        argv[2] = (char *) member;
+        argl[2] = ngx_chat_session_member(s, member);
+        argv[5] = (char *) s->user->id;
+        argl[5] = s->user->len;
 
-        if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REFRESH, NULL, NULL, 1, 5,
+        if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REFRESH, NULL, NULL, 2, 6,
                                   argv, argl) != NGX_OK)
         {
             return;   /* Redis is away: the next tick tries again */

@@ -188,7 +188,7 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
     rc = ngx_chat_arg_int(r, "cursor", 6, &cursor);
     if (rc == NGX_ERROR) {
         return ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                   "cursor must be a non-negative integer");
+                                   "cursor must be an integer 0..2^53-1");
     }
 
     rc = ngx_http_discard_request_body(r);

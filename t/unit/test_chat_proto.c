@@ -447,8 +447,11 @@ test_ack(void **state)
     OK("{\"type\":\"ack\",\"cursor\":0}");
     assert_int_equal(f.type, CHAT_PROTO_ACK);
     assert_true(f.cursor == 0);
-    OK("{\"type\":\"ack\",\"cursor\":9223372036854775807}");
-    assert_true(f.cursor == INT64_MAX);
+    OK("{\"type\":\"ack\",\"cursor\":9007199254740991}");
+    assert_true(f.cursor == CHAT_INT_MAX);
+    /* one range everywhere: 2^53 and 2^63-1 are refused, not truncated */
+    BAD("{\"type\":\"ack\",\"cursor\":9007199254740992}");
+    BAD("{\"type\":\"ack\",\"cursor\":9223372036854775807}");
     OK("{\"cursor\":42,\"type\":\"ack\"}");
     assert_true(f.cursor == 42);
     BADMSG("{\"type\":\"ack\"}", "missing cursor");
@@ -473,6 +476,8 @@ test_read(void **state)
     assert_int_equal(f.conv_len, 11);
     assert_true(f.seq == 17);
     OK("{\"type\":\"read\",\"conv\":\"d:alice:alice\",\"seq\":0}");
+    OK("{\"type\":\"read\",\"conv\":\"d:alice:bob\",\"seq\":9007199254740991}");
+    BAD("{\"type\":\"read\",\"conv\":\"d:alice:bob\",\"seq\":9007199254740992}");
     OK("{\"type\":\"read\",\"conv\":\"d:Bob:alice\",\"seq\":0}"); /* 'B'<'a' */
     OK("{\"type\":\"read\",\"conv\":\"d:a:aa\",\"seq\":0}");
     OK("{\"type\":\"read\",\"conv\":\"g:ops-team\",\"seq\":3}");
