@@ -370,6 +370,106 @@ def test_a_replay_leaves_out_the_devices_own_sends_and_history_has_them(stack):
         time.sleep(0.2)
 
 
+def test_one_attacker_at_full_speed_hurts_no_victim(stack):
+    """One attacker for 10 s at full speed (typing, read, watch, sends,
+    group changes) against 200 online victims, while a friend sends each
+    victim messages: no victim is disconnected, every message arrives once,
+    the attacker is limited. Prints the victims' delivery latency (the
+    figure in docs/BENCHMARKS.md; this test asserts no timing)."""
+    import threading
+    n, seconds = 200, 10.0
+    victims = [_uid("v") for _ in range(n)]
+    conns = [_ws(stack, v) for v in victims]
+    friend = _ws(stack, _uid("friend"))
+    attacker = _uid("attacker")
+    a = _ws(stack, attacker)
+    lat, closed, got = [], [], {}
+    stop = threading.Event()
+
+    def reader(i, c):
+        while not stop.is_set() or got.get(i, 0) < expected.get(i, 0):
+            try:
+                m = c.recv(1)
+            except Closed as e:
+                closed.append((i, e.code))
+                return
+            except (socket.timeout, TimeoutError):
+                if stop.is_set() and time.time() > drain_deadline[0]:
+                    return
+                continue
+            except OSError as e:
+                closed.append((i, str(e)))
+                return
+            if m["type"] == "msg" and m["body"].startswith("t="):
+                lat.append(time.time() - float(m["body"][2:]))
+                got[i] = got.get(i, 0) + 1
+                c.send_json({"type": "ack", "cursor": m["cursor"]})
+
+    expected, drain_deadline = {}, [float("inf")]
+    threads = [threading.Thread(target=reader, args=(i, c), daemon=True) for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+
+    attack = {"frames": 0, "group_ops": 0, "group_429": 0}
+
+    def attacker_loop():
+        batch = b"".join(frame(0x1, json.dumps(f).encode()) for f in (
+            [{"type": "typing", "to": v} for v in victims[:50]]
+            + [{"type": "read", "conv": _conv(attacker, v), "seq": 10 ** 6} for v in victims[:20]]
+            + [{"type": "watch", "users": victims[:100]}, {"type": "unwatch", "users": victims[:100]}]
+            + [{"type": "send", "client_id": uuid.uuid4().hex, "to": v, "body": "spam"} for v in victims[:20]]))
+        end = time.time() + seconds
+        k = 0
+        while time.time() < end:
+            try:
+                a.send_raw(batch)
+                attack["frames"] += 80
+            except OSError:
+                break
+            k += 1
+            if k % 5 == 0:
+                st, _, _ = stack.request("POST", stack.http + "/groups",
+                                         body={"name": "spam", "members": victims[k % n: k % n + 5]},
+                                         headers=_auth(stack, attacker))
+                attack["group_ops"] += 1
+                attack["group_429"] += st == 429
+
+    at = threading.Thread(target=attacker_loop, daemon=True)
+    at.start()
+    # the friend: about 40 messages a second spread over the victims
+    limited0 = sum(_metric(stack, "ngx_chat_limited_total", f'{{action="{x}"}}')
+                   for x in ("send", "typing", "read", "watch"))
+    sent = 0
+    end = time.time() + seconds
+    i = 0
+    while time.time() < end:
+        v = i % n
+        cid = uuid.uuid4().hex
+        friend.send_json({"type": "send", "client_id": cid, "to": victims[v], "body": f"t={time.time():.6f}"})
+        expected[v] = expected.get(v, 0) + 1
+        sent += 1
+        i += 1
+        time.sleep(0.025)
+    at.join(30)
+    drain_deadline[0] = time.time() + 20
+    stop.set()
+    for t in threads:
+        t.join(30)
+    lat.sort()
+    p50 = lat[len(lat) // 2] * 1000 if lat else None
+    p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else None
+    limited = sum(_metric(stack, "ngx_chat_limited_total", f'{{action="{x}"}}')
+                  for x in ("send", "typing", "read", "watch")) - limited0
+    print(f"\nflood: {n} victims, attacker {attack['frames']} frames + {attack['group_ops']} group ops "
+          f"in {seconds:.0f} s ({attack['group_429']} group ops refused), {limited} refusals; friend sent {sent}, "
+          f"delivered {len(lat)}; victims' delivery p50 {p50:.1f} ms p99 {p99:.1f} ms")
+    assert closed == [], closed[:5]
+    assert len(lat) == sent and all(got.get(v, 0) == expected[v] for v in expected)
+    assert attack["frames"] > 10000 and limited > 1000
+    for c in conns + [friend]:
+        c.close()
+
+
 # ============================================================================
 # Store and workers side: dead letters, encodings, REST hop, stack defaults
 # ============================================================================
