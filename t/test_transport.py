@@ -362,7 +362,9 @@ def test_typing_reaches_every_device_of_the_target_only(stack):
         assert dev.recv_type("typing") == {"type": "typing", "conv": conv, "from": a}
     other.send_json({"type": "ping"})
     assert other.recv() == {"type": "pong"}
-    # over HTTP too
+    # over HTTP too (after chat_typing_interval, 2 s: one indicator per
+    # sender and conversation per interval is relayed)
+    time.sleep(2.1)
     st, _, _ = stack.request("POST", stack.http + "/typing", body={"to": b},
                              headers={"Authorization": "Bearer " + stack.token(a)})
     assert st == 204
