@@ -27,7 +27,8 @@ SANFLAGS  :=
 OPT       := -O2 -g
 endif
 
-MOD_SRCS   := $(wildcard ngx_chat_module/*.c) $(wildcard ngx_chat_module/*.h) config
+LUA_SRCS   := $(wildcard lua/*.lua) lua/gen.sh
+MOD_SRCS   := $(wildcard ngx_chat_module/*.c) $(wildcard ngx_chat_module/*.h) config $(LUA_SRCS)
 PURE_SRCS  := $(wildcard ngx_chat_module/chat_*.c)
 PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
 WORKER_SRCS := $(wildcard workers/*.c)
@@ -36,7 +37,7 @@ WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
-.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest setup install clean
+.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest lua-test setup install clean
 
 all: module worker
 
@@ -45,7 +46,7 @@ all: module worker
 # built with (conf_flags): configuring a copy of it with the same flags makes
 # a module binary-compatible with the stock nginx package (--with-compat).
 # The module's file list is fixed at configure time: reconfigure when it changes.
-MOD_LIST := $(sort $(wildcard ngx_chat_module/*.c ngx_chat_module/*.h))
+MOD_LIST := $(sort $(wildcard ngx_chat_module/*.c ngx_chat_module/*.h lua/*.lua))
 $(shell mkdir -p $(BUILD); [ "$$(cat $(BUILD)/.modlist 2>/dev/null)" = "$(MOD_LIST)" ] || echo "$(MOD_LIST)" > $(BUILD)/.modlist)
 
 $(BUILD)/nginx/.configured: config $(BUILD)/.modlist
@@ -60,16 +61,21 @@ $(BUILD)/nginx/.configured: config $(BUILD)/.modlist
 
 
 $(BUILD)/ngx_chat_module.so: $(BUILD)/nginx/.configured $(MOD_SRCS)
+	sh lua/gen.sh lua $(BUILD)/nginx/objs/chat_lua     # a changed script: configure ran it once
 	$(MAKE) -s -C $(BUILD)/nginx -f objs/Makefile modules >/dev/null
 	cp $(BUILD)/nginx/objs/ngx_chat_module.so $@.tmp && mv -f $@.tmp $@   # new inode: a running nginx keeps its mapping
 
 module: $(BUILD)/ngx_chat_module.so
 
+# --- the scripts' table (lua/<name>.lua -> chat_lua.c), for the workers ------
+$(BUILD)/gen/chat_lua.c: $(LUA_SRCS)
+	sh lua/gen.sh lua $(BUILD)/gen
+
 # --- workers -----------------------------------------------------------------
-$(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS)
+$(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS) $(BUILD)/gen/chat_lua.c
 	@mkdir -p $(BUILD)
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ingx_chat_module \
-	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) \
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ingx_chat_module -I$(BUILD)/gen \
+	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) $(BUILD)/gen/chat_lua.c \
 	  $$(pkg-config --libs $(WORKER_PKGS)) -lcrypto -lpthread -lm
 
 worker: $(BUILD)/chat-worker
@@ -109,10 +115,15 @@ fuzz: $(FUZZERS)
 setup:
 	@bash -c '. scripts/lib.sh; setup_done' || scripts/setup --no-build
 
+# every Redis script on its own against a bare redis-server (about a second)
+lua-test:
+	.venv/bin/pytest -q t/lua
+
 pytest:
-	.venv/bin/pytest -q t $(PYTEST_ARGS)
+	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_ARGS)
 
 test: setup
+	$(MAKE) lua-test
 	$(MAKE) all loadgen unit fuzz
 	$(MAKE) pytest
 

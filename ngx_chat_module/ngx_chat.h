@@ -15,6 +15,7 @@
 
 #include "chat_ws.h"
 #include "chat_proto.h"
+#include "chat_lua.h"
 
 
 #define NGX_CHAT_LOC_WEBSOCKET  1
@@ -299,17 +300,7 @@ ngx_int_t ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb,
 ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);
 extern ngx_str_t  ngx_chat_worker_channel;
 
-/* scripts (ngx_chat_redis.c) */
-#define NGX_CHAT_SCRIPT_REGISTER    0
-#define NGX_CHAT_SCRIPT_UNREGISTER  1
-#define NGX_CHAT_SCRIPT_REFRESH     2
-#define NGX_CHAT_SCRIPT_PRESENCE    3
-#define NGX_CHAT_SCRIPT_TYPING      4
-#define NGX_CHAT_SCRIPT_ACCEPT      5
-#define NGX_CHAT_SCRIPT_ACK         6
-#define NGX_CHAT_SCRIPT_READ        7
-#define NGX_CHAT_SCRIPT_ACCEPT_K    8
-#define NGX_CHAT_SCRIPT_N           9
+/* scripts: CHAT_LUA_<NAME>, one per lua/<name>.lua (generated) */
 
 /* the shard of a conversation (docs/PIPELINE.md, "Shards") */
 static ngx_inline ngx_uint_t

@@ -73,6 +73,11 @@ ngx_chat_kafka_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: kafka delivery to partition %d failed: %s",
                       (int) m->partition, rd_kafka_err2str(m->err));
+
+    } else {
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: kafka has the record at partition %d offset %O",
+                       (int) m->partition, (off_t) m->offset);
     }
 
     if (dr) {

@@ -671,12 +671,12 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
         argl[1] = argl[0];
 
         rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
-                                NGX_CHAT_SCRIPT_ACCEPT_K,
+                                CHAT_LUA_ACCEPT_K,
                                 ngx_chat_msg_accepted_k, nkeys - 1,
                                 nkeys + 9, argv + 1, argl + 1);
     } else {
         rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
-                                NGX_CHAT_SCRIPT_ACCEPT,
+                                CHAT_LUA_ACCEPT,
                                 ngx_chat_msg_accepted, nkeys, nkeys + 10,
                                 argv, argl);
     }
@@ -977,7 +977,7 @@ ngx_chat_msg_ack(ngx_chat_msg_ctx_t *ctx, int64_t cursor)
     argv[6] = (char *) ctx->user;
     argl[6] = ctx->ulen;
 
-    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_ACK, ngx_chat_msg_acked, ctx, 4,
+    if (ngx_chat_redis_script(CHAT_LUA_ACK, ngx_chat_msg_acked, ctx, 4,
                               7, argv, argl) != NGX_OK)
     {
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
@@ -1189,7 +1189,7 @@ ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
         argv[3] = (char *) rc->seq;
         argl[3] = rc->seqlen;
 
-        rv = ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ,
+        rv = ngx_chat_redis_script(CHAT_LUA_READ,
                                    ngx_chat_msg_read_done, rc, 2, 4, argv,
                                    argl);
 
@@ -1201,7 +1201,7 @@ ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
         argv[3] = (char *) cap;
         argl[3] = ngx_sprintf(cap, "%L", rc->cap) - cap;
 
-        rv = ngx_chat_redis_script(NGX_CHAT_SCRIPT_READ,
+        rv = ngx_chat_redis_script(CHAT_LUA_READ,
                                    ngx_chat_msg_read_done, rc, 1, 4, argv,
                                    argl);
     }
@@ -1493,6 +1493,10 @@ ngx_chat_replay_reply(void *rp, void *data)
     }
 
     s->replaying = 0;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                   "chat: session %uL live at cursor %uL", s->id,
+                   s->sent_cursor);
 }
 
 
@@ -1532,6 +1536,10 @@ ngx_chat_replay_page(ngx_chat_session_t *s)
 void
 ngx_chat_replay_start(ngx_chat_session_t *s)
 {
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                   "chat: session %uL replays after cursor %uL", s->id,
+                   s->sent_cursor);
+
     s->replaying = 1;
     s->missed = 0;
     ngx_chat_replay_page(s);

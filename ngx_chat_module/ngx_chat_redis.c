@@ -59,191 +59,13 @@ ngx_str_t       ngx_chat_worker_channel;
 
 
 /*
- * Lua scripts. Every key a script touches carries one hash tag and is
- * passed in KEYS, so each runs on one slot of a Redis Cluster.
+ * The Redis scripts are lua/<name>.lua (each with a header naming its KEYS,
+ * ARGV, result and the guarantee it implements); the build generates their
+ * table chat_lua[] (lua/gen.sh). Every key a script touches carries one
+ * hash tag and is passed in KEYS, so each runs on one slot of a Redis
+ * Cluster. This side loads them all at connect and after NOSCRIPT.
  */
-/* A group send: KEYS[k] is the member hash; ARGV[7] the sender, who must
- * be an active member ("<since>", not "<since>:<until>"). */
-#define NGX_CHAT_LUA_MEMBER(k)                                                \
-    "if KEYS[" #k "] then\n"                                                 \
-    "  local m = redis.call('HGET', KEYS[" #k "], ARGV[7])\n"                \
-    "  if not m then\n"                                                      \
-    "    if redis.call('EXISTS', KEYS[" #k "]) == 0 then"                     \
-    " return redis.status_reply('not_found') end\n"                          \
-    "    return redis.status_reply('forbidden')\n"                           \
-    "  end\n"                                                                \
-    "  if string.find(m, ':', 1, true) then"                                  \
-    " return redis.status_reply('forbidden') end\n"                          \
-    "end\n"
-
-static const char *ngx_chat_scripts[NGX_CHAT_SCRIPT_N] = {
-
-    /* REGISTER  KEYS: conns acked last set  ARGV: member now ttl max user
-     * device
-     * returns {connections, acked cursor, trim point}: the trim point is the
-     * newest cursor the inbox dropped unacknowledged (size or age bound).
-     * A user whose settings say last_seen nobody is never announced. */
-    "local now = tonumber(ARGV[2])\n"
-    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
-    "local n = redis.call('ZCARD', KEYS[1])\n"
-    "if n >= tonumber(ARGV[4]) then return {-1, '0', '0'} end\n"
-    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])\n"
-    "redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))\n"
-    "if n == 0 and redis.call('HGET', KEYS[4], 'last_seen') ~= 'nobody' then"
-    " redis.call('PUBLISH', 'chat:p:' .. ARGV[5],"
-    " '{\"type\":\"presence\",\"user\":\"' .. ARGV[5] .."
-    " '\",\"online\":true,\"last_seen\":null}') end\n"
-    "redis.call('HSETNX', KEYS[2], ARGV[6], 0)\n"
-    "local acked = redis.call('HGET', KEYS[2], ARGV[6])\n"
-    "return {n + 1, acked, redis.call('HGET', KEYS[3], 'trim') or '0'}\n",
-
-    /* UNREGISTER  KEYS: conns seen set  ARGV: member now user */
-    "local removed = redis.call('ZREM', KEYS[1], ARGV[1])\n"
-    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]))\n"
-    "if removed == 1 and redis.call('ZCARD', KEYS[1]) == 0 then\n"
-    "  redis.call('SET', KEYS[2], ARGV[2])\n"
-    "  if redis.call('HGET', KEYS[3], 'last_seen') ~= 'nobody' then\n"
-    "    redis.call('PUBLISH', 'chat:p:' .. ARGV[3],"
-    " '{\"type\":\"presence\",\"user\":\"' .. ARGV[3] .."
-    " '\",\"online\":false,\"last_seen\":' .. ARGV[2] .. '}')\n"
-    "  end\n"
-    "end\n"
-    "return removed\n",
-
-    /* REFRESH  KEYS: conns set  ARGV: member now ttl user */
-    "local now = tonumber(ARGV[2])\n"
-    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n"
-    "local n = redis.call('ZCARD', KEYS[1])\n"
-    "redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])\n"
-    "redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))\n"
-    "if n == 0 and redis.call('HGET', KEYS[2], 'last_seen') ~= 'nobody' then"
-    " redis.call('PUBLISH', 'chat:p:' .. ARGV[4],"
-    " '{\"type\":\"presence\",\"user\":\"' .. ARGV[4] .."
-    " '\",\"online\":true,\"last_seen\":null}') end\n"
-    "return n\n",
-
-    /* PRESENCE  KEYS: conns seen set  ARGV: now self
-     * a user whose settings say last_seen nobody looks offline and never
-     * seen to everyone but themselves (self = 1) */
-    "if ARGV[2] ~= '1' and"
-    " redis.call('HGET', KEYS[3], 'last_seen') == 'nobody' then"
-    " return {0, ''} end\n"
-    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]))\n"
-    "if redis.call('ZCARD', KEYS[1]) > 0 then return {1, ''} end\n"
-    "return {0, redis.call('GET', KEYS[2]) or ''}\n",
-
-    /* TYPING  KEYS: conns  ARGV: now recipient json
-     * publishes "<recipient>\n<json>" once to each worker channel holding
-     * a connection of the recipient */
-    "local members = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')\n"
-    "local seen = {}\n"
-    "local n = 0\n"
-    "for _, m in ipairs(members) do\n"
-    "  local ch = string.match(m, '^([^|]+)|')\n"
-    "  if ch and not seen[ch] then\n"
-    "    seen[ch] = true\n"
-    "    redis.call('PUBLISH', ch, ARGV[2] .. '\\n' .. ARGV[3])\n"
-    "    n = n + 1\n"
-    "  end\n"
-    "end\n"
-    "return n\n",
-
-    /* ACCEPT  KEYS: dedup seq stream [mem snd]
-     * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
-     * dedup, (group: check the sender is an active member,) number and
-     * enqueue in one step; returns "id|seq|ts|conv", or the status
-     * not_found / forbidden */
-    "local d = redis.call('GET', KEYS[1])\n"
-    "if d then return d end\n"
-    NGX_CHAT_LUA_MEMBER(4)
-    "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
-    "if KEYS[5] then redis.call('ZADD', KEYS[5], seq, ARGV[7]) end\n"
-    "redis.call('XADD', KEYS[3], '*', 't', 'msg', 'conv', ARGV[1],"
-    " 'from', ARGV[7], 'dev', ARGV[8], ARGV[9], ARGV[10], 'seq', seq,"
-    " 'ev', ARGV[5] .. seq .. ARGV[6])\n"
-    "local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]\n"
-    "redis.call('SET', KEYS[1], rec, 'EX', tonumber(ARGV[4]))\n"
-    "return rec\n",
-
-    /* ACK  KEYS: acked inbox dlv cur  ARGV: device n user
-     * moves the device's cursor, returns {conv, seq, prev, ...} of
-     * delivered receipts to emit (prev: the pointer before), trims what
-     * every device has acknowledged */
-    "local prev = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
-    "local n = tonumber(ARGV[2])\n"
-    "local top = tonumber(redis.call('GET', KEYS[4]) or '0')\n"
-    "if n > top then n = top end\n"
-    "if n <= prev then return {} end\n"
-    "redis.call('HSET', KEYS[1], ARGV[1], n)\n"
-    "local best, order, out = {}, {}, {}\n"
-    "for _, ev in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. prev, n)) do\n"
-    "  local ok, e = pcall(cjson.decode, ev)\n"
-    "  if ok and e.type == 'msg' and e.from ~= ARGV[3] then\n"
-    "    if not best[e.conv] then table.insert(order, e.conv) end\n"
-    "    if not best[e.conv] or e.seq > best[e.conv] then best[e.conv] = e.seq end\n"
-    "  end\n"
-    "end\n"
-    "for _, conv in ipairs(order) do\n"
-    "  local d = tonumber(redis.call('HGET', KEYS[3], conv) or '0')\n"
-    "  if best[conv] > d then\n"
-    "    redis.call('HSET', KEYS[3], conv, best[conv])\n"
-    "    table.insert(out, conv)\n"
-    "    table.insert(out, string.format('%d', best[conv]))\n"
-    "    table.insert(out, string.format('%d', d))\n"
-    "  end\n"
-    "end\n"
-    "local min = n\n"
-    "for _, v in ipairs(redis.call('HVALS', KEYS[1])) do\n"
-    "  local x = tonumber(v)\n"
-    "  if x < min then min = x end\n"
-    "end\n"
-    "redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', min)\n"
-    "return out\n",
-
-    /* READ  KEYS: read [last]  ARGV: conv seq [cap]
-     * a read pointer never passes the conversation's last seq: cap is the
-     * group's seq (read on its shard), or, for a direct conversation, the
-     * newest seq appended to the reader's inbox for it (last, m:<conv>;
-     * both participants get every message of a direct conversation).
-     * -> {the pointer before, or -1 when it did not move; the capped seq} */
-    "local n = tonumber(ARGV[2])\n"
-    "local cap = tonumber(ARGV[3] or '')\n"
-    "if not cap then\n"
-    "  local l = KEYS[2] and redis.call('HGET', KEYS[2], 'm:' .. ARGV[1])\n"
-    "  cap = tonumber(l and string.match(l, '^(%d+)') or '0')\n"
-    "end\n"
-    "if n > cap then n = cap end\n"
-    "local p = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')\n"
-    "if n > p then\n"
-    "  redis.call('HSET', KEYS[1], ARGV[1], string.format('%d', n))\n"
-    "  return {p, n}\n"
-    "end\n"
-    "return {-1, n}\n",
-
-    /* ACCEPT_K (Kafka queue)  KEYS: dedup seq [mem snd]
-     * ARGV: conv id ts ttl evprefix evsuffix from dev tofield to
-     * dedup and number; the record to produce is kept with the dedup entry
-     * until the broker acknowledged it, so a retry produces the same bytes.
-     * returns {1, rec, record} to produce, or {0, rec} when done before */
-    "local d = redis.call('GET', KEYS[1])\n"
-    "if d then\n"
-    "  local nl = string.find(d, '\\n', 1, true)\n"
-    "  if nl then return {1, string.sub(d, 1, nl - 1), string.sub(d, nl + 1)} end\n"
-    "  return {0, d}\n"
-    "end\n"
-    NGX_CHAT_LUA_MEMBER(3)
-    "local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)\n"
-    "if KEYS[4] then redis.call('ZADD', KEYS[4], seq, ARGV[7]) end\n"
-    "local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]\n"
-    "local p = {t = 'msg', conv = ARGV[1], from = ARGV[7], dev = ARGV[8],"
-    " seq = tostring(seq), ev = ARGV[5] .. seq .. ARGV[6]}\n"
-    "p[ARGV[9]] = ARGV[10]\n"
-    "local record = cjson.encode(p)\n"
-    "redis.call('SET', KEYS[1], rec .. '\\n' .. record, 'EX', tonumber(ARGV[4]))\n"
-    "return {1, rec, record}\n"
-};
-
-static u_char  ngx_chat_script_sha[NGX_CHAT_SCRIPT_N][SHA_DIGEST_LENGTH * 2 + 1];
+static u_char  ngx_chat_script_sha[CHAT_LUA_N][SHA_DIGEST_LENGTH * 2 + 1];
 
 
 static void ngx_chat_redis_connect(ngx_chat_redis_link_t *link);
@@ -273,6 +95,12 @@ ngx_chat_redis_link(const redisAsyncContext *ac)
 static void
 ngx_chat_redis_set_ready(ngx_chat_redis_link_t *link, ngx_uint_t ready)
 {
+    if (link->ready != (ready ? 1 : 0)) {
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: redis %s link %s", link->sub ? "pub/sub" : "command",
+                       ready ? "ready" : "not ready");
+    }
+
     link->ready = ready ? 1 : 0;
 
     if (ngx_chat_cmd.ready && ngx_chat_sub.ready) {
@@ -515,11 +343,14 @@ ngx_chat_redis_load_scripts(void)
 {
     ngx_uint_t  i;
 
-    ngx_chat_cmd.loading = NGX_CHAT_SCRIPT_N;
+    ngx_chat_cmd.loading = CHAT_LUA_N;
 
-    for (i = 0; i < NGX_CHAT_SCRIPT_N; i++) {
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis loading %d scripts", (int) CHAT_LUA_N);
+
+    for (i = 0; i < CHAT_LUA_N; i++) {
         redisAsyncCommand(ngx_chat_cmd.ac, ngx_chat_redis_script_loaded, NULL,
-                          "SCRIPT LOAD %s", ngx_chat_scripts[i]);
+                          "SCRIPT LOAD %s", chat_lua[i].src);
     }
 }
 
@@ -912,9 +743,9 @@ ngx_chat_redis_init_process(ngx_cycle_t *cycle)
         return NGX_ERROR;
     }
 
-    for (i = 0; i < NGX_CHAT_SCRIPT_N; i++) {
-        SHA1((const unsigned char *) ngx_chat_scripts[i],
-             ngx_strlen(ngx_chat_scripts[i]), md);
+    for (i = 0; i < CHAT_LUA_N; i++) {
+        SHA1((const unsigned char *) chat_lua[i].src,
+             ngx_strlen(chat_lua[i].src), md);
         ngx_hex_dump(ngx_chat_script_sha[i], md, SHA_DIGEST_LENGTH);
         ngx_chat_script_sha[i][SHA_DIGEST_LENGTH * 2] = '\0';
     }

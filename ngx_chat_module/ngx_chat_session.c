@@ -242,6 +242,12 @@ ngx_chat_session_create(ngx_connection_t *c, ngx_chat_loc_conf_t *conf,
 
     ngx_chat_stat_inc(accepted);
 
+    /* state changes of a session are logged at debug level: nginx built
+     * --with-debug and "error_log ... debug" show one session's life */
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                   "chat: session %uL created, %s", s->id,
+                   transport == NGX_CHAT_T_WS ? "websocket" : "long-poll");
+
     return s;
 }
 
@@ -305,6 +311,10 @@ ngx_chat_session_registered(void *r, void *data)
     }
 
     s->registered = 1;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                   "chat: session %uL registered, %i sessions of the user",
+                   s->id, (ngx_int_t) reply->element[0]->integer);
 
     if (reply->element[1]->type == REDIS_REPLY_STRING) {
         s->cursor = ngx_atoof((u_char *) reply->element[1]->str,
@@ -380,7 +390,7 @@ ngx_chat_session_register(ngx_chat_session_t *s,
     argv[9] = (char *) s->device;
     argl[9] = s->dev_len;
 
-    if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REGISTER,
+    if (ngx_chat_redis_script(CHAT_LUA_REGISTER,
                               ngx_chat_session_registered, ctx, 4, 10,
                               argv, argl) != NGX_OK)
     {
@@ -447,7 +457,7 @@ ngx_chat_session_unregister(ngx_chat_session_t *s)
     argl[5] = s->user->len;
 
     /* fire and forget: an entry left behind expires with the registry TTL */
-    (void) ngx_chat_redis_script(NGX_CHAT_SCRIPT_UNREGISTER, NULL, NULL, 3, 6,
+    (void) ngx_chat_redis_script(CHAT_LUA_UNREGISTER, NULL, NULL, 3, 6,
                                  argv, argl);
 }
 
@@ -486,6 +496,10 @@ ngx_chat_session_close(ngx_chat_session_t *s)
     /* an acknowledgement still waiting for chat_ack_delay goes now, before
      * the registry entry does */
     ngx_chat_msg_ack_flush(s);
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, &s->log, 0,
+                   "chat: session %uL closed, %uD frames queued, %ui replies "
+                   "pending", s->id, s->out_count, s->refs);
 
     s->closed = 1;
     s->connection = NULL;
@@ -535,6 +549,8 @@ void
 ngx_chat_session_release(ngx_chat_session_t *s)
 {
     if (s->closed && s->refs == 0) {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: session %uL freed", s->id);
         ngx_chat_session_free(s);
     }
 }
@@ -903,7 +919,7 @@ ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
     argv[4] = (len == vlen && ngx_memcmp(user, viewer, len) == 0) ? "1" : "0";
     argl[4] = 1;
 
-    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_PRESENCE, cb, data, 3, 5,
+    return ngx_chat_redis_script(CHAT_LUA_PRESENCE, cb, data, 3, 5,
                                  argv, argl);
 }
 
@@ -1200,7 +1216,7 @@ ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
     argv[3] = (char *) json;
     argl[3] = jlen;
 
-    return ngx_chat_redis_script(NGX_CHAT_SCRIPT_TYPING, NULL, NULL, 1, 4,
+    return ngx_chat_redis_script(CHAT_LUA_TYPING, NULL, NULL, 1, 4,
                                  argv, argl);
 }
 
@@ -1484,7 +1500,7 @@ ngx_chat_refresh_all(void)
         argv[5] = (char *) s->user->id;
         argl[5] = s->user->len;
 
-        if (ngx_chat_redis_script(NGX_CHAT_SCRIPT_REFRESH, NULL, NULL, 2, 6,
+        if (ngx_chat_redis_script(CHAT_LUA_REFRESH, NULL, NULL, 2, 6,
                                   argv, argl) != NGX_OK)
         {
             return;   /* Redis is away: the next tick tries again */

@@ -427,7 +427,10 @@ def test_one_attacker_at_full_speed_hurts_no_victim(stack):
             except OSError:
                 break
             k += 1
-            if k % 5 == 0:
+            # group creations at a pace that does not leave the persist role
+            # (FerretDB) a backlog for the tests after this one; the REST
+            # role's budget refuses most of them anyway
+            if k % 50 == 0 and attack["group_ops"] < 40:
                 st, _, _ = stack.request("POST", stack.http + "/groups",
                                          body={"name": "spam", "members": victims[k % n: k % n + 5]},
                                          headers=_auth(stack, attacker))

@@ -1,0 +1,212 @@
+"""Every Redis script of lua/ on its own, against a bare redis-server: the
+guarantee each header names, its edge cases, and that every key it touches
+is one it was given (one hash tag: a Redis Cluster slot)."""
+import json
+import os
+import re
+import time
+
+import pytest
+import redis
+
+from conftest import ROOT, SCRIPTS
+
+U = "chat:{u:alice}:"
+
+
+def test_every_script_file_is_in_the_table_with_a_header():
+    files = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "lua"))
+                   if f.endswith(".lua") and not f.startswith("_"))
+    assert sorted(SCRIPTS) == files and files
+    for f in files:
+        head = open(os.path.join(ROOT, "lua", f + ".lua")).read().split("\n")
+        header = "\n".join(l for l in head if l.startswith("--"))
+        for part in ("KEYS:", "ARGV:", "returns:", "guarantees:"):
+            assert part in header, (f, part)
+        # headers stay out of what Redis gets; includes are resolved
+        assert "-- KEYS:" not in SCRIPTS[f] and "@include" not in SCRIPTS[f]
+
+
+def test_scripts_touch_only_keys_they_are_given():
+    """No key name is built inside a script (else a cluster slot could be
+    wrong); channels (PUBLISH) are not keys."""
+    for name, src in SCRIPTS.items():
+        aliases = set()       # local SET, USER = KEYS[4], ARGV[5]
+        for m in re.finditer(r"local ([\w, ]+) = ([^\n]+)", src):
+            for var, val in zip(m.group(1).split(","), m.group(2).split(",")):
+                if val.strip().startswith("KEYS["):
+                    aliases.add(var.strip())
+        for m in re.finditer(r"redis\.call\('(\w+)',\s*([^,)]+)", src):
+            cmd, first = m.group(1), m.group(2).strip()
+            if cmd in ("PUBLISH",):
+                continue
+            assert first.startswith("KEYS[") or first in aliases, (name, cmd, first)
+
+
+# --- registry and presence -------------------------------------------------
+
+def reg(run, member, now, ttl=30000, mx=3, user="alice", dev="phone"):
+    return run("register", [U + "conns", U + "acked", U + "last", U + "set"],
+               [member, now, ttl, mx, user, dev])
+
+
+def test_register_counts_bounds_and_announces_once(r, run):
+    p = r.pubsub()
+    p.subscribe("chat:p:alice")
+    p.get_message(timeout=1)
+    now = int(time.time() * 1000)
+    assert reg(run, "w1|phone|1", now) == [1, "0", "0"]
+    assert reg(run, "w1|laptop|2", now, dev="laptop") == [2, "0", "0"]
+    assert reg(run, "w2|tab|3", now, dev="tab") == [3, "0", "0"]
+    assert reg(run, "w2|tab|4", now, dev="tab") == [-1, "0", "0"]      # the bound
+    msgs = [m for m in iter(lambda: p.get_message(timeout=0.2), None) if m["type"] == "message"]
+    assert [json.loads(m["data"])["online"] for m in msgs] == [True]
+    assert r.hget(U + "acked", "phone") == "0" and r.pttl(U + "conns") > 0
+    # expired members do not count; the trim point comes back
+    r.hset(U + "last", "trim", 17)
+    r.hset(U + "acked", "phone", 12)
+    assert reg(run, "w3|phone|5", now + 60000) == [1, "12", "17"]
+
+
+def test_last_seen_nobody_is_never_announced_and_looks_offline(r, run):
+    p = r.pubsub()
+    p.subscribe("chat:p:alice")
+    p.get_message(timeout=1)
+    r.hset(U + "set", "last_seen", "nobody")
+    now = int(time.time() * 1000)
+    assert reg(run, "w1|phone|1", now)[0] == 1
+    keys = [U + "conns", U + "seen", U + "set"]
+    assert run("presence", keys, [now, "0"]) == [0, ""]
+    assert run("presence", keys, [now, "1"]) == [1, ""]           # the user itself
+    assert run("refresh", [U + "conns", U + "set"], ["w1|phone|1", now + 60000, 30000, "alice"]) == 0
+    assert run("unregister", keys, ["w1|phone|1", now + 60001, "alice"]) == 1
+    assert r.get(U + "seen") == str(now + 60001)
+    assert [m for m in iter(lambda: p.get_message(timeout=0.2), None) if m["type"] == "message"] == []
+    r.hdel(U + "set", "last_seen")              # everyone: the state is visible
+    assert run("presence", keys, [now, "0"]) == [0, str(now + 60001)]
+
+
+def test_unregister_announces_only_the_last_close_and_refresh_revives(r, run):
+    p = r.pubsub()
+    p.subscribe("chat:p:alice")
+    p.get_message(timeout=1)
+    now = int(time.time() * 1000)
+    reg(run, "w1|phone|1", now)
+    reg(run, "w1|laptop|2", now, dev="laptop")
+    keys = [U + "conns", U + "seen", U + "set"]
+    assert run("unregister", keys, ["w1|phone|1", now + 1, "alice"]) == 1
+    assert run("unregister", keys, ["w1|phone|1", now + 2, "alice"]) == 0      # twice: nothing
+    assert run("presence", keys, [now + 3, "0"]) == [1, ""]
+    assert run("unregister", keys, ["w1|laptop|2", now + 4, "alice"]) == 1
+    assert run("presence", keys, [now + 5, "0"]) == [0, str(now + 4)]
+    # a refresh after everything expired announces the user again
+    assert run("refresh", [U + "conns", U + "set"], ["w1|phone|1", now + 6, 30000, "alice"]) == 0
+    got = [json.loads(m["data"]) for m in iter(lambda: p.get_message(timeout=0.2), None)
+           if m["type"] == "message"]
+    assert [(g["online"], g["last_seen"]) for g in got] == [(True, None), (False, now + 4), (True, None)]
+
+
+def test_typing_publishes_once_per_worker_channel_of_live_entries(r, run):
+    p = r.pubsub()
+    p.subscribe("chat:w:a", "chat:w:b", "chat:w:c")
+    for _ in range(3):
+        p.get_message(timeout=1)
+    now = int(time.time() * 1000)
+    r.zadd("chat:{u:bob}:conns", {"chat:w:a|phone|1": now + 1000, "chat:w:a|web|2": now + 1000,
+                                  "chat:w:b|tab|3": now + 1000, "chat:w:c|old|4": now - 1})
+    assert run("typing", ["chat:{u:bob}:conns"], [now, "bob", '{"type":"typing"}']) == 2
+    got = sorted((m["channel"], m["data"]) for m in iter(lambda: p.get_message(timeout=0.2), None)
+                 if m["type"] == "message")
+    assert got == [("chat:w:a", 'bob\n{"type":"typing"}'), ("chat:w:b", 'bob\n{"type":"typing"}')]
+
+
+# --- accept ----------------------------------------------------------------
+
+S = "chat:{s3}:"
+
+
+def accept_args(conv="d:alice:bob", mid="100", ts="1700000000000", to=("to", "bob"), sender="alice"):
+    return [conv, mid, ts, 3600, '{"type":"msg","id":"%s","conv":"%s","seq":' % (mid, conv),
+            ',"from":"%s","body":"hi","kind":"text","ts":%s}' % (sender, ts), sender, "phone", to[0], to[1]]
+
+
+def test_accept_numbers_enqueues_and_dedups(r, run):
+    keys = [S + "dd:alice:c1", S + "seq", S + "in"]
+    rec = run("accept", keys, accept_args())
+    assert rec == "100|1|1700000000000|d:alice:bob"
+    assert run("accept", keys, accept_args(mid="101")) == rec         # a retry: the first answer
+    assert run("accept", [S + "dd:alice:c2", S + "seq", S + "in"], accept_args(mid="102")).split("|")[1] == "2"
+    assert run("accept", [S + "dd:alice:c3", S + "seq", S + "in"],
+               accept_args(conv="d:alice:carol", mid="103", to=("to", "carol"))).split("|")[1] == "1"
+    entries = r.xrange(S + "in")
+    assert len(entries) == 3
+    f = entries[0][1]
+    assert f["t"] == "msg" and f["conv"] == "d:alice:bob" and f["seq"] == "1" and f["to"] == "bob"
+    assert json.loads(f["ev"])["seq"] == 1 and f["dev"] == "phone"
+    assert 0 < r.ttl(S + "dd:alice:c1") <= 3600
+
+
+def test_accept_checks_group_membership_without_consuming_a_seq(r, run):
+    mem, snd = S + "g:ops:mem", S + "g:ops:snd"
+    keys = lambda cid: [S + "dd:alice:" + cid, S + "seq", S + "in", mem, snd]
+    args = accept_args(conv="g:ops", to=("group", "ops"))
+    assert run("accept", keys("a"), args) == "not_found"
+    r.hset(mem, mapping={"bob": "1", "alice": "1:5"})
+    assert run("accept", keys("b"), args) == "forbidden"              # removed at seq 5
+    r.hset(mem, "alice", "6")
+    rec = run("accept", keys("c"), args)
+    assert rec.split("|")[1] == "1" and r.zscore(snd, "alice") == 1
+    assert r.hget(S + "seq", "g:ops") == "1" and len(r.xrange(S + "in")) == 1
+    r.hset(mem, "alice", "6:9")
+    assert run("accept", keys("c"), args) == rec      # a retry is answered even after leaving
+
+
+def test_accept_k_keeps_the_record_until_the_broker_has_it(r, run):
+    keys = [S + "dd:alice:k1", S + "seq"]
+    first = run("accept_k", keys, accept_args())
+    assert first[0] == 1 and first[1] == "100|1|1700000000000|d:alice:bob"
+    record = json.loads(first[2])
+    assert record["seq"] == "1" and record["to"] == "bob" and json.loads(record["ev"])["seq"] == 1
+    assert run("accept_k", keys, accept_args(mid="999")) == first      # same bytes again
+    r.set(S + "dd:alice:k1", first[1], keepttl=True, xx=True)          # what the module does after the produce
+    assert run("accept_k", keys, accept_args()) == [0, first[1]]
+    assert not r.exists(S + "in")
+
+
+# --- ack and read ----------------------------------------------------------
+
+def inbox_add(r, cursor, ev):
+    r.zadd(U + "inbox", {json.dumps(ev): cursor})
+    r.set(U + "cur", max(int(r.get(U + "cur") or 0), cursor))
+
+
+def test_ack_moves_forward_caps_emits_receipts_and_trims(r, run):
+    inbox_add(r, 1, {"type": "msg", "conv": "d:alice:bob", "seq": 4, "from": "bob"})
+    inbox_add(r, 2, {"type": "msg", "conv": "d:alice:bob", "seq": 5, "from": "bob"})
+    inbox_add(r, 3, {"type": "msg", "conv": "d:alice:bob", "seq": 6, "from": "alice"})   # own: no receipt
+    inbox_add(r, 4, {"type": "receipt", "conv": "d:alice:carol", "seq": 2})
+    keys = [U + "acked", U + "inbox", U + "dlv", U + "cur"]
+    r.hset(U + "acked", mapping={"phone": 0, "laptop": 0})
+    assert run("ack", keys, ["phone", 99, "alice"]) == ["d:alice:bob", "5", "0"]
+    assert r.hget(U + "acked", "phone") == "4"                        # capped at cur
+    assert run("ack", keys, ["phone", 2, "alice"]) == []               # backwards: nothing
+    assert r.zcard(U + "inbox") == 4                                   # laptop has not acked
+    assert run("ack", keys, ["laptop", 3, "alice"]) == []              # dlv already 5
+    assert r.zcard(U + "inbox") == 1                                   # min over devices: 3
+    inbox_add(r, 5, {"type": "msg", "conv": "d:alice:bob", "seq": 7, "from": "bob"})
+    assert run("ack", keys, ["laptop", 5, "alice"]) == ["d:alice:bob", "7", "5"]
+
+
+def test_read_only_forward_and_never_past_the_conversation(r, run):
+    keys = [U + "read", U + "last"]
+    assert run("read", keys, ["d:alice:bob", 3]) == [-1, 0]            # nothing delivered yet
+    r.hset(U + "last", "m:d:alice:bob", "5:40")
+    assert run("read", keys, ["d:alice:bob", 1000000]) == [0, 5]
+    assert r.hget(U + "read", "d:alice:bob") == "5"
+    assert run("read", keys, ["d:alice:bob", 4]) == [-1, 4]
+    r.hset(U + "last", "m:d:alice:bob", "9:41")
+    assert run("read", keys, ["d:alice:bob", 2 ** 53 - 1]) == [5, 9]
+    # a group: the cap is given (the group's seq, read on its shard)
+    assert run("read", [U + "read"], ["g:ops", 50, 12]) == [0, 12]
+    assert run("read", [U + "read"], ["g:ops", 50, 0]) == [-1, 0]
+    assert r.hget(U + "read", "g:ops") == "12"
