@@ -37,6 +37,8 @@ def _san_env(stack_dir):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "queue(name): the test applies to that queue only")
+    config.addinivalue_line("markers", "heavy: a load test; runs after the others of its stack, so the "
+                                       "persistence backlog it leaves (FerretDB is slow) delays no other test")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +52,19 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # heavy tests last within each queue's run (the stack is per queue)
+    heavy = [i for i in items if i.get_closest_marker("heavy")]
+    if heavy:
+        light = [i for i in items if not i.get_closest_marker("heavy")]
+        out = []
+        for q in QUEUES:
+            out += [i for i in light if _queue_of(i) == q] + [i for i in heavy if _queue_of(i) == q]
+        out += [i for i in light + heavy if _queue_of(i) not in QUEUES]
+        items[:] = out
+
+
+def _queue_of(item):
+    return getattr(getattr(item, "callspec", None), "params", {}).get("stack")
 
 
 QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(",") if q]

@@ -370,6 +370,7 @@ def test_a_replay_leaves_out_the_devices_own_sends_and_history_has_them(stack):
         time.sleep(0.2)
 
 
+@pytest.mark.heavy
 def test_one_attacker_at_full_speed_hurts_no_victim(stack):
     """One attacker for 10 s at full speed (typing, read, watch, sends,
     group changes) against 200 online victims, while a friend sends each
