@@ -284,7 +284,9 @@ ngx_int_t ngx_chat_arg_int(ngx_http_request_t *r, const char *name,
 ngx_int_t ngx_chat_arg_id(ngx_http_request_t *r, const char *name,
     size_t nlen, u_char *out, size_t max, size_t *len);
 
-/* ngx_chat_redis.c */
+/* --- store adapters: Redis (ngx_chat_redis.c), Kafka (ngx_chat_kafka.c) ---
+ * They fire the callbacks they are given and know no session. */
+ngx_int_t ngx_chat_redis_check_url(ngx_str_t *url);
 typedef void (*ngx_chat_redis_cb)(void *reply, void *data);
 
 ngx_int_t ngx_chat_redis_init_process(ngx_cycle_t *cycle);
@@ -298,6 +300,10 @@ ngx_int_t ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data,
 ngx_int_t ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb,
     void *data, int nkeys, int argc, const char **argv, const size_t *argvlen);
 ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);
+typedef void (*ngx_chat_redis_msg_handler)(u_char *payload, size_t len);
+ngx_int_t ngx_chat_redis_on_channel(ngx_str_t *name, ngx_uint_t prefix,
+    ngx_chat_redis_msg_handler handler);
+ngx_int_t ngx_chat_redis_on_resubscribe(void (*cb)(void));
 extern ngx_str_t  ngx_chat_worker_channel;
 
 /* scripts: CHAT_LUA_<NAME>, one per lua/<name>.lua (generated) */
@@ -339,51 +345,6 @@ ngx_chat_now_ms(void)
     return (int64_t) tp->sec * 1000 + (int64_t) tp->msec;
 }
 
-/* ngx_chat_session.c */
-ngx_int_t ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from,
-    size_t flen, chat_proto_frame_t *f, int64_t *wait);
-ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
-    ngx_chat_loc_conf_t *conf, ngx_chat_identity_t *id, ngx_uint_t transport);
-void ngx_chat_session_register(ngx_chat_session_t *s,
-    void (*done)(ngx_chat_session_t *s, ngx_int_t rc));
-void ngx_chat_session_close(ngx_chat_session_t *s);
-void ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc);
-void ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o);
-ngx_int_t ngx_chat_presence_reply_ok(void *reply);
-void ngx_chat_session_release(ngx_chat_session_t *s);
-void ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len);
-ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,
-    size_t len);
-ngx_int_t ngx_chat_session_send_shared(ngx_chat_session_t *s,
-    ngx_chat_shbuf_t *b, u_char *prefix, size_t plen);
-ngx_int_t ngx_chat_session_send_ephemeral(ngx_chat_session_t *s,
-    ngx_chat_shbuf_t *b);
-void ngx_chat_session_error(ngx_chat_session_t *s, const char *code,
-    const char *message, chat_proto_str_t *client_id);
-void ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
-    int64_t wait);
-ngx_chat_shbuf_t *ngx_chat_shbuf_alloc(size_t len);
-void ngx_chat_shbuf_release(ngx_chat_shbuf_t *b);
-void ngx_chat_deliver(u_char *p, size_t len);
-void ngx_chat_presence_resubscribe(void);
-ngx_int_t ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
-    size_t vlen, ngx_chat_redis_cb cb, void *data);
-u_char *ngx_chat_presence_json(u_char *p, u_char *user, size_t len,
-    void *reply, ngx_uint_t with_type);
-ngx_int_t ngx_chat_redis_check_url(ngx_str_t *url);
-void ngx_chat_presence_deliver(u_char *p, size_t len);
-ngx_int_t ngx_chat_sessions_init_process(ngx_cycle_t *cycle);
-extern ngx_queue_t  ngx_chat_sessions;
-
-/* ngx_chat_msg.c: the messaging pipeline's front */
-void ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f);
-ngx_int_t ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
-    chat_proto_frame_t *f);
-void ngx_chat_msg_ack_flush(ngx_chat_session_t *s);
-void ngx_chat_replay_start(ngx_chat_session_t *s);
-void ngx_chat_replay_resume(ngx_chat_session_t *s);
-ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
-
 /* ngx_chat_rate.c */
 ngx_int_t ngx_chat_rate_add_zone(ngx_conf_t *cf);
 int64_t ngx_chat_rate_take(ngx_uint_t rate, ngx_uint_t burst, u_char *user,
@@ -401,7 +362,98 @@ void ngx_chat_kafka_exit_process(ngx_cycle_t *cycle);
 ngx_int_t ngx_chat_kafka_produce(ngx_uint_t partition, u_char *key,
     size_t klen, u_char *val, size_t vlen, ngx_chat_kafka_cb cb, void *data);
 
-/* ngx_chat_ws.c */
+/* --- session core (ngx_chat_session.c) ------------------------------------
+ * Calls only down; a transport serves it through its table, the features
+ * through the close hook. */
+
+/* What the core and the features may ask of a transport (WebSocket,
+ * long-poll), filled in by ngx_chat_ws.c and ngx_chat_poll.c at process
+ * start: nothing below the transports calls one by name. */
+typedef struct {
+    void        (*flush)(ngx_chat_session_t *s);   /* something was queued */
+    void        (*close)(ngx_chat_session_t *s, ngx_uint_t code,
+                         const char *reason);      /* NULL: none to send */
+    void        (*drain)(ngx_chat_session_t *s);   /* graceful shutdown */
+    void        (*replayed)(ngx_chat_session_t *s);  /* one_page: a replay
+                                                      page is queued */
+    unsigned      framed:1;        /* queued items carry a frame header */
+    unsigned      one_page:1;      /* one replay page per request */
+    unsigned      coalesce_acks:1; /* acks may wait for chat_ack_delay */
+    ngx_uint_t    replay_page;     /* events per replay page */
+} ngx_chat_transport_t;
+
+extern ngx_chat_transport_t  *ngx_chat_transports[3];
+#define ngx_chat_tp(s)  ngx_chat_transports[(s)->transport]
+
+extern void (*ngx_chat_session_close_hook)(ngx_chat_session_t *s);
+extern ngx_queue_t  ngx_chat_sessions;
+
+ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
+    ngx_chat_loc_conf_t *conf, ngx_chat_identity_t *id, ngx_uint_t transport);
+void ngx_chat_session_register(ngx_chat_session_t *s,
+    void (*done)(ngx_chat_session_t *s, ngx_int_t rc));
+void ngx_chat_session_close(ngx_chat_session_t *s);
+void ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc);
+void ngx_chat_session_release(ngx_chat_session_t *s);
+void ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o);
+ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,
+    size_t len);
+ngx_int_t ngx_chat_session_send_shared(ngx_chat_session_t *s,
+    ngx_chat_shbuf_t *b, u_char *prefix, size_t plen);
+ngx_int_t ngx_chat_session_send_ephemeral(ngx_chat_session_t *s,
+    ngx_chat_shbuf_t *b);
+void ngx_chat_session_error(ngx_chat_session_t *s, const char *code,
+    const char *message, chat_proto_str_t *client_id);
+void ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
+    int64_t wait);
+ngx_chat_shbuf_t *ngx_chat_shbuf_alloc(size_t len);
+void ngx_chat_shbuf_release(ngx_chat_shbuf_t *b);
+ngx_chat_user_t *ngx_chat_user_find(u_char *id, size_t len);
+void ngx_chat_id_insert(ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
+    ngx_rbtree_node_t *sentinel);
+ngx_rbtree_node_t *ngx_chat_id_lookup(ngx_rbtree_t *tree, u_char *id,
+    size_t len, uint32_t hash);
+ngx_int_t ngx_chat_sessions_init_process(ngx_cycle_t *cycle);
+
+/* --- features ----------------------------------------------------------------
+ * Messages (ngx_chat_msg.c), delivery from the worker channel
+ * (ngx_chat_deliver.c), presence (ngx_chat_presence.c), typing
+ * (ngx_chat_typing.c), and the frame router above them (ngx_chat_router.c). */
+
+void ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f);
+ngx_int_t ngx_chat_msg_http(ngx_http_request_t *r, ngx_chat_identity_t *id,
+    chat_proto_frame_t *f);
+void ngx_chat_msg_ack_flush(ngx_chat_session_t *s);
+void ngx_chat_replay_start(ngx_chat_session_t *s);
+void ngx_chat_replay_resume(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_msg_init_process(ngx_cycle_t *cycle);
+
+void ngx_chat_deliver(u_char *p, size_t len);
+ngx_int_t ngx_chat_deliver_init_process(ngx_cycle_t *cycle);
+
+void ngx_chat_presence_watch(ngx_chat_session_t *s, chat_proto_frame_t *f,
+    ngx_uint_t on);
+void ngx_chat_presence_unwatch_all(ngx_chat_session_t *s);
+void ngx_chat_presence_resubscribe(void);
+ngx_int_t ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
+    size_t vlen, ngx_chat_redis_cb cb, void *data);
+ngx_int_t ngx_chat_presence_reply_ok(void *reply);
+u_char *ngx_chat_presence_json(u_char *p, u_char *user, size_t len,
+    void *reply, ngx_uint_t with_type);
+void ngx_chat_presence_deliver(u_char *p, size_t len);
+ngx_int_t ngx_chat_presence_init_process(ngx_cycle_t *cycle);
+
+ngx_int_t ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from,
+    size_t flen, chat_proto_frame_t *f, int64_t *wait);
+
+ngx_int_t ngx_chat_route(ngx_chat_session_t *s, ngx_http_request_t *r,
+    ngx_chat_identity_t *id, chat_proto_frame_t *f);
+void ngx_chat_route_frame(ngx_chat_session_t *s, u_char *p, size_t len);
+ngx_int_t ngx_chat_features_init_process(ngx_cycle_t *cycle);
+
+/* --- transports: WebSocket (ngx_chat_ws.c), long-poll and the HTTP
+ * endpoints (ngx_chat_poll.c) ------------------------------------------------ */
+
 ngx_int_t ngx_chat_ws_handler(ngx_http_request_t *r);
 void ngx_chat_ws_flush(ngx_chat_session_t *s);
 void ngx_chat_ws_close(ngx_chat_session_t *s, ngx_uint_t code,
@@ -409,12 +461,12 @@ void ngx_chat_ws_close(ngx_chat_session_t *s, ngx_uint_t code,
 void ngx_chat_ws_drain(ngx_chat_session_t *s);
 ngx_int_t ngx_chat_ws_init_process(ngx_cycle_t *cycle);
 
-/* ngx_chat_poll.c */
 ngx_int_t ngx_chat_poll_handler(ngx_http_request_t *r);
 ngx_int_t ngx_chat_api_handler(ngx_http_request_t *r, ngx_uint_t which);
 void ngx_chat_poll_wake(ngx_chat_session_t *s);
 void ngx_chat_poll_drain(ngx_chat_session_t *s);
 void ngx_chat_poll_hold(ngx_chat_session_t *s);
+ngx_int_t ngx_chat_poll_init_process(ngx_cycle_t *cycle);
 
 
 extern ngx_module_t  ngx_chat_module;

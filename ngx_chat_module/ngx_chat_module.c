@@ -358,11 +358,15 @@ ngx_chat_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    /* bottom up: the session core and the transports' tables, the store
+     * adapters, then the features, which register their callbacks with
+     * the adapters and the core */
     if (ngx_chat_sessions_init_process(cycle) != NGX_OK
-        || ngx_chat_msg_init_process(cycle) != NGX_OK
         || ngx_chat_ws_init_process(cycle) != NGX_OK
+        || ngx_chat_poll_init_process(cycle) != NGX_OK
         || ngx_chat_redis_init_process(cycle) != NGX_OK
-        || ngx_chat_kafka_init_process(cycle) != NGX_OK)
+        || ngx_chat_kafka_init_process(cycle) != NGX_OK
+        || ngx_chat_features_init_process(cycle) != NGX_OK)
     {
         return NGX_ERROR;
     }

@@ -13,7 +13,6 @@
 
 
 #define NGX_CHAT_ID_EPOCH      1704067200000LL   /* 2024-01-01T00:00:00Z */
-#define NGX_CHAT_REPLAY_PAGE   256
 
 
 /* --- message ids: time (41 bits of ms), node (10), counter (12) ---------------- */
@@ -1327,7 +1326,7 @@ ngx_chat_msg_frame(ngx_chat_session_t *s, chat_proto_frame_t *f)
     ngx_chat_msg_ctx_t    *ctx;
     ngx_chat_main_conf_t  *cmcf;
 
-    if (f->type == CHAT_PROTO_ACK && s->transport == NGX_CHAT_T_WS) {
+    if (f->type == CHAT_PROTO_ACK && ngx_chat_tp(s)->coalesce_acks) {
         cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
 
         if (cmcf->ack_delay) {
@@ -1411,8 +1410,8 @@ ngx_chat_replay_reply(void *rp, void *data)
         /* the inbox cannot be read: the device must come back later */
         s->replaying = 0;
         ngx_chat_session_error(s, "unavailable", "inbox unavailable", NULL);
-        if (s->transport == NGX_CHAT_T_WS) {
-            ngx_chat_ws_close(s, 1013, "try again later");
+        if (ngx_chat_tp(s)->close) {
+            ngx_chat_tp(s)->close(s, 1013, "try again later");
         }
         return;
     }
@@ -1473,14 +1472,14 @@ ngx_chat_replay_reply(void *rp, void *data)
         }
     }
 
-    if (s->transport == NGX_CHAT_T_POLL) {
+    if (ngx_chat_tp(s)->one_page) {
         /* one page per poll; what is left comes with the next poll */
         s->replaying = 0;
-        ngx_chat_poll_hold(s);
+        ngx_chat_tp(s)->replayed(s);
         return;
     }
 
-    if (n == NGX_CHAT_REPLAY_PAGE || s->missed) {
+    if (n == ngx_chat_tp(s)->replay_page || s->missed) {
         s->missed = 0;
 
         if (s->out_count > s->conf->out_frames / 2) {
@@ -1510,10 +1509,7 @@ ngx_chat_replay_page(ngx_chat_session_t *s)
                        s->user->id) - key;
     flen = ngx_sprintf(from, "(%uL", s->sent_cursor) - from;
 
-    page = NGX_CHAT_REPLAY_PAGE;
-    if (s->transport == NGX_CHAT_T_POLL) {
-        page = 100;
-    }
+    page = ngx_chat_tp(s)->replay_page;
 
     if (ngx_chat_redis_command(ngx_chat_replay_reply, s,
                                "ZRANGEBYSCORE %b %b +inf WITHSCORES LIMIT 0 %d",
@@ -1521,8 +1517,8 @@ ngx_chat_replay_page(ngx_chat_session_t *s)
     {
         s->replaying = 0;
         ngx_chat_session_error(s, "unavailable", "inbox unavailable", NULL);
-        if (s->transport == NGX_CHAT_T_WS) {
-            ngx_chat_ws_close(s, 1013, "try again later");
+        if (ngx_chat_tp(s)->close) {
+            ngx_chat_tp(s)->close(s, 1013, "try again later");
         }
         return;
     }

@@ -348,7 +348,6 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
 {
     u_char               *body;
     size_t                len;
-    int64_t               wait;
     ngx_int_t             rc;
     const char           *msg;
     chat_proto_rc_t       prc;
@@ -396,36 +395,9 @@ ngx_chat_api_body_handler(ngx_http_request_t *r)
         return;
     }
 
-    switch (f.type) {
-
-    case CHAT_PROTO_SEND:
-    case CHAT_PROTO_ACK:
-    case CHAT_PROTO_READ:
-        rc = ngx_chat_msg_http(r, id, &f);
-        if (rc == NGX_DONE) {
-            /* answered by the pipeline; drop the body reader's reference */
-            ngx_http_finalize_request(r, NGX_DONE);
-            return;
-        }
-        break;
-
-    case CHAT_PROTO_TYPING:
-        rc = ngx_chat_typing(clcf, id->user, id->user_len, &f, &wait);
-        if (rc == NGX_OK) {
-            rc = ngx_chat_http_json(r, NGX_HTTP_NO_CONTENT, NULL, 0);
-        } else if (rc == NGX_BUSY) {
-            rc = ngx_chat_http_limited(r, "too many typing frames", wait);
-        } else {
-            rc = ngx_chat_http_error(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                     "unavailable", "try again later");
-        }
-        break;
-
-    default:
-        rc = ngx_chat_http_error(r, NGX_HTTP_BAD_REQUEST, "bad_request",
-                                 "unexpected frame type");
-        break;
-    }
+    /* the same router as WebSocket frames; NGX_DONE: answered by the
+     * pipeline later, drop the body reader's reference */
+    rc = ngx_chat_route(NULL, r, id, &f);
 
     ngx_http_finalize_request(r, rc);
 }
@@ -573,4 +545,26 @@ ngx_chat_api_handler(ngx_http_request_t *r, ngx_uint_t which)
     }
 
     return NGX_DONE;
+}
+
+
+/* What the session core and the features may ask of a long-poll session. */
+static ngx_chat_transport_t  ngx_chat_poll_transport = {
+    ngx_chat_poll_wake,          /* flush: answer a held request */
+    NULL,                        /* close: a request has no close frame */
+    ngx_chat_poll_drain,
+    ngx_chat_poll_hold,          /* replayed: one page per request */
+    0,                           /* framed */
+    1,                           /* one_page */
+    0,                           /* coalesce_acks: a poll acks by its cursor */
+    100                          /* replay_page */
+};
+
+
+ngx_int_t
+ngx_chat_poll_init_process(ngx_cycle_t *cycle)
+{
+    ngx_chat_transports[NGX_CHAT_T_POLL] = &ngx_chat_poll_transport;
+
+    return NGX_OK;
 }

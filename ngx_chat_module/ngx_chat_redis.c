@@ -74,7 +74,26 @@ static void ngx_chat_redis_on_disconnect(const redisAsyncContext *ac,
     int status);
 static void ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *reply,
     void *data);
-void ngx_chat_presence_resubscribe(void);
+
+
+/*
+ * What pub/sub brings is handed to the handler registered for its channel
+ * (an exact name, or a prefix): the adapter knows no session or feature.
+ * Handlers register at process start (ngx_chat_redis_on_channel), the
+ * resubscribe callbacks run each time the pub/sub link is back.
+ */
+#define NGX_CHAT_REDIS_HANDLERS  8
+
+typedef struct {
+    ngx_str_t                     name;
+    ngx_uint_t                    prefix;
+    ngx_chat_redis_msg_handler    handler;
+} ngx_chat_redis_channel_t;
+
+static ngx_chat_redis_channel_t  ngx_chat_channels[NGX_CHAT_REDIS_HANDLERS];
+static ngx_uint_t                ngx_chat_nchannels;
+static void                    (*ngx_chat_resubscribe[NGX_CHAT_REDIS_HANDLERS])(void);
+static ngx_uint_t                ngx_chat_nresubscribe;
 
 
 static ngx_chat_redis_link_t *
@@ -358,6 +377,7 @@ ngx_chat_redis_load_scripts(void)
 static void
 ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
 {
+    ngx_uint_t              i;
     ngx_chat_redis_link_t  *link;
 
     link = ngx_chat_redis_link(ac);
@@ -387,7 +407,10 @@ ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
         /* every worker process: group typing, one publish for all members */
         redisAsyncCommand(link->ac, ngx_chat_redis_sub_cb, NULL,
                           "SUBSCRIBE " NGX_CHAT_BROADCAST_CHANNEL);
-        ngx_chat_presence_resubscribe();
+
+        for (i = 0; i < ngx_chat_nresubscribe; i++) {
+            ngx_chat_resubscribe[i]();
+        }
 
     } else {
         ngx_chat_redis_load_scripts();
@@ -426,7 +449,9 @@ ngx_chat_redis_on_disconnect(const redisAsyncContext *ac, int status)
 static void
 ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *r, void *data)
 {
-    redisReply  *reply = r, *kind, *ch, *payload;
+    ngx_uint_t                 i;
+    redisReply                *reply = r, *kind, *ch, *payload;
+    ngx_chat_redis_channel_t  *c;
 
     ngx_chat_sub.last_reply = ngx_current_msec;
 
@@ -462,16 +487,51 @@ ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *r, void *data)
         return;
     }
 
-    if (((size_t) ch->len == ngx_chat_worker_channel.len
-         && ngx_strncmp(ch->str, ngx_chat_worker_channel.data, ch->len) == 0)
-        || ((size_t) ch->len == sizeof(NGX_CHAT_BROADCAST_CHANNEL) - 1
-            && ngx_strncmp(ch->str, NGX_CHAT_BROADCAST_CHANNEL, ch->len) == 0))
-    {
-        ngx_chat_deliver((u_char *) payload->str, payload->len);
+    for (i = 0; i < ngx_chat_nchannels; i++) {
+        c = &ngx_chat_channels[i];
 
-    } else if (ch->len > 7 && ngx_strncmp(ch->str, "chat:p:", 7) == 0) {
-        ngx_chat_presence_deliver((u_char *) payload->str, payload->len);
+        if (c->prefix ? ((size_t) ch->len > c->name.len
+                         && ngx_strncmp(ch->str, c->name.data, c->name.len) == 0)
+                      : ((size_t) ch->len == c->name.len
+                         && ngx_strncmp(ch->str, c->name.data, c->name.len)
+                            == 0))
+        {
+            c->handler((u_char *) payload->str, payload->len);
+            return;
+        }
     }
+}
+
+
+/* Messages on channel (or every channel starting with it) go to handler. */
+ngx_int_t
+ngx_chat_redis_on_channel(ngx_str_t *name, ngx_uint_t prefix,
+    ngx_chat_redis_msg_handler handler)
+{
+    if (ngx_chat_nchannels == NGX_CHAT_REDIS_HANDLERS) {
+        return NGX_ERROR;
+    }
+
+    ngx_chat_channels[ngx_chat_nchannels].name = *name;
+    ngx_chat_channels[ngx_chat_nchannels].prefix = prefix;
+    ngx_chat_channels[ngx_chat_nchannels].handler = handler;
+    ngx_chat_nchannels++;
+
+    return NGX_OK;
+}
+
+
+/* cb subscribes again what its owner needs, each time pub/sub is back. */
+ngx_int_t
+ngx_chat_redis_on_resubscribe(void (*cb)(void))
+{
+    if (ngx_chat_nresubscribe == NGX_CHAT_REDIS_HANDLERS) {
+        return NGX_ERROR;
+    }
+
+    ngx_chat_resubscribe[ngx_chat_nresubscribe++] = cb;
+
+    return NGX_OK;
 }
 
 

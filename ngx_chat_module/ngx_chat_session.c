@@ -1,40 +1,27 @@
 /*
- * Sessions: what the delivery code knows of a client, whatever its
- * transport. Registry and presence in Redis, the per-worker index of
- * sessions by user, the bounded outbound queue, client frames, delivery of
- * what Redis pub/sub brings to this worker, watches, and the per-worker
- * timer that refreshes the registry and notices a graceful shutdown.
+ * The session core: what the features know of a client, whatever its
+ * transport. The registry in Redis (sessions per user across servers,
+ * their refresh, presence announcements by the scripts), the per-worker
+ * index of sessions by user, the bounded outbound queue, and the
+ * per-worker timer that refreshes the registry and notices a graceful
+ * shutdown. It calls only down (the Redis adapter, the codecs) and the
+ * transport functions of ngx_chat_transports[]; features hook in through
+ * ngx_chat_session_close_hook.
  */
 #include "ngx_chat.h"
 
 #include <hiredis/hiredis.h>
 
 
-#define NGX_CHAT_MAX_WATCHES  250     /* watched users per session */
 #define NGX_CHAT_TICK         250     /* ms */
 
 
-typedef struct {
-    ngx_rbtree_node_t   node;
-    ngx_queue_t         links;        /* ngx_chat_watch_link_t.watch_link */
-    u_char              len;
-    u_char              id[NGX_CHAT_USER_MAX];
-} ngx_chat_watch_t;
-
-
-typedef struct {
-    ngx_queue_t          watch_link;
-    ngx_queue_t          session_link;
-    ngx_chat_session_t  *session;
-    ngx_chat_watch_t    *watch;
-} ngx_chat_watch_link_t;
-
 
 ngx_queue_t                   ngx_chat_sessions;
+ngx_chat_transport_t         *ngx_chat_transports[3];
+void                        (*ngx_chat_session_close_hook)(ngx_chat_session_t *s);
 static ngx_rbtree_t           ngx_chat_users;
 static ngx_rbtree_node_t      ngx_chat_users_sentinel;
-static ngx_rbtree_t           ngx_chat_watches;
-static ngx_rbtree_node_t      ngx_chat_watches_sentinel;
 static uint64_t               ngx_chat_next_sid;
 static ngx_event_t            ngx_chat_tick;
 static ngx_connection_t       ngx_chat_tick_conn;
@@ -43,7 +30,6 @@ static ngx_uint_t             ngx_chat_drained;
 
 
 static void ngx_chat_session_free(ngx_chat_session_t *s);
-static void ngx_chat_unwatch_all(ngx_chat_session_t *s);
 
 
 /* --- shared payloads ------------------------------------------------------ */
@@ -76,7 +62,7 @@ ngx_chat_shbuf_release(ngx_chat_shbuf_t *b)
 
 /* --- index of local sessions by user and of watches ------------------------ */
 
-static void
+void
 ngx_chat_id_insert(ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
     ngx_rbtree_node_t *sentinel)
 {
@@ -111,7 +97,7 @@ ngx_chat_id_insert(ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
 }
 
 
-static ngx_rbtree_node_t *
+ngx_rbtree_node_t *
 ngx_chat_id_lookup(ngx_rbtree_t *tree, u_char *id, size_t len,
     uint32_t hash)
 {
@@ -142,16 +128,13 @@ ngx_chat_id_lookup(ngx_rbtree_t *tree, u_char *id, size_t len,
 }
 
 
-static ngx_chat_user_t *
+ngx_chat_user_t *
 ngx_chat_user_find(u_char *id, size_t len)
 {
     return (ngx_chat_user_t *) ngx_chat_id_lookup(&ngx_chat_users, id, len,
                                                   ngx_crc32_short(id, len));
 }
 
-
-ngx_int_t
-ngx_chat_sessions_init_process(ngx_cycle_t *cycle);
 
 
 /* --- session lifecycle ------------------------------------------------------ */
@@ -493,9 +476,11 @@ ngx_chat_session_close(ngx_chat_session_t *s)
         return;
     }
 
-    /* an acknowledgement still waiting for chat_ack_delay goes now, before
-     * the registry entry does */
-    ngx_chat_msg_ack_flush(s);
+    /* the features' part first (a pending ack, watches): a callback they
+     * gave, the core calls nothing above it */
+    if (ngx_chat_session_close_hook) {
+        ngx_chat_session_close_hook(s);
+    }
 
     ngx_log_debug3(NGX_LOG_DEBUG_HTTP, &s->log, 0,
                    "chat: session %uL closed, %uD frames queued, %ui replies "
@@ -510,7 +495,6 @@ ngx_chat_session_close(ngx_chat_session_t *s)
         s->registered = 0;
     }
 
-    ngx_chat_unwatch_all(s);
     ngx_chat_out_free_all(s);
 
     if (s->rbuf) {
@@ -606,8 +590,8 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
                       s->out_count, s->out_bytes);
         ngx_chat_stat_inc(closed_slow);
 
-        if (s->transport == NGX_CHAT_T_WS) {
-            ngx_chat_ws_close(s, 1008, "slow consumer");
+        if (ngx_chat_tp(s)->close) {
+            ngx_chat_tp(s)->close(s, 1008, "slow consumer");
         }
 
         return NGX_ERROR;
@@ -623,7 +607,7 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
     o->sent = 0;
     o->opcode = CHAT_WS_OP_TEXT;
 
-    if (s->transport == NGX_CHAT_T_WS) {
+    if (ngx_chat_tp(s)->framed) {
         o->hlen = (uint8_t) chat_ws_write_header(o->head, CHAT_WS_OP_TEXT, 1,
                                                  len);
 
@@ -638,12 +622,7 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
 
     ngx_chat_out_append(s, o);
 
-    if (s->transport == NGX_CHAT_T_WS) {
-        ngx_chat_ws_flush(s);
-
-    } else {
-        ngx_chat_poll_wake(s);
-    }
+    ngx_chat_tp(s)->flush(s);
 
     return NGX_OK;
 }
@@ -738,728 +717,6 @@ ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
 }
 
 
-/* --- watches and presence ------------------------------------------------------ */
-
-static ngx_chat_watch_t *
-ngx_chat_watch_find(u_char *id, size_t len)
-{
-    return (ngx_chat_watch_t *) ngx_chat_id_lookup(&ngx_chat_watches, id, len,
-                                                   ngx_crc32_short(id, len));
-}
-
-
-static void
-ngx_chat_watch_channel(ngx_chat_watch_t *w, ngx_uint_t on)
-{
-    u_char     buf[80];
-    ngx_str_t  ch;
-
-    ch.data = buf;
-    ch.len = ngx_sprintf(buf, "chat:p:%*s", (size_t) w->len, w->id) - buf;
-
-    (void) ngx_chat_redis_subscribe(&ch, on);
-}
-
-
-void
-ngx_chat_presence_resubscribe(void)
-{
-    ngx_rbtree_node_t  *node;
-
-    if (ngx_chat_watches.root == ngx_chat_watches.sentinel) {
-        return;
-    }
-
-    for (node = ngx_rbtree_min(ngx_chat_watches.root, ngx_chat_watches.sentinel);
-         node;
-         node = ngx_rbtree_next(&ngx_chat_watches, node))
-    {
-        ngx_chat_watch_channel((ngx_chat_watch_t *) node, 1);
-    }
-}
-
-
-static void
-ngx_chat_unwatch_link(ngx_chat_watch_link_t *l)
-{
-    ngx_chat_watch_t  *w = l->watch;
-
-    ngx_queue_remove(&l->watch_link);
-    ngx_queue_remove(&l->session_link);
-    l->session->nwatches--;
-    ngx_free(l);
-
-    if (ngx_queue_empty(&w->links)) {
-        ngx_chat_watch_channel(w, 0);
-        ngx_rbtree_delete(&ngx_chat_watches, &w->node);
-        ngx_free(w);
-    }
-}
-
-
-static void
-ngx_chat_unwatch_all(ngx_chat_session_t *s)
-{
-    ngx_queue_t  *q;
-
-    while (!ngx_queue_empty(&s->watches)) {
-        q = ngx_queue_head(&s->watches);
-        ngx_chat_unwatch_link(ngx_queue_data(q, ngx_chat_watch_link_t,
-                                             session_link));
-    }
-}
-
-
-static ngx_chat_watch_link_t *
-ngx_chat_session_watching(ngx_chat_session_t *s, ngx_chat_watch_t *w)
-{
-    ngx_queue_t            *q;
-    ngx_chat_watch_link_t  *l;
-
-    for (q = ngx_queue_head(&s->watches);
-         q != ngx_queue_sentinel(&s->watches);
-         q = ngx_queue_next(q))
-    {
-        l = ngx_queue_data(q, ngx_chat_watch_link_t, session_link);
-        if (l->watch == w) {
-            return l;
-        }
-    }
-
-    return NULL;
-}
-
-
-typedef struct {
-    ngx_chat_session_t  *s;           /* NULL: answer an HTTP request */
-    ngx_http_request_t  *r;
-    u_char               len;
-    u_char               id[NGX_CHAT_USER_MAX];
-} ngx_chat_presence_ctx_t;
-
-
-/* {"type":"presence","user":U,"online":B,"last_seen":ms|null} */
-u_char *
-ngx_chat_presence_json(u_char *p, u_char *user, size_t len, void *r,
-    ngx_uint_t with_type)
-{
-    ngx_uint_t   online;
-    redisReply  *reply = r, *seen;
-
-    online = reply->element[0]->integer == 1;
-    seen = reply->element[1];
-
-    p = ngx_sprintf(p, "{%s\"user\":\"%*s\",\"online\":%s,\"last_seen\":",
-                    with_type ? "\"type\":\"presence\"," : "", len, user,
-                    online ? "true" : "false");
-
-    if (!online && seen->type == REDIS_REPLY_STRING && seen->len > 0
-        && seen->len < 20)
-    {
-        p = ngx_sprintf(p, "%*s}", (size_t) seen->len, seen->str);
-
-    } else {
-        p = ngx_sprintf(p, "null}");
-    }
-
-    return p;
-}
-
-
-ngx_int_t
-ngx_chat_presence_reply_ok(void *r)
-{
-    redisReply  *reply = r;
-
-    return reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2
-           && reply->element[0]->type == REDIS_REPLY_INTEGER;
-}
-
-
-static void
-ngx_chat_presence_once(void *r, void *data)
-{
-    redisReply               *reply = r;
-    ngx_chat_presence_ctx_t  *ctx = data;
-    ngx_chat_session_t       *s = ctx->s;
-    u_char                    buf[256], *p;
-
-    s->refs--;
-
-    if (!s->closed && ngx_chat_presence_reply_ok(reply)) {
-        p = ngx_chat_presence_json(buf, ctx->id, ctx->len, reply, 1);
-        (void) ngx_chat_session_send(s, buf, p - buf);
-    }
-
-    ngx_free(ctx);
-    ngx_chat_session_release(s);
-}
-
-
-/* Query a user's presence for viewer; cb gets the reply (see
- * ngx_chat_presence_json). The user's privacy setting is applied by the
- * script. */
-ngx_int_t
-ngx_chat_presence_query(u_char *user, size_t len, u_char *viewer,
-    size_t vlen, ngx_chat_redis_cb cb, void *data)
-{
-    u_char       conns[96], seen[96], set[96], now[32];
-    const char  *argv[5];
-    size_t       argl[5];
-
-    argv[0] = (char *) conns;
-    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", len, user) - conns;
-    argv[1] = (char *) seen;
-    argl[1] = ngx_sprintf(seen, "chat:{u:%*s}:seen", len, user) - seen;
-    argv[2] = (char *) set;
-    argl[2] = ngx_sprintf(set, "chat:{u:%*s}:set", len, user) - set;
-    argv[3] = (char *) now;
-    argl[3] = ngx_sprintf(now, "%L", ngx_chat_now_ms())
-              - now;
-    argv[4] = (len == vlen && ngx_memcmp(user, viewer, len) == 0) ? "1" : "0";
-    argl[4] = 1;
-
-    return ngx_chat_redis_script(CHAT_LUA_PRESENCE, cb, data, 3, 5,
-                                 argv, argl);
-}
-
-
-static void
-ngx_chat_session_watch(ngx_chat_session_t *s, chat_proto_frame_t *f,
-    ngx_uint_t on)
-{
-    u_char                    id[CHAT_ID_MAX + 1];
-    size_t                    pos, len;
-    int64_t                   wait;
-    ngx_chat_watch_t         *w;
-    ngx_chat_watch_link_t    *l;
-    ngx_chat_presence_ctx_t  *ctx;
-
-    pos = 0;
-
-    while (chat_proto_users_next(f, &pos, (char *) id, &len)) {
-
-        w = ngx_chat_watch_find(id, len);
-
-        if (!on) {
-            if (w && (l = ngx_chat_session_watching(s, w))) {
-                ngx_chat_unwatch_link(l);
-            }
-            continue;
-        }
-
-        if (w && ngx_chat_session_watching(s, w)) {
-            continue;
-        }
-
-        if (s->nwatches >= NGX_CHAT_MAX_WATCHES) {
-            ngx_chat_session_error(s, "too_large",
-                                   "too many watched users", NULL);
-            return;
-        }
-
-        /* each newly watched user costs a presence query and maybe a
-         * subscription: the budget counts users, not frames */
-        wait = ngx_chat_limit(s->conf, NGX_CHAT_ACT_WATCH, s->user->id,
-                              s->user->len, 1);
-        if (wait) {
-            ngx_chat_session_limited(s, "too many watches", wait);
-            return;
-        }
-
-        if (w == NULL) {
-            w = ngx_alloc(sizeof(ngx_chat_watch_t), &s->log);
-            if (w == NULL) {
-                return;
-            }
-
-            w->node.key = ngx_crc32_short(id, len);
-            w->len = (u_char) len;
-            ngx_memcpy(w->id, id, len);
-            ngx_queue_init(&w->links);
-            ngx_rbtree_insert(&ngx_chat_watches, &w->node);
-            ngx_chat_watch_channel(w, 1);
-        }
-
-        l = ngx_alloc(sizeof(ngx_chat_watch_link_t), &s->log);
-        if (l == NULL) {
-            return;
-        }
-
-        l->session = s;
-        l->watch = w;
-        ngx_queue_insert_tail(&w->links, &l->watch_link);
-        ngx_queue_insert_tail(&s->watches, &l->session_link);
-        s->nwatches++;
-
-        /* the current state once, then changes as they happen */
-        ctx = ngx_alloc(sizeof(ngx_chat_presence_ctx_t), &s->log);
-        if (ctx == NULL) {
-            return;
-        }
-
-        ctx->s = s;
-        ctx->r = NULL;
-        ctx->len = (u_char) len;
-        ngx_memcpy(ctx->id, id, len);
-
-        if (ngx_chat_presence_query(id, len, s->user->id, s->user->len,
-                                    ngx_chat_presence_once, ctx)
-            != NGX_OK)
-        {
-            ngx_free(ctx);
-            ngx_chat_session_error(s, "unavailable",
-                                   "presence is unavailable", NULL);
-            return;
-        }
-
-        s->refs++;
-    }
-}
-
-
-/* A presence change published by a registry script. */
-void
-ngx_chat_presence_deliver(u_char *p, size_t len)
-{
-    u_char                 *u, *e;
-    ngx_queue_t            *q;
-    ngx_chat_shbuf_t       *b;
-    ngx_chat_watch_t       *w;
-    ngx_chat_watch_link_t  *l;
-
-    /* {"type":"presence","user":"<id>",...} as the scripts write it */
-    u = ngx_strlcasestrn(p, p + len, (u_char *) "\"user\":\"", 8 - 1);
-    if (u == NULL || len < 2 || p[0] != '{') {
-        return;
-    }
-
-    u += 8;
-    e = ngx_strlchr(u, p + len, '"');
-    if (e == NULL) {
-        return;
-    }
-
-    w = ngx_chat_watch_find(u, e - u);
-    if (w == NULL) {
-        return;
-    }
-
-    b = ngx_chat_shbuf_alloc(len - 1);
-    if (b == NULL) {
-        return;
-    }
-
-    ngx_memcpy(b->data, p + 1, len - 1);
-
-    for (q = ngx_queue_head(&w->links);
-         q != ngx_queue_sentinel(&w->links);
-         /* advanced below: a send may close the session and unlink it */)
-    {
-        l = ngx_queue_data(q, ngx_chat_watch_link_t, watch_link);
-        q = ngx_queue_next(q);
-        (void) ngx_chat_session_send_ephemeral(l->session, b);
-
-        if (ngx_chat_watch_find(u, e - u) != w) {
-            break;   /* the last watcher went away */
-        }
-    }
-
-    ngx_chat_shbuf_release(b);
-}
-
-
-/* --- delivery from this worker's channel -------------------------------------- */
-
-/*
- * "<recipients>\n<json object>". Recipients are separated by spaces, each
- * "user[:cursor][!device]": with a cursor the frame becomes
- * {"cursor":N,...}; "!device" skips that device (the sender's own).
- */
-void
-ngx_chat_deliver(u_char *p, size_t len)
-{
-    u_char              *nl, *last, *tok, *end, *colon, *bang, *uend,
-                         prefix[40];
-    size_t               plen;
-    uint64_t             cursor;
-    ngx_uint_t           eph;
-    ngx_queue_t         *q, *next;
-    ngx_chat_user_t     *u;
-    ngx_chat_shbuf_t    *b;
-    ngx_chat_session_t  *s;
-
-    last = p + len;
-    nl = ngx_strlchr(p, last, '\n');
-
-    if (nl == NULL || last - nl < 3 || nl[1] != '{') {
-        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "chat: malformed delivery on the worker channel");
-        return;
-    }
-
-    b = ngx_chat_shbuf_alloc(last - nl - 2);
-    if (b == NULL) {
-        return;
-    }
-
-    ngx_memcpy(b->data, nl + 2, b->len);
-
-    /* typing (the only ephemeral event on these channels) */
-    eph = (b->len > 15 && ngx_strncmp(b->data, "\"type\":\"typing\"", 15) == 0);
-
-    for (tok = p; tok < nl; tok = end + 1) {
-        end = ngx_strlchr(tok, nl, ' ');
-        if (end == NULL) {
-            end = nl;
-        }
-
-        if (end == tok) {
-            continue;
-        }
-
-        bang = ngx_strlchr(tok, end, '!');
-        colon = ngx_strlchr(tok, bang ? bang : end, ':');
-        uend = colon ? colon : (bang ? bang : end);
-
-        u = ngx_chat_user_find(tok, uend - tok);
-        if (u == NULL) {
-            continue;
-        }
-
-        cursor = 0;
-
-        if (colon) {
-            cursor = (uint64_t) ngx_atoof(colon + 1, (bang ? bang : end)
-                                                     - colon - 1);
-            if (cursor == (uint64_t) NGX_ERROR || cursor == 0) {
-                continue;
-            }
-
-            plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
-
-        } else {
-            prefix[0] = '{';
-            plen = 1;
-        }
-
-        for (q = ngx_queue_head(&u->sessions);
-             q != ngx_queue_sentinel(&u->sessions);
-             q = next)
-        {
-            next = ngx_queue_next(q);
-            s = ngx_queue_data(q, ngx_chat_session_t, user_link);
-
-            if (cursor) {
-                /* durable: exactly once per session, in cursor order */
-                if (cursor <= s->sent_cursor) {
-                    continue;
-                }
-
-                if (s->replaying) {
-                    s->missed = 1;     /* the replay fetches it */
-                    continue;
-                }
-
-                if (cursor != s->sent_cursor + 1 && s->sent_cursor) {
-                    /* a gap (an event still on its way, or lost with a
-                     * publish): fetch from the inbox in order instead */
-                    s->missed = 0;
-                    ngx_chat_replay_start(s);
-                    continue;
-                }
-
-                s->sent_cursor = cursor;
-            }
-
-            if (bang && (size_t) (end - bang - 1) == s->dev_len
-                && ngx_strncmp(bang + 1, s->device, s->dev_len) == 0)
-            {
-                continue;   /* the device the event came from */
-            }
-
-            if (eph && !cursor) {
-                (void) ngx_chat_session_send_ephemeral(s, b);
-
-            } else {
-                (void) ngx_chat_session_send_shared(s, b, prefix, plen);
-            }
-
-            /* the send may have closed the last session and freed u */
-            if (ngx_chat_user_find(tok, uend - tok) != u) {
-                break;
-            }
-        }
-    }
-
-    ngx_chat_shbuf_release(b);
-}
-
-
-/* --- client frames ------------------------------------------------------------- */
-
-/* One recipient of a typing indicator: one PUBLISH per worker process that
- * holds a connection of it, straight from its registry. */
-static ngx_int_t
-ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
-{
-    u_char        conns[96], now[32];
-    const char   *argv[4];
-    size_t        argl[4];
-
-    argv[0] = (char *) conns;
-    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", ulen, user) - conns;
-    argv[1] = (char *) now;
-    argl[1] = ngx_sprintf(now, "%L", ngx_chat_now_ms()) - now;
-    argv[2] = (char *) user;
-    argl[2] = ulen;
-    argv[3] = (char *) json;
-    argl[3] = jlen;
-
-    return ngx_chat_redis_script(CHAT_LUA_TYPING, NULL, NULL, 1, 4,
-                                 argv, argl);
-}
-
-
-typedef struct {
-    size_t   flen;
-    size_t   jlen;
-    u_char   from[NGX_CHAT_USER_MAX];
-    u_char   json[320];
-} ngx_chat_typing_ctx_t;
-
-
-/* A member hash value is "<since>" (active) or "<since>:<until>". */
-static ngx_inline ngx_uint_t
-ngx_chat_member_active(redisReply *v)
-{
-    return v->type == REDIS_REPLY_STRING
-           && ngx_strlchr((u_char *) v->str, (u_char *) v->str + v->len, ':')
-              == NULL;
-}
-
-
-/*
- * The group's member hash: relay to every active member but the sender,
- * when the sender is one and the group is small enough to push to, with
- * one PUBLISH on the broadcast channel that every nginx worker process
- * reads ("<m1> <m2> ...\n<json>"): one Redis call per typing frame, not
- * one per member.
- */
-static void
-ngx_chat_typing_members(void *rp, void *data)
-{
-    u_char                 *buf, *p;
-    size_t                  i, active, size;
-    redisReply             *reply = rp, *m, *v;
-    ngx_uint_t              member;
-    ngx_chat_typing_ctx_t  *t = data;
-
-    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY) {
-        ngx_free(t);
-        return;
-    }
-
-    member = 0;
-    active = 0;
-    size = t->jlen + 2;
-
-    for (i = 0; i + 1 < reply->elements; i += 2) {
-        m = reply->element[i];
-        v = reply->element[i + 1];
-
-        if (m->type != REDIS_REPLY_STRING || !ngx_chat_member_active(v)) {
-            continue;
-        }
-
-        active++;
-        size += m->len + 1;
-
-        if ((size_t) m->len == t->flen
-            && ngx_strncmp(m->str, t->from, t->flen) == 0)
-        {
-            member = 1;
-        }
-    }
-
-    if (!member || active < 2 || active > NGX_CHAT_GROUP_TYPING_MAX) {
-        ngx_free(t);
-        return;
-    }
-
-    buf = ngx_alloc(size, ngx_cycle->log);
-    if (buf == NULL) {
-        ngx_free(t);
-        return;
-    }
-
-    p = buf;
-
-    for (i = 0; i + 1 < reply->elements; i += 2) {
-        m = reply->element[i];
-        v = reply->element[i + 1];
-
-        if (m->type != REDIS_REPLY_STRING || !ngx_chat_member_active(v)
-            || ((size_t) m->len == t->flen
-                && ngx_strncmp(m->str, t->from, t->flen) == 0))
-        {
-            continue;
-        }
-
-        if (p != buf) {
-            *p++ = ' ';
-        }
-
-        p = ngx_cpymem(p, m->str, m->len);
-    }
-
-    *p++ = '\n';
-    p = ngx_cpymem(p, t->json, t->jlen);
-
-    (void) ngx_chat_redis_command(NULL, NULL, "PUBLISH %s %b",
-                                  NGX_CHAT_BROADCAST_CHANNEL, buf,
-                                  (size_t) (p - buf));
-
-    ngx_free(buf);
-    ngx_free(t);
-}
-
-
-/*
- * Relay {"type":"typing"} to the connections of the target, never stored.
- * A group's typing goes to its active members (when the sender is one and
- * the group has at most NGX_CHAT_GROUP_TYPING_MAX of them; else it is
- * dropped: typing is best effort). The sender's typing budget (chat_limit
- * typing) is checked first: NGX_BUSY with *wait when it is spent. Beyond
- * it, one indicator per sender and conversation per chat_typing_interval
- * is relayed and extras are dropped silently (NGX_OK). NGX_ERROR: Redis is
- * away.
- */
-ngx_int_t
-ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from, size_t flen,
-    chat_proto_frame_t *f, int64_t *wait)
-{
-    u_char                  conv[CHAT_CONV_MAX + 1], key[NGX_CHAT_GROUP_KEY_LEN],
-                            json[320];
-    size_t                  clen;
-    ngx_chat_main_conf_t   *cmcf;
-    ngx_chat_typing_ctx_t  *t;
-
-    *wait = ngx_chat_limit(conf, NGX_CHAT_ACT_TYPING, from, flen, 1);
-    if (*wait) {
-        return NGX_BUSY;
-    }
-
-    if (f->target != CHAT_PROTO_TARGET_GROUP) {
-        clen = chat_conv_direct((char *) from, flen, f->target_id,
-                                f->target_len, (char *) conv);
-    } else {
-        clen = chat_conv_group(f->target_id, f->target_len, (char *) conv);
-    }
-
-    if (!ngx_chat_typing_allowed(conf, from, flen, conv, clen)) {
-        return NGX_OK;
-    }
-
-    if (f->target != CHAT_PROTO_TARGET_GROUP) {
-        return ngx_chat_typing_to((u_char *) f->target_id, f->target_len, json,
-                                  ngx_sprintf(json, "{\"type\":\"typing\","
-                                              "\"conv\":\"%*s\",\"from\":\"%*s\"}",
-                                              clen, conv, flen, from) - json);
-    }
-
-    t = ngx_alloc(sizeof(ngx_chat_typing_ctx_t), ngx_cycle->log);
-    if (t == NULL) {
-        return NGX_ERROR;
-    }
-
-    t->flen = flen;
-    ngx_memcpy(t->from, from, flen);
-    t->jlen = ngx_sprintf(t->json, "{\"type\":\"typing\",\"conv\":\"%*s\","
-                          "\"from\":\"%*s\"}", clen, conv, flen, from)
-              - t->json;
-
-    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
-
-    if (ngx_chat_redis_command(ngx_chat_typing_members, t, "HGETALL %b", key,
-                               ngx_chat_group_key(key,
-                                   ngx_chat_shard(cmcf, conv, clen),
-                                   (u_char *) f->target_id, f->target_len,
-                                   "mem"))
-        != NGX_OK)
-    {
-        ngx_free(t);
-        return NGX_ERROR;
-    }
-
-    return NGX_OK;
-}
-
-
-/*
- * One client frame (a complete WebSocket text message or an HTTP body).
- * Bad frames get an error object; the session lives on.
- */
-void
-ngx_chat_session_frame(ngx_chat_session_t *s, u_char *p, size_t len)
-{
-    int64_t              wait;
-    ngx_int_t            trc;
-    const char          *msg;
-    chat_proto_rc_t      rc;
-    chat_proto_opts_t    opts;
-    chat_proto_frame_t   f;
-
-    ngx_memzero(&opts, sizeof(opts));
-    opts.max_body = (uint32_t) s->conf->max_body;
-
-    rc = chat_proto_parse((char *) p, len, &opts, &f, &msg);
-    if (rc != CHAT_PROTO_OK) {
-        /* a refused send names its client_id when that much was valid */
-        ngx_chat_session_error(s, chat_proto_code(rc), msg,
-                               f.type == CHAT_PROTO_SEND && f.client_id.len
-                               ? &f.client_id : NULL);
-        return;
-    }
-
-    if (f.type != CHAT_PROTO_ACK) {
-        /* any other frame applies a delayed ack first */
-        ngx_chat_msg_ack_flush(s);
-    }
-
-    switch (f.type) {
-
-    case CHAT_PROTO_PING:
-        (void) ngx_chat_session_send(s, (u_char *) "{\"type\":\"pong\"}", 15);
-        return;
-
-    case CHAT_PROTO_TYPING:
-        trc = ngx_chat_typing(s->conf, s->user->id, s->user->len, &f, &wait);
-
-        if (trc == NGX_BUSY) {
-            ngx_chat_session_limited(s, "too many typing frames", wait);
-
-        } else if (trc != NGX_OK) {
-            ngx_chat_session_error(s, "unavailable", "try again later", NULL);
-        }
-        return;
-
-    case CHAT_PROTO_WATCH:
-        ngx_chat_session_watch(s, &f, 1);
-        return;
-
-    case CHAT_PROTO_UNWATCH:
-        ngx_chat_session_watch(s, &f, 0);
-        return;
-
-    default:
-        /* send, ack, read */
-        ngx_chat_msg_frame(s, &f);
-        return;
-    }
-}
-
-
 /* --- per-worker timer: registry refresh, graceful shutdown ----------------------- */
 
 static void
@@ -1529,12 +786,7 @@ ngx_chat_tick_handler(ngx_event_t *ev)
             next = ngx_queue_next(q);
             s = ngx_queue_data(q, ngx_chat_session_t, all_link);
 
-            if (s->transport == NGX_CHAT_T_WS) {
-                ngx_chat_ws_drain(s);
-
-            } else {
-                ngx_chat_poll_drain(s);
-            }
+            ngx_chat_tp(s)->drain(s);
         }
 
         return;   /* no more ticks: let the worker exit */
@@ -1556,8 +808,6 @@ ngx_chat_sessions_init_process(ngx_cycle_t *cycle)
 {
     ngx_queue_init(&ngx_chat_sessions);
     ngx_rbtree_init(&ngx_chat_users, &ngx_chat_users_sentinel,
-                    ngx_chat_id_insert);
-    ngx_rbtree_init(&ngx_chat_watches, &ngx_chat_watches_sentinel,
                     ngx_chat_id_insert);
 
     ngx_chat_tick_conn.fd = (ngx_socket_t) -1;

@@ -723,7 +723,7 @@ ngx_chat_ws_event(ngx_chat_session_t *s, chat_ws_event_t *ev)
         }
 
         if (ev->fin && s->msg == NULL) {
-            ngx_chat_session_frame(s, ev->payload, ev->len);
+            ngx_chat_route_frame(s, ev->payload, ev->len);
             return NGX_OK;
         }
 
@@ -748,7 +748,7 @@ ngx_chat_ws_event(ngx_chat_session_t *s, chat_ws_event_t *ev)
             n = s->msg_len;
             s->msg = NULL;
             s->msg_len = 0;
-            ngx_chat_session_frame(s, m, n);
+            ngx_chat_route_frame(s, m, n);
             ngx_free(m);
         }
 
@@ -975,9 +975,24 @@ ngx_chat_ws_read_handler(ngx_event_t *rev)
 }
 
 
+/* What the session core and the features may ask of a WebSocket. */
+static ngx_chat_transport_t  ngx_chat_ws_transport = {
+    ngx_chat_ws_flush,
+    ngx_chat_ws_close,
+    ngx_chat_ws_drain,
+    NULL,                        /* replayed: pages follow by themselves */
+    1,                           /* framed: items carry a frame header */
+    0,                           /* one_page */
+    1,                           /* coalesce_acks (chat_ack_delay) */
+    256                          /* replay_page */
+};
+
+
 ngx_int_t
 ngx_chat_ws_init_process(ngx_cycle_t *cycle)
 {
+    ngx_chat_transports[NGX_CHAT_T_WS] = &ngx_chat_ws_transport;
+
     /* big enough for the largest accepted frame (chat_max_message <= 64k) */
     ngx_chat_ws_buf_size = NGX_CHAT_WS_READ_BUF;
 
