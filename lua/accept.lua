@@ -13,15 +13,16 @@
 --          stream; stream order is seq order within a conversation. The
 --          client_id claim on {u:sender} (chat:{u:U}:cid:<client_id>,
 --          checked before this script) makes a reused id a conflict.
+local conv, id, ts, ttl, pre, suf, from, dev, tofield, to =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local d = redis.call('GET', KEYS[1])
 if d then return d end
 local MEM = 4
 -- @include _member.lua
-local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-if KEYS[5] then redis.call('ZADD', KEYS[5], seq, ARGV[7]) end
-redis.call('XADD', KEYS[3], '*', 't', 'msg', 'conv', ARGV[1],
-  'from', ARGV[7], 'dev', ARGV[8], ARGV[9], ARGV[10], 'seq', seq,
-  'ev', ARGV[5] .. seq .. ARGV[6])
-local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]
-redis.call('SET', KEYS[1], rec, 'EX', tonumber(ARGV[4]))
+local seq = redis.call('HINCRBY', KEYS[2], conv, 1)
+if KEYS[5] then redis.call('ZADD', KEYS[5], seq, from) end
+redis.call('XADD', KEYS[3], '*', 't', 'msg', 'conv', conv,
+  'from', from, 'dev', dev, tofield, to, 'seq', seq, 'ev', pre .. seq .. suf)
+local rec = id .. '|' .. seq .. '|' .. ts .. '|' .. conv
+redis.call('SET', KEYS[1], rec, 'EX', tonumber(ttl))
 return rec

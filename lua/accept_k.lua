@@ -8,6 +8,8 @@
 -- guarantees: the record is kept with the dedup entry until the broker
 --          has acknowledged it (the module then drops the copy), so a retry
 --          produces the same bytes with the same seq.
+local conv, id, ts, ttl, pre, suf, from, dev, tofield, to =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local d = redis.call('GET', KEYS[1])
 if d then
   local nl = string.find(d, '\n', 1, true)
@@ -16,12 +18,12 @@ if d then
 end
 local MEM = 3
 -- @include _member.lua
-local seq = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-if KEYS[4] then redis.call('ZADD', KEYS[4], seq, ARGV[7]) end
-local rec = ARGV[2] .. '|' .. seq .. '|' .. ARGV[3] .. '|' .. ARGV[1]
-local p = {t = 'msg', conv = ARGV[1], from = ARGV[7], dev = ARGV[8],
-  seq = tostring(seq), ev = ARGV[5] .. seq .. ARGV[6]}
-p[ARGV[9]] = ARGV[10]
+local seq = redis.call('HINCRBY', KEYS[2], conv, 1)
+if KEYS[4] then redis.call('ZADD', KEYS[4], seq, from) end
+local rec = id .. '|' .. seq .. '|' .. ts .. '|' .. conv
+local p = {t = 'msg', conv = conv, from = from, dev = dev,
+  seq = tostring(seq), ev = pre .. seq .. suf}
+p[tofield] = to
 local record = cjson.encode(p)
-redis.call('SET', KEYS[1], rec .. '\n' .. record, 'EX', tonumber(ARGV[4]))
+redis.call('SET', KEYS[1], rec .. '\n' .. record, 'EX', tonumber(ttl))
 return {1, rec, record}

@@ -107,6 +107,7 @@ typedef struct ngx_chat_out_s  ngx_chat_out_t;
 struct ngx_chat_out_s {
     ngx_chat_out_t     *next;
     ngx_chat_shbuf_t   *buf;
+    uint64_t            cursor;     /* of a durable event, else 0 */
     uint32_t            sent;       /* bytes of this item already written */
     uint8_t             hlen;       /* bytes of head[] in use */
     uint8_t             opcode;
@@ -390,8 +391,10 @@ extern ngx_queue_t  ngx_chat_sessions;
 
 ngx_chat_session_t *ngx_chat_session_create(ngx_connection_t *c,
     ngx_chat_loc_conf_t *conf, ngx_chat_identity_t *id, ngx_uint_t transport);
+typedef void (*ngx_chat_registered_pt)(ngx_chat_session_t *s, ngx_int_t rc,
+    uint64_t trim);
 void ngx_chat_session_register(ngx_chat_session_t *s,
-    void (*done)(ngx_chat_session_t *s, ngx_int_t rc));
+    ngx_chat_registered_pt done);
 void ngx_chat_session_close(ngx_chat_session_t *s);
 void ngx_chat_session_refuse(ngx_chat_session_t *s, ngx_int_t rc);
 void ngx_chat_session_release(ngx_chat_session_t *s);
@@ -399,7 +402,7 @@ void ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o);
 ngx_int_t ngx_chat_session_send(ngx_chat_session_t *s, u_char *json,
     size_t len);
 ngx_int_t ngx_chat_session_send_shared(ngx_chat_session_t *s,
-    ngx_chat_shbuf_t *b, u_char *prefix, size_t plen);
+    ngx_chat_shbuf_t *b, u_char *prefix, size_t plen, uint64_t cursor);
 ngx_int_t ngx_chat_session_send_ephemeral(ngx_chat_session_t *s,
     ngx_chat_shbuf_t *b);
 void ngx_chat_session_error(ngx_chat_session_t *s, const char *code,

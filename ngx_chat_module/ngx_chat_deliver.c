@@ -119,7 +119,8 @@ ngx_chat_deliver(u_char *p, size_t len)
                 (void) ngx_chat_session_send_ephemeral(s, b);
 
             } else {
-                (void) ngx_chat_session_send_shared(s, b, prefix, plen);
+                (void) ngx_chat_session_send_shared(s, b, prefix, plen,
+                                                    cursor);
             }
 
             /* the send may have closed the last session and freed u */

@@ -371,6 +371,25 @@ ngx_chat_msg_accepted_k(void *rp, void *data)
 }
 
 
+/* A script call's arguments, appended in order: keys first, then ARGV. */
+#define NGX_CHAT_ACCEPT_ARGS  15
+
+typedef struct {
+    int           n;
+    int           nkeys;
+    const char   *v[NGX_CHAT_ACCEPT_ARGS];
+    size_t        l[NGX_CHAT_ACCEPT_ARGS];
+} ngx_chat_args_t;
+
+
+static ngx_inline void
+ngx_chat_arg(ngx_chat_args_t *a, const void *p, size_t len)
+{
+    a->v[a->n] = p;
+    a->l[a->n++] = len;
+}
+
+
 /*
  * Deduplication is keyed by (sender, client_id) for every conversation:
  * before the accept script (which runs on the conversation's shard and
@@ -380,8 +399,6 @@ ngx_chat_msg_accepted_k(void *rp, void *data)
  * script, which answers the original ack; a client_id reused for anything
  * else is answered `conflict`. One plain SET ... NX GET, no script.
  */
-#define NGX_CHAT_ACCEPT_ARGS  15
-
 typedef struct {
     ngx_uint_t           script;
     ngx_chat_redis_cb    cb;
@@ -548,16 +565,14 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 {
     u_char                 conv[CHAT_CONV_MAX + 1], id[NGX_INT64_LEN],
                            ts[NGX_INT64_LEN], ttl[NGX_INT64_LEN],
-                           dd[CHAT_PROTO_CLIENT_ID_MAX * 4 + 200],
                            seqk[32], stream[32], pre[256], cidbuf[1024],
                            mem[NGX_CHAT_GROUP_KEY_LEN],
                            snd[NGX_CHAT_GROUP_KEY_LEN], *suf, *p;
-    size_t                 clen, cidlen, slen;
+    size_t                 clen, cidlen, slen, idlen;
     int64_t                wait, now;
     ngx_int_t              rc;
-    ngx_uint_t             group, nkeys;
-    const char            *argv[15];
-    size_t                 argl[15];
+    ngx_uint_t             group;
+    ngx_chat_args_t        args;
     ngx_chat_main_conf_t  *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
@@ -615,70 +630,54 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 
     p = ngx_sprintf(p, ",\"ts\":%L}", now);
 
-    argv[0] = (char *) dd;
-    argl[0] = ngx_sprintf(dd, "chat:{s%ui}:dd:%*s:%*s", ctx->shard,
-                          (size_t) ctx->ulen, ctx->user, cidlen, cidbuf) - dd;
-    argv[1] = (char *) seqk;
-    argl[1] = ngx_sprintf(seqk, "chat:{s%ui}:seq", ctx->shard) - seqk;
-    argv[2] = (char *) stream;
-    argl[2] = ngx_sprintf(stream, "chat:{s%ui}:in", ctx->shard) - stream;
-    argv[3] = (char *) conv;
-    argl[3] = clen;
-    argv[4] = (char *) id;
-    argl[4] = ngx_sprintf(id, "%uL", ngx_chat_msg_id()) - id;
-    argv[5] = (char *) ts;
-    argl[5] = ngx_sprintf(ts, "%L", now) - ts;
-    argv[6] = (char *) ttl;
-    argl[6] = ngx_sprintf(ttl, "%T", cmcf->dedup_ttl) - ttl;
-    argv[7] = (char *) pre;
-    argl[7] = ngx_sprintf(pre, "{\"type\":\"msg\",\"id\":\"%*s\",\"conv\":\"%*s\","
-                          "\"seq\":", argl[4], id, clen, conv) - pre;
-    argv[8] = (char *) suf;
-    argl[8] = p - suf;
-    argv[9] = (char *) ctx->user;
-    argl[9] = ctx->ulen;
-    argv[10] = (char *) ctx->device;
-    argl[10] = ctx->dlen;
-    argv[11] = group ? "group" : "to";
-    argl[11] = group ? 5 : 2;
-    argv[12] = f->target_id;
-    argl[12] = f->target_len;
+    /* the accept script's arguments by name (lua/accept.lua, accept_k.lua):
+     * KEYS dedup, seq, [stream: the Redis queue], [mem, snd: a group];
+     * ARGV conv, id, ts, dedup ttl, event prefix and suffix, sender,
+     * device, "to" or "group", recipient */
+    args.n = 0;
+    idlen = ngx_sprintf(id, "%uL", ngx_chat_msg_id()) - id;
 
-    /* a group send also names the member hash and the senders' set: the
-     * keys go before ARGV, after the dedup, seq and stream keys */
-    nkeys = 3;
+    ctx->dd_len = ngx_sprintf(ctx->dd, "chat:{s%ui}:dd:%*s:%*s", ctx->shard,
+                              (size_t) ctx->ulen, ctx->user, cidlen, cidbuf)
+                  - ctx->dd;
+    ngx_chat_arg(&args, ctx->dd, ctx->dd_len);
+    ngx_chat_arg(&args, seqk, ngx_sprintf(seqk, "chat:{s%ui}:seq", ctx->shard)
+                              - seqk);
+
+    if (!cmcf->kafka) {
+        ngx_chat_arg(&args, stream, ngx_sprintf(stream, "chat:{s%ui}:in",
+                                                ctx->shard) - stream);
+    }
 
     if (group) {
-        ngx_memmove(&argv[5], &argv[3], 10 * sizeof(argv[0]));
-        ngx_memmove(&argl[5], &argl[3], 10 * sizeof(argl[0]));
-        argv[3] = (char *) mem;
-        argl[3] = ngx_chat_group_key(mem, ctx->shard, (u_char *) f->target_id,
-                                     f->target_len, "mem");
-        argv[4] = (char *) snd;
-        argl[4] = ngx_chat_group_key(snd, ctx->shard, (u_char *) f->target_id,
-                                     f->target_len, "snd");
-        nkeys = 5;
+        ngx_chat_arg(&args, mem, ngx_chat_group_key(mem, ctx->shard,
+                                     (u_char *) f->target_id, f->target_len,
+                                     "mem"));
+        ngx_chat_arg(&args, snd, ngx_chat_group_key(snd, ctx->shard,
+                                     (u_char *) f->target_id, f->target_len,
+                                     "snd"));
     }
 
-    if (cmcf->kafka) {
-        /* dedup and seq in Redis, the queue is Kafka: no stream key */
-        ngx_memcpy(ctx->dd, dd, argl[0]);
-        ctx->dd_len = argl[0];
-        argv[2] = argv[1];            /* drop the stream key: */
-        argl[2] = argl[1];            /* dedup, seq, then the rest */
-        argv[1] = argv[0];
-        argl[1] = argl[0];
+    args.nkeys = args.n;
 
-        rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
-                                CHAT_LUA_ACCEPT_K,
-                                ngx_chat_msg_accepted_k, nkeys - 1,
-                                nkeys + 9, argv + 1, argl + 1);
-    } else {
-        rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
-                                CHAT_LUA_ACCEPT,
-                                ngx_chat_msg_accepted, nkeys, nkeys + 10,
-                                argv, argl);
-    }
+    ngx_chat_arg(&args, conv, clen);
+    ngx_chat_arg(&args, id, idlen);
+    ngx_chat_arg(&args, ts, ngx_sprintf(ts, "%L", now) - ts);
+    ngx_chat_arg(&args, ttl, ngx_sprintf(ttl, "%T", cmcf->dedup_ttl) - ttl);
+    ngx_chat_arg(&args, pre, ngx_sprintf(pre, "{\"type\":\"msg\",\"id\":\"%*s\","
+                                         "\"conv\":\"%*s\",\"seq\":", idlen, id,
+                                         clen, conv) - pre);
+    ngx_chat_arg(&args, suf, p - suf);
+    ngx_chat_arg(&args, ctx->user, ctx->ulen);
+    ngx_chat_arg(&args, ctx->device, ctx->dlen);
+    ngx_chat_arg(&args, group ? "group" : "to", group ? 5 : 2);
+    ngx_chat_arg(&args, f->target_id, f->target_len);
+
+    rc = ngx_chat_msg_claim(ctx, f, conv, clen, cidbuf, cidlen,
+                            cmcf->kafka ? CHAT_LUA_ACCEPT_K : CHAT_LUA_ACCEPT,
+                            cmcf->kafka ? ngx_chat_msg_accepted_k
+                                        : ngx_chat_msg_accepted,
+                            args.nkeys, args.n, args.v, args.l);
 
     if (rc != NGX_OK) {
         ngx_free(suf);
@@ -988,7 +987,7 @@ typedef struct {
     ngx_chat_msg_ctx_t  *ctx;
     size_t               clen;
     size_t               seqlen;
-    int64_t              cap;          /* group: its last seq; -1: direct */
+    int64_t              cap;          /* the conversation's last seq */
     ngx_uint_t           member;       /* group: 1 active member, 2 not,
                                           3 Redis failed, 4 the seq query
                                           was not sent */
@@ -1037,7 +1036,8 @@ static void ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc);
 
 
 /* A read in a group: the reader must be an active member (first reply of
- * the pipeline; the group's last seq is the second). */
+ * the pipeline; the group's last seq is the second, as for a direct
+ * conversation). */
 static void
 ngx_chat_msg_read_member(void *rp, void *data)
 {
@@ -1132,13 +1132,27 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
     ngx_memcpy(rc->conv, f->conv, f->conv_len);
     rc->seqlen = ngx_sprintf(rc->seq, "%L", f->seq) - rc->seq;
 
-    if (cv.kind == 'd') {
-        ngx_chat_msg_read_pointer(rc);
-        return;
-    }
-
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
     shard = ngx_chat_shard(cmcf, rc->conv, rc->clen);
+
+    if (cv.kind == 'd') {
+        /* the conversation's last seq, from its shard: the cap */
+        rc->member = 1;
+
+        if (ngx_chat_redis_command(ngx_chat_msg_read_group_seq, rc,
+                                   "HGET %b %b", seqk,
+                                   (size_t) (ngx_sprintf(seqk,
+                                                 "chat:{s%ui}:seq", shard)
+                                             - seqk),
+                                   rc->conv, rc->clen)
+            != NGX_OK)
+        {
+            ngx_free(rc);
+            ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
+        }
+
+        return;
+    }
 
     /* membership and the group's last seq, pipelined on its shard */
     if (ngx_chat_redis_command(ngx_chat_msg_read_member, rc, "HGET %b %b", key,
@@ -1168,44 +1182,25 @@ ngx_chat_msg_read(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 static void
 ngx_chat_msg_read_pointer(ngx_chat_read_ctx_t *rc)
 {
-    u_char               key[96], last[96], cap[NGX_INT64_LEN];
-    const char          *argv[5];
-    size_t               argl[5];
-    ngx_int_t            rv;
+    u_char               key[96], cap[NGX_INT64_LEN];
+    const char          *argv[4];
+    size_t               argl[4];
     ngx_chat_msg_ctx_t  *ctx = rc->ctx;
 
     argv[0] = (char *) key;
     argl[0] = ngx_sprintf(key, "chat:{u:%*s}:read", (size_t) ctx->ulen,
                           ctx->user) - key;
+    argv[1] = (char *) rc->conv;
+    argl[1] = rc->clen;
+    argv[2] = (char *) rc->seq;
+    argl[2] = rc->seqlen;
+    argv[3] = (char *) cap;
+    argl[3] = ngx_sprintf(cap, "%L", rc->cap) - cap;
 
-    if (rc->cap < 0) {
-        /* direct: capped by the reader's inbox record of the conversation */
-        argv[1] = (char *) last;
-        argl[1] = ngx_sprintf(last, "chat:{u:%*s}:last", (size_t) ctx->ulen,
-                              ctx->user) - last;
-        argv[2] = (char *) rc->conv;
-        argl[2] = rc->clen;
-        argv[3] = (char *) rc->seq;
-        argl[3] = rc->seqlen;
-
-        rv = ngx_chat_redis_script(CHAT_LUA_READ,
-                                   ngx_chat_msg_read_done, rc, 2, 4, argv,
-                                   argl);
-
-    } else {
-        argv[1] = (char *) rc->conv;
-        argl[1] = rc->clen;
-        argv[2] = (char *) rc->seq;
-        argl[2] = rc->seqlen;
-        argv[3] = (char *) cap;
-        argl[3] = ngx_sprintf(cap, "%L", rc->cap) - cap;
-
-        rv = ngx_chat_redis_script(CHAT_LUA_READ,
-                                   ngx_chat_msg_read_done, rc, 1, 4, argv,
-                                   argl);
-    }
-
-    if (rv != NGX_OK) {
+    if (ngx_chat_redis_script(CHAT_LUA_READ, ngx_chat_msg_read_done, rc, 1, 4,
+                              argv, argl)
+        != NGX_OK)
+    {
         ngx_free(rc);
         ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
     }
@@ -1464,7 +1459,7 @@ ngx_chat_replay_reply(void *rp, void *data)
         plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
         s->sent_cursor = cursor;
 
-        (void) ngx_chat_session_send_shared(s, b, prefix, plen);
+        (void) ngx_chat_session_send_shared(s, b, prefix, plen, cursor);
         ngx_chat_shbuf_release(b);
 
         if (s->closed || s->closing) {

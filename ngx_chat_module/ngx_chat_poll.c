@@ -11,7 +11,8 @@
 #define NGX_CHAT_BODY_MAX   65536
 
 
-static void ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc);
+static void ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc,
+    uint64_t trim);
 static void ngx_chat_poll_event_handler(ngx_http_request_t *r);
 static void ngx_chat_poll_respond(ngx_chat_session_t *s);
 
@@ -126,7 +127,7 @@ ngx_chat_poll_handler(ngx_http_request_t *r)
 
 
 static void
-ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
+ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc, uint64_t trim)
 {
     ngx_http_request_t   *r;
     ngx_chat_poll_ctx_t  *ctx;
@@ -144,8 +145,8 @@ ngx_chat_poll_registered(ngx_chat_session_t *s, ngx_int_t rc)
         return;
     }
 
-    /* the registry left the inbox's trim point in sent_cursor */
-    s->behind = (s->sent_cursor > ctx->cursor);
+    /* the inbox dropped events after the cursor unacknowledged */
+    s->behind = (trim > ctx->cursor);
 
     /* the answer's cursor is the one polled with: it acknowledges up to it */
     s->cursor = ctx->cursor;
@@ -276,11 +277,8 @@ ngx_chat_poll_respond(ngx_chat_session_t *s)
         p = ngx_cpymem(p, o->head, o->hlen);
         p = ngx_cpymem(p, o->buf->data, o->buf->len);
 
-        if (o->hlen > 11 && ngx_strncmp(o->head, "{\"cursor\":", 10) == 0) {
-            uint64_t  c = (uint64_t) ngx_atoof(o->head + 10, o->hlen - 11);
-            if (c != (uint64_t) NGX_ERROR && c > cursor) {
-                cursor = c;
-            }
+        if (o->cursor > cursor) {
+            cursor = o->cursor;
         }
 
         ngx_chat_shbuf_release(o->buf);

@@ -202,7 +202,7 @@ ngx_chat_session_create(ngx_connection_t *c, ngx_chat_loc_conf_t *conf,
      * Until its replay starts (the registry answered, the cursor is known),
      * a new session takes no durable event live: the replay reads it from
      * the inbox. Taken live before, it was queued with a cursor the replay
-     * then read again (the registry's answer resets sent_cursor), and a
+     * then read again (the replay starts from the cursor), and a
      * device got the event twice (a long-poll test caught it).
      */
     s->replaying = 1;
@@ -254,7 +254,7 @@ ngx_chat_user_key(ngx_chat_user_t *u, const char *suffix, u_char *buf)
 
 typedef struct {
     ngx_chat_session_t  *s;
-    void               (*done)(ngx_chat_session_t *s, ngx_int_t rc);
+    ngx_chat_registered_pt   done;
 } ngx_chat_register_ctx_t;
 
 
@@ -264,7 +264,8 @@ ngx_chat_session_registered(void *r, void *data)
     redisReply               *reply = r;
     ngx_chat_register_ctx_t  *ctx = data;
     ngx_chat_session_t       *s = ctx->s;
-    void                    (*done)(ngx_chat_session_t *s, ngx_int_t rc);
+    uint64_t                  trim;
+    ngx_chat_registered_pt    done;
 
     done = ctx->done;
     ngx_free(ctx);
@@ -284,12 +285,12 @@ ngx_chat_session_registered(void *r, void *data)
             ngx_log_error(NGX_LOG_ERR, &s->log, 0,
                           "chat: registry: %s", reply->str);
         }
-        done(s, NGX_ERROR);
+        done(s, NGX_ERROR, 0);
         return;
     }
 
     if (reply->element[0]->integer < 0) {
-        done(s, NGX_DECLINED);
+        done(s, NGX_DECLINED, 0);
         return;
     }
 
@@ -307,30 +308,30 @@ ngx_chat_session_registered(void *r, void *data)
         }
     }
 
-    /* the inbox's trim point, until the transport has told the client
-     * (hello): sent_cursor is not used before the replay starts */
-    s->sent_cursor = 0;
+    /* the newest cursor the inbox dropped unacknowledged: the transport
+     * tells a client below it that it is behind (hello, poll answer) */
+    trim = 0;
 
     if (reply->element[2]->type == REDIS_REPLY_STRING) {
-        s->sent_cursor = ngx_atoof((u_char *) reply->element[2]->str,
-                                   reply->element[2]->len);
-        if (s->sent_cursor == (uint64_t) NGX_ERROR) {
-            s->sent_cursor = 0;
+        trim = ngx_atoof((u_char *) reply->element[2]->str,
+                         reply->element[2]->len);
+        if (trim == (uint64_t) NGX_ERROR) {
+            trim = 0;
         }
     }
 
-    done(s, NGX_OK);
+    done(s, NGX_OK, trim);
 }
 
 
 /*
  * Register the session in the user's connection registry (and so make the
- * user present). done(s, rc): NGX_OK, NGX_DECLINED (too many connections),
- * NGX_ERROR (Redis unavailable).
+ * user present). done(s, rc, trim): NGX_OK, NGX_DECLINED (too many
+ * connections), NGX_ERROR (Redis unavailable); trim is the inbox's trim
+ * point (0 unless NGX_OK).
  */
 void
-ngx_chat_session_register(ngx_chat_session_t *s,
-    void (*done)(ngx_chat_session_t *s, ngx_int_t rc))
+ngx_chat_session_register(ngx_chat_session_t *s, ngx_chat_registered_pt done)
 {
     u_char                    member[160], conns[96], acked[96], last[96],
                               set[96], now[32], ttl[32], max[32];
@@ -343,7 +344,7 @@ ngx_chat_session_register(ngx_chat_session_t *s,
 
     ctx = ngx_alloc(sizeof(ngx_chat_register_ctx_t), &s->log);
     if (ctx == NULL) {
-        done(s, NGX_ERROR);
+        done(s, NGX_ERROR, 0);
         return;
     }
 
@@ -378,7 +379,7 @@ ngx_chat_session_register(ngx_chat_session_t *s,
                               argv, argl) != NGX_OK)
     {
         ngx_free(ctx);
-        done(s, NGX_ERROR);
+        done(s, NGX_ERROR, 0);
         return;
     }
 
@@ -571,7 +572,7 @@ ngx_chat_out_append(ngx_chat_session_t *s, ngx_chat_out_t *o)
  */
 ngx_int_t
 ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
-    u_char *prefix, size_t plen)
+    u_char *prefix, size_t plen, uint64_t cursor)
 {
     size_t           len;
     ngx_chat_out_t  *o;
@@ -604,6 +605,7 @@ ngx_chat_session_send_shared(ngx_chat_session_t *s, ngx_chat_shbuf_t *b,
 
     o->next = NULL;
     o->buf = b;
+    o->cursor = cursor;
     o->sent = 0;
     o->opcode = CHAT_WS_OP_TEXT;
 
@@ -649,7 +651,7 @@ ngx_chat_session_send_ephemeral(ngx_chat_session_t *s, ngx_chat_shbuf_t *b)
         return NGX_DECLINED;
     }
 
-    return ngx_chat_session_send_shared(s, b, (u_char *) "{", 1);
+    return ngx_chat_session_send_shared(s, b, (u_char *) "{", 1, 0);
 }
 
 
@@ -671,7 +673,7 @@ ngx_chat_session_send(ngx_chat_session_t *s, u_char *json, size_t len)
 
     ngx_memcpy(b->data, json + 1, len - 1);
 
-    rc = ngx_chat_session_send_shared(s, b, (u_char *) "{", 1);
+    rc = ngx_chat_session_send_shared(s, b, (u_char *) "{", 1, 0);
     ngx_chat_shbuf_release(b);
 
     return rc;

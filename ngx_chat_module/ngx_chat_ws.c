@@ -20,7 +20,8 @@ static u_char  *ngx_chat_ws_buf;            /* per worker */
 static size_t   ngx_chat_ws_buf_size;
 
 
-static void ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc);
+static void ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc,
+    uint64_t trim);
 static void ngx_chat_ws_read_handler(ngx_event_t *rev);
 static void ngx_chat_ws_write_handler(ngx_event_t *wev);
 static void ngx_chat_ws_finalize(ngx_chat_session_t *s);
@@ -228,7 +229,7 @@ ngx_chat_ws_handler(ngx_http_request_t *r)
 
 /* Registry answered: refuse with an HTTP error, or switch protocols. */
 static void
-ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
+ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc, uint64_t trim)
 {
     u_char               *p, hello[256], resp[160];
     size_t                rest;
@@ -257,10 +258,10 @@ ngx_chat_ws_registered(ngx_chat_session_t *s, ngx_int_t rc)
                     (size_t) CHAT_WS_ACCEPT_LEN, hs->accept);
 
     /* where the replay starts, and whether the inbox dropped events after
-     * it unacknowledged (the registry left its trim point in sent_cursor);
-     * hs goes with the request's pool below */
+     * it unacknowledged (the registry's trim point); hs goes with the
+     * request's pool below */
     from = (hs->cursor < 0) ? s->cursor : (uint64_t) hs->cursor;
-    s->behind = (s->sent_cursor > from);
+    s->behind = (trim > from);
 
     /* bytes the client sent right after its handshake */
     rest = r->header_in ? (size_t) (r->header_in->last - r->header_in->pos)
@@ -533,6 +534,7 @@ ngx_chat_ws_queue_raw(ngx_chat_session_t *s, u_char *data, size_t len,
     ngx_memcpy(b->data, data, len);
     o->next = NULL;
     o->buf = b;
+    o->cursor = 0;
     o->sent = 0;
     o->hlen = 0;
     o->opcode = 0;

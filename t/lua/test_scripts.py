@@ -198,15 +198,11 @@ def test_ack_moves_forward_caps_emits_receipts_and_trims(r, run):
 
 
 def test_read_only_forward_and_never_past_the_conversation(r, run):
-    keys = [U + "read", U + "last"]
-    assert run("read", keys, ["d:alice:bob", 3]) == [-1, 0]            # nothing delivered yet
-    r.hset(U + "last", "m:d:alice:bob", "5:40")
-    assert run("read", keys, ["d:alice:bob", 1000000]) == [0, 5]
+    keys = [U + "read"]
+    assert run("read", keys, ["d:alice:bob", 3, 0]) == [-1, 0]          # nothing sent yet
+    assert run("read", keys, ["d:alice:bob", 1000000, 5]) == [0, 5]
     assert r.hget(U + "read", "d:alice:bob") == "5"
-    assert run("read", keys, ["d:alice:bob", 4]) == [-1, 4]
-    r.hset(U + "last", "m:d:alice:bob", "9:41")
-    assert run("read", keys, ["d:alice:bob", 2 ** 53 - 1]) == [5, 9]
-    # a group: the cap is given (the group's seq, read on its shard)
-    assert run("read", [U + "read"], ["g:ops", 50, 12]) == [0, 12]
-    assert run("read", [U + "read"], ["g:ops", 50, 0]) == [-1, 0]
+    assert run("read", keys, ["d:alice:bob", 4, 9]) == [-1, 4]          # backwards: nothing
+    assert run("read", keys, ["d:alice:bob", 2 ** 53 - 1, 9]) == [5, 9]
+    assert run("read", keys, ["g:ops", 50, 12]) == [0, 12]
     assert r.hget(U + "read", "g:ops") == "12"
