@@ -49,6 +49,7 @@ typedef struct {
     int                  indexes_ok;
     redisContext        *c;
     cw_queue_t          *q;
+    cw_dlq_t            *dlq;
     cw_batch_t           batch;
 
     /* per batch */
@@ -62,7 +63,7 @@ typedef struct {
     int                 *slots;        /* hash of ops by id */
     int                  nslots;
 
-    uint64_t             n_msgs, n_receipts, n_groups, n_batches;
+    uint64_t             n_msgs, n_receipts, n_groups, n_batches, n_dead;
     int64_t              next_stats;
 } persist_t;
 
@@ -201,7 +202,8 @@ group_docs(persist_t *p, int i)
 {
     cw_entry_t  *e = &p->batch.e[i];
     json_error_t jerr;
-    json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *st = json_loads(e->state, 0, &jerr);
+    json_t      *ev = json_loadb(e->ev, e->ev_len, JSON_ALLOW_NUL, &jerr);
+    json_t      *st = json_loads(e->state, JSON_ALLOW_NUL, &jerr);
     json_t      *members, *smembers, *since, *name, *owner, *ts, *created, *v;
     bson_t      *doc, *set, arr, sub;
     const char  *k;
@@ -259,8 +261,20 @@ done:
     return rc;
 }
 
+/* An entry that cannot be stored goes to the dead-letter queue. */
+static int
+dead(persist_t *p, cw_entry_t *e, const char *why)
+{
+    if (cw_dlq_put(p->dlq, p->c, e, why) != 0) return -1;
+    p->n_dead++;
+    return 0;
+}
+
 /* Turns the batch into documents and per-conversation changes. Entries
- * that cannot be stored are logged and skipped (and acknowledged). */
+ * that cannot be stored are moved to the dead-letter queue (and then
+ * acknowledged with the batch). Returns -1 when out of memory, -2 when a
+ * dead letter could not be recorded (the batch is kept and prepared again;
+ * entries recorded already are not recorded twice). */
 static int
 prepare(persist_t *p)
 {
@@ -273,18 +287,19 @@ prepare(persist_t *p)
         convop_t   *op;
 
         if (!e->valid) {
-            cw_warn("persist: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
-                    e->why ? e->why : "invalid");
+            if (dead(p, e, e->why ? e->why : "invalid") != 0) return -2;
             continue;
         }
         if (e->type == CW_T_MSG) {
             json_error_t jerr;
-            json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *id, *ts;
+            /* a body may hold U+0000: the module accepts "\u0000", and
+             * BSON strings carry their length */
+            json_t      *ev = json_loadb(e->ev, e->ev_len, JSON_ALLOW_NUL, &jerr), *id, *ts;
             if (ev == NULL || !json_is_object(ev) || !json_is_string(id = json_object_get(ev, "id"))
-                || json_string_length(id) == 0)
+                || json_string_length(id) == 0 || json_string_length(id) != strlen(json_string_value(id)))
             {
-                cw_warn("persist: dropping queue entry %s: ev has no message id", e->qid);
                 json_decref(ev);
+                if (dead(p, e, ev == NULL ? "ev is not JSON" : "ev has no message id") != 0) return -2;
                 continue;
             }
             ts = json_object_get(ev, "ts");
@@ -294,11 +309,11 @@ prepare(persist_t *p)
             if (append_msg(p->msg_doc[i], "_id", json_string_value(id), e, ev, p->msg_ts[i]) != 0
                 || append_msg(p->msg_last[i], "id", json_string_value(id), e, ev, p->msg_ts[i]) != 0)
             {
-                cw_warn("persist: dropping queue entry %s: bad media object", e->qid);
                 bson_destroy(p->msg_doc[i]);
                 bson_destroy(p->msg_last[i]);
                 p->msg_doc[i] = p->msg_last[i] = NULL;
                 json_decref(ev);
+                if (dead(p, e, "bad media object") != 0) return -2;
                 continue;
             }
             json_decref(ev);
@@ -322,7 +337,10 @@ prepare(persist_t *p)
             }
         } else if (e->type == CW_T_GROUP) {
             if (group_docs(p, i) != 0) {
-                cw_warn("persist: dropping membership entry %s: bad state or ev", e->qid);
+                if (p->msg_doc[i]) bson_destroy(p->msg_doc[i]);
+                if (p->state_set[i]) bson_destroy(p->state_set[i]);
+                p->msg_doc[i] = p->state_set[i] = NULL;
+                if (dead(p, e, "membership entry with a bad state or ev") != 0) return -2;
                 continue;
             }
             op = op_get(p, NULL, e->conv);
@@ -655,7 +673,7 @@ cw_role_persist(const cw_config_t *cf)
     persist_t       p;
     cw_heartbeat_t  hb;
     cw_backoff_t    bo, mbo;
-    int            *shards, kafka, have_batch = 0;
+    int            *shards, kafka, have_batch = 0, prepared = 0;
     int64_t         next_redis_try = 0;
     char            err[256];
 
@@ -673,6 +691,8 @@ cw_role_persist(const cw_config_t *cf)
     p.q = cw_queue_new(cf, "persist", shards, cf->shards, 0);
     free(shards);
     if (p.q == NULL) return 1;
+    p.dlq = cw_dlq_new(cf, "persist");
+    if (p.dlq == NULL) return 1;
     kafka = cw_queue_is_kafka(p.q);
     cw_heartbeat_init(&hb, cf, "persist");
     cw_backoff_reset(&bo);
@@ -721,13 +741,20 @@ cw_role_persist(const cw_config_t *cf)
                 continue;
             }
             if (n == 0) goto stats;
-            if (prepare(&p) != 0) {
-                cw_error("persist: out of memory preparing a batch");
-                cw_batch_clear(&p.batch);
-                if (!kafka) drop_redis(&p, &bo, "batch dropped");
+            have_batch = 1;
+            prepared = 0;
+        }
+        if (!prepared) {
+            /* kept until it is prepared and written: a Kafka consumer does
+             * not read an uncommitted batch again by itself */
+            int r = prepare(&p);
+            if (r != 0) {
+                if (r == -1) cw_error("persist: out of memory preparing a batch; retrying");
+                if (!kafka && p.c && p.c->err) { drop_redis(&p, &bo, "dead-letter write failed"); continue; }
+                cw_backoff_wait(&mbo);
                 continue;
             }
-            have_batch = 1;
+            prepared = 1;
         }
         if (write_batch(&p) != 0) {
             cw_warn("persist: mongodb write failed; %d entries kept unacknowledged, retrying in %d ms",
@@ -738,6 +765,7 @@ cw_role_persist(const cw_config_t *cf)
         }
         cw_backoff_reset(&mbo);
         have_batch = 0;
+        prepared = 0;
         if (kafka) {
             cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
         } else {
@@ -757,16 +785,19 @@ cw_role_persist(const cw_config_t *cf)
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
-                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes in %"
-                        PRIu64 " batches in the last 10 s", p.n_msgs, p.n_receipts, p.n_groups, p.n_batches);
+                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes, %"
+                        PRIu64 " dead letters in %" PRIu64 " batches in the last 10 s (%" PRIu64
+                        " dead letters since start)", p.n_msgs, p.n_receipts, p.n_groups, p.n_dead, p.n_batches,
+                        cw_dlq_total(p.dlq));
             }
-            p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = 0;
+            p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = p.n_dead = 0;
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
     cw_heartbeat_clear(&hb, p.c);
     if (p.c) redisFree(p.c);
     cw_queue_free(p.q);
+    cw_dlq_free(p.dlq);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
     free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);
