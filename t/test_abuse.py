@@ -272,3 +272,97 @@ def test_seq_range_is_that_of_javascript_safe_integers(stack, rds, mdb):
     assert "2^53-1" in rec["dlq.why"]
     _eventually(lambda: _dlq_count(rds, "persist") > before, what="dead-letter counter")
     assert mdb.conversations.find_one({"_id": f"{b}|{conv}"})["read_seq"] == JS_MAX
+
+
+BURSTS = 40
+
+
+def test_conversation_list_never_counts_past_its_last_message(stack):
+    """Item 10: right after three messages the list showed unread: 3 with
+    `last` still the first one (messages are stored before `last` is set).
+    Polled as fast as possible during bursts, every answer must be
+    consistent: the unread messages all lie at or before `last`."""
+    import threading
+    a, b = _uid("cl"), _uid("cl")
+    conv = _dconv(a, b)
+    ca = _ws(stack, a)
+    stop = threading.Event()
+    seen, bad = [], []
+
+    def poll():
+        while not stop.is_set():
+            st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+            if st != 200:
+                bad.append(("status", st, body))
+                continue
+            for row in body["conversations"]:
+                if row["conv"] != conv:
+                    continue
+                seen.append((row["unread"], row["last"]["seq"]))
+                # b sends nothing: unread = messages after read_seq up to last
+                if row["last"] is None or row["unread"] > row["last"]["seq"] - row["read_seq"] \
+                        or row["last_seq"] != row["last"]["seq"]:
+                    bad.append(row)
+    threads = [threading.Thread(target=poll) for _ in range(4)]
+    for t in threads:
+        t.start()
+    n = 0
+    try:
+        for burst in range(BURSTS):
+            for k in range(3):
+                n += 1
+                ca.send_json({"type": "send", "client_id": f"b{n}", "to": b, "body": f"burst {burst} #{k}"})
+            for k in range(3):
+                assert ca.recv_type("ack")["type"] == "ack"
+            time.sleep(0.05)
+        # positive control: the list does catch up with all of them
+        def caught_up():
+            st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+            row = [r for r in body["conversations"] if r["conv"] == conv]
+            return row and row[0]["unread"] == n and row[0]["last"]["body"] == f"burst {BURSTS - 1} #2"
+        _eventually(caught_up, timeout=30, what="the list shows every message")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        ca.close()
+    assert not bad, bad[:5]
+    assert len(seen) > 20 and len({u for u, _ in seen}) > 3, "the list was polled while it changed"
+
+
+def test_conversation_list_mid_batch_state_is_consistent(stack, mdb):
+    """Item 10, deterministically: persist inserts a batch's messages first
+    and sets the conversation's `last` afterwards. The state in between
+    (message stored, conversation not yet updated) must list the old `last`
+    with the unread count that goes with it, not one more."""
+    a, b = _uid("mid"), _uid("mid")
+    conv = _dconv(a, b)
+    ca = _ws(stack, a)
+    ca.send_json({"type": "send", "client_id": "one", "to": b, "body": "first"})
+    first = _answer(ca, "one")
+    assert first["type"] == "ack"
+    ca.close()
+
+    def row():
+        st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+        assert st == 200, body
+        r = [c for c in body["conversations"] if c["conv"] == conv]
+        return r[0] if r else None
+    r1 = _eventually(lambda: row() if (row() or {}).get("unread") == 1 else None, what="first message listed")
+    assert r1["last"]["body"] == "first"
+    # what step 1 of the next batch writes, before steps 4 and 5
+    ts = first["ts"] + 1
+    doc = {"_id": _uid("m"), "conv": conv, "seq": 2, "from": a, "to": b, "body": "second", "kind": "text", "ts": ts}
+    mdb.messages.insert_one(doc)
+    r2 = row()
+    assert r2["last"]["seq"] == 1 and r2["unread"] == 1 and r2["last_seq"] == 1, r2
+    # positive control: once `last_seq` is raised (step 4) the list still
+    # waits for `last`; when `last` is set (step 5) it shows both
+    mdb.conversations.update_one({"_id": f"{b}|{conv}"}, {"$max": {"last_seq": 2, "ts": ts}})
+    r3 = row()
+    assert r3["last"]["seq"] == 1 and r3["unread"] == 1, r3
+    last = {k: v for k, v in doc.items() if k != "_id"}
+    last["id"] = doc["_id"]
+    mdb.conversations.update_one({"_id": f"{b}|{conv}"}, {"$set": {"last": last, "ts": ts}})
+    r4 = row()
+    assert r4["last"]["seq"] == 2 and r4["unread"] == 2 and r4["last"]["body"] == "second", r4

@@ -424,12 +424,29 @@ sub_json(const bson_t *doc, const char *k)
     return cw_bson_to_json(&d);
 }
 
-/* Messages of conv after seq that user did not send (membership records
- * are not messages); -1 on error. */
+/* The seq of the `last` message a conversations or groups document shows
+ * (0: none yet). */
 static int64_t
-unread_count(const char *conv, int64_t after, const char *user, bson_error_t *error)
+shown_seq(const bson_t *doc)
 {
-    bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(after), "}",
+    bson_iter_t it, f;
+    if (bson_iter_init(&it, doc) && bson_iter_find_descendant(&it, "last.seq", &f) && BSON_ITER_HOLDS_NUMBER(&f))
+        return bson_iter_as_int64(&f);
+    return 0;
+}
+
+/*
+ * Messages of conv with after < seq <= upto that user did not send
+ * (membership records are not messages); -1 on error. upto is the seq of
+ * the `last` the list shows: persist inserts messages first and sets
+ * `last` afterwards, so counting every stored message showed "unread: 3"
+ * next to the first of the three as `last`. Bounded by it, the count never
+ * implies a message newer than the preview.
+ */
+static int64_t
+unread_count(const char *conv, int64_t after, int64_t upto, const char *user, bson_error_t *error)
+{
+    bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(after), "$lte", BCON_INT64(upto), "}",
                          "from", "{", "$ne", BCON_UTF8(user), "}", "kind", "{", "$ne", BCON_UTF8("group"), "}");
     int64_t n = mongoc_collection_count_documents(rest_messages, q, NULL, NULL, NULL, error);
     bson_destroy(q);
@@ -455,14 +472,18 @@ direct_rows(const char *user, conv_rows_t *rows)
     while (mongoc_cursor_next(cur, &doc)) {
         bson_iter_t  it;
         const char  *conv;
-        int64_t      last_seq = get_int(doc, "last_seq"), read_seq = get_int(doc, "read_seq"), unread = 0;
+        /* last_seq is raised before `last` is written: the list shows
+         * the conversation as far as its `last` (a conversation whose first
+         * message has no `last` yet is not listed yet) */
+        int64_t      last_seq = shown_seq(doc), read_seq = get_int(doc, "read_seq"), unread = 0;
         json_t      *c;
 
         if (!bson_iter_init_find(&it, doc, "conv") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
         conv = bson_iter_utf8(&it, NULL);
         if (conv[0] != 'd') continue;                 /* group pointers: see group_rows */
+        if (last_seq == 0) continue;
         if (last_seq > read_seq) {
-            unread = unread_count(conv, read_seq, user, &error);
+            unread = unread_count(conv, read_seq, last_seq, user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
                 failed = 1;
@@ -570,7 +591,7 @@ group_rows(const char *user, conv_rows_t *rows)
         BSON_APPEND_UTF8(&convs, key, conv);
         /* read_seq and unread are filled in below, with the pointers */
         c = json_pack("{s:s, s:I, s:I, s:I, s:o, s:s, s:s, s:I}", "conv", conv,
-                      "last_seq", (json_int_t) get_int(doc, "last_seq"), "read_seq", (json_int_t) 0,
+                      "last_seq", (json_int_t) shown_seq(doc), "read_seq", (json_int_t) 0,
                       "unread", (json_int_t) 0, "last", sub_json(doc, "last"), "group", g, "name", name,
                       "since", (json_int_t) since);
         if (c && rows_add(rows, ts ? ts : get_int(doc, "created"), c) != 0) { failed = 1; break; }
@@ -591,7 +612,7 @@ group_rows(const char *user, conv_rows_t *rows)
         int64_t     from = read_seq > since ? read_seq : since, unread = 0;
 
         if (json_integer_value(json_object_get(c, "last_seq")) > from) {
-            unread = unread_count(conv, from, user, &error);
+            unread = unread_count(conv, from, json_integer_value(json_object_get(c, "last_seq")), user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
                 failed = 1;
