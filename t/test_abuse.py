@@ -29,6 +29,7 @@ def _uid(prefix="u"):
 # ============================================================================
 
 
+import re
 import zlib
 
 import pymongo
@@ -160,7 +161,7 @@ def test_acked_bodies_reach_history_and_mongodb_unchanged(stack, rds, mdb):
     a, b = _uid("enc"), _uid("enc")
     conv = _dconv(a, b)
     before = {r: _dlq_count(rds, r) for r in ("fanout", "persist")}
-    ca, cb = _ws(stack, a), _ws(stack, b)
+    ca, cb = _ws(stack, a, path="/chat/test/ws-bulk"), _ws(stack, b)       # 37 sends: past the send budget
     sent = {}
     for name, raw in _BODIES:
         cid = "c-" + name
@@ -285,7 +286,7 @@ def test_conversation_list_never_counts_past_its_last_message(stack):
     import threading
     a, b = _uid("cl"), _uid("cl")
     conv = _dconv(a, b)
-    ca = _ws(stack, a)
+    ca = _ws(stack, a, path="/chat/test/ws-bulk")                         # 120 sends: past the send budget
     stop = threading.Event()
     seen, bad = [], []
 
@@ -366,3 +367,197 @@ def test_conversation_list_mid_batch_state_is_consistent(stack, mdb):
     mdb.conversations.update_one({"_id": f"{b}|{conv}"}, {"$set": {"last": last, "ts": ts}})
     r4 = row()
     assert r4["last"]["seq"] == 2 and r4["unread"] == 2 and r4["last"]["body"] == "second", r4
+
+
+# ---- impersonation, secrets, stack defaults (items 6 and 8) -----------------
+
+import shutil
+import subprocess
+
+from chatlib import nginx_argv
+
+
+@pytest.fixture(scope="module")
+def user_stack(stack, tmp_path_factory):
+    """`scripts/stack up` as a user runs it (no --test, no --bench): nginx
+    and the workers only, on the test stack's servers but in a keyspace and
+    database of their own (Redis db 1, MongoDB chat_user, Redis queue)."""
+    d = str(tmp_path_factory.mktemp("userstack"))
+    base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 60
+    redis_url = stack.env["REDIS_URL"] + "/1"
+    mongo = stack.env["MONGO_URI"].rsplit("/", 1)[0] + "/chat_user"
+    env = dict(stack.proc_env, REDIS_URL=redis_url, MONGO_URI=mongo, KAFKA_BROKERS=stack.env["KAFKA_BROKERS"])
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", d, "--port-base", str(base),
+                        "--queue", "redis", "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from chatlib import Stack
+    s = Stack(d, env)
+    yield s
+    subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", d], env=env, capture_output=True,
+                   timeout=120)
+
+
+def _upstream_auth(s, user):
+    try:
+        c = WS(s.host, s.port, "/chat/test/ws-upstream-auth", headers={"X-Test-User": user})
+    except Exception as e:                                    # HandshakeError
+        return getattr(e, "status", str(e))
+    c.close()
+    return 101
+
+
+def test_a_stack_users_run_has_no_test_locations(stack, user_stack):
+    """Item 6: /chat/test/ws-upstream-auth let anyone connect as anyone
+    with an X-Test-User header. Only the test stack (--test) has it."""
+    assert _upstream_auth(stack, "victim") == 101             # positive control: the test stack has it
+    assert _upstream_auth(user_stack, "victim") == 404
+    full = subprocess.run(nginx_argv("-T", "-p", user_stack.env["CHAT_NGINX_PREFIX"], "-c",
+                                     user_stack.env["CHAT_NGINX_CONF"]), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    assert "/chat/test/" not in full.stdout and "chat_user_variable" not in full.stdout
+    assert "location = /chat/ws" in full.stdout                # the dump is the whole configuration
+
+
+def test_a_stack_users_run_has_the_default_rate_limit(stack, user_stack):
+    """Item 8: the stack ran chat_rate_limit 600000 100000 for benchmarks.
+    A stack users run has the production default (60 a minute, burst 10)."""
+    full = subprocess.run(nginx_argv("-T", "-p", user_stack.env["CHAT_NGINX_PREFIX"], "-c",
+                                     user_stack.env["CHAT_NGINX_CONF"]), capture_output=True, text=True).stdout
+    assert not re.search(r"^\s*chat_rate_limit", full, re.M), "no directive: the default applies"
+    a = _uid("lim")
+    c = _ws(user_stack, a)
+    for i in range(14):
+        c.send_json({"type": "send", "client_id": f"l{i}", "to": "bob", "body": "x"})
+    got = [c.recv(10) for _ in range(14)]
+    acks = [m for m in got if m["type"] == "ack"]
+    limited = [m for m in got if m["type"] == "error" and m["code"] == "rate_limited"]
+    assert len(acks) == 10 and len(limited) == 4, got          # burst 10 (refill 1/s: 0 or 1 more at most)
+    c.close()
+    # positive control: the same sends on the stack the suite runs through
+    # its bulk location (rate limit off) are all acked
+    b = _uid("lim")
+    c = _ws(stack, b, path="/chat/test/ws-bulk")
+    for i in range(14):
+        c.send_json({"type": "send", "client_id": f"l{i}", "to": "bob", "body": "x"})
+    assert all(c.recv(10)["type"] == "ack" for _ in range(14))
+    c.close()
+
+
+def test_bench_stack_raises_the_limits(tmp_path):
+    """scripts/bench runs `scripts/stack up --bench`, which includes
+    conf/bench-limits.conf; the stack users run does not."""
+    bench = open(os.path.join(ROOT, "scripts/bench")).read()
+    assert "scripts/stack up --bench" in bench
+    assert "chat_rate_limit 600000 100000;" in open(os.path.join(ROOT, "conf/bench-limits.conf")).read()
+
+
+def test_rest_worker_refuses_requests_that_do_not_come_from_nginx(stack, tmp_path):
+    """Item 6: the rest worker trusted X-Chat-User from anyone reaching its
+    port. On the stack it listens on a unix socket only its user may open;
+    on TCP it needs a shared secret, and refuses to start without one."""
+    sock = stack.env["CHAT_REST_SOCKET"]
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    # another local user cannot even connect
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); s.sendall(b'GET /chat/conversations HTTP/1.1\\r\\nX-Chat-User: victim\\r\\n\\r\\n');"
+             "print(s.recv(100))")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c", probe, sock],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stdout + r.stderr
+    # positive control: nginx's user (ours) gets an answer on the same socket
+    st, _, body = stack.rest_request("GET", "/chat/conversations", headers={"X-Chat-User": _uid("own")})
+    assert st == 200 and body == {"conversations": []}
+
+    # TCP: without a secret the role does not start
+    conf = open(stack.env["CHAT_WORKER_CONF"]).read()
+    port = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 70
+    tcp = tmp_path / "tcp.conf"
+    tcp.write_text(conf.replace(f"rest_listen = unix:{sock}", f"rest_listen = 127.0.0.1:{port}"))
+    r = subprocess.run([stack.worker, "--config", str(tcp), "--role", "rest"], capture_output=True, text=True,
+                       timeout=30, env=stack.proc_env)
+    assert r.returncode == 2 and "rest_secret_file" in r.stderr, r.stderr
+    # with a secret: 401 without it or with a wrong one, 200 with it
+    secret = "s3cret-" + uuid.uuid4().hex
+    (tmp_path / "secret").write_text(secret + "\n")
+    tcp.write_text(tcp.read_text() + f"rest_secret_file = {tmp_path / 'secret'}\n")
+    p = subprocess.Popen([stack.worker, "--config", str(tcp), "--role", "rest"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=stack.proc_env)
+    try:
+        url = f"http://127.0.0.1:{port}/chat/conversations"
+        _eventually(lambda: p.poll() is None and _tcp_answers(stack, url), timeout=20, what="rest on TCP")
+        victim = _uid("victim")
+        for hdrs in ({"X-Chat-User": victim}, {"X-Chat-User": victim, "X-Chat-Secret": secret[:-1]},
+                     {"X-Chat-User": victim, "X-Chat-Secret": secret + "x"}, {"X-Chat-User": victim, "X-Chat-Secret": ""}):
+            st, _, body = stack.request("GET", url, headers=hdrs)
+            assert st == 401 and body["code"] == "unauthorized", (hdrs, st, body)
+        st, _, body = stack.request("GET", url, headers={"X-Chat-User": victim, "X-Chat-Secret": secret})
+        assert st == 200 and body == {"conversations": []}
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def _tcp_answers(stack, url):
+    try:
+        return stack.request("GET", url, timeout=2)[0] in (200, 401)
+    except OSError:
+        return False
+
+
+def test_nginx_refuses_a_short_jwt_secret(tmp_path):
+    """Item 6: a 1-byte HS256 secret was accepted. Under 32 bytes nginx -t
+    fails with a clear message, in both forms; 32 bytes pass."""
+    from test_foundation import _example_conf, _module
+    for form, secret, ok in [("file", "x", False), ("file", "y" * 31 + "\n", False), ("inline", "z" * 31, False),
+                             ("file", "k" * 32 + "\n", True), ("inline", "q" * 32, True)]:
+        d = tmp_path / f"{form}{len(secret)}"
+        d.mkdir()
+        conf = _example_conf(d, _module())
+        text = conf.read_text()
+        if form == "file":
+            (d / "jwt_secret").write_text(secret)
+        else:
+            text = re.sub(r"chat_jwt_secret_file [^;]+;", f"chat_jwt_secret {secret};", text)
+        conf.write_text(text)
+        r = subprocess.run(nginx_argv("-t", "-p", str(d), "-c", str(conf)), capture_output=True, text=True)
+        if ok:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode != 0 and "at least 32" in r.stderr, r.stderr
+
+
+def test_compose_refuses_to_start_without_a_real_secret(tmp_path):
+    """Item 6: docker-compose.yml fell back to a published example secret
+    and published nginx on every interface."""
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose (Debian package) is missing: scripts/setup installs it")
+    f = os.path.join(ROOT, "docker/docker-compose.yml")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHAT_JWT_SECRET_FILE", "CHAT_BIND")}
+    r = subprocess.run(["docker-compose", "-f", f, "config"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "CHAT_JWT_SECRET_FILE" in r.stderr, r.stdout + r.stderr
+    assert not os.path.exists(os.path.join(ROOT, "docker/jwt_secret.example"))
+    (tmp_path / "s").write_text("k" * 44)
+    r = subprocess.run(["docker-compose", "-f", f, "config"], capture_output=True, text=True,
+                       env=dict(env, CHAT_JWT_SECRET_FILE=str(tmp_path / "s")))
+    assert r.returncode == 0, r.stderr
+    assert "127.0.0.1" in r.stdout and "host_ip: 127.0.0.1" in r.stdout or "127.0.0.1:8080:8080" in r.stdout, r.stdout
+
+
+def test_access_log_never_holds_a_token(stack):
+    """Item 6: access.log held every ?token= JWT in full."""
+    user = _uid("log")
+    tok = stack.token(user, "phone")
+    c = WS(stack.host, stack.port, stack.ws_path, token=tok)
+    assert c.recv()["type"] == "hello"
+    c.close()
+    st, _, _ = stack.request("GET", stack.http + "/poll?token=" + tok + "&timeout=0")
+    log = os.path.join(stack.env["CHAT_NGINX_PREFIX"], "logs", "access.log")
+
+    def logged():
+        text = open(log).read()
+        return text if text.count(f"{user}/phone") >= 2 else None
+    text = _eventually(logged, what="both requests in access.log")
+    assert tok not in text and tok.split(".")[2] not in text
+    lines = [l for l in text.splitlines() if f"{user}/phone" in l]
+    assert any("GET /chat/ws " in l for l in lines) and any("GET /chat/poll " in l for l in lines), lines
+

@@ -21,7 +21,9 @@ typedef struct {
     char  kafka_brokers[CW_STR];
     char  mongo_uri[CW_STR];
     char  queue[16];            /* "redis" or "kafka" */
-    char  rest_listen[128];     /* host:port */
+    char  rest_listen[128];     /* unix:/path or host:port */
+    char  rest_secret_file[CW_STR]; /* the X-Chat-Secret nginx sends (required on TCP) */
+    int   rest_socket_mode;     /* permissions of the unix socket (default 0600) */
     char  node_id[64];          /* names this process in Redis (heartbeat key) */
     int   shards;               /* conversation shards, equal to nginx's chat_shards */
     int   fanout_workers;       /* fan-out processes sharing the shards (Redis queue) */
@@ -32,6 +34,10 @@ typedef struct {
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
     int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */
+    int   group_rate[2];        /* group creations and membership changes per acting user:
+                                   per minute, burst (0 0: off) */
+    int   group_adds[2];        /* times one user may be added to groups by others:
+                                   per hour, per day (0 0: off) */
 } cw_config_t;
 
 /* config.c */

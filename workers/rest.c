@@ -1,8 +1,13 @@
 /*
  * The rest role: a small HTTP/1.1 server that nginx proxies REST reads to
  * (history, conversations, groups). nginx authenticates the client and passes
- * the user in the X-Chat-User header; this server trusts only that header and
- * therefore listens on loopback (or a private network) only.
+ * the user in the X-Chat-User header. Whoever reaches this server could
+ * claim any user, so the hop is authenticated: by default a unix socket
+ * that only nginx's user may open (rest_listen = unix:/path, mode
+ * rest_socket_mode, default 0600), and on TCP a shared secret that nginx
+ * sends as X-Chat-Secret (rest_secret_file; the role refuses to start on
+ * TCP without one, and answers 401 to a request without the right one,
+ * compared in constant time). A secret may be set for a unix socket too.
  *
  * One thread, epoll, non-blocking sockets, keep-alive, bounded request size.
  * MongoDB queries are synchronous with bounded timeouts: this role is a
@@ -31,7 +36,12 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 
 #include <jansson.h>
 #include <mongoc/mongoc.h>
@@ -71,6 +81,7 @@ typedef struct {
     const char *path;      /* without the query */
     const char *query;     /* after '?', or "" */
     const char *user;      /* X-Chat-User, or NULL */
+    const char *secret;    /* X-Chat-Secret, or NULL */
     const char *body;
     size_t      body_len;
 } rest_req_t;
@@ -681,6 +692,23 @@ receipts(int fd, const rest_req_t *rq)
     respond_json(fd, status, out);
 }
 
+/* SHA-256 of the configured secret (rest_secret_file), if any */
+static unsigned char rest_secret_sha[SHA256_DIGEST_LENGTH];
+static int           rest_have_secret;
+
+/* X-Chat-Secret right? Digests of equal length compared in constant time,
+ * so neither the content nor the length of the secret leaks by timing. */
+static int
+secret_ok(const char *given)
+{
+    unsigned char d[SHA256_DIGEST_LENGTH];
+
+    if (!rest_have_secret) return 1;
+    if (given == NULL) return 0;
+    SHA256((const unsigned char *) given, strlen(given), d);
+    return CRYPTO_memcmp(d, rest_secret_sha, sizeof(d)) == 0;
+}
+
 static void
 route(int fd, const rest_req_t *rq)
 {
@@ -691,6 +719,10 @@ route(int fd, const rest_req_t *rq)
 
     if (strcmp(rq->path, "/healthz") == 0) {
         respond(fd, 200, "{\"status\":\"ok\"}");
+        return;
+    }
+    if (!secret_ok(rq->secret)) {
+        respond_error(fd, 401, "unauthorized", "this server answers nginx only");
         return;
     }
     if (!is_history && !is_convs && !is_receipts && !is_groups) {
@@ -771,6 +803,7 @@ parse_and_serve(rest_conn_t *c)
         v = colon + 1;
         while (*v == ' ' || *v == '\t') v++;
         if (strcasecmp(h, "X-Chat-User") == 0) rq.user = v;
+        else if (strcasecmp(h, "X-Chat-Secret") == 0) rq.secret = v;
     }
     rq.body = c->buf + head_len;
     rq.body_len = clen;
@@ -778,38 +811,119 @@ parse_and_serve(rest_conn_t *c)
     return (ssize_t) (head_len + clen);
 }
 
+/* rest_secret_file: 16 to 4096 bytes, a trailing newline ignored */
+static int
+load_secret(const char *path)
+{
+    char   buf[4097];
+    size_t n;
+    FILE  *f = fopen(path, "r");
+
+    if (f == NULL) {
+        cw_error("rest_secret_file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) n--;
+    if (n < 16 || n > 4096 || memchr(buf, '\0', n) != NULL) {
+        cw_error("rest_secret_file %s must hold 16 to 4096 bytes of text (it holds %zu)", path, n);
+        return -1;
+    }
+    SHA256((const unsigned char *) buf, n, rest_secret_sha);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    rest_have_secret = 1;
+    return 0;
+}
+
+/* The listening socket: unix:/path (mode rest_socket_mode) or host:port
+ * (IPv4, a secret required). */
+static int
+rest_listen(const cw_config_t *cf)
+{
+    int lfd, one = 1;
+
+    if (strncmp(cf->rest_listen, "unix:", 5) == 0) {
+        struct sockaddr_un su;
+        const char        *path = cf->rest_listen + 5;
+        mode_t             old;
+        struct stat        st;
+
+        memset(&su, 0, sizeof(su));
+        su.sun_family = AF_UNIX;
+        if (path[0] != '/' || strlen(path) >= sizeof(su.sun_path)) {
+            cw_error("rest_listen unix: needs an absolute path of at most %zu bytes", sizeof(su.sun_path) - 1);
+            return -1;
+        }
+        strcpy(su.sun_path, path);
+        /* a socket left by a previous run (never another kind of file) */
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
+        lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (lfd < 0) return -1;
+        old = umask(0177);                      /* no window with a wider mode */
+        if (bind(lfd, (struct sockaddr *) &su, sizeof(su)) != 0) {
+            umask(old);
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        umask(old);
+        if (chmod(path, (mode_t) cf->rest_socket_mode) != 0 || listen(lfd, 512) != 0) {
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        return lfd;
+    } else {
+        char               host[128];
+        int                port;
+        struct sockaddr_in sa;
+
+        if (cw_parse_hostport(cf->rest_listen, host, sizeof(host), &port) != 0) {
+            cw_error("bad rest_listen \"%s\"", cf->rest_listen);
+            return -1;
+        }
+        if (!rest_have_secret) {
+            cw_error("rest_listen %s is TCP: anyone who reaches it could claim any user; set rest_secret_file "
+                     "(and nginx's X-Chat-Secret), or listen on a unix socket (rest_listen = unix:/path)",
+                     cf->rest_listen);
+            return -1;
+        }
+        memset(&sa, 0, sizeof(sa));
+        sa.sin_family = AF_INET;
+        sa.sin_port = htons((uint16_t) port);
+        if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+            cw_error("rest_listen host must be an IPv4 address: %s", host);
+            return -1;
+        }
+        lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (lfd < 0) return -1;
+        setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(lfd, (struct sockaddr *) &sa, sizeof(sa)) != 0 || listen(lfd, 512) != 0) {
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        return lfd;
+    }
+}
+
 int
 cw_role_rest(const cw_config_t *cf)
 {
-    char                host[128];
-    int                 port, lfd, ep, one = 1;
-    struct sockaddr_in  sa;
+    int                 lfd, ep, one = 1;
     struct epoll_event  ev, evs[64];
 
-    if (cw_parse_hostport(cf->rest_listen, host, sizeof(host), &port) != 0) {
-        cw_error("bad rest_listen \"%s\"", cf->rest_listen);
-        return 2;
-    }
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t) port);
-    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
-        cw_error("rest_listen host must be an IPv4 address: %s", host);
-        return 2;
-    }
-    lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(lfd, (struct sockaddr *) &sa, sizeof(sa)) != 0 || listen(lfd, 512) != 0) {
-        cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
-        close(lfd);
-        return 1;
-    }
+    if (cf->rest_secret_file[0] && load_secret(cf->rest_secret_file) != 0) return 2;
+    lfd = rest_listen(cf);
+    if (lfd < 0) return 2;
     ep = epoll_create1(EPOLL_CLOEXEC);
     ev.events = EPOLLIN;
     ev.data.ptr = NULL;
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     rest_cf = cf;
-    cw_info("role rest listening on %s", cf->rest_listen);
+    cw_info("role rest listening on %s (%s)", cf->rest_listen,
+            rest_have_secret ? "X-Chat-Secret required" : "unix socket permissions");
     cw_groups_init(cf);
 
     while (!cw_stop) {
@@ -824,7 +938,8 @@ cw_role_rest(const cw_config_t *cf)
                 for (;;) {
                     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                     if (fd < 0) break;
-                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                    if (strncmp(cf->rest_listen, "unix:", 5) != 0)
+                        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
                     c = calloc(1, sizeof(*c));
                     if (c == NULL) { close(fd); continue; }
                     c->fd = fd;
@@ -877,6 +992,7 @@ cw_role_rest(const cw_config_t *cf)
     cw_groups_close();
     close(ep);
     close(lfd);
+    if (strncmp(cf->rest_listen, "unix:", 5) == 0) unlink(cf->rest_listen + 5);
     if (rest_client) {
         mongoc_collection_destroy(rest_messages);
         mongoc_collection_destroy(rest_conversations);
