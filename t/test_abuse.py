@@ -561,3 +561,65 @@ def test_access_log_never_holds_a_token(stack):
     lines = [l for l in text.splitlines() if f"{user}/phone" in l]
     assert any("GET /chat/ws " in l for l in lines) and any("GET /chat/poll " in l for l in lines), lines
 
+
+# ---- group budgets (items 2 and 9, REST side) ---------------------------------
+
+def _group_post(stack, user, path, body):
+    st, h, b = stack.request("POST", stack.http + path, body=body, headers=_auth(stack, user))
+    return st, b
+
+
+def test_group_operations_have_a_budget_per_acting_user(stack, rds):
+    """Group creation and membership changes were unlimited. Each acting
+    user has a budget (worker group_rate_limit, default 30 a minute, burst
+    10), kept in Redis so every rest process and nginx node shares it."""
+    owner = _uid("gb")
+    codes, gid = [], None
+    for i in range(12):
+        if i % 2 == 0:
+            st, b = _group_post(stack, owner, "/groups", {"name": f"g{i}"})
+            gid = b.get("group", gid)
+        else:
+            st, b = _group_post(stack, owner, f"/groups/{gid}/members", {"add": [_uid("m")]})
+        codes.append(st)
+        if st == 429:
+            assert b["code"] == "rate_limited" and b["retry_after"] >= 1, b
+    assert codes[:10] == [201, 200] * 5 and codes[10:] == [429, 429], codes
+    assert rds.exists("chat:{u:%s}:rl:groups" % owner)          # in Redis: shared by every rest process
+    # positive control: another user is not affected, and the budget refills
+    st, b = _group_post(stack, _uid("gb"), "/groups", {"name": "other"})
+    assert st == 201, b
+    time.sleep(2.2)                                               # 30 a minute: one token every 2 s
+    st, b = _group_post(stack, owner, "/groups", {"name": "later"})
+    assert st == 201, b
+
+
+def test_a_user_can_be_added_to_only_so_many_groups_by_others(stack, rds):
+    """A cap on how often one user can be added to groups by others (worker
+    group_adds_limit, default 50 an hour, 200 a day): 429 too_many_adds."""
+    victim = _uid("vic")
+    owners = [_uid("own") for _ in range(6)]
+    added, refused = 0, None
+    for k in range(55):
+        st, b = _group_post(stack, owners[k // 9], "/groups", {"name": f"spam{k}", "members": [victim]})
+        if st == 201:
+            assert victim in b["members"]
+            added += 1
+        else:
+            refused = (st, b)
+            break
+    assert added == 50, (added, refused)
+    st, b = refused
+    assert st == 429 and b["code"] == "too_many_adds" and b["user"] == victim and b["retry_after"] >= 1, b
+    # a change that adds the victim with someone else is refused as a whole,
+    # and gives back the other user's add
+    other = _uid("oth")
+    st, b = _group_post(stack, owners[-1], "/groups", {"name": "mixed", "members": [other, victim]})
+    assert st == 429 and b["user"] == victim
+    assert int(rds.hget("chat:{u:%s}:adds" % other, "hn") or 0) == 0
+    # positive control: the same owner can still create groups without the victim
+    st, b = _group_post(stack, owners[-1], "/groups", {"name": "fine", "members": [other]})
+    assert st == 201, b
+    # the victim may still create its own groups
+    st, b = _group_post(stack, victim, "/groups", {"name": "mine"})
+    assert st == 201, b
