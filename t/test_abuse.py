@@ -253,6 +253,28 @@ def test_malformed_queue_entries_go_to_the_dead_letter_queue(stack, rds, mdb):
     ca.close()
 
 
+def test_a_document_mongodb_refuses_does_not_stall_persistence(stack, rds, mdb):
+    """An entry whose document MongoDB refuses for good (FerretDB refuses
+    field names starting with '$') was retried forever: persist stalled and
+    nothing after it reached history. It goes to the dead-letter queue and
+    the rest of its batch is written."""
+    a, b = _uid("rf"), _uid("rf")
+    conv = _dconv(a, b)
+    marker = _uid("refused")
+    ev = {"type": "msg", "id": marker, "conv": conv, "seq": 1, "from": a, "to": b, "body": "", "kind": "media",
+          "media": {"url": "https://x.example/a.png", "mime": "image/png", "size": 1, "$where": "x"}, "ts": 1}
+    _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": conv, "from": a, "dev": "d", "to": b, "seq": "1",
+                                    "ev": json.dumps(ev)})
+    ok = dict(ev, id=_uid("m"), seq=2, kind="text", body="behind the refused one")
+    del ok["media"]
+    _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": conv, "from": a, "dev": "d", "to": b, "seq": "2",
+                                    "ev": json.dumps(ok)})
+    _eventually(lambda: mdb.messages.find_one({"_id": ok["id"]}), timeout=30, what="the message behind it stored")
+    if mdb.messages.find_one({"_id": marker}) is None:           # refused (FerretDB): then in the DLQ
+        rec = _dlq_records(stack, rds, "persist", marker)[0]
+        assert rec["dlq.why"].startswith("MongoDB refuses the document"), rec
+
+
 def test_seq_range_is_that_of_javascript_safe_integers(stack, rds, mdb):
     """Item 5: one integer range for seqs, cursors and pointers: 0 .. 2^53-1.
     The workers accept its maximum (they refused 19 digits and dropped the

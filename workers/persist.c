@@ -53,6 +53,7 @@ typedef struct {
     cw_batch_t           batch;
 
     /* per batch */
+    char               **refused;      /* per entry: why MongoDB refuses its document, or NULL */
     bson_t             **msg_doc;      /* per entry: the messages document, or NULL */
     bson_t             **msg_last;     /* per entry: the `last` subdocument */
     bson_t             **state_set;    /* per membership entry: the groups document's $set */
@@ -121,12 +122,18 @@ ensure_cap(persist_t *p, int n)
     if (n > p->ecap) {
         free_batch_docs(p);
         free(p->msg_doc); free(p->msg_last); free(p->state_set); free(p->msg_ts); free(p->ops);
+        for (int i = 0; p->refused && i < p->ecap; i++) free(p->refused[i]);
+        free(p->refused);
+        p->refused = calloc((size_t) n, sizeof(char *));
         p->msg_doc = calloc((size_t) n, sizeof(bson_t *));
         p->msg_last = calloc((size_t) n, sizeof(bson_t *));
         p->state_set = calloc((size_t) n, sizeof(bson_t *));
         p->msg_ts = calloc((size_t) n, sizeof(int64_t));
         p->ops = calloc(2 * (size_t) n, sizeof(convop_t));
-        if (!p->msg_doc || !p->msg_last || !p->state_set || !p->msg_ts || !p->ops) { p->ecap = 0; return -1; }
+        if (!p->refused || !p->msg_doc || !p->msg_last || !p->state_set || !p->msg_ts || !p->ops) {
+            p->ecap = 0;
+            return -1;
+        }
         p->ecap = n;
         p->opcap = 2 * n;
     }
@@ -286,8 +293,17 @@ prepare(persist_t *p)
         cw_entry_t *e = &b->e[i];
         convop_t   *op;
 
+        if (e->dead) continue;                  /* recorded in the dead-letter queue already */
         if (!e->valid) {
             if (dead(p, e, e->why ? e->why : "invalid") != 0) return -2;
+            continue;
+        }
+        if (p->refused[i]) {                    /* MongoDB refused its document (write_batch) */
+            char why[300];
+            snprintf(why, sizeof(why), "MongoDB refuses the document: %s", p->refused[i]);
+            if (dead(p, e, why) != 0) return -2;
+            free(p->refused[i]);
+            p->refused[i] = NULL;
             continue;
         }
         if (e->type == CW_T_MSG) {
@@ -376,6 +392,19 @@ wc_opts(bson_t *opts, int ordered)
     BSON_APPEND_BOOL(opts, "ordered", ordered);
     mongoc_write_concern_append(wc, opts);
     mongoc_write_concern_destroy(wc);
+}
+
+/* Write errors of an insert that no retry can cure (a field name MongoDB
+ * refuses, a document too large, ...), as opposed to a primary stepping
+ * down or a timeout. */
+static int
+retryable_code(int64_t code)
+{
+    static const int64_t codes[] = { 6, 7, 24, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435,
+                                     13436 };
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++)
+        if (codes[i] == code) return 1;
+    return 0;
 }
 
 /* Only duplicate-key write errors (the document is already there)? */
@@ -478,7 +507,62 @@ get_created(const bson_t *set)
     return bson_iter_init_find(&it, set, "created") ? bson_iter_as_int64(&it) : 0;
 }
 
-/* Writes the prepared batch; 0 when all of it is durably in MongoDB. */
+/*
+ * Step 1 of a batch: the insert of its messages (duplicate keys are
+ * success). Documents MongoDB refuses for good are noted in refused[]
+ * (the batch is then prepared again: they go to the dead-letter queue, the
+ * rest is written): returns -3. Other failures -1 (retried as they are).
+ */
+static int
+insert_messages(persist_t *p, mongoc_bulk_operation_t *bulk)
+{
+    bson_t       reply;
+    bson_error_t error;
+    bson_iter_t  it, arr, doc;
+    int          ok = (int) mongoc_bulk_operation_execute(bulk, &reply, &error), refused = 0, other = 0;
+
+    mongoc_bulk_operation_destroy(bulk);
+    if (!ok && error.domain == MONGOC_ERROR_SERVER && only_duplicates(&reply)) ok = 1;
+    if (!ok && error.domain == MONGOC_ERROR_SERVER
+        && !(bson_iter_init_find(&it, &reply, "writeConcernErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+             && bson_iter_recurse(&it, &arr) && bson_iter_next(&arr))
+        && bson_iter_init_find(&it, &reply, "writeErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+        && bson_iter_recurse(&it, &arr))
+    {
+        while (bson_iter_next(&arr)) {
+            int64_t     index = -1, code = 0;
+            const char *msg = "refused";
+            if (!BSON_ITER_HOLDS_DOCUMENT(&arr) || !bson_iter_recurse(&arr, &doc)) { other = 1; continue; }
+            while (bson_iter_next(&doc)) {
+                if (strcmp(bson_iter_key(&doc), "index") == 0) index = bson_iter_as_int64(&doc);
+                else if (strcmp(bson_iter_key(&doc), "code") == 0) code = bson_iter_as_int64(&doc);
+                else if (strcmp(bson_iter_key(&doc), "errmsg") == 0 && BSON_ITER_HOLDS_UTF8(&doc))
+                    msg = bson_iter_utf8(&doc, NULL);
+            }
+            if (code == 11000) continue;
+            if (retryable_code(code) || index < 0) { other = 1; continue; }
+            /* index counts the documents inserted: the index-th non-NULL msg_doc */
+            for (int i = 0, k = 0; i < p->batch.n; i++) {
+                if (p->msg_doc[i] == NULL) continue;
+                if (k++ == index) {
+                    free(p->refused[i]);
+                    p->refused[i] = strdup(msg);
+                    refused += p->refused[i] != NULL;
+                    break;
+                }
+            }
+        }
+    }
+    if (!ok && (refused == 0 || other)) {
+        cw_warn("persist: insert messages: %s (domain %u, code %u)", error.message, error.domain, error.code);
+    }
+    bson_destroy(&reply);
+    if (ok) return 0;
+    return refused > 0 && !other ? -3 : -1;
+}
+
+/* Writes the prepared batch; 0 when all of it is durably in MongoDB; -3
+ * when documents were refused for good (prepare the batch again). */
 static int
 write_batch(persist_t *p)
 {
@@ -499,7 +583,8 @@ write_batch(persist_t *p)
         n++;
     }
     if (n == 0) mongoc_bulk_operation_destroy(bulk);
-    else if (run_bulk(bulk, 1, "insert messages") != 0) goto done;
+    else if ((rc = insert_messages(p, bulk)) != 0) goto done;
+    rc = -1;
 
     /* 2. group states: the newest of the batch, where it is newer than
      * the stored one (else the upsert's insert is a duplicate key). One
@@ -756,7 +841,11 @@ cw_role_persist(const cw_config_t *cf)
             }
             prepared = 1;
         }
-        if (write_batch(&p) != 0) {
+        if ((n = write_batch(&p)) == -3) {
+            prepared = 0;                       /* the refused ones go to the dead-letter queue */
+            continue;
+        }
+        if (n != 0) {
             cw_warn("persist: mongodb write failed; %d entries kept unacknowledged, retrying in %d ms",
                     p.batch.n, cw_backoff_ms(&mbo));
             if (p.c) cw_heartbeat_tick(&hb, p.c);
@@ -800,6 +889,8 @@ stats:
     cw_dlq_free(p.dlq);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
+    for (int i = 0; i < p.ecap; i++) free(p.refused[i]);
+    free(p.refused);
     free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);
     mongoc_collection_destroy(p.messages);
     mongoc_collection_destroy(p.conversations);
