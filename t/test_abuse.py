@@ -645,3 +645,20 @@ def test_a_user_can_be_added_to_only_so_many_groups_by_others(stack, rds):
     # the victim may still create its own groups
     st, b = _group_post(stack, victim, "/groups", {"name": "mine"})
     assert st == 201, b
+
+
+def test_rest_takes_the_same_integer_range(stack):
+    """history's before/after and receipts' seq take 0 .. 2^53-1, like the
+    rest of the pipeline (they stopped at 15 digits)."""
+    a, b = _uid("ri"), _uid("ri")
+    conv = _dconv(a, b)
+    for q in (f"after={JS_MAX}", f"before={JS_MAX}"):
+        st, _, body = stack.request("GET", stack.http + f"/history?conv={conv}&{q}", headers=_auth(stack, a))
+        assert st == 200 and body["messages"] == [], (q, body)
+    st, _, body = stack.request("GET", stack.http + f"/receipts?conv={conv}&seq={JS_MAX}", headers=_auth(stack, a))
+    assert st == 200, body
+    for q in (f"after={JS_MAX + 1}", f"before={JS_MAX + 1}", "after=12345678901234567"):
+        st, _, body = stack.request("GET", stack.http + f"/history?conv={conv}&{q}", headers=_auth(stack, a))
+        assert st == 400 and body["code"] == "bad_request", (q, body)
+    st, _, body = stack.request("GET", stack.http + f"/receipts?conv={conv}&seq={JS_MAX + 1}", headers=_auth(stack, a))
+    assert st == 400, body

@@ -225,12 +225,13 @@ parse_pos(const char *s)
 {
     int64_t n = 0;
     size_t  len = strlen(s);
-    if (len == 0 || len > 15) return -1;
+    /* the one integer range of seqs and pointers: 0 .. 2^53-1 */
+    if (len == 0 || len > 16) return -1;
     for (size_t i = 0; i < len; i++) {
         if (s[i] < '0' || s[i] > '9') return -1;
         n = n * 10 + (s[i] - '0');
     }
-    return n;
+    return n > CW_INT_MAX ? -1 : n;
 }
 
 
