@@ -452,6 +452,17 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_str_set(&cmcf->kafka_topic, "chat.in");
     }
 
+    /* HS256 with a short secret is brute-forced offline from any token:
+     * at least 256 bits (RFC 7518, 3.2), from either directive */
+    if (cmcf->jwt_secret.len && cmcf->jwt_secret.len < 32) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_jwt_secret is %uz bytes long; HS256 needs "
+                           "at least 32 random bytes (e.g. head -c 32 "
+                           "/dev/urandom | base64 > secret)",
+                           cmcf->jwt_secret.len);
+        return NGX_CONF_ERROR;
+    }
+
     if (cmcf->kafka && cmcf->kafka_brokers.len == 0) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "chat_queue kafka needs chat_kafka_brokers");

@@ -78,6 +78,36 @@ class Stack:
         except ValueError:
             return status, hdrs, raw
 
+    def rest_socket(self, timeout=10):
+        """A connection straight to the rest worker (its unix socket),
+        bypassing nginx."""
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(self.env["CHAT_REST_SOCKET"])
+        return s
+
+    def rest_request(self, method, path, body=None, headers=None, timeout=10):
+        """(status, headers, parsed-or-raw body) of a request straight to the
+        rest worker, as nginx would send it (or as an impostor would)."""
+        import http.client
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn):
+                conn.sock = self.rest_socket(timeout)
+        c = Conn("localhost", timeout=timeout)
+        data = None
+        if body is not None:
+            data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        c.request(method, path, body=data, headers=headers or {})
+        r = c.getresponse()
+        raw = r.read()
+        c.close()
+        try:
+            return r.status, dict(r.getheaders()), json.loads(raw) if raw else None
+        except ValueError:
+            return r.status, dict(r.getheaders()), raw
+
     def nginx_signal(self, sig):
         subprocess.run(nginx_argv("-p", self.env["CHAT_NGINX_PREFIX"], "-c", self.env["CHAT_NGINX_CONF"],
                                   "-s", sig), check=True, env=self.proc_env)

@@ -96,7 +96,9 @@ def stack(request):
               + glob.glob(os.path.join(stack_dir, "nginx", "logs", "*"))):
         if os.path.isfile(f):
             os.unlink(f)
-    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack_dir,
+    # --test: the test-only locations (conf/test-locations.conf), which a
+    # stack users run does not have
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--test", "--dir", stack_dir,
                         "--port-base", port_base, "--queue", queue],
                        env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:

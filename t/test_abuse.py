@@ -478,3 +478,637 @@ def test_one_attacker_at_full_speed_hurts_no_victim(stack):
 # Store and workers side: dead letters, encodings, REST hop, stack defaults
 # ============================================================================
 
+
+import re
+import zlib
+
+import pymongo
+import redis
+
+SHARDS = 16
+JS_MAX = 2 ** 53 - 1          # the one integer range of seqs, cursors, pointers
+
+
+def _eventually(pred, timeout=15.0, interval=0.05, what="condition"):
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def _dconv(a, b):
+    return f"d:{min(a, b)}:{max(a, b)}"
+
+
+def _shard(conv):
+    return zlib.crc32(conv.encode()) % SHARDS
+
+
+def _ws(stack, user, device=None, path=None):
+    c = WS(stack.host, stack.port, path or stack.ws_path, token=stack.token(user, device))
+    c.hello = c.recv()
+    assert c.hello["type"] == "hello", c.hello
+    return c
+
+
+def _answer(c, cid, timeout=10):
+    """The ack or error that answers client_id cid (other frames skipped)."""
+    deadline = time.time() + timeout
+    while True:
+        m = c.recv(max(0.1, deadline - time.time()))
+        if m.get("type") == "ack" and m.get("client_id") == cid:
+            return m
+        if m.get("type") == "error" and m.get("client_id") in (cid, None):
+            return m
+
+
+def _auth(stack, user):
+    return {"Authorization": "Bearer " + stack.token(user)}
+
+
+def _history(stack, user, conv):
+    st, _, body = stack.request("GET", stack.http + f"/history?conv={conv}&limit=100", headers=_auth(stack, user))
+    assert st == 200, body
+    return body["messages"]
+
+
+@pytest.fixture(scope="module")
+def rds(stack):
+    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def mdb(stack):
+    c = pymongo.MongoClient(stack.env["MONGO_URI"], serverSelectionTimeoutMS=5000)
+    yield c.get_default_database()
+    c.close()
+
+
+def _dlq_count(rds, role):
+    return int(rds.hget("chat:{dlq}:count", role) or 0)
+
+
+def _enqueue_raw(stack, rds, conv, fields=None, raw=None):
+    """Puts an entry on the stack's queue directly (bypassing the module)."""
+    if stack.env.get("CHAT_QUEUE") == "kafka":
+        from confluent_kafka import Producer
+        p = Producer({"bootstrap.servers": stack.env["KAFKA_BROKERS"], "acks": "all"})
+        p.produce("chat.in", key=conv, value=raw if raw is not None else json.dumps(fields), partition=_shard(conv))
+        assert p.flush(30) == 0
+        return None
+    return rds.xadd("chat:{s%d}:in" % _shard(conv), fields)
+
+
+def _dlq_records(stack, rds, role, marker, timeout=20):
+    """Dead letters of role whose content holds marker: dicts of their fields
+    (Redis stream) or {"value", headers...} (Kafka topic chat.dlq)."""
+    if stack.env.get("CHAT_QUEUE") != "kafka":
+        def find():
+            return [f for _, f in rds.xrange("chat:{dlq}:%s" % role) if any(marker in v for v in f.values())]
+        return _eventually(find, timeout=timeout, what=f"dead letter {marker} of {role}")
+    from confluent_kafka import Consumer
+    c = Consumer({"bootstrap.servers": stack.env["KAFKA_BROKERS"], "group.id": _uid("dlqtest"),
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe(["chat.dlq"])
+    found, deadline = [], time.time() + timeout
+    try:
+        while not found and time.time() < deadline:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            value = m.value().decode(errors="replace")
+            hdrs = {k: v.decode() for k, v in (m.headers() or [])}
+            if m.key() == role.encode() and marker in value:
+                found.append({"value": value, **hdrs})
+    finally:
+        c.close()
+    assert found, f"no dead letter {marker} of {role} on chat.dlq"
+    return found
+
+
+# Bodies that must survive module -> queue -> MongoDB -> history unchanged:
+# (name, body as written in the client's JSON text)
+_BODIES = [
+    ("nul", r"before\u0000after"),
+    ("nul-only", r"\u0000"),
+    ("controls", "".join("\\u%04x" % c for c in range(1, 32))),
+    ("surrogate-pair", r"\ud83d\ude00 pair"),
+    ("four-byte-utf8", "😀🀄𝄞 raw"),
+    ("max-body", "😀" * 1000),                  # chat_max_body default: 1000 characters
+]
+
+
+def test_acked_bodies_reach_history_and_mongodb_unchanged(stack, rds, mdb):
+    """Item 3: whatever the module acks, persist stores. A body with U+0000
+    was acked, delivered live, and dropped by persist (`ev has no message
+    id`: jansson refuses \\u0000 unless told otherwise)."""
+    a, b = _uid("enc"), _uid("enc")
+    conv = _dconv(a, b)
+    before = {r: _dlq_count(rds, r) for r in ("fanout", "persist")}
+    ca, cb = _ws(stack, a, path="/chat/test/ws-bulk"), _ws(stack, b)       # 37 sends: past the send budget
+    sent = {}
+    for name, raw in _BODIES:
+        cid = "c-" + name
+        ca.send_text('{"type":"send","client_id":"%s","to":"%s","body":"%s"}' % (cid, b, raw))
+        ans = _answer(ca, cid)
+        assert ans["type"] == "ack", (name, ans)
+        sent[ans["seq"]] = (name, json.loads('"%s"' % raw))
+    # each control character on its own, too
+    for ch in range(1, 32):
+        cid = "ctl-%d" % ch
+        ca.send_text('{"type":"send","client_id":"%s","to":"%s","body":"x\\u%04xy"}' % (cid, b, ch))
+        ans = _answer(ca, cid)
+        assert ans["type"] == "ack", (ch, ans)
+        sent[ans["seq"]] = ("control %d" % ch, "x%sy" % chr(ch))
+    # live delivery carries the same bodies
+    live = {}
+    while len(live) < len(sent):
+        m = cb.recv(10)
+        if m.get("type") == "msg":
+            live[m["seq"]] = m["body"]
+    assert live == {s: body for s, (_, body) in sent.items()}
+
+    def stored():
+        return {m["seq"]: m["body"] for m in _history(stack, a, conv)} if len(_history(stack, a, conv)) == len(sent) else None
+    hist = _eventually(stored, timeout=30, what="every acked message in history")
+    for seq, (name, body) in sent.items():
+        assert hist[seq] == body, name
+    docs = {d["seq"]: d["body"] for d in mdb.messages.find({"conv": conv})}
+    assert docs == {s: body for s, (_, body) in sent.items()}
+    # the conversation list shows the newest of them, NUL and all
+    st, _, lst = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+    row = [c for c in lst["conversations"] if c["conv"] == conv][0]
+    assert row["last"]["body"] == sent[max(sent)][1]
+    assert {r: _dlq_count(rds, r) for r in ("fanout", "persist")} == before, "nothing dead-lettered"
+    ca.close()
+    cb.close()
+
+
+def test_unpaired_surrogate_is_refused_not_acked(stack, mdb):
+    """A lone surrogate cannot be stored as UTF-8 (BSON, JSON): the module
+    refuses it, so nothing is acked that the archive could not hold."""
+    a, b = _uid("sur"), _uid("sur")
+    ca = _ws(stack, a)
+    for i, raw in enumerate([r"\ud800", r"x\udfffy", r"\ud83dx"]):
+        cid = "s%d" % i
+        ca.send_text('{"type":"send","client_id":"%s","to":"%s","body":"%s"}' % (cid, b, raw))
+        ans = _answer(ca, cid)
+        assert ans["type"] == "error" and ans["code"] == "bad_request", ans
+    # positive control: the same session still gets a valid send acked and stored
+    ca.send_text('{"type":"send","client_id":"ok","to":"%s","body":"fine"}' % b)
+    assert _answer(ca, "ok")["type"] == "ack"
+    _eventually(lambda: mdb.messages.count_documents({"conv": _dconv(a, b)}) == 1, what="the valid one stored")
+    assert [m["body"] for m in mdb.messages.find({"conv": _dconv(a, b)})] == ["fine"]
+    ca.close()
+
+
+def test_malformed_queue_entries_go_to_the_dead_letter_queue(stack, rds, mdb):
+    """A queue entry a worker cannot process is recorded in the dead-letter
+    queue (stream chat:{dlq}:<role> or topic chat.dlq) with a counter, then
+    acknowledged: never dropped silently, and it does not block the queue."""
+    a, b = _uid("dl"), _uid("dl")
+    conv = _dconv(a, b)
+    marker = _uid("poison")
+    before = {r: _dlq_count(rds, r) for r in ("fanout", "persist")}
+    ev = {"type": "msg", "conv": conv, "seq": 1, "from": a, "to": b, "body": marker, "kind": "text", "ts": 1}
+    # no message id: fan-out delivers it (it does not look inside ev), persist cannot store it
+    _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": conv, "from": a, "dev": "d", "to": b, "seq": "1",
+                                    "ev": json.dumps(ev)})
+    # not a valid entry at all: both roles dead-letter it
+    bad = _uid("garbage")
+    if stack.env.get("CHAT_QUEUE") == "kafka":
+        _enqueue_raw(stack, rds, conv, raw=b"\xff" + bad.encode() + b" not json")
+    else:
+        _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": "not-a-conv", "body": bad})
+    # a valid message behind them is processed (the queue is not blocked)
+    ca = _ws(stack, a)
+    ca.send_json({"type": "send", "client_id": "after", "to": b, "body": "after the poison"})
+    assert _answer(ca, "after")["type"] == "ack"
+    _eventually(lambda: mdb.messages.count_documents({"conv": conv, "body": "after the poison"}) == 1,
+                timeout=30, what="the message behind the poison stored")
+
+    rec = _dlq_records(stack, rds, "persist", marker)[0]
+    assert rec["dlq.why"] == "ev has no message id" and rec["dlq.role"] == "persist"
+    for role in ("fanout", "persist"):
+        r = _dlq_records(stack, rds, role, bad)[0]
+        assert r["dlq.role"] == role and r["dlq.src"]
+    assert _dlq_count(rds, "persist") >= before["persist"] + 2
+    assert _dlq_count(rds, "fanout") >= before["fanout"] + 1
+    ca.close()
+
+
+def test_a_document_mongodb_refuses_does_not_stall_persistence(stack, rds, mdb):
+    """An entry whose document MongoDB refuses for good (FerretDB refuses
+    field names starting with '$') was retried forever: persist stalled and
+    nothing after it reached history. It goes to the dead-letter queue and
+    the rest of its batch is written."""
+    a, b = _uid("rf"), _uid("rf")
+    conv = _dconv(a, b)
+    marker = _uid("refused")
+    ev = {"type": "msg", "id": marker, "conv": conv, "seq": 1, "from": a, "to": b, "body": "", "kind": "media",
+          "media": {"url": "https://x.example/a.png", "mime": "image/png", "size": 1, "$where": "x"}, "ts": 1}
+    _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": conv, "from": a, "dev": "d", "to": b, "seq": "1",
+                                    "ev": json.dumps(ev)})
+    ok = dict(ev, id=_uid("m"), seq=2, kind="text", body="behind the refused one")
+    del ok["media"]
+    _enqueue_raw(stack, rds, conv, {"t": "msg", "conv": conv, "from": a, "dev": "d", "to": b, "seq": "2",
+                                    "ev": json.dumps(ok)})
+    _eventually(lambda: mdb.messages.find_one({"_id": ok["id"]}), timeout=30, what="the message behind it stored")
+    if mdb.messages.find_one({"_id": marker}) is None:           # refused (FerretDB): then in the DLQ
+        rec = _dlq_records(stack, rds, "persist", marker)[0]
+        assert rec["dlq.why"].startswith("MongoDB refuses the document"), rec
+
+
+def test_seq_range_is_that_of_javascript_safe_integers(stack, rds, mdb):
+    """Item 5: one integer range for seqs, cursors and pointers: 0 .. 2^53-1.
+    The workers accept its maximum (they refused 19 digits and dropped the
+    receipt) and dead-letter what is beyond it."""
+    a, b = _uid("rng"), _uid("rng")
+    conv = _dconv(a, b)
+    ev = {"type": "receipt", "conv": conv, "status": "read", "by": b, "seq": JS_MAX, "ts": int(time.time() * 1000)}
+    _enqueue_raw(stack, rds, conv, {"t": "receipt", "conv": conv, "from": b, "dev": "d", "seq": str(JS_MAX),
+                                    "st": "read", "prev": "0", "ev": json.dumps(ev)})
+    _eventually(lambda: (mdb.conversations.find_one({"_id": f"{b}|{conv}"}) or {}).get("read_seq") == JS_MAX,
+                timeout=30, what="the read pointer at 2^53-1 stored")
+    before = _dlq_count(rds, "persist")
+    ev["seq"] = JS_MAX + 1
+    marker = str(JS_MAX + 1)
+    _enqueue_raw(stack, rds, conv, {"t": "receipt", "conv": conv, "from": b, "dev": "d", "seq": marker,
+                                    "st": "read", "prev": "0", "ev": json.dumps(ev)})
+    rec = _dlq_records(stack, rds, "persist", marker)[0]
+    assert "2^53-1" in rec["dlq.why"]
+    _eventually(lambda: _dlq_count(rds, "persist") > before, what="dead-letter counter")
+    assert mdb.conversations.find_one({"_id": f"{b}|{conv}"})["read_seq"] == JS_MAX
+
+
+BURSTS = 40
+
+
+def test_conversation_list_never_counts_past_its_last_message(stack):
+    """Item 10: right after three messages the list showed unread: 3 with
+    `last` still the first one (messages are stored before `last` is set).
+    Polled as fast as possible during bursts, every answer must be
+    consistent: the unread messages all lie at or before `last`."""
+    import threading
+    a, b = _uid("cl"), _uid("cl")
+    conv = _dconv(a, b)
+    ca = _ws(stack, a, path="/chat/test/ws-bulk")                         # 120 sends: past the send budget
+    stop = threading.Event()
+    seen, bad = [], []
+
+    def poll():
+        while not stop.is_set():
+            st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+            if st != 200:
+                bad.append(("status", st, body))
+                continue
+            for row in body["conversations"]:
+                if row["conv"] != conv:
+                    continue
+                seen.append((row["unread"], row["last"]["seq"]))
+                # b sends nothing: unread = messages after read_seq up to last
+                if row["last"] is None or row["unread"] > row["last"]["seq"] - row["read_seq"] \
+                        or row["last_seq"] != row["last"]["seq"]:
+                    bad.append(row)
+    threads = [threading.Thread(target=poll) for _ in range(4)]
+    for t in threads:
+        t.start()
+    n = 0
+    try:
+        for burst in range(BURSTS):
+            for k in range(3):
+                n += 1
+                ca.send_json({"type": "send", "client_id": f"b{n}", "to": b, "body": f"burst {burst} #{k}"})
+            for k in range(3):
+                assert ca.recv_type("ack")["type"] == "ack"
+            time.sleep(0.05)
+        # positive control: the list does catch up with all of them
+        def caught_up():
+            st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+            row = [r for r in body["conversations"] if r["conv"] == conv]
+            return row and row[0]["unread"] == n and row[0]["last"]["body"] == f"burst {BURSTS - 1} #2"
+        _eventually(caught_up, timeout=30, what="the list shows every message")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        ca.close()
+    assert not bad, bad[:5]
+    assert len(seen) > 20 and len({u for u, _ in seen}) > 3, "the list was polled while it changed"
+
+
+def test_conversation_list_mid_batch_state_is_consistent(stack, mdb):
+    """Item 10, deterministically: persist inserts a batch's messages first
+    and sets the conversation's `last` afterwards. The state in between
+    (message stored, conversation not yet updated) must list the old `last`
+    with the unread count that goes with it, not one more."""
+    a, b = _uid("mid"), _uid("mid")
+    conv = _dconv(a, b)
+    ca = _ws(stack, a)
+    ca.send_json({"type": "send", "client_id": "one", "to": b, "body": "first"})
+    first = _answer(ca, "one")
+    assert first["type"] == "ack"
+    ca.close()
+
+    def row():
+        st, _, body = stack.request("GET", stack.http + "/conversations", headers=_auth(stack, b))
+        assert st == 200, body
+        r = [c for c in body["conversations"] if c["conv"] == conv]
+        return r[0] if r else None
+    r1 = _eventually(lambda: row() if (row() or {}).get("unread") == 1 else None, what="first message listed")
+    assert r1["last"]["body"] == "first"
+    # what step 1 of the next batch writes, before steps 4 and 5
+    ts = first["ts"] + 1
+    doc = {"_id": _uid("m"), "conv": conv, "seq": 2, "from": a, "to": b, "body": "second", "kind": "text", "ts": ts}
+    mdb.messages.insert_one(doc)
+    r2 = row()
+    assert r2["last"]["seq"] == 1 and r2["unread"] == 1 and r2["last_seq"] == 1, r2
+    # positive control: once `last_seq` is raised (step 4) the list still
+    # waits for `last`; when `last` is set (step 5) it shows both
+    mdb.conversations.update_one({"_id": f"{b}|{conv}"}, {"$max": {"last_seq": 2, "ts": ts}})
+    r3 = row()
+    assert r3["last"]["seq"] == 1 and r3["unread"] == 1, r3
+    last = {k: v for k, v in doc.items() if k != "_id"}
+    last["id"] = doc["_id"]
+    mdb.conversations.update_one({"_id": f"{b}|{conv}"}, {"$set": {"last": last, "ts": ts}})
+    r4 = row()
+    assert r4["last"]["seq"] == 2 and r4["unread"] == 2 and r4["last"]["body"] == "second", r4
+
+
+# ---- impersonation, secrets, stack defaults (items 6 and 8) -----------------
+
+import shutil
+import subprocess
+
+from chatlib import nginx_argv
+
+
+@pytest.fixture(scope="module")
+def user_stack(stack, tmp_path_factory):
+    """`scripts/stack up` as a user runs it (no --test, no --bench): nginx
+    and the workers only, on the test stack's servers but in a keyspace and
+    database of their own (Redis db 1, MongoDB chat_user, Redis queue)."""
+    d = str(tmp_path_factory.mktemp("userstack"))
+    base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 60
+    redis_url = stack.env["REDIS_URL"] + "/1"
+    mongo = stack.env["MONGO_URI"].rsplit("/", 1)[0] + "/chat_user"
+    env = dict(stack.proc_env, REDIS_URL=redis_url, MONGO_URI=mongo, KAFKA_BROKERS=stack.env["KAFKA_BROKERS"])
+    r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", d, "--port-base", str(base),
+                        "--queue", "redis", "--workers", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from chatlib import Stack
+    s = Stack(d, env)
+    yield s
+    subprocess.run([os.path.join(ROOT, "scripts/stack"), "down", "--dir", d], env=env, capture_output=True,
+                   timeout=120)
+
+
+def _upstream_auth(s, user):
+    try:
+        c = WS(s.host, s.port, "/chat/test/ws-upstream-auth", headers={"X-Test-User": user})
+    except Exception as e:                                    # HandshakeError
+        return getattr(e, "status", str(e))
+    c.close()
+    return 101
+
+
+def test_a_stack_users_run_has_no_test_locations(stack, user_stack):
+    """Item 6: /chat/test/ws-upstream-auth let anyone connect as anyone
+    with an X-Test-User header. Only the test stack (--test) has it."""
+    assert _upstream_auth(stack, "victim") == 101             # positive control: the test stack has it
+    assert _upstream_auth(user_stack, "victim") == 404
+    full = subprocess.run(nginx_argv("-T", "-p", user_stack.env["CHAT_NGINX_PREFIX"], "-c",
+                                     user_stack.env["CHAT_NGINX_CONF"]), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    assert "/chat/test/" not in full.stdout and "chat_user_variable" not in full.stdout
+    assert "location = /chat/ws" in full.stdout                # the dump is the whole configuration
+
+
+def test_a_stack_users_run_has_the_default_rate_limit(stack, user_stack):
+    """Item 8: the stack ran chat_rate_limit 600000 100000 for benchmarks.
+    A stack users run has the production default (60 a minute, burst 10)."""
+    full = subprocess.run(nginx_argv("-T", "-p", user_stack.env["CHAT_NGINX_PREFIX"], "-c",
+                                     user_stack.env["CHAT_NGINX_CONF"]), capture_output=True, text=True).stdout
+    assert not re.search(r"^\s*chat_rate_limit", full, re.M), "no directive: the default applies"
+    a = _uid("lim")
+    c = _ws(user_stack, a)
+    for i in range(14):
+        c.send_json({"type": "send", "client_id": f"l{i}", "to": "bob", "body": "x"})
+    got = [c.recv(10) for _ in range(14)]
+    acks = [m for m in got if m["type"] == "ack"]
+    limited = [m for m in got if m["type"] == "error" and m["code"] == "rate_limited"]
+    assert len(acks) == 10 and len(limited) == 4, got          # burst 10 (refill 1/s: 0 or 1 more at most)
+    c.close()
+    # positive control: the same sends on the stack the suite runs through
+    # its bulk location (rate limit off) are all acked
+    b = _uid("lim")
+    c = _ws(stack, b, path="/chat/test/ws-bulk")
+    for i in range(14):
+        c.send_json({"type": "send", "client_id": f"l{i}", "to": "bob", "body": "x"})
+    assert all(c.recv(10)["type"] == "ack" for _ in range(14))
+    c.close()
+
+
+def test_bench_stack_raises_the_limits(tmp_path):
+    """scripts/bench runs `scripts/stack up --bench`, which includes
+    conf/bench-limits.conf; the stack users run does not."""
+    bench = open(os.path.join(ROOT, "scripts/bench")).read()
+    assert "scripts/stack up --bench" in bench
+    assert "chat_rate_limit 600000 100000;" in open(os.path.join(ROOT, "conf/bench-limits.conf")).read()
+
+
+def test_rest_worker_refuses_requests_that_do_not_come_from_nginx(stack, tmp_path):
+    """Item 6: the rest worker trusted X-Chat-User from anyone reaching its
+    port. On the stack it listens on a unix socket only its user may open;
+    on TCP it needs a shared secret, and refuses to start without one."""
+    sock = stack.env["CHAT_REST_SOCKET"]
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    # another local user cannot even connect
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); "
+             "s.connect(sys.argv[1]); s.sendall(b'GET /chat/conversations HTTP/1.1\\r\\nX-Chat-User: victim\\r\\n\\r\\n');"
+             "print(s.recv(100))")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "python3", "-c", probe, sock],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stdout + r.stderr
+    # positive control: nginx's user (ours) gets an answer on the same socket
+    st, _, body = stack.rest_request("GET", "/chat/conversations", headers={"X-Chat-User": _uid("own")})
+    assert st == 200 and body == {"conversations": []}
+
+    # TCP: without a secret the role does not start
+    conf = open(stack.env["CHAT_WORKER_CONF"]).read()
+    port = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 70
+    tcp = tmp_path / "tcp.conf"
+    tcp.write_text(conf.replace(f"rest_listen = unix:{sock}", f"rest_listen = 127.0.0.1:{port}"))
+    r = subprocess.run([stack.worker, "--config", str(tcp), "--role", "rest"], capture_output=True, text=True,
+                       timeout=30, env=stack.proc_env)
+    assert r.returncode == 2 and "rest_secret_file" in r.stderr, r.stderr
+    # with a secret: 401 without it or with a wrong one, 200 with it
+    secret = "s3cret-" + uuid.uuid4().hex
+    (tmp_path / "secret").write_text(secret + "\n")
+    tcp.write_text(tcp.read_text() + f"rest_secret_file = {tmp_path / 'secret'}\n")
+    p = subprocess.Popen([stack.worker, "--config", str(tcp), "--role", "rest"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=stack.proc_env)
+    try:
+        url = f"http://127.0.0.1:{port}/chat/conversations"
+        _eventually(lambda: p.poll() is None and _tcp_answers(stack, url), timeout=20, what="rest on TCP")
+        victim = _uid("victim")
+        for hdrs in ({"X-Chat-User": victim}, {"X-Chat-User": victim, "X-Chat-Secret": secret[:-1]},
+                     {"X-Chat-User": victim, "X-Chat-Secret": secret + "x"}, {"X-Chat-User": victim, "X-Chat-Secret": ""}):
+            st, _, body = stack.request("GET", url, headers=hdrs)
+            assert st == 401 and body["code"] == "unauthorized", (hdrs, st, body)
+        st, _, body = stack.request("GET", url, headers={"X-Chat-User": victim, "X-Chat-Secret": secret})
+        assert st == 200 and body == {"conversations": []}
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def _tcp_answers(stack, url):
+    try:
+        return stack.request("GET", url, timeout=2)[0] in (200, 401)
+    except OSError:
+        return False
+
+
+def test_nginx_refuses_a_short_jwt_secret(tmp_path):
+    """Item 6: a 1-byte HS256 secret was accepted. Under 32 bytes nginx -t
+    fails with a clear message, in both forms; 32 bytes pass."""
+    from test_foundation import _example_conf, _module
+    for form, secret, ok in [("file", "x", False), ("file", "y" * 31 + "\n", False), ("inline", "z" * 31, False),
+                             ("file", "k" * 32 + "\n", True), ("inline", "q" * 32, True)]:
+        d = tmp_path / f"{form}{len(secret)}"
+        d.mkdir()
+        conf = _example_conf(d, _module())
+        text = conf.read_text()
+        if form == "file":
+            (d / "jwt_secret").write_text(secret)
+        else:
+            text = re.sub(r"chat_jwt_secret_file [^;]+;", f"chat_jwt_secret {secret};", text)
+        conf.write_text(text)
+        r = subprocess.run(nginx_argv("-t", "-p", str(d), "-c", str(conf)), capture_output=True, text=True)
+        if ok:
+            assert r.returncode == 0, r.stderr
+        else:
+            assert r.returncode != 0 and "at least 32" in r.stderr, r.stderr
+
+
+def test_compose_refuses_to_start_without_a_real_secret(tmp_path):
+    """Item 6: docker-compose.yml fell back to a published example secret
+    and published nginx on every interface."""
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose (Debian package) is missing: scripts/setup installs it")
+    f = os.path.join(ROOT, "docker/docker-compose.yml")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHAT_JWT_SECRET_FILE", "CHAT_BIND")}
+    r = subprocess.run(["docker-compose", "-f", f, "config"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "CHAT_JWT_SECRET_FILE" in r.stderr, r.stdout + r.stderr
+    assert not os.path.exists(os.path.join(ROOT, "docker/jwt_secret.example"))
+    (tmp_path / "s").write_text("k" * 44)
+    r = subprocess.run(["docker-compose", "-f", f, "config"], capture_output=True, text=True,
+                       env=dict(env, CHAT_JWT_SECRET_FILE=str(tmp_path / "s")))
+    assert r.returncode == 0, r.stderr
+    assert "127.0.0.1" in r.stdout and "host_ip: 127.0.0.1" in r.stdout or "127.0.0.1:8080:8080" in r.stdout, r.stdout
+
+
+def test_access_log_never_holds_a_token(stack):
+    """Item 6: access.log held every ?token= JWT in full."""
+    user = _uid("log")
+    tok = stack.token(user, "phone")
+    c = WS(stack.host, stack.port, stack.ws_path, token=tok)
+    assert c.recv()["type"] == "hello"
+    c.close()
+    st, _, _ = stack.request("GET", stack.http + "/poll?token=" + tok + "&timeout=0")
+    log = os.path.join(stack.env["CHAT_NGINX_PREFIX"], "logs", "access.log")
+
+    def logged():
+        text = open(log).read()
+        return text if text.count(f"{user}/phone") >= 2 else None
+    text = _eventually(logged, what="both requests in access.log")
+    assert tok not in text and tok.split(".")[2] not in text
+    lines = [l for l in text.splitlines() if f"{user}/phone" in l]
+    assert any("GET /chat/ws " in l for l in lines) and any("GET /chat/poll " in l for l in lines), lines
+
+
+# ---- group budgets (items 2 and 9, REST side) ---------------------------------
+
+def _group_post(stack, user, path, body):
+    st, h, b = stack.request("POST", stack.http + path, body=body, headers=_auth(stack, user))
+    return st, b
+
+
+def test_group_operations_have_a_budget_per_acting_user(stack, rds):
+    """Group creation and membership changes were unlimited. Each acting
+    user has a budget (worker group_rate_limit, default 30 a minute, burst
+    10), kept in Redis so every rest process and nginx node shares it."""
+    owner = _uid("gb")
+    codes, gid = [], None
+    for i in range(12):
+        if i % 2 == 0:
+            st, b = _group_post(stack, owner, "/groups", {"name": f"g{i}"})
+            gid = b.get("group", gid)
+        else:
+            st, b = _group_post(stack, owner, f"/groups/{gid}/members", {"add": [_uid("m")]})
+        codes.append(st)
+        if st == 429:
+            assert b["code"] == "rate_limited" and b["retry_after"] >= 1, b
+    assert codes[:10] == [201, 200] * 5 and codes[10:] == [429, 429], codes
+    assert rds.exists("chat:{u:%s}:rl:groups" % owner)          # in Redis: shared by every rest process
+    # positive control: another user is not affected, and the budget refills
+    st, b = _group_post(stack, _uid("gb"), "/groups", {"name": "other"})
+    assert st == 201, b
+    time.sleep(2.2)                                               # 30 a minute: one token every 2 s
+    st, b = _group_post(stack, owner, "/groups", {"name": "later"})
+    assert st == 201, b
+
+
+def test_a_user_can_be_added_to_only_so_many_groups_by_others(stack, rds):
+    """A cap on how often one user can be added to groups by others (worker
+    group_adds_limit, default 50 an hour, 200 a day): 429 too_many_adds."""
+    victim = _uid("vic")
+    owners = [_uid("own") for _ in range(6)]
+    added, refused = 0, None
+    for k in range(55):
+        st, b = _group_post(stack, owners[k // 9], "/groups", {"name": f"spam{k}", "members": [victim]})
+        if st == 201:
+            assert victim in b["members"]
+            added += 1
+        else:
+            refused = (st, b)
+            break
+    assert added == 50, (added, refused)
+    st, b = refused
+    assert st == 429 and b["code"] == "too_many_adds" and b["user"] == victim and b["retry_after"] >= 1, b
+    # a change that adds the victim with someone else is refused as a whole,
+    # and gives back the other user's add
+    other = _uid("oth")
+    st, b = _group_post(stack, owners[-1], "/groups", {"name": "mixed", "members": [other, victim]})
+    assert st == 429 and b["user"] == victim
+    assert int(rds.hget("chat:{u:%s}:adds" % other, "hn") or 0) == 0
+    # positive control: the same owner can still create groups without the victim
+    st, b = _group_post(stack, owners[-1], "/groups", {"name": "fine", "members": [other]})
+    assert st == 201, b
+    # the victim may still create its own groups
+    st, b = _group_post(stack, victim, "/groups", {"name": "mine"})
+    assert st == 201, b
+
+
+def test_rest_takes_the_same_integer_range(stack):
+    """history's before/after and receipts' seq take 0 .. 2^53-1, like the
+    rest of the pipeline (they stopped at 15 digits)."""
+    a, b = _uid("ri"), _uid("ri")
+    conv = _dconv(a, b)
+    for q in (f"after={JS_MAX}", f"before={JS_MAX}"):
+        st, _, body = stack.request("GET", stack.http + f"/history?conv={conv}&{q}", headers=_auth(stack, a))
+        assert st == 200 and body["messages"] == [], (q, body)
+    st, _, body = stack.request("GET", stack.http + f"/receipts?conv={conv}&seq={JS_MAX}", headers=_auth(stack, a))
+    assert st == 200, body
+    for q in (f"after={JS_MAX + 1}", f"before={JS_MAX + 1}", "after=12345678901234567"):
+        st, _, body = stack.request("GET", stack.http + f"/history?conv={conv}&{q}", headers=_auth(stack, a))
+        assert st == 400 and body["code"] == "bad_request", (q, body)
+    st, _, body = stack.request("GET", stack.http + f"/receipts?conv={conv}&seq={JS_MAX + 1}", headers=_auth(stack, a))
+    assert st == 400, body

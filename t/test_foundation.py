@@ -85,7 +85,7 @@ def _example_conf(tmp_path, module):
     """conf/nginx.conf with paths pointed at this checkout, for nginx -t."""
     (tmp_path / "logs").mkdir()
     secret = tmp_path / "jwt_secret"
-    secret.write_text("example-secret\n")
+    secret.write_text("example-secret-of-at-least-32-bytes\n")
     text = open(os.path.join(ROOT, "conf/nginx.conf")).read()
     text = text.replace("/usr/lib/nginx/modules/ngx_chat_module.so", module)
     text = text.replace("/etc/ngx-chat/jwt_secret", str(secret))
@@ -147,8 +147,12 @@ def test_token_script_signs_with_the_stack_secret(stack):
 def test_compose_file_parses():
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose (Debian package) is missing: scripts/setup installs it")
+    secret = os.path.join(ROOT, "build", "compose-test-secret")
+    os.makedirs(os.path.dirname(secret), exist_ok=True)
+    with open(secret, "w") as f:
+        f.write("x" * 44 + "\n")
     r = subprocess.run(["docker-compose", "-f", os.path.join(ROOT, "docker/docker-compose.yml"), "config"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env={**os.environ, "CHAT_JWT_SECRET_FILE": secret})
     assert r.returncode == 0, r.stderr
     for svc in ("redis:", "kafka:", "mongo:", "nginx:", "chat-fanout:", "chat-persist:", "chat-rest:"):
         assert svc in r.stdout

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from chatlib import ROOT
-from test_messaging import auth, uniq, ws
+from test_messaging import BULK, auth, uniq, ws
 
 
 def create(stack, owner, members, name="team"):
@@ -178,7 +178,7 @@ def test_removal_stops_delivery_and_leave_works(stack, r):
 def test_all_members_see_one_order_under_concurrent_senders(stack):
     a, b, c = uniq("a"), uniq("b"), uniq("c")
     g = create(stack, a, [b, c])
-    a1, b1 = ws(stack, a), ws(stack, b)
+    a1, b1 = ws(stack, a, path=BULK), ws(stack, b, path=BULK)
     watchers = [ws(stack, a, "w"), ws(stack, b, "w"), ws(stack, c, "w")]
     n = 100
 
@@ -206,7 +206,7 @@ def test_all_members_see_one_order_under_concurrent_senders(stack):
 def test_offline_member_catches_up_in_order(stack):
     a, b = uniq("a"), uniq("b")
     g = create(stack, a, [b])
-    a1 = ws(stack, a)
+    a1 = ws(stack, a, path=BULK)
     ids = [reply_to(a1, gsend(a1, g, f"m{i}"))["id"] for i in range(50)]
     b1 = ws(stack, b)
     got = events(b1, 50)
@@ -348,7 +348,7 @@ def test_fanout_killed_halfway_through_a_500_member_group(stack, r):
     online = [ws(stack, u) for u in (members[0], members[250], members[498])]
     for dev in online:
         events(dev, 1, "group", timeout=30)
-    o1 = ws(stack, owner)
+    o1 = ws(stack, owner, path=BULK)
     cids = [gsend(o1, g, f"big{i}") for i in range(100)]
     ids = [reply_to(o1, cid)["id"] for cid in cids]
     # halfway: the first member has some of them, the last not all

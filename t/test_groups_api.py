@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from test_workers import (SHARDS, eventually, receipt_fields, rest_url, shard, stack_cmd, stream, uid,
+from test_workers import (SHARDS, eventually, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
                           ukey)
 from test_workers import db, q, r  # noqa: F401  (fixtures)
 
@@ -290,9 +290,8 @@ def test_bodies_are_bounded(stack):
         assert_error(st, b, 413, "too_large")
     # straight to the worker: the refused body is read and dropped, and the
     # connection serves the next request
-    host, port = rest_url(stack)[len("http://"):].split(":")
     body = json.dumps({"name": "huge", "members": many * 2}).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as sk:
+    with stack.rest_socket() as sk:
         sk.sendall(b"POST /chat/groups HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
                    + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
                    + b"GET /chat/conversations HTTP/1.1\r\nHost: x\r\nX-Chat-User: " + alice.encode()
@@ -307,12 +306,11 @@ def test_bodies_are_bounded(stack):
 
 def test_groups_api_needs_a_user(stack):
     assert_error(*api(stack, None, "POST", "/groups", {"name": "x"}), 401, "unauthorized")
-    st, _, b = stack.request("POST", rest_url(stack) + "/chat/groups", body={"name": "x"})
+    st, _, b = rest_request(stack, "POST", "/chat/groups", body={"name": "x"})
     assert_error(st, b, 401, "unauthorized")
-    st, _, b = stack.request("POST", rest_url(stack) + "/chat/groups", body={"name": "x"},
-                             headers={"X-Chat-User": "bad user"})
+    st, _, b = rest_request(stack, "POST", "/chat/groups", body={"name": "x"}, headers={"X-Chat-User": "bad user"})
     assert_error(st, b, 401, "unauthorized")
-    st, _, b = stack.request("GET", rest_url(stack) + "/chat/groups", headers={"X-Chat-User": "a"})
+    st, _, b = rest_request(stack, "GET", "/chat/groups", headers={"X-Chat-User": "a"})
     assert st == 405 and b["code"] == "bad_request"
 
 

@@ -21,7 +21,9 @@ typedef struct {
     char  kafka_brokers[CW_STR];
     char  mongo_uri[CW_STR];
     char  queue[16];            /* "redis" or "kafka" */
-    char  rest_listen[128];     /* host:port */
+    char  rest_listen[128];     /* unix:/path or host:port */
+    char  rest_secret_file[CW_STR]; /* the X-Chat-Secret nginx sends (required on TCP) */
+    int   rest_socket_mode;     /* permissions of the unix socket (default 0600) */
     char  node_id[64];          /* names this process in Redis (heartbeat key) */
     int   shards;               /* conversation shards, equal to nginx's chat_shards */
     int   fanout_workers;       /* fan-out processes sharing the shards (Redis queue) */
@@ -32,6 +34,10 @@ typedef struct {
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
     int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */
+    int   group_rate[2];        /* group creations and membership changes per acting user:
+                                   per minute, burst (0 0: off) */
+    int   group_adds[2];        /* times one user may be added to groups by others:
+                                   per hour, per day (0 0: off) */
 } cw_config_t;
 
 /* config.c */
@@ -91,6 +97,12 @@ int  cw_backoff_ms(const cw_backoff_t *b);
 #define CW_CONV_MAX  (2 + CW_ID_MAX + 1 + CW_ID_MAX)
 #define CW_FIELD_MAX 256         /* a field of chat:{u:U}:last */
 
+/* The one integer range of seqs, cursors and pointers everywhere (module,
+ * Lua scripts, workers, clients): 0 .. 2^53-1, JavaScript's safe integers,
+ * so that no client loses precision. A queue entry with a number outside
+ * it is not processed: it goes to the dead-letter queue. */
+#define CW_INT_MAX   9007199254740991LL
+
 enum { CW_T_MSG = 1, CW_T_RECEIPT = 2, CW_T_GROUP = 3 };
 
 typedef struct {
@@ -118,6 +130,14 @@ typedef struct {
     char       *state;           /* group: the group after the change, JSON (malloc'd) */
     char       *ev;              /* event JSON without cursor (malloc'd) */
     size_t      ev_len;
+    /* the entry as it came, kept only when it could not be parsed (for
+     * the dead-letter queue): Redis, name/value pairs in raw[0..2n);
+     * Kafka, raw[0] is the record's value (n_raw 1, raw_kafka set) */
+    char      **raw;
+    size_t     *raw_len;
+    int         n_raw;
+    int         raw_kafka;
+    int         dead;            /* recorded in the dead-letter queue */
 } cw_entry_t;
 
 typedef struct {
@@ -141,6 +161,14 @@ int  cw_entry_from_json(cw_entry_t *e, const char *json, size_t len);
 /* The inbox idempotency field of an entry's recipients (one per entry). */
 void cw_entry_inbox_field(const cw_entry_t *e, char field[CW_FIELD_MAX]);
 int  cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2]);
+
+/* Keeps a copy of what could not be parsed (for the dead-letter queue). */
+int  cw_entry_keep_raw(cw_entry_t *e, const char *const *v, const size_t *len, int n, int kafka);
+/* The entry's fields, rebuilt from what was parsed (names and values, at
+ * most CW_ENTRY_FIELDS pairs); the values point into e or into buf. */
+#define CW_ENTRY_FIELDS 13
+int  cw_entry_fields(const cw_entry_t *e, const char *name[CW_ENTRY_FIELDS], const char *val[CW_ENTRY_FIELDS],
+                     size_t len[CW_ENTRY_FIELDS], char *buf, size_t buflen);
 
 cw_entry_t *cw_batch_add(cw_batch_t *b);
 void cw_batch_clear(cw_batch_t *b);
@@ -174,6 +202,19 @@ int  cw_queue_ack(cw_queue_t *q, struct redisContext *c, const cw_batch_t *b);
 /* Redis mode: periodic claim of stale pending entries and stream trimming.
  * Returns -1 on a connection error. */
 int  cw_queue_maintain(cw_queue_t *q, struct redisContext *c);
+
+
+/* ---- the dead-letter queue (dlq.c) --------------------------------------- */
+
+typedef struct cw_dlq_s cw_dlq_t;
+cw_dlq_t *cw_dlq_new(const cw_config_t *cf, const char *role);
+void      cw_dlq_free(cw_dlq_t *d);
+/* Records an entry the role cannot process (log line, counter) and marks it
+ * dead; 0 when it is durably recorded (or was already), -1 when not: the
+ * entry must stay unacknowledged. c: the role's Redis connection (Redis
+ * queue: required; Kafka: only for the counter, may be NULL). */
+int       cw_dlq_put(cw_dlq_t *d, struct redisContext *c, cw_entry_t *e, const char *why);
+uint64_t  cw_dlq_total(const cw_dlq_t *d);
 
 
 /* ---- MongoDB helpers (mongo.c) ------------------------------------------ */

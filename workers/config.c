@@ -92,7 +92,8 @@ cw_config_load(cw_config_t *cf, const char *path)
     memset(cf, 0, sizeof(*cf));
     set(cf->redis_url, sizeof(cf->redis_url), "redis://127.0.0.1:6379");
     set(cf->queue, sizeof(cf->queue), "redis");
-    set(cf->rest_listen, sizeof(cf->rest_listen), "127.0.0.1:8091");
+    set(cf->rest_listen, sizeof(cf->rest_listen), "unix:/run/ngx-chat/rest.sock");
+    cf->rest_socket_mode = 0600;
     cf->shards = 16;
     cf->fanout_workers = 1;
     cf->fanout_index = 0;
@@ -102,6 +103,10 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->batch = 200;
     cf->group_max_members = 500;
     cf->group_push_limit = 500;
+    cf->group_rate[0] = 30;             /* a minute, and a burst of 10 */
+    cf->group_rate[1] = 10;
+    cf->group_adds[0] = 50;             /* an hour, and 200 a day */
+    cf->group_adds[1] = 200;
 
     if (path) {
         f = fopen(path, "r");
@@ -128,6 +133,35 @@ cw_config_load(cw_config_t *cf, const char *path)
             else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
             else if (strcmp(k, "rest_listen") == 0) set(cf->rest_listen, sizeof(cf->rest_listen), v);
             else if (strcmp(k, "node_id") == 0) set(cf->node_id, sizeof(cf->node_id), v);
+            else if (strcmp(k, "group_rate_limit") == 0 || strcmp(k, "group_adds_limit") == 0) {
+                int  *pair = strcmp(k, "group_rate_limit") == 0 ? cf->group_rate : cf->group_adds;
+                long  a, b;
+                char *end, *end2;
+                a = strtol(v, &end, 10);
+                b = strtol(end, &end2, 10);
+                while (*end2 == ' ' || *end2 == '\t') end2++;
+                if (end == v || end2 == end || *end2 != '\0' || a < 0 || b < 0 || a > 1000000 || b > 1000000
+                    || (a == 0) != (b == 0))
+                {
+                    cw_error("%s:%d: %s must be two numbers (%s), or 0 0 for no limit, not \"%s\"", path, lineno, k,
+                             pair == cf->group_rate ? "per minute and burst" : "per hour and per day", v);
+                    fclose(f);
+                    return -1;
+                }
+                pair[0] = (int) a;
+                pair[1] = (int) b;
+            }
+            else if (strcmp(k, "rest_secret_file") == 0) set(cf->rest_secret_file, sizeof(cf->rest_secret_file), v);
+            else if (strcmp(k, "rest_socket_mode") == 0) {
+                char *end;
+                long  m = strtol(v, &end, 8);
+                if (end == v || *end != '\0' || m < 0 || m > 0777) {
+                    cw_error("%s:%d: rest_socket_mode must be an octal mode such as 0600, not \"%s\"", path, lineno, v);
+                    fclose(f);
+                    return -1;
+                }
+                cf->rest_socket_mode = (int) m;
+            }
             else if ((ip = int_key(cf, k)) != NULL) {
                 if (parse_int(v, ip) != 0) {
                     cw_error("%s:%d: %s must be an integer, not \"%s\"", path, lineno, k, v);

@@ -67,7 +67,91 @@ cw_entry_reset(cw_entry_t *e)
     free(e->ev);
     free(e->rcpt);
     free(e->state);
+    for (int i = 0; i < e->n_raw; i++) free(e->raw[i]);
+    free(e->raw);
+    free(e->raw_len);
     memset(e, 0, sizeof(*e));
+}
+
+int
+cw_entry_keep_raw(cw_entry_t *e, const char *const *v, const size_t *len, int n, int kafka)
+{
+    if (e->raw != NULL || n <= 0) return 0;
+    e->raw = calloc((size_t) n, sizeof(char *));
+    e->raw_len = calloc((size_t) n, sizeof(size_t));
+    if (e->raw == NULL || e->raw_len == NULL) goto fail;
+    e->n_raw = n;
+    e->raw_kafka = kafka;
+    for (int i = 0; i < n; i++) {
+        e->raw[i] = malloc(len[i] + 1);
+        if (e->raw[i] == NULL) goto fail;
+        memcpy(e->raw[i], v[i], len[i]);
+        e->raw[i][len[i]] = '\0';
+        e->raw_len[i] = len[i];
+    }
+    return 0;
+fail:
+    for (int i = 0; e->raw && i < e->n_raw; i++) free(e->raw[i]);
+    free(e->raw);
+    free(e->raw_len);
+    e->raw = NULL;
+    e->raw_len = NULL;
+    e->n_raw = 0;
+    return -1;
+}
+
+int
+cw_entry_fields(const cw_entry_t *e, const char *name[CW_ENTRY_FIELDS], const char *val[CW_ENTRY_FIELDS],
+                size_t len[CW_ENTRY_FIELDS], char *buf, size_t buflen)
+{
+    static const char *types[] = { "?", "msg", "receipt", "group" };
+    int                n = 0;
+    size_t             used = 0;
+
+#define F(nm, v, l) do { name[n] = (nm); val[n] = (v); len[n] = (l); n++; } while (0)
+#define S(nm, v) do { if ((v)[0]) F(nm, v, strlen(v)); } while (0)
+    F("t", types[e->type >= 1 && e->type <= 3 ? e->type : 0], strlen(types[e->type >= 1 && e->type <= 3 ? e->type : 0]));
+    S("conv", e->conv);
+    S("from", e->from);
+    S("dev", e->dev);
+    S("to", e->to);
+    S("group", e->group);
+    S("st", e->st);
+    S("event", e->event);
+    if (e->seq || e->prev) {
+        int k = snprintf(buf, buflen, "%lld", (long long) e->seq);
+        F("seq", buf, (size_t) k);
+        used = (size_t) k + 1;
+        if (e->prev && used < buflen) {
+            k = snprintf(buf + used, buflen - used, "%lld", (long long) e->prev);
+            F("prev", buf + used, (size_t) k);
+            used += (size_t) k + 1;
+        }
+    }
+    if (e->rcpt) {
+        /* split_users replaced the spaces by NULs: put them back in a copy */
+        size_t rl = 0;
+        const char *u = e->rcpt;
+        if (e->n_rcpt > 0) {
+            for (int k = 0; k < e->n_rcpt; k++) {
+                size_t ul = strlen(u);
+                while (ul == 0) { u++; ul = strlen(u); }     /* empty runs of spaces */
+                if (used + rl + ul + 1 >= buflen) break;
+                if (rl) buf[used + rl++] = ' ';
+                memcpy(buf + used + rl, u, ul);
+                rl += ul;
+                u += ul + 1;
+            }
+            F("rcpt", buf + used, rl);
+        } else {
+            F("rcpt", e->rcpt, strlen(e->rcpt));
+        }
+    }
+    if (e->state) F("state", e->state, strlen(e->state));
+    if (e->ev) F("ev", e->ev, e->ev_len);
+#undef S
+#undef F
+    return n;
 }
 
 static int
@@ -90,15 +174,17 @@ copy_alloc(char **dst, const char *v, size_t len)
     return 0;
 }
 
+/* A decimal integer in 0 .. CW_INT_MAX (16 digits at most). */
 static int
 parse_num(int64_t *out, const char *val, size_t vlen)
 {
     int64_t n = 0;
-    if (vlen == 0 || vlen > 18) return -1;
+    if (vlen == 0 || vlen > 16) return -1;
     for (size_t i = 0; i < vlen; i++) {
         if (val[i] < '0' || val[i] > '9') return -1;
         n = n * 10 + (val[i] - '0');
     }
+    if (n > CW_INT_MAX) return -1;
     *out = n;
     return 0;
 }
@@ -123,8 +209,11 @@ cw_entry_field(cw_entry_t *e, const char *name, size_t nlen, const char *val, si
     if (IS("group")) return copy_field(e->group, sizeof(e->group), val, vlen);
     if (IS("st")) return copy_field(e->st, sizeof(e->st), val, vlen);
     if (IS("event")) return copy_field(e->event, sizeof(e->event), val, vlen);
-    if (IS("seq")) return parse_num(&e->seq, val, vlen);
-    if (IS("prev")) return parse_num(&e->prev, val, vlen);
+    if (IS("seq") || IS("prev")) {
+        if (parse_num(IS("seq") ? &e->seq : &e->prev, val, vlen) == 0) return 0;
+        e->why = "seq or prev is not an integer in 0 .. 2^53-1";
+        return -1;
+    }
     if (IS("ev")) {
         if (copy_alloc(&e->ev, val, vlen) != 0) return -1;
         e->ev_len = vlen;
@@ -218,7 +307,8 @@ cw_entry_from_json(cw_entry_t *e, const char *json, size_t len)
     const char   *k;
     int           rc = 0;
 
-    root = json_loadb(json, len, 0, &jerr);
+    /* a body may hold U+0000 (the module accepts "\u0000") */
+    root = json_loadb(json, len, JSON_ALLOW_NUL, &jerr);
     if (root == NULL || !json_is_object(root)) {
         json_decref(root);
         e->why = "value is not a JSON object";
@@ -247,7 +337,7 @@ cw_entry_from_json(cw_entry_t *e, const char *json, size_t len)
         free(dump);
     }
     json_decref(root);
-    if (rc != 0) e->why = "a field is too long or malformed";
+    if (rc != 0 && e->why == NULL) e->why = "a field is too long or malformed";
     return rc;
 }
 

@@ -192,6 +192,7 @@ typedef struct {
     char               sha[48];          /* inbox append */
     char               sha_receipt[48];  /* group receipt */
     cw_queue_t        *q;
+    cw_dlq_t          *dlq;
     cw_batch_t         batch;
     int                have_batch;       /* Kafka: a fetched batch not yet done */
     target_t          *tg;               /* per entry */
@@ -589,6 +590,13 @@ process(fanout_t *f)
     redisReply *r;
 
     if (ensure_cap(f, b->n) != 0) return -1;
+    /* What cannot be processed is recorded in the dead-letter queue before
+     * the batch is acknowledged; if that fails, nothing is acknowledged. */
+    for (int i = 0; i < b->n; i++) {
+        if (b->e[i].valid || b->e[i].dead) continue;
+        if (cw_dlq_put(f->dlq, f->c, &b->e[i], b->e[i].why ? b->e[i].why : "invalid") != 0) return -1;
+        f->n_invalid++;
+    }
     order_batch(f);
 again:
     snprintf(now_s, sizeof(now_s), "%lld", (long long) cw_now_ms());
@@ -646,12 +654,7 @@ again:
         cw_entry_t     *e = &b->e[i];
         const target_t *t = &f->tg[i];
         int             n;
-        if (!e->valid) {
-            cw_warn("fanout: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
-                    e->why ? e->why : "invalid");
-            f->n_invalid++;
-            continue;
-        }
+        if (!e->valid) continue;                   /* in the dead-letter queue (above) */
         n = append_publishes(f, e, t, f->replies + t->r0);
         if (n < 0) {
             rc = -1;
@@ -721,6 +724,8 @@ cw_role_fanout(const cw_config_t *cf)
     f.q = cw_queue_new(cf, "fanout", shards, nshards, 1);
     free(shards);
     if (f.q == NULL) return 1;
+    f.dlq = cw_dlq_new(cf, "fanout");
+    if (f.dlq == NULL) return 1;
     cw_heartbeat_init(&hb, cf, "fanout");
     cw_backoff_reset(&bo);
     if (cw_queue_is_kafka(f.q)) {
@@ -777,8 +782,9 @@ stats:
         if (cw_mono_ms() >= f.next_stats) {
             if (f.n_entries) {
                 cw_info("fanout: %" PRIu64 " entries, %" PRIu64 " inbox appends, %" PRIu64
-                        " publishes, %" PRIu64 " malformed in the last 10 s",
-                        f.n_entries, f.n_appends, f.n_publishes, f.n_invalid);
+                        " publishes, %" PRIu64 " dead letters in the last 10 s (%" PRIu64
+                        " dead letters since start)",
+                        f.n_entries, f.n_appends, f.n_publishes, f.n_invalid, cw_dlq_total(f.dlq));
             }
             f.n_entries = f.n_appends = f.n_publishes = f.n_invalid = 0;
             f.next_stats = cw_mono_ms() + 10000;
@@ -787,6 +793,7 @@ stats:
     cw_heartbeat_clear(&hb, f.c);
     if (f.c) redisFree(f.c);
     cw_queue_free(f.q);
+    cw_dlq_free(f.dlq);
     cw_batch_free(&f.batch);
     for (int i = 0; i < f.chans_cap; i++) free(f.chans[i].toks.p);
     free(f.own.p);

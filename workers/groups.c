@@ -266,7 +266,51 @@ typedef struct {
     char        sha[41];
 } gr_script_t;
 
-static gr_script_t gr_scripts[2] = { { group_script, "" }, { rebuild_script, "" } };
+/*
+ * Budgets of group operations, in Redis so that every rest process (and
+ * every nginx node in front of them) shares them; each script touches one
+ * user's tag.
+ *
+ * budget: a token bucket per acting user, chat:{u:U}:rl:groups (hash t =
+ * ms of the last take, n = tokens, fractional). ARGV: now ms, per minute,
+ * burst. Returns 0 when a token was taken, else the ms until one is there.
+ */
+static const char budget_script[] =
+    "local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+    "local s = redis.call('HMGET', KEYS[1], 't', 'n')\n"
+    "local t, n = tonumber(s[1]) or now, tonumber(s[2]) or burst\n"
+    "if now > t then n = math.min(burst, n + (now - t) * rate / 60000) end\n"
+    "if n < 1 then return math.ceil((1 - n) * 60000 / rate) end\n"
+    "redis.call('HSET', KEYS[1], 't', now, 'n', tostring(n - 1))\n"
+    "redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 60000 / rate) + 1000)\n"
+    "return 0\n";
+
+/*
+ * adds: how often a user was added to groups by others, in the current
+ * hour and day (fixed windows), chat:{u:X}:adds (hash hw, hn, dw, dn).
+ * ARGV: hour number, day number, max an hour, max a day, "take" or "give"
+ * (a refused change gives back what it took). Returns 0, or 1 (the hour
+ * is full) or 2 (the day is full).
+ */
+static const char adds_script[] =
+    "local s = redis.call('HMGET', KEYS[1], 'hw', 'hn', 'dw', 'dn')\n"
+    "local hn = (s[1] == ARGV[1]) and tonumber(s[2]) or 0\n"
+    "local dn = (s[3] == ARGV[2]) and tonumber(s[4]) or 0\n"
+    "if ARGV[5] == 'give' then\n"
+    "  if hn > 0 then hn = hn - 1 end\n"
+    "  if dn > 0 then dn = dn - 1 end\n"
+    "else\n"
+    "  if hn >= tonumber(ARGV[3]) then return 1 end\n"
+    "  if dn >= tonumber(ARGV[4]) then return 2 end\n"
+    "  hn = hn + 1\n"
+    "  dn = dn + 1\n"
+    "end\n"
+    "redis.call('HSET', KEYS[1], 'hw', ARGV[1], 'hn', hn, 'dw', ARGV[2], 'dn', dn)\n"
+    "redis.call('PEXPIRE', KEYS[1], 2 * 86400000)\n"
+    "return 0\n";
+
+static gr_script_t gr_scripts[4] = { { group_script, "" }, { rebuild_script, "" }, { budget_script, "" },
+                                     { adds_script, "" } };
 
 static int
 script_load(gr_script_t *sc)
@@ -622,6 +666,8 @@ new_group_id(char *out, size_t len)
     out[o] = '\0';
 }
 
+static int adds(const char *actor, const char *ids, int give, json_t **out);
+
 static int
 create_group(const char *user, json_t *body, json_t **out)
 {
@@ -636,12 +682,17 @@ create_group(const char *user, json_t *body, json_t **out)
     }
     add = id_list(json_object_get(body, "members"));
     if (add == NULL) return fail(out, 400, "bad_request", "members must be an array of user ids");
+    if ((status = adds(user, add, 0, out)) != 0) {
+        free(add);
+        return status;
+    }
     for (int i = 0; i < 3 && again; i++) {
         char g[CW_ID_MAX + 1];
         new_group_id(g, sizeof(g));
         if (i > 0) json_decref(*out);
         status = run_script("create", g, user, json_string_value(name), add, NULL, out, &again);
     }
+    if (status >= 300) adds(user, add, 1, NULL);          /* nothing was added */
     free(add);
     return status;
 }
@@ -654,11 +705,99 @@ change_members(const char *user, const char *group, json_t *body, json_t **out)
 
     if (add == NULL || rem == NULL) {
         status = fail(out, 400, "bad_request", "add and remove must be arrays of user ids");
-    } else {
+    } else if ((status = adds(user, add, 0, out)) == 0) {
         status = run_script("change", group, user, NULL, add, rem, out, &again);
+        if (status >= 300) adds(user, add, 1, NULL);      /* refused: nothing was added */
     }
     free(add);
     free(rem);
+    return status;
+}
+
+static int
+limited(json_t **out, const char *code, const char *message, int64_t retry_ms, const char *who)
+{
+    *out = json_pack("{s:s, s:s, s:s, s:I}", "type", "error", "code", code, "message", message,
+                     "retry_after", (json_int_t) ((retry_ms + 999) / 1000 > 0 ? (retry_ms + 999) / 1000 : 1));
+    if (*out && who) json_object_set_new(*out, "user", json_string(who));
+    return 429;
+}
+
+/* One token of the acting user's group budget: 0, or 429 / 503 in *out. */
+static int
+take_budget(const char *user, json_t **out)
+{
+    char        key[CW_ID_MAX + 32], now[24], rate[16], burst[16];
+    const char *keys[1] = { key }, *args[3] = { now, rate, burst };
+    redisReply *r;
+    long long   wait;
+
+    if (gr_cf->group_rate[0] == 0) return 0;
+    snprintf(key, sizeof(key), "chat:{u:%s}:rl:groups", user);
+    snprintf(now, sizeof(now), "%lld", (long long) cw_now_ms());
+    snprintf(rate, sizeof(rate), "%d", gr_cf->group_rate[0]);
+    snprintf(burst, sizeof(burst), "%d", gr_cf->group_rate[1]);
+    r = rdb_eval(&gr_scripts[2], 1, keys, 3, args);
+    if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
+        if (r) freeReplyObject(r);
+        return fail(out, 503, "unavailable", "redis unavailable");
+    }
+    wait = r->integer;
+    freeReplyObject(r);
+    if (wait == 0) return 0;
+    return limited(out, "rate_limited", "too many group creations or membership changes", wait, NULL);
+}
+
+/* Takes (give 0) or gives back (give 1) one add of each user of the JSON
+ * array ids other than the actor. On a refusal everything taken is given
+ * back and *out says who is full (429). */
+static int
+adds(const char *actor, const char *ids, int give, json_t **out)
+{
+    json_error_t jerr;
+    json_t      *a = json_loads(ids, 0, &jerr);
+    size_t       i, n;
+    int64_t      now = cw_now_ms();
+    char         hour[24], day[24], mh[16], md[16], key[CW_ID_MAX + 32];
+    const char  *keys[1] = { key }, *args[5] = { hour, day, mh, md, give ? "give" : "take" };
+    int          status = 0;
+
+    if (gr_cf->group_adds[0] == 0 || a == NULL) { json_decref(a); return 0; }
+    snprintf(hour, sizeof(hour), "%lld", (long long) (now / 3600000));
+    snprintf(day, sizeof(day), "%lld", (long long) (now / 86400000));
+    snprintf(mh, sizeof(mh), "%d", gr_cf->group_adds[0]);
+    snprintf(md, sizeof(md), "%d", gr_cf->group_adds[1]);
+    n = json_array_size(a);
+    for (i = 0; i < n && status == 0; i++) {
+        redisReply *r;
+        const char *x = json_string_value(json_array_get(a, i));
+        if (x == NULL || strcmp(x, actor) == 0) continue;
+        snprintf(key, sizeof(key), "chat:{u:%s}:adds", x);
+        r = rdb_eval(&gr_scripts[3], 1, keys, 5, args);
+        if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
+            if (!give) status = fail(out, 503, "unavailable", "redis unavailable");
+            else cw_warn("rest: could not give back an add of %s", x);
+        } else if (r->integer != 0 && !give) {
+            int64_t end = r->integer == 1 ? (now / 3600000 + 1) * 3600000 : (now / 86400000 + 1) * 86400000;
+            status = limited(out, "too_many_adds", r->integer == 1
+                             ? "this user was added to too many groups in the last hour"
+                             : "this user was added to too many groups today", end - now, x);
+        }
+        if (r) freeReplyObject(r);
+    }
+    if (status != 0 && !give) {
+        /* give back what this request took (entries before i - 1) */
+        args[4] = "give";
+        for (size_t k = 0; k + 1 < i; k++) {
+            redisReply *r;
+            const char *x = json_string_value(json_array_get(a, k));
+            if (x == NULL || strcmp(x, actor) == 0) continue;
+            snprintf(key, sizeof(key), "chat:{u:%s}:adds", x);
+            r = rdb_eval(&gr_scripts[3], 1, keys, 5, args);
+            if (r) freeReplyObject(r);
+        }
+    }
+    json_decref(a);
     return status;
 }
 
@@ -695,6 +834,11 @@ cw_groups_request(const char *method, const char *path, const char *user,
     if (doc == NULL || !json_is_object(doc)) {
         json_decref(doc);
         return fail(out, 400, "bad_request", "the body must be a JSON object");
+    }
+    /* every creation and membership change costs the actor a token */
+    if ((status = take_budget(user, out)) != 0) {
+        json_decref(doc);
+        return status;
     }
     if (*rest == '\0' || strcmp(rest, "/") == 0) status = create_group(user, doc, out);
     else status = change_members(user, group, doc, out);

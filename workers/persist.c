@@ -49,9 +49,11 @@ typedef struct {
     int                  indexes_ok;
     redisContext        *c;
     cw_queue_t          *q;
+    cw_dlq_t            *dlq;
     cw_batch_t           batch;
 
     /* per batch */
+    char               **refused;      /* per entry: why MongoDB refuses its document, or NULL */
     bson_t             **msg_doc;      /* per entry: the messages document, or NULL */
     bson_t             **msg_last;     /* per entry: the `last` subdocument */
     bson_t             **state_set;    /* per membership entry: the groups document's $set */
@@ -62,7 +64,7 @@ typedef struct {
     int                 *slots;        /* hash of ops by id */
     int                  nslots;
 
-    uint64_t             n_msgs, n_receipts, n_groups, n_batches;
+    uint64_t             n_msgs, n_receipts, n_groups, n_batches, n_dead;
     int64_t              next_stats;
 } persist_t;
 
@@ -120,12 +122,18 @@ ensure_cap(persist_t *p, int n)
     if (n > p->ecap) {
         free_batch_docs(p);
         free(p->msg_doc); free(p->msg_last); free(p->state_set); free(p->msg_ts); free(p->ops);
+        for (int i = 0; p->refused && i < p->ecap; i++) free(p->refused[i]);
+        free(p->refused);
+        p->refused = calloc((size_t) n, sizeof(char *));
         p->msg_doc = calloc((size_t) n, sizeof(bson_t *));
         p->msg_last = calloc((size_t) n, sizeof(bson_t *));
         p->state_set = calloc((size_t) n, sizeof(bson_t *));
         p->msg_ts = calloc((size_t) n, sizeof(int64_t));
         p->ops = calloc(2 * (size_t) n, sizeof(convop_t));
-        if (!p->msg_doc || !p->msg_last || !p->state_set || !p->msg_ts || !p->ops) { p->ecap = 0; return -1; }
+        if (!p->refused || !p->msg_doc || !p->msg_last || !p->state_set || !p->msg_ts || !p->ops) {
+            p->ecap = 0;
+            return -1;
+        }
         p->ecap = n;
         p->opcap = 2 * n;
     }
@@ -201,7 +209,8 @@ group_docs(persist_t *p, int i)
 {
     cw_entry_t  *e = &p->batch.e[i];
     json_error_t jerr;
-    json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *st = json_loads(e->state, 0, &jerr);
+    json_t      *ev = json_loadb(e->ev, e->ev_len, JSON_ALLOW_NUL, &jerr);
+    json_t      *st = json_loads(e->state, JSON_ALLOW_NUL, &jerr);
     json_t      *members, *smembers, *since, *name, *owner, *ts, *created, *v;
     bson_t      *doc, *set, arr, sub;
     const char  *k;
@@ -259,8 +268,20 @@ done:
     return rc;
 }
 
+/* An entry that cannot be stored goes to the dead-letter queue. */
+static int
+dead(persist_t *p, cw_entry_t *e, const char *why)
+{
+    if (cw_dlq_put(p->dlq, p->c, e, why) != 0) return -1;
+    p->n_dead++;
+    return 0;
+}
+
 /* Turns the batch into documents and per-conversation changes. Entries
- * that cannot be stored are logged and skipped (and acknowledged). */
+ * that cannot be stored are moved to the dead-letter queue (and then
+ * acknowledged with the batch). Returns -1 when out of memory, -2 when a
+ * dead letter could not be recorded (the batch is kept and prepared again;
+ * entries recorded already are not recorded twice). */
 static int
 prepare(persist_t *p)
 {
@@ -272,19 +293,29 @@ prepare(persist_t *p)
         cw_entry_t *e = &b->e[i];
         convop_t   *op;
 
+        if (e->dead) continue;                  /* recorded in the dead-letter queue already */
         if (!e->valid) {
-            cw_warn("persist: dropping malformed queue entry %s (shard %d): %s", e->qid, e->shard,
-                    e->why ? e->why : "invalid");
+            if (dead(p, e, e->why ? e->why : "invalid") != 0) return -2;
+            continue;
+        }
+        if (p->refused[i]) {                    /* MongoDB refused its document (write_batch) */
+            char why[300];
+            snprintf(why, sizeof(why), "MongoDB refuses the document: %s", p->refused[i]);
+            if (dead(p, e, why) != 0) return -2;
+            free(p->refused[i]);
+            p->refused[i] = NULL;
             continue;
         }
         if (e->type == CW_T_MSG) {
             json_error_t jerr;
-            json_t      *ev = json_loadb(e->ev, e->ev_len, 0, &jerr), *id, *ts;
+            /* a body may hold U+0000: the module accepts "\u0000", and
+             * BSON strings carry their length */
+            json_t      *ev = json_loadb(e->ev, e->ev_len, JSON_ALLOW_NUL, &jerr), *id, *ts;
             if (ev == NULL || !json_is_object(ev) || !json_is_string(id = json_object_get(ev, "id"))
-                || json_string_length(id) == 0)
+                || json_string_length(id) == 0 || json_string_length(id) != strlen(json_string_value(id)))
             {
-                cw_warn("persist: dropping queue entry %s: ev has no message id", e->qid);
                 json_decref(ev);
+                if (dead(p, e, ev == NULL ? "ev is not JSON" : "ev has no message id") != 0) return -2;
                 continue;
             }
             ts = json_object_get(ev, "ts");
@@ -294,11 +325,11 @@ prepare(persist_t *p)
             if (append_msg(p->msg_doc[i], "_id", json_string_value(id), e, ev, p->msg_ts[i]) != 0
                 || append_msg(p->msg_last[i], "id", json_string_value(id), e, ev, p->msg_ts[i]) != 0)
             {
-                cw_warn("persist: dropping queue entry %s: bad media object", e->qid);
                 bson_destroy(p->msg_doc[i]);
                 bson_destroy(p->msg_last[i]);
                 p->msg_doc[i] = p->msg_last[i] = NULL;
                 json_decref(ev);
+                if (dead(p, e, "bad media object") != 0) return -2;
                 continue;
             }
             json_decref(ev);
@@ -322,7 +353,10 @@ prepare(persist_t *p)
             }
         } else if (e->type == CW_T_GROUP) {
             if (group_docs(p, i) != 0) {
-                cw_warn("persist: dropping membership entry %s: bad state or ev", e->qid);
+                if (p->msg_doc[i]) bson_destroy(p->msg_doc[i]);
+                if (p->state_set[i]) bson_destroy(p->state_set[i]);
+                p->msg_doc[i] = p->state_set[i] = NULL;
+                if (dead(p, e, "membership entry with a bad state or ev") != 0) return -2;
                 continue;
             }
             op = op_get(p, NULL, e->conv);
@@ -358,6 +392,19 @@ wc_opts(bson_t *opts, int ordered)
     BSON_APPEND_BOOL(opts, "ordered", ordered);
     mongoc_write_concern_append(wc, opts);
     mongoc_write_concern_destroy(wc);
+}
+
+/* Write errors of an insert that no retry can cure (a field name MongoDB
+ * refuses, a document too large, ...), as opposed to a primary stepping
+ * down or a timeout. */
+static int
+retryable_code(int64_t code)
+{
+    static const int64_t codes[] = { 6, 7, 24, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435,
+                                     13436 };
+    for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++)
+        if (codes[i] == code) return 1;
+    return 0;
 }
 
 /* Only duplicate-key write errors (the document is already there)? */
@@ -460,7 +507,62 @@ get_created(const bson_t *set)
     return bson_iter_init_find(&it, set, "created") ? bson_iter_as_int64(&it) : 0;
 }
 
-/* Writes the prepared batch; 0 when all of it is durably in MongoDB. */
+/*
+ * Step 1 of a batch: the insert of its messages (duplicate keys are
+ * success). Documents MongoDB refuses for good are noted in refused[]
+ * (the batch is then prepared again: they go to the dead-letter queue, the
+ * rest is written): returns -3. Other failures -1 (retried as they are).
+ */
+static int
+insert_messages(persist_t *p, mongoc_bulk_operation_t *bulk)
+{
+    bson_t       reply;
+    bson_error_t error;
+    bson_iter_t  it, arr, doc;
+    int          ok = (int) mongoc_bulk_operation_execute(bulk, &reply, &error), refused = 0, other = 0;
+
+    mongoc_bulk_operation_destroy(bulk);
+    if (!ok && error.domain == MONGOC_ERROR_SERVER && only_duplicates(&reply)) ok = 1;
+    if (!ok && error.domain == MONGOC_ERROR_SERVER
+        && !(bson_iter_init_find(&it, &reply, "writeConcernErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+             && bson_iter_recurse(&it, &arr) && bson_iter_next(&arr))
+        && bson_iter_init_find(&it, &reply, "writeErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+        && bson_iter_recurse(&it, &arr))
+    {
+        while (bson_iter_next(&arr)) {
+            int64_t     index = -1, code = 0;
+            const char *msg = "refused";
+            if (!BSON_ITER_HOLDS_DOCUMENT(&arr) || !bson_iter_recurse(&arr, &doc)) { other = 1; continue; }
+            while (bson_iter_next(&doc)) {
+                if (strcmp(bson_iter_key(&doc), "index") == 0) index = bson_iter_as_int64(&doc);
+                else if (strcmp(bson_iter_key(&doc), "code") == 0) code = bson_iter_as_int64(&doc);
+                else if (strcmp(bson_iter_key(&doc), "errmsg") == 0 && BSON_ITER_HOLDS_UTF8(&doc))
+                    msg = bson_iter_utf8(&doc, NULL);
+            }
+            if (code == 11000) continue;
+            if (retryable_code(code) || index < 0) { other = 1; continue; }
+            /* index counts the documents inserted: the index-th non-NULL msg_doc */
+            for (int i = 0, k = 0; i < p->batch.n; i++) {
+                if (p->msg_doc[i] == NULL) continue;
+                if (k++ == index) {
+                    free(p->refused[i]);
+                    p->refused[i] = strdup(msg);
+                    refused += p->refused[i] != NULL;
+                    break;
+                }
+            }
+        }
+    }
+    if (!ok && (refused == 0 || other)) {
+        cw_warn("persist: insert messages: %s (domain %u, code %u)", error.message, error.domain, error.code);
+    }
+    bson_destroy(&reply);
+    if (ok) return 0;
+    return refused > 0 && !other ? -3 : -1;
+}
+
+/* Writes the prepared batch; 0 when all of it is durably in MongoDB; -3
+ * when documents were refused for good (prepare the batch again). */
 static int
 write_batch(persist_t *p)
 {
@@ -481,7 +583,8 @@ write_batch(persist_t *p)
         n++;
     }
     if (n == 0) mongoc_bulk_operation_destroy(bulk);
-    else if (run_bulk(bulk, 1, "insert messages") != 0) goto done;
+    else if ((rc = insert_messages(p, bulk)) != 0) goto done;
+    rc = -1;
 
     /* 2. group states: the newest of the batch, where it is newer than
      * the stored one (else the upsert's insert is a duplicate key). One
@@ -655,7 +758,7 @@ cw_role_persist(const cw_config_t *cf)
     persist_t       p;
     cw_heartbeat_t  hb;
     cw_backoff_t    bo, mbo;
-    int            *shards, kafka, have_batch = 0;
+    int            *shards, kafka, have_batch = 0, prepared = 0;
     int64_t         next_redis_try = 0;
     char            err[256];
 
@@ -673,6 +776,8 @@ cw_role_persist(const cw_config_t *cf)
     p.q = cw_queue_new(cf, "persist", shards, cf->shards, 0);
     free(shards);
     if (p.q == NULL) return 1;
+    p.dlq = cw_dlq_new(cf, "persist");
+    if (p.dlq == NULL) return 1;
     kafka = cw_queue_is_kafka(p.q);
     cw_heartbeat_init(&hb, cf, "persist");
     cw_backoff_reset(&bo);
@@ -721,15 +826,26 @@ cw_role_persist(const cw_config_t *cf)
                 continue;
             }
             if (n == 0) goto stats;
-            if (prepare(&p) != 0) {
-                cw_error("persist: out of memory preparing a batch");
-                cw_batch_clear(&p.batch);
-                if (!kafka) drop_redis(&p, &bo, "batch dropped");
+            have_batch = 1;
+            prepared = 0;
+        }
+        if (!prepared) {
+            /* kept until it is prepared and written: a Kafka consumer does
+             * not read an uncommitted batch again by itself */
+            int r = prepare(&p);
+            if (r != 0) {
+                if (r == -1) cw_error("persist: out of memory preparing a batch; retrying");
+                if (!kafka && p.c && p.c->err) { drop_redis(&p, &bo, "dead-letter write failed"); continue; }
+                cw_backoff_wait(&mbo);
                 continue;
             }
-            have_batch = 1;
+            prepared = 1;
         }
-        if (write_batch(&p) != 0) {
+        if ((n = write_batch(&p)) == -3) {
+            prepared = 0;                       /* the refused ones go to the dead-letter queue */
+            continue;
+        }
+        if (n != 0) {
             cw_warn("persist: mongodb write failed; %d entries kept unacknowledged, retrying in %d ms",
                     p.batch.n, cw_backoff_ms(&mbo));
             if (p.c) cw_heartbeat_tick(&hb, p.c);
@@ -738,6 +854,7 @@ cw_role_persist(const cw_config_t *cf)
         }
         cw_backoff_reset(&mbo);
         have_batch = 0;
+        prepared = 0;
         if (kafka) {
             cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
         } else {
@@ -757,18 +874,23 @@ cw_role_persist(const cw_config_t *cf)
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
-                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes in %"
-                        PRIu64 " batches in the last 10 s", p.n_msgs, p.n_receipts, p.n_groups, p.n_batches);
+                cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes, %"
+                        PRIu64 " dead letters in %" PRIu64 " batches in the last 10 s (%" PRIu64
+                        " dead letters since start)", p.n_msgs, p.n_receipts, p.n_groups, p.n_dead, p.n_batches,
+                        cw_dlq_total(p.dlq));
             }
-            p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = 0;
+            p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = p.n_dead = 0;
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
     cw_heartbeat_clear(&hb, p.c);
     if (p.c) redisFree(p.c);
     cw_queue_free(p.q);
+    cw_dlq_free(p.dlq);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
+    for (int i = 0; i < p.ecap; i++) free(p.refused[i]);
+    free(p.refused);
     free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);
     mongoc_collection_destroy(p.messages);
     mongoc_collection_destroy(p.conversations);

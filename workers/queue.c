@@ -232,6 +232,28 @@ redis_setup(cw_queue_t *q, redisContext *c)
     return 0;
 }
 
+/* An entry that cannot be processed keeps a copy of its fields, for the
+ * dead-letter queue. */
+static void
+keep_fields(cw_entry_t *e, const redisReply *f)
+{
+    const char **v = malloc(sizeof(char *) * (f->elements + 1));
+    size_t      *l = malloc(sizeof(size_t) * (f->elements + 1));
+    int          n = 0;
+
+    if (v && l) {
+        for (size_t j = 0; j + 1 < f->elements; j += 2) {
+            const redisReply *k = f->element[j], *x = f->element[j + 1];
+            if (k->type != REDIS_REPLY_STRING || x->type != REDIS_REPLY_STRING) continue;
+            v[n] = k->str; l[n++] = k->len;
+            v[n] = x->str; l[n++] = x->len;
+        }
+        if (cw_entry_keep_raw(e, v, l, n, 0) != 0) cw_warn("out of memory keeping entry %s", e->qid);
+    }
+    free(v);
+    free(l);
+}
+
 static void
 parse_fields(cw_entry_t *e, const redisReply *f)
 {
@@ -243,11 +265,13 @@ parse_fields(cw_entry_t *e, const redisReply *f)
         const redisReply *k = f->element[j], *v = f->element[j + 1];
         if (k->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING) continue;
         if (cw_entry_field(e, k->str, k->len, v->str, v->len) != 0) {
-            e->why = "a field is too long or malformed";
+            if (e->why == NULL) e->why = "a field is too long or malformed";
+            keep_fields(e, f);
             return;
         }
     }
     cw_entry_finish(e);
+    if (!e->valid) keep_fields(e, f);
 }
 
 /* Appends the entries of an XREADGROUP reply to b. In pending mode, a
@@ -557,6 +581,11 @@ kafka_fetch(cw_queue_t *q, cw_batch_t *b, int block_ms)
                 snprintf(e->qid, sizeof(e->qid), "%d@%" PRId64, (int) m->partition, m->offset);
                 if (m->payload && cw_entry_from_json(e, m->payload, m->len) == 0) cw_entry_finish(e);
                 else if (e->why == NULL) e->why = "empty record";
+                if (!e->valid) {
+                    const char *v = m->payload ? (const char *) m->payload : "";
+                    size_t      l = m->payload ? m->len : 0;
+                    if (cw_entry_keep_raw(e, &v, &l, 1, 1) != 0) cw_warn("out of memory keeping record %s", e->qid);
+                }
                 rd_kafka_message_destroy(m);
             }
             if (round > 1 && (size_t) got < want) break;

@@ -1,8 +1,13 @@
 /*
  * The rest role: a small HTTP/1.1 server that nginx proxies REST reads to
  * (history, conversations, groups). nginx authenticates the client and passes
- * the user in the X-Chat-User header; this server trusts only that header and
- * therefore listens on loopback (or a private network) only.
+ * the user in the X-Chat-User header. Whoever reaches this server could
+ * claim any user, so the hop is authenticated: by default a unix socket
+ * that only nginx's user may open (rest_listen = unix:/path, mode
+ * rest_socket_mode, default 0600), and on TCP a shared secret that nginx
+ * sends as X-Chat-Secret (rest_secret_file; the role refuses to start on
+ * TCP without one, and answers 401 to a request without the right one,
+ * compared in constant time). A secret may be set for a unix socket too.
  *
  * One thread, epoll, non-blocking sockets, keep-alive, bounded request size.
  * MongoDB queries are synchronous with bounded timeouts: this role is a
@@ -33,7 +38,12 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/sha.h>
 
 #include <jansson.h>
 #include <mongoc/mongoc.h>
@@ -74,6 +84,7 @@ typedef struct {
     const char *query;     /* after '?', or "" */
     const char *user;      /* X-Chat-User, or NULL */
     const char *device;    /* X-Chat-Device, or NULL */
+    const char *secret;    /* X-Chat-Secret, or NULL */
     const char *body;
     size_t      body_len;
 } rest_req_t;
@@ -217,12 +228,13 @@ parse_pos(const char *s)
 {
     int64_t n = 0;
     size_t  len = strlen(s);
-    if (len == 0 || len > 15) return -1;
+    /* the one integer range of seqs and pointers: 0 .. 2^53-1 */
+    if (len == 0 || len > 16) return -1;
     for (size_t i = 0; i < len; i++) {
         if (s[i] < '0' || s[i] > '9') return -1;
         n = n * 10 + (s[i] - '0');
     }
-    return n;
+    return n > CW_INT_MAX ? -1 : n;
 }
 
 
@@ -427,12 +439,29 @@ sub_json(const bson_t *doc, const char *k)
     return cw_bson_to_json(&d);
 }
 
-/* Messages of conv after seq that user did not send (membership records
- * are not messages); -1 on error. */
+/* The seq of the `last` message a conversations or groups document shows
+ * (0: none yet). */
 static int64_t
-unread_count(const char *conv, int64_t after, const char *user, bson_error_t *error)
+shown_seq(const bson_t *doc)
 {
-    bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(after), "}",
+    bson_iter_t it, f;
+    if (bson_iter_init(&it, doc) && bson_iter_find_descendant(&it, "last.seq", &f) && BSON_ITER_HOLDS_NUMBER(&f))
+        return bson_iter_as_int64(&f);
+    return 0;
+}
+
+/*
+ * Messages of conv with after < seq <= upto that user did not send
+ * (membership records are not messages); -1 on error. upto is the seq of
+ * the `last` the list shows: persist inserts messages first and sets
+ * `last` afterwards, so counting every stored message showed "unread: 3"
+ * next to the first of the three as `last`. Bounded by it, the count never
+ * implies a message newer than the preview.
+ */
+static int64_t
+unread_count(const char *conv, int64_t after, int64_t upto, const char *user, bson_error_t *error)
+{
+    bson_t *q = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$gt", BCON_INT64(after), "$lte", BCON_INT64(upto), "}",
                          "from", "{", "$ne", BCON_UTF8(user), "}", "kind", "{", "$ne", BCON_UTF8("group"), "}");
     int64_t n = mongoc_collection_count_documents(rest_messages, q, NULL, NULL, NULL, error);
     bson_destroy(q);
@@ -458,14 +487,18 @@ direct_rows(const char *user, conv_rows_t *rows)
     while (mongoc_cursor_next(cur, &doc)) {
         bson_iter_t  it;
         const char  *conv;
-        int64_t      last_seq = get_int(doc, "last_seq"), read_seq = get_int(doc, "read_seq"), unread = 0;
+        /* last_seq is raised before `last` is written: the list shows
+         * the conversation as far as its `last` (a conversation whose first
+         * message has no `last` yet is not listed yet) */
+        int64_t      last_seq = shown_seq(doc), read_seq = get_int(doc, "read_seq"), unread = 0;
         json_t      *c;
 
         if (!bson_iter_init_find(&it, doc, "conv") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
         conv = bson_iter_utf8(&it, NULL);
         if (conv[0] != 'd') continue;                 /* group pointers: see group_rows */
+        if (last_seq == 0) continue;
         if (last_seq > read_seq) {
-            unread = unread_count(conv, read_seq, user, &error);
+            unread = unread_count(conv, read_seq, last_seq, user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
                 failed = 1;
@@ -573,7 +606,7 @@ group_rows(const char *user, conv_rows_t *rows)
         BSON_APPEND_UTF8(&convs, key, conv);
         /* read_seq and unread are filled in below, with the pointers */
         c = json_pack("{s:s, s:I, s:I, s:I, s:o, s:s, s:s, s:I}", "conv", conv,
-                      "last_seq", (json_int_t) get_int(doc, "last_seq"), "read_seq", (json_int_t) 0,
+                      "last_seq", (json_int_t) shown_seq(doc), "read_seq", (json_int_t) 0,
                       "unread", (json_int_t) 0, "last", sub_json(doc, "last"), "group", g, "name", name,
                       "since", (json_int_t) since);
         if (c && rows_add(rows, ts ? ts : get_int(doc, "created"), c) != 0) { failed = 1; break; }
@@ -594,7 +627,7 @@ group_rows(const char *user, conv_rows_t *rows)
         int64_t     from = read_seq > since ? read_seq : since, unread = 0;
 
         if (json_integer_value(json_object_get(c, "last_seq")) > from) {
-            unread = unread_count(conv, from, user, &error);
+            unread = unread_count(conv, from, json_integer_value(json_object_get(c, "last_seq")), user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
                 failed = 1;
@@ -663,6 +696,23 @@ receipts(int fd, const rest_req_t *rq)
     respond_json(fd, status, out);
 }
 
+/* SHA-256 of the configured secret (rest_secret_file), if any */
+static unsigned char rest_secret_sha[SHA256_DIGEST_LENGTH];
+static int           rest_have_secret;
+
+/* X-Chat-Secret right? Digests of equal length compared in constant time,
+ * so neither the content nor the length of the secret leaks by timing. */
+static int
+secret_ok(const char *given)
+{
+    unsigned char d[SHA256_DIGEST_LENGTH];
+
+    if (!rest_have_secret) return 1;
+    if (given == NULL) return 0;
+    SHA256((const unsigned char *) given, strlen(given), d);
+    return CRYPTO_memcmp(d, rest_secret_sha, sizeof(d)) == 0;
+}
+
 static void
 route(int fd, const rest_req_t *rq)
 {
@@ -675,6 +725,10 @@ route(int fd, const rest_req_t *rq)
 
     if (strcmp(rq->path, "/healthz") == 0) {
         respond(fd, 200, "{\"status\":\"ok\"}");
+        return;
+    }
+    if (!secret_ok(rq->secret)) {
+        respond_error(fd, 401, "unauthorized", "this server answers nginx only");
         return;
     }
     if (!is_history && !is_convs && !is_receipts && !is_groups && !is_settings && !is_devices) {
@@ -768,6 +822,7 @@ parse_and_serve(rest_conn_t *c)
         while (*v == ' ' || *v == '\t') v++;
         if (strcasecmp(h, "X-Chat-User") == 0) rq.user = v;
         else if (strcasecmp(h, "X-Chat-Device") == 0) rq.device = v;
+        else if (strcasecmp(h, "X-Chat-Secret") == 0) rq.secret = v;
     }
     rq.body = c->buf + head_len;
     rq.body_len = clen;
@@ -775,38 +830,119 @@ parse_and_serve(rest_conn_t *c)
     return (ssize_t) (head_len + clen);
 }
 
+/* rest_secret_file: 16 to 4096 bytes, a trailing newline ignored */
+static int
+load_secret(const char *path)
+{
+    char   buf[4097];
+    size_t n;
+    FILE  *f = fopen(path, "r");
+
+    if (f == NULL) {
+        cw_error("rest_secret_file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    n = fread(buf, 1, sizeof(buf), f);
+    fclose(f);
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) n--;
+    if (n < 16 || n > 4096 || memchr(buf, '\0', n) != NULL) {
+        cw_error("rest_secret_file %s must hold 16 to 4096 bytes of text (it holds %zu)", path, n);
+        return -1;
+    }
+    SHA256((const unsigned char *) buf, n, rest_secret_sha);
+    OPENSSL_cleanse(buf, sizeof(buf));
+    rest_have_secret = 1;
+    return 0;
+}
+
+/* The listening socket: unix:/path (mode rest_socket_mode) or host:port
+ * (IPv4, a secret required). */
+static int
+rest_listen(const cw_config_t *cf)
+{
+    int lfd, one = 1;
+
+    if (strncmp(cf->rest_listen, "unix:", 5) == 0) {
+        struct sockaddr_un su;
+        const char        *path = cf->rest_listen + 5;
+        mode_t             old;
+        struct stat        st;
+
+        memset(&su, 0, sizeof(su));
+        su.sun_family = AF_UNIX;
+        if (path[0] != '/' || strlen(path) >= sizeof(su.sun_path)) {
+            cw_error("rest_listen unix: needs an absolute path of at most %zu bytes", sizeof(su.sun_path) - 1);
+            return -1;
+        }
+        strcpy(su.sun_path, path);
+        /* a socket left by a previous run (never another kind of file) */
+        if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path);
+        lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (lfd < 0) return -1;
+        old = umask(0177);                      /* no window with a wider mode */
+        if (bind(lfd, (struct sockaddr *) &su, sizeof(su)) != 0) {
+            umask(old);
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        umask(old);
+        if (chmod(path, (mode_t) cf->rest_socket_mode) != 0 || listen(lfd, 512) != 0) {
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        return lfd;
+    } else {
+        char               host[128];
+        int                port;
+        struct sockaddr_in sa;
+
+        if (cw_parse_hostport(cf->rest_listen, host, sizeof(host), &port) != 0) {
+            cw_error("bad rest_listen \"%s\"", cf->rest_listen);
+            return -1;
+        }
+        if (!rest_have_secret) {
+            cw_error("rest_listen %s is TCP: anyone who reaches it could claim any user; set rest_secret_file "
+                     "(and nginx's X-Chat-Secret), or listen on a unix socket (rest_listen = unix:/path)",
+                     cf->rest_listen);
+            return -1;
+        }
+        memset(&sa, 0, sizeof(sa));
+        sa.sin_family = AF_INET;
+        sa.sin_port = htons((uint16_t) port);
+        if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
+            cw_error("rest_listen host must be an IPv4 address: %s", host);
+            return -1;
+        }
+        lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (lfd < 0) return -1;
+        setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(lfd, (struct sockaddr *) &sa, sizeof(sa)) != 0 || listen(lfd, 512) != 0) {
+            cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
+            close(lfd);
+            return -1;
+        }
+        return lfd;
+    }
+}
+
 int
 cw_role_rest(const cw_config_t *cf)
 {
-    char                host[128];
-    int                 port, lfd, ep, one = 1;
-    struct sockaddr_in  sa;
+    int                 lfd, ep, one = 1;
     struct epoll_event  ev, evs[64];
 
-    if (cw_parse_hostport(cf->rest_listen, host, sizeof(host), &port) != 0) {
-        cw_error("bad rest_listen \"%s\"", cf->rest_listen);
-        return 2;
-    }
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t) port);
-    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
-        cw_error("rest_listen host must be an IPv4 address: %s", host);
-        return 2;
-    }
-    lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(lfd, (struct sockaddr *) &sa, sizeof(sa)) != 0 || listen(lfd, 512) != 0) {
-        cw_error("listen on %s: %s", cf->rest_listen, strerror(errno));
-        close(lfd);
-        return 1;
-    }
+    if (cf->rest_secret_file[0] && load_secret(cf->rest_secret_file) != 0) return 2;
+    lfd = rest_listen(cf);
+    if (lfd < 0) return 2;
     ep = epoll_create1(EPOLL_CLOEXEC);
     ev.events = EPOLLIN;
     ev.data.ptr = NULL;
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     rest_cf = cf;
-    cw_info("role rest listening on %s", cf->rest_listen);
+    cw_info("role rest listening on %s (%s)", cf->rest_listen,
+            rest_have_secret ? "X-Chat-Secret required" : "unix socket permissions");
     cw_groups_init(cf);
     cw_settings_init(cf);
 
@@ -822,7 +958,8 @@ cw_role_rest(const cw_config_t *cf)
                 for (;;) {
                     int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                     if (fd < 0) break;
-                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+                    if (strncmp(cf->rest_listen, "unix:", 5) != 0)
+                        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
                     c = calloc(1, sizeof(*c));
                     if (c == NULL) { close(fd); continue; }
                     c->fd = fd;
@@ -876,6 +1013,7 @@ cw_role_rest(const cw_config_t *cf)
     cw_settings_close();
     close(ep);
     close(lfd);
+    if (strncmp(cf->rest_listen, "unix:", 5) == 0) unlink(cf->rest_listen + 5);
     if (rest_client) {
         mongoc_collection_destroy(rest_messages);
         mongoc_collection_destroy(rest_conversations);
