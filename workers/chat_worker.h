@@ -32,6 +32,7 @@ typedef struct {
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
     int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */
+    char  dev_token_secret_file[CW_STR]; /* rest: serve GET /dev/token (local dev stack only) */
 } cw_config_t;
 
 /* config.c */

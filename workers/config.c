@@ -128,6 +128,7 @@ cw_config_load(cw_config_t *cf, const char *path)
             else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
             else if (strcmp(k, "rest_listen") == 0) set(cf->rest_listen, sizeof(cf->rest_listen), v);
             else if (strcmp(k, "node_id") == 0) set(cf->node_id, sizeof(cf->node_id), v);
+            else if (strcmp(k, "dev_token_secret_file") == 0) set(cf->dev_token_secret_file, sizeof(cf->dev_token_secret_file), v);
             else if ((ip = int_key(cf, k)) != NULL) {
                 if (parse_int(v, ip) != 0) {
                     cw_error("%s:%d: %s must be an integer, not \"%s\"", path, lineno, k, v);
