@@ -391,7 +391,8 @@ export class ChatClient extends Emitter<ChatEvents> {
       const ctl = new AbortController();
       this.pollAbort = ctl;
       // hold no longer than the next WebSocket attempt is due
-      let timeout = this.opts.pollTimeout;
+      // the first poll answers at once: it tells that the session works
+      let timeout = first ? 0 : this.opts.pollTimeout;
       if (this.opts.transport === "auto" && this.WS) {
         const left = Math.ceil((this.opts.wsRetryMs - (Date.now() - this.lastWsTry)) / 1000);
         timeout = Math.max(0, Math.min(timeout, left));
@@ -408,6 +409,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       }
       this.pollAbort = null;
       if (res.status === 401) {
+        await res.body?.cancel().catch(() => {});
         if (++unauthorized > 1) {
           this.emit("error", new ChatError("unauthorized", "the token was refused", 401));
           return "failed";
@@ -454,7 +456,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       const res = await this.fetchFn(this.opts.url + path, {
         method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: "no-store",
       });
-      if (res.status === 401 && attempt === 0) continue;
+      if (res.status === 401 && attempt === 0) { await res.body?.cancel().catch(() => {}); continue; }
       if (res.status === 204) return undefined as T;
       if (res.ok) return (await res.json()) as T;
       throw await this.errorOf(res);
@@ -567,7 +569,9 @@ export class ChatClient extends Emitter<ChatEvents> {
     if (t) { clearTimeout(t); this.presenceTimers.delete(p.user); }
     const apply = () => {
       const v = { user: p.user, online: p.online, last_seen: p.last_seen };
+      const was = this.presenceMap.get(p.user);
       this.presenceMap.set(p.user, v);
+      if (was && was.online === v.online && was.last_seen === v.last_seen) return;
       this.emit("presence", v);
     };
     // long-poll users flap between polls: an offline is believed after a moment
@@ -789,6 +793,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       for (let i = 0; i < users.length; i += 100) this.wsSend({ type: "watch", users: users.slice(i, i + 100) });
       return;
     }
+    if (this._state !== "longpoll") return;      // afterConnect watches them
     // long-poll has no watch: ask, and ask again now and then
     void this.pollPresence(users);
     if (!this.presencePoll) {
