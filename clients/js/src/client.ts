@@ -289,6 +289,9 @@ export class ChatClient extends Emitter<ChatEvents> {
         const r = await this.runPoll();
         if (this.stopped) break;
         if (r === "try-websocket") continue;
+        // HTTP did not work either: the network or the server is down, not
+        // just WebSocket blocked, so the next attempt is a WebSocket again
+        if (r === "unreachable") this.wsFailures = 0;
         delay = this.backoff.next();
       }
       this.setState("offline");
@@ -380,7 +383,7 @@ export class ChatClient extends Emitter<ChatEvents> {
 
   // ---- long-poll ------------------------------------------------------
 
-  private async runPoll(): Promise<"failed" | "try-websocket"> {
+  private async runPoll(): Promise<"failed" | "unreachable" | "try-websocket"> {
     this.setState("connecting");
     let unauthorized = 0;
     let first = true;
@@ -405,7 +408,7 @@ export class ChatClient extends Emitter<ChatEvents> {
         });
       } catch {
         this.pollAbort = null;
-        return "failed";
+        return first ? "unreachable" : "failed";
       }
       this.pollAbort = null;
       if (res.status === 401) {
@@ -418,7 +421,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       }
       if (res.status !== 200) {
         this.emit("error", await this.errorOf(res));
-        return "failed";
+        return first ? "unreachable" : "failed";
       }
       unauthorized = 0;
       let ans: PollAnswer;
@@ -585,8 +588,8 @@ export class ChatClient extends Emitter<ChatEvents> {
     const k = `${conv}\n${from}`;
     const t = this.typingTimers.get(k);
     if (t) clearTimeout(t);
-    else this.emit("typing", { conv, from, active: true });
     this.typingTimers.set(k, setTimeout(() => this.clearTyping(conv, from), this.opts.typingExpiryMs));
+    if (!t) this.emit("typing", { conv, from, active: true });     // typingIn() has it now
   }
 
   private clearTyping(conv: ConvId, from: string): void {
