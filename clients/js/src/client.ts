@@ -147,6 +147,8 @@ export class ChatClient extends Emitter<ChatEvents> {
   private stopped = false;
   private started: Promise<void> | null = null;
   private backoff: Backoff;
+  /** resends after unavailable / network errors (apart from reconnects) */
+  private sendBackoff: Backoff;
   private wsFailures = 0;
   private lastWsTry = -Infinity;
   private ws: any = null;
@@ -196,6 +198,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     const t = options.token;
     this.tokenProvider = typeof t === "function" ? t : () => t;
     this.backoff = new Backoff(this.opts.backoffMinMs, this.opts.backoffMaxMs, this.opts.random);
+    this.sendBackoff = new Backoff(this.opts.backoffMinMs, this.opts.backoffMaxMs, this.opts.random);
     this.timelines = new Timelines({
       fill: (conv, after, before) => this.fillGap(conv, after, before),
       onShow: (conv, items) => this.onShown(conv, items),
@@ -689,6 +692,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   }
 
   private async onAck(ack: SendAck): Promise<void> {
+    this.sendBackoff.reset();
     const t = this.resendTimers.get(ack.client_id);
     if (t) { clearTimeout(t); this.resendTimers.delete(ack.client_id); }
     const entry = this.outbox.get(ack.client_id);
@@ -725,7 +729,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       return true;
     }
     // rate_limited, unavailable, network: the same frame again later
-    const wait = err.code === "rate_limited" ? (err.retryAfter ?? 1000) : this.backoff.next();
+    const wait = err.code === "rate_limited" ? (err.retryAfter ?? 1000) : this.sendBackoff.next();
     const t = this.resendTimers.get(clientId);
     if (t) clearTimeout(t);
     this.resendTimers.set(clientId, setTimeout(() => {

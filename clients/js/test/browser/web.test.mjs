@@ -73,10 +73,12 @@ const tickOf = (p, text) => p.evaluate((t) => {
   const m = [...document.querySelectorAll("#msgs .msg")].find((e) => e.querySelector(".body")?.textContent === t);
   return m?.querySelector(".tick")?.dataset.state ?? null;
 }, text);
+// state: one state, or several ("sent or beyond" when later ticks may come first)
 const waitTick = (p, text, state) => p.waitForFunction((t, s) => {
   const m = [...document.querySelectorAll("#msgs .msg")].find((e) => e.querySelector(".body")?.textContent === t);
-  return m?.querySelector(".tick")?.dataset.state === s;
+  return [].concat(s).includes(m?.querySelector(".tick")?.dataset.state);
 }, { timeout: 15000 }, text, state);
+const ACKED = ["sent", "delivered", "read"];
 const shot = async (p, name) => { if (SHOTS) await p.screenshot({ path: `${SHOTS}/${name}` }); };
 
 const alice = uid("alice"), bob = uid("bob"), carol = uid("carol");
@@ -141,7 +143,7 @@ test("with WebSocket blocked the page falls back to long-poll and still chats; a
   assert.equal(await pc.$eval("#conn", (e) => e.dataset.state), "longpoll");
   await openChat(pc, alice);
   await say(pc, "hi from long-poll");
-  await waitTick(pc, "hi from long-poll", "sent");
+  await waitTick(pc, "hi from long-poll", ACKED);
   await openChat(pa, carol);
   await waitBodies(pa, ["hi from long-poll"]);
   await say(pa, "answer to long-poll");
@@ -159,7 +161,7 @@ test("with WebSocket blocked the page falls back to long-poll and still chats; a
   await pc.setRequestInterception(false);
   await pc.reload();
   await pc.waitForFunction(() => document.querySelector("#conn")?.dataset.state === "longpoll", { timeout: 15000 });
-  await waitTick(pc, "kept across a reload", "sent").catch(async (e) => {
+  await waitTick(pc, "kept across a reload", ACKED).catch(async (e) => {
     const dbg = await pc.evaluate(() => JSON.stringify({ state: window.chat.state, pending: window.chat.pending(),
       hash: location.hash, msgs: [...document.querySelectorAll("#msgs .msg")].map((m) => m.textContent) }));
     throw new Error(`${e.message}: ${dbg}`);

@@ -194,3 +194,43 @@ test("client: resends the same client_id after a reconnect; reconnect frames rec
   assert.equal(await storage.get("ngx-chat:alice:t:cursor"), 3, "cursor persisted");
   await c.stop();
 });
+
+test("client: on long-poll it tries WebSocket again after wsRetryMs and moves back to it", async () => {
+  let fail = true;
+  const script = {
+    sockets: [],
+    onOpen: (ws) => {
+      if (fail) { ws.readyState = 3; ws.onclose?.({ code: 1006 }); return; }
+      ws.readyState = 1;
+      ws.deliver({ type: "hello", user: "alice", device: "t", cursor: 0, heartbeat: 30 });
+    },
+  };
+  const fetchFn = async (url, init) => {
+    await new Promise((r) => setTimeout(r, 20));
+    return new Response(JSON.stringify({ events: [], cursor: 0 }), { status: 200 });
+  };
+  const c = new ChatClient({ url: "http://x", token: tok("alice"), WebSocket: fakeWS(script), fetch: fetchFn,
+                             storage: new MemoryStorage(), wsRetryMs: 150 });
+  const states = [];
+  c.on("state", (s) => states.push(s));
+  await c.start();
+  await wait(60);
+  assert.equal(c.state, "longpoll");
+  fail = false;                                      // the proxy lets upgrades through again
+  await wait(400);
+  assert.equal(c.state, "websocket", states.join());
+  assert.ok(script.sockets.length >= 2);
+  await c.stop();
+});
+
+test("client: network down on both transports keeps trying WebSocket first", async () => {
+  const script = { sockets: [], onOpen: (ws) => { ws.readyState = 3; ws.onclose?.({ code: 1006 }); } };
+  const c = new ChatClient({ url: "http://x", token: tok("alice"), WebSocket: fakeWS(script), storage: new MemoryStorage(),
+                             fetch: async () => { throw new TypeError("network down"); },
+                             backoffMinMs: 20, backoffMaxMs: 40 });
+  await c.start();
+  await wait(300);
+  // each round: a WebSocket attempt, then one poll; never stuck on long-poll
+  assert.ok(script.sockets.length >= 3, `${script.sockets.length} WebSocket attempts`);
+  await c.stop();
+});
