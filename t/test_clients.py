@@ -140,9 +140,9 @@ def test_sdk_against_the_stack(stack):
 def test_web_app_in_a_browser(stack):
     shots = os.path.join(ROOT, "docs") if stack.env.get("CHAT_QUEUE") == "redis" else "/tmp"
     n, _ = _node_test(stack, "test/browser/", timeout=400, CHAT_SHOTS_DIR=shots)
-    assert n == 4
+    assert n == 5
     if shots.endswith("docs"):
-        for f in ("web-signin.png", "web-chat.png", "web-offline.png"):
+        for f in ("web-signin.png", "web-chat.png", "web-offline.png", "web-group.png"):
             p = os.path.join(shots, f)
             assert os.path.getsize(p) > 5000 and time.time() - os.path.getmtime(p) < 600, p
 

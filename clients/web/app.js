@@ -52,7 +52,7 @@ $("signout").addEventListener("click", async () => {
 function title(conv) {
   if (conv.startsWith("g:")) {
     const s = client.conversations.find((c) => c.conv === conv);
-    return "👥 " + (s?.name ?? client.groupInfo(conv.slice(2))?.name ?? conv.slice(2));
+    return "# " + (s?.name ?? client.groupInfo(conv.slice(2))?.name ?? conv.slice(2));
   }
   return peerOf(conv, client.user) ?? conv;
 }

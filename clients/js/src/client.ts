@@ -525,6 +525,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.timelines.addLive(it, mine);
     this.clearTyping(m.conv, m.from);
     if (!fresh) return;
+    if (m.group) this.learnGroup(m.group);
     const s = this.summary(m.conv, m.group);
     if (m.seq > s.last_seq) { s.last_seq = m.seq; s.last = m; }
     if (!mine && m.seq > s.read_seq) s.unread++;
@@ -566,7 +567,21 @@ export class ChatClient extends Emitter<ChatEvents> {
       this.emit("conversations", this.conversations);
     }
     this.timelines.addLive(itemFromEvent(e));
+    if (!(e.event === "removed" && e.members.includes(this.user))) this.learnGroup(e.group);
     this.emit("group", e);
+  }
+
+  /** A group this device has not read yet: its name and members, once. */
+  private learning = new Set<string>();
+  private learnGroup(group: string): void {
+    if (this.groupsCache.has(group) || this.learning.has(group)) return;
+    this.learning.add(group);
+    this.getGroup(group).then((g) => {
+      const s = this.convs.get(`g:${group}`);
+      if (s) s.name = g.name;
+      this.emit("conversations", this.conversations);
+      this.emit("timeline", `g:${group}`);
+    }, () => {}).finally(() => this.learning.delete(group));
   }
 
   private onPresence(p: PresenceFrame): void {

@@ -173,6 +173,24 @@ test("with WebSocket blocked the page falls back to long-poll and still chats; a
   await pc.close();
 });
 
+test("groups: create one in the web app, both members chat in it", async () => {
+  await pa.click("#new-group-box summary");
+  await pa.type("#new-group-name", "weekend");
+  await pa.type("#new-group-members", bob);
+  await pa.click("#new-group button");
+  await pa.waitForFunction(() => document.querySelector("#chat-title").textContent.includes("weekend"), { timeout: 10000 });
+  await say(pa, "group hello");
+  await pb.waitForFunction(() => [...document.querySelectorAll("#convs .name")].some((e) => e.textContent.includes("weekend")), { timeout: 15000 });
+  const li = await pb.evaluateHandle(() => [...document.querySelectorAll("#convs li")].find((e) => e.textContent.includes("weekend")));
+  await li.click();
+  await waitBodies(pb, ["group hello"]);
+  assert.ok((await pb.$eval("#chat-sub", (e) => e.textContent)).includes(alice), "members shown");
+  await say(pb, "group answer");
+  await waitBodies(pa, ["group answer"]);
+  await waitTick(pa, "group hello", "read");
+  await shot(pa, "web-group.png");
+});
+
 test("a page on another origin uses the HTTP endpoints with CORS; an origin not allowed is refused", async () => {
   // http://localhost:PORT is another origin than http://127.0.0.1:PORT, and the stack allows it
   const p = await page();
