@@ -241,6 +241,7 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.stopped = true;
     this.setState("stopped");
     this.pollAbort?.abort();
+    if (this.cursor > this.ackedCursor) this.wsSend({ type: "ack", cursor: this.cursor });
     try { this.ws?.close(1000); } catch { /* already closed */ }
     this.wakeup?.();
     for (const t of [...this.typingTimers.values(), ...this.presenceTimers.values(), ...this.resendTimers.values()]) clearTimeout(t);
@@ -375,6 +376,10 @@ export class ChatClient extends Emitter<ChatEvents> {
     this.device = h.device;
     this.heartbeat = h.heartbeat;
     this.backoff.reset();
+    // processed here but the ack did not reach the server (closed too soon):
+    // acknowledge now, or the senders never see the double tick
+    this.ackedCursor = Math.min(this.cursor, h.cursor);
+    if (this.cursor > h.cursor) setTimeout(() => this.scheduleAck(), 0);
     this.emit("hello", h);
     if (h.behind) this.emit("behind");
   }
@@ -878,7 +883,24 @@ export class ChatClient extends Emitter<ChatEvents> {
     const items = page.messages.map((m) => { this.markSeen(m.id); return this.ownState(itemFromEvent(m)); });
     this.timelines.addHistory(conv, items, !opts.before);
     this.emit("timeline", conv);
+    if (!opts.before) void this.learnReceipts(conv, items);
     return page;
+  }
+
+  /** Ticks of messages read from history (after a reload the receipts are
+   * long past): where the newest own message stands. */
+  private async learnReceipts(conv: ConvId, items: TimelineItem[]): Promise<void> {
+    const own = items.filter((i) => i.type === "msg" && i.from === this.user).map((i) => i.seq);
+    if (!own.length) return;
+    const seq = Math.max(...own);
+    try {
+      const r = await this.receiptsOf(conv, seq);
+      const p = this.ptrs(conv);
+      const bump = (m: Map<string, number>, u: string) => m.set(u, Math.max(m.get(u) ?? 0, seq));
+      for (const u of r.delivered) if (u !== this.user) bump(p.delivered, u);
+      for (const u of r.read) if (u !== this.user) { bump(p.read, u); bump(p.delivered, u); }
+      this.emit("timeline", conv);
+    } catch { /* ticks stay at sent */ }
   }
 
   /** One more page of older messages; false when there is none. */

@@ -62,6 +62,15 @@ test("WebSocket: ordered exactly-once delivery, ticks sent -> delivered -> read"
   await cb.markRead(conv, 3);
   await until("read", () => ca.messages(conv).every((m) => m.state === "read"));
   assert.equal(ca.conversations.find((c) => c.conv === conv)?.last_seq, 3);
+  // another device of alice (or the same after a reload) reads the ticks from the server
+  const again = mk(a, { dev: "t2" });
+  await again.start();
+  await until("history with blue ticks", async () => {
+    await again.loadHistory(conv);
+    await new Promise((r) => setTimeout(r, 100));
+    const ms = again.messages(conv);
+    return ms.length === 3 && ms.every((m) => m.mine && m.state === "read");
+  });
 });
 
 test("offline device catches up once, in order, from its persisted cursor", async () => {
