@@ -34,10 +34,12 @@ PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
 WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
+# the module's pure code the workers link: JWT signing for the dev sign-in
+WORKER_PURE := ngx_chat_module/chat_jwt.c ngx_chat_module/chat_json.c ngx_chat_module/chat_proto.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
-.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest lua-test setup install clean
+.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest lua-test setup install clean clients clients-test
 
 all: module worker
 
@@ -75,7 +77,7 @@ $(BUILD)/gen/chat_lua.c: $(LUA_SRCS)
 $(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS) $(BUILD)/gen/chat_lua.c
 	@mkdir -p $(BUILD)
 	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ingx_chat_module -I$(BUILD)/gen \
-	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) $(BUILD)/gen/chat_lua.c \
+	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) $(WORKER_PURE) $(BUILD)/gen/chat_lua.c \
 	  $$(pkg-config --libs $(WORKER_PKGS)) -lcrypto -lpthread -lm
 
 worker: $(BUILD)/chat-worker
@@ -111,6 +113,20 @@ fuzz: $(FUZZERS)
 	    || { tail -40 $(BUILD)/fuzz/$$n.log; exit 1; }; \
 	  grep -E '^(#[0-9]+ *DONE|Done)' $(BUILD)/fuzz/$$n.log | tail -1; done
 
+# --- JavaScript SDK (clients/js) and web app (clients/web) ------------------------
+# clients/js/dist is what the web app imports (served at /sdk/ by the stack).
+CLIENT_SRCS := $(wildcard clients/js/src/*.ts) clients/js/tsconfig.json clients/js/package-lock.json
+
+clients/js/dist/index.js: $(CLIENT_SRCS)
+	cd clients/js && npx --no-install tsc -p tsconfig.json
+
+clients: clients/js/dist/index.js
+
+# unit tests of the SDK's logic (no server); the integration and browser
+# tests need a stack and run under pytest (t/test_clients.py)
+clients-test: clients
+	cd clients/js && node --test --test-timeout=60000 test/unit/
+
 # --- the whole suite ------------------------------------------------------------
 setup:
 	@bash -c '. scripts/lib.sh; setup_done' || scripts/setup --no-build
@@ -124,7 +140,7 @@ pytest:
 
 test: setup
 	$(MAKE) lua-test
-	$(MAKE) all loadgen unit fuzz
+	$(MAKE) all loadgen unit fuzz clients-test
 	$(MAKE) pytest
 
 test-asan: setup

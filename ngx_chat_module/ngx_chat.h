@@ -272,6 +272,11 @@ ngx_int_t ngx_chat_authenticate(ngx_http_request_t *r,
 ngx_int_t ngx_chat_auth_add_variables(ngx_conf_t *cf);
 ngx_int_t ngx_chat_auth_access_handler(ngx_http_request_t *r);
 
+/* ngx_chat_cors.c: preflights and the CORS/cache headers of chat answers */
+ngx_int_t ngx_chat_cors_init(ngx_conf_t *cf);
+char *ngx_chat_cors_set_origins(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
 /* ngx_chat_http.c: small HTTP answers */
 ngx_int_t ngx_chat_http_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *code, const char *message);

@@ -104,7 +104,7 @@ static ngx_command_t  ngx_chat_commands[] = {
 
     { ngx_string("chat_allowed_origins"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
-      ngx_conf_set_str_array_slot,
+      ngx_chat_cors_set_origins,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_chat_loc_conf_t, origins),
       NULL },
@@ -343,7 +343,7 @@ ngx_chat_postconfiguration(ngx_conf_t *cf)
 
     *h = ngx_chat_auth_access_handler;
 
-    return NGX_OK;
+    return ngx_chat_cors_init(cf);
 }
 
 

@@ -19,5 +19,7 @@ setup_done() {
   [ -d /usr/share/nginx/src ] && [ -f /usr/include/hiredis/async.h ] && [ -f /usr/include/librdkafka/rdkafka.h ] \
     && [ -f /usr/include/cmocka.h ] && [ -d /usr/include/libmongoc-1.0 ] || return 1
   [ -d /usr/lib/nginx/modules ] && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || return 1
+  for c in node npm chromium; do command -v $c >/dev/null 2>&1 || return 1; done
+  cmp -s clients/js/package-lock.json clients/js/node_modules/.ngx-chat-lock 2>/dev/null || return 1
   return 0
 }

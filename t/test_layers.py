@@ -10,7 +10,7 @@ from chatlib import ROOT
 MOD = os.path.join(ROOT, "ngx_chat_module")
 
 LAYERS = [
-    ("support", ["status", "rate", "http", "auth"]),
+    ("support", ["status", "rate", "http", "auth", "cors"]),
     ("store adapters", ["redis", "kafka"]),
     ("session core", ["session"]),
     ("features", ["msg", "deliver", "presence", "typing", "router"]),

@@ -38,6 +38,7 @@ typedef struct {
                                    per minute, burst (0 0: off) */
     int   group_adds[2];        /* times one user may be added to groups by others:
                                    per hour, per day (0 0: off) */
+    char  dev_token_secret_file[CW_STR]; /* rest: serve GET /dev/token (local dev stack only) */
 } cw_config_t;
 
 /* config.c */

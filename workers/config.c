@@ -162,6 +162,7 @@ cw_config_load(cw_config_t *cf, const char *path)
                 }
                 cf->rest_socket_mode = (int) m;
             }
+            else if (strcmp(k, "dev_token_secret_file") == 0) set(cf->dev_token_secret_file, sizeof(cf->dev_token_secret_file), v);
             else if ((ip = int_key(cf, k)) != NULL) {
                 if (parse_int(v, ip) != 0) {
                     cw_error("%s:%d: %s must be an integer, not \"%s\"", path, lineno, k, v);

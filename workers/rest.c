@@ -26,6 +26,7 @@
  *   PUT/DELETE /chat/devices/<device>/push, GET /chat/devices   (devices.c)
  */
 #include "chat_worker.h"
+#include "chat_jwt.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -713,6 +714,74 @@ secret_ok(const char *given)
     return CRYPTO_memcmp(d, rest_secret_sha, sizeof(d)) == 0;
 }
 
+
+/* ---- dev sign-in ---------------------------------------------------------
+ * GET /dev/token?user=U&device=D&ttl=S mints a token with the nginx JWT
+ * secret, for anyone who asks: only for the local dev stack, whose worker
+ * config alone sets dev_token_secret_file and whose nginx alone routes
+ * /dev/token here (conf/dev-locations.conf). Off (404) otherwise. */
+
+static unsigned char dev_secret[4096];
+static size_t        dev_secret_len;
+
+static void
+dev_token_load(const cw_config_t *cf)
+{
+    FILE *f;
+
+    if (cf->dev_token_secret_file[0] == '\0') return;
+    f = fopen(cf->dev_token_secret_file, "r");
+    if (f == NULL) {
+        cw_warn("dev_token_secret_file %s: %s; /dev/token stays off", cf->dev_token_secret_file, strerror(errno));
+        return;
+    }
+    dev_secret_len = fread(dev_secret, 1, sizeof(dev_secret), f);
+    fclose(f);
+    while (dev_secret_len > 0 && (dev_secret[dev_secret_len - 1] == '\n' || dev_secret[dev_secret_len - 1] == '\r'))
+        dev_secret_len--;
+    if (dev_secret_len > 0) cw_warn("dev sign-in on: GET /dev/token gives anyone a token (dev stack only)");
+}
+
+static void
+dev_token(int fd, const rest_req_t *rq)
+{
+    char    user[CW_ID_MAX + 1], dev[40], num[24], tok[1024];
+    int64_t ttl = 3600, now;
+    size_t  n;
+    int     rc;
+
+    if (strcmp(rq->method, "GET") != 0) {
+        respond_error(fd, 405, "bad_request", "only GET is allowed here");
+        return;
+    }
+    rc = qparam(rq->query, "user", user, sizeof(user));
+    if (rc <= 0 || !cw_valid_id(user, strlen(user), CW_ID_MAX)) {
+        respond_error(fd, 400, "bad_request", "user must be 1 to 64 of [A-Za-z0-9._-]");
+        return;
+    }
+    rc = qparam(rq->query, "device", dev, sizeof(dev));
+    if (rc <= 0) strcpy(dev, "web");
+    if (!cw_valid_id(dev, strlen(dev), 32)) {
+        respond_error(fd, 400, "bad_request", "device must be 1 to 32 of [A-Za-z0-9._-]");
+        return;
+    }
+    if (qparam(rq->query, "ttl", num, sizeof(num)) > 0) {
+        ttl = parse_pos(num);
+        if (ttl < 1 || ttl > 86400) {
+            respond_error(fd, 400, "bad_request", "ttl must be 1 to 86400 seconds");
+            return;
+        }
+    }
+    now = cw_now_ms() / 1000;
+    n = chat_jwt_issue(user, dev, now, now + ttl, dev_secret, dev_secret_len, tok, sizeof(tok));
+    if (n == 0) {
+        respond_error(fd, 503, "unavailable", "could not sign a token");
+        return;
+    }
+    respond_json(fd, 200, json_pack("{s:s, s:s, s:s, s:I}", "token", tok, "user", user, "device", dev,
+                                    "exp", (json_int_t) (now + ttl)));
+}
+
 static void
 route(int fd, const rest_req_t *rq)
 {
@@ -729,6 +798,10 @@ route(int fd, const rest_req_t *rq)
     }
     if (!secret_ok(rq->secret)) {
         respond_error(fd, 401, "unauthorized", "this server answers nginx only");
+        return;
+    }
+    if (strcmp(rq->path, "/dev/token") == 0 && dev_secret_len > 0) {
+        dev_token(fd, rq);
         return;
     }
     if (!is_history && !is_convs && !is_receipts && !is_groups && !is_settings && !is_devices) {
@@ -941,6 +1014,7 @@ cw_role_rest(const cw_config_t *cf)
     ev.data.ptr = NULL;
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     rest_cf = cf;
+    dev_token_load(cf);
     cw_info("role rest listening on %s (%s)", cf->rest_listen,
             rest_have_secret ? "X-Chat-Secret required" : "unix socket permissions");
     cw_groups_init(cf);
