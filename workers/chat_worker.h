@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "chat_lua.h"    /* generated from lua/ (lua/gen.sh) */
+
 #define CW_STR 512
 
 typedef struct {
@@ -264,5 +266,10 @@ int  cw_settings_request(const char *method, const char *path, const char *user,
 int  cw_devices_request(const char *method, const char *path, const char *user, const char *device,
                         const char *body, size_t body_len, struct _mongoc_client_t *client, const char *db,
                         struct json_t **out);
+
+/* scripts.c: the Redis scripts of lua/ (chat_lua[]) */
+struct redisContext;
+const char *cw_lua_sha(int id);
+int cw_lua_load(struct redisContext *c);
 
 #endif

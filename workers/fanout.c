@@ -1,7 +1,7 @@
 /*
  * The fanout role (docs/PIPELINE.md, "Delivery to nginx"): for each queue
- * entry, append the event to every recipient's inbox (one Lua script per
- * user, idempotent), then publish once per nginx worker channel holding
+ * entry, append the event to every recipient's inbox (lua/inbox.lua, one
+ * script call per user, idempotent), then publish once per nginx worker channel holding
  * the recipients' connections, then acknowledge the entry.
  *
  * One batch costs three round trips to Redis whatever its size: all
@@ -19,133 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/*
- * Inbox append (one call per recipient user, on its {u:U} keys).
- *   KEYS: chat:{u:U}:inbox  chat:{u:U}:cur  chat:{u:U}:last  chat:{u:U}:conns
- *         chat:{u:U}:ages
- *   ARGV: field  seq  event  now(ms)  inbox_max  retention(ms)
- * Returns {appended, cursor, live registry members...}.
- *
- * Bounds: the inbox keeps at most inbox_max events, and none older than the
- * retention. Age is tracked coarsely: `ages` holds a marker (score = time,
- * member = the first cursor appended after it) at most once an hour (the
- * newest marker's time is also in last["mk"], read with the seq: one call
- * less per append than asking `ages`); when a
- * marker is added, events before the newest marker older than the
- * retention are dropped. The newest cursor dropped by either bound is kept
- * in last["trim"]: a device whose cursor is below it has missed events, and
- * hello says so ("behind"). The keys' expiry (the retention) is renewed
- * with the markers, at most once an hour, not on every append; an inbox
- * created anew (emptied by acks) gets it at once.
- *
- * last[field] = "<seq>:<cursor>" of the newest appended. An equal seq is a
- * re-consumed entry: nothing is added and the stored cursor is returned, so
- * the event is published again (the module drops what it already sent).
- * Messages may arrive out of seq order (Kafka: seqs are assigned in Redis,
- * then produced by several nginx processes), so when a message skips seqs
- * they are remembered in last["h:<conv>"] (comma-separated, at most 64): an
- * older message is appended if it is one of them, else it is a duplicate,
- * published again with its cursor while it is still in the inbox (a batch
- * re-consumed after a crash), or not at all ({0, 0}) once acknowledged and
- * trimmed away. Receipt pointers only move forward.
- * (Grouping several recipients into one call was measured: it costs Redis
- * more, not less; the time goes to the redis.call()s, not the call.)
- */
-static const char inbox_lua[] =
-    "local seq = tonumber(ARGV[2])\n"
-    "local got = redis.call('HMGET', KEYS[3], ARGV[1], 'mk')\n"
-    "local prev = got[1]\n"
-    "local pseq, pcur = 0, 0\n"
-    "if prev then\n"
-    "  local i = string.find(prev, ':', 1, true)\n"
-    "  pseq = tonumber(string.sub(prev, 1, i - 1))\n"
-    "  pcur = tonumber(string.sub(prev, i + 1))\n"
-    "end\n"
-    "local res\n"
-    "local msg = string.sub(ARGV[1], 1, 2) == 'm:'\n"
-    "local hf = 'h' .. string.sub(ARGV[1], 2)\n"
-    "if pseq == seq then\n"
-    "  res = {0, pcur}\n"
-    "elseif pseq > seq then\n"
-    "  local found, rest = false, {}\n"
-    "  local h = msg and redis.call('HGET', KEYS[3], hf)\n"
-    "  if h then\n"
-    "    for x in string.gmatch(h, '%d+') do\n"
-    "      if tonumber(x) == seq then found = true else rest[#rest + 1] = x end\n"
-    "    end\n"
-    "  end\n"
-    "  if not found then\n"
-    "    local c = redis.call('ZSCORE', KEYS[1], ARGV[3])\n"
-    "    if not c then return {0, 0} end\n"
-    "    res = {0, tonumber(c)}\n"
-    "  elseif #rest > 0 then redis.call('HSET', KEYS[3], hf, table.concat(rest, ','))\n"
-    "  else redis.call('HDEL', KEYS[3], hf) end\n"
-    "end\n"
-    "if not res then\n"
-    "  local cur = redis.call('INCR', KEYS[2])\n"
-    "  redis.call('ZADD', KEYS[1], cur, ARGV[3])\n"
-    "  if seq > pseq then\n"
-    "    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. cur)\n"
-    "    if msg and seq > pseq + 1 then\n"
-    "      local hs = {}\n"
-    "      local h = redis.call('HGET', KEYS[3], hf)\n"
-    "      if h then for x in string.gmatch(h, '%d+') do hs[#hs + 1] = x end end\n"
-    "      for x = math.max(pseq + 1, seq - 64), seq - 1 do hs[#hs + 1] = string.format('%d', x) end\n"
-    "      local from = math.max(1, #hs - 63)\n"
-    "      redis.call('HSET', KEYS[3], hf, table.concat(hs, ',', from, #hs))\n"
-    "    end\n"
-    "  end\n"
-    "  local n = redis.call('ZCARD', KEYS[1])\n"
-    "  local max = tonumber(ARGV[5])\n"
-    "  local trim = 0\n"
-    "  if n > max then\n"
-    "    trim = tonumber(redis.call('ZRANGE', KEYS[1], n - max - 1, n - max - 1, 'WITHSCORES')[2])\n"
-    "    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - max - 1)\n"
-    "  end\n"
-    "  local now, ret = tonumber(ARGV[4]), tonumber(ARGV[6])\n"
-    "  if now - tonumber(got[2] or '0') >= 3600000 then\n"
-    "    redis.call('ZADD', KEYS[5], now, cur)\n"
-    "    redis.call('HSET', KEYS[3], 'mk', ARGV[4])\n"
-    "    local old = redis.call('ZREVRANGEBYSCORE', KEYS[5], now - ret, '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
-    "    if #old > 0 then\n"
-    "      local top = redis.call('ZREVRANGEBYSCORE', KEYS[1], '(' .. old[1], '-inf', 'WITHSCORES', 'LIMIT', 0, 1)\n"
-    "      if #top > 0 then\n"
-    "        if tonumber(top[2]) > trim then trim = tonumber(top[2]) end\n"
-    "        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. old[1])\n"
-    "      end\n"
-    "      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. old[2])\n"
-    "    end\n"
-    "    redis.call('PEXPIRE', KEYS[5], ret)\n"
-    "    redis.call('PEXPIRE', KEYS[1], ret)\n"
-    "    redis.call('PEXPIRE', KEYS[3], ret)\n"
-    "  elseif n == 1 then\n"
-    "    redis.call('PEXPIRE', KEYS[1], ret)\n"
-    "  end\n"
-    "  if trim > 0 and trim > tonumber(redis.call('HGET', KEYS[3], 'trim') or '0') then\n"
-    "    redis.call('HSET', KEYS[3], 'trim', string.format('%d', trim))\n"
-    "  end\n"
-    "  res = {1, cur}\n"
-    "end\n"
-    "local m = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[4], '+inf')\n"
-    "for j = 1, #m do res[#res + 1] = m[j] end\n"
-    "return res\n";
-
-/*
- * A group receipt (on the group's shard keys, docs/PIPELINE.md "Group
- * receipts"): raise the member's delivered (and, for read, read) pointer,
- * return the senders whose newest message is after the member's previous
- * pointer: they are the ones this receipt tells something new.
- *   KEYS: chat:{s<s>}:g:<G>:dlv  :read  :snd
- *   ARGV: member  seq  status  prev
- */
-static const char receipt_lua[] =
-    "local n = tonumber(ARGV[2])\n"
-    "local function raise(k)\n"
-    "  if n > tonumber(redis.call('HGET', k, ARGV[1]) or '0') then redis.call('HSET', k, ARGV[1], n) end\n"
-    "end\n"
-    "raise(KEYS[1])\n"
-    "if ARGV[3] == 'read' then raise(KEYS[2]) end\n"
-    "return redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[4], '+inf')\n";
 
 typedef struct {
     char   *p;
@@ -189,8 +62,6 @@ typedef struct {
 typedef struct {
     const cw_config_t *cf;
     redisContext      *c;
-    char               sha[48];          /* inbox append */
-    char               sha_receipt[48];  /* group receipt */
     cw_queue_t        *q;
     cw_dlq_t          *dlq;
     cw_batch_t         batch;
@@ -210,26 +81,11 @@ typedef struct {
     int64_t            next_stats;
 } fanout_t;
 
-static int
-load_one(fanout_t *f, const char *lua, char *sha, size_t len)
-{
-    redisReply *r = redisCommand(f->c, "SCRIPT LOAD %s", lua);
-    if (r == NULL) return -1;
-    if (r->type != REDIS_REPLY_STRING) {
-        cw_error("SCRIPT LOAD: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-        freeReplyObject(r);
-        return -1;
-    }
-    snprintf(sha, len, "%s", r->str);
-    freeReplyObject(r);
-    return 0;
-}
-
+/* The scripts (lua/inbox.lua, lua/group_receipt.lua) in this role's Redis. */
 static int
 load_script(fanout_t *f)
 {
-    if (load_one(f, inbox_lua, f->sha, sizeof(f->sha)) != 0) return -1;
-    return load_one(f, receipt_lua, f->sha_receipt, sizeof(f->sha_receipt));
+    return cw_lua_load(f->c);
 }
 
 static int
@@ -439,7 +295,7 @@ resolve_groups(fanout_t *f)
             for (int j = 0; j < 3; j++) snprintf(k[j], sizeof(k[j]), "chat:{s%d}:g:%s:%s", e->shard, e->a, what[j]);
             snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
             snprintf(prev_s, sizeof(prev_s), "%" PRId64, e->prev);
-            argv[0] = "EVALSHA"; argv[1] = f->sha_receipt; argv[2] = "3";
+            argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_GROUP_RECEIPT); argv[2] = "3";
             argv[3] = k[0]; argv[4] = k[1]; argv[5] = k[2];
             argv[6] = e->from; argv[7] = seq_s; argv[8] = e->st; argv[9] = prev_s;
             for (int j = 0; j < 10; j++) lens[j] = strlen(argv[j]);
@@ -556,7 +412,7 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
     }
     for (int j = 0; j < 5; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
     snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
-    argv[0] = "EVALSHA"; argv[1] = f->sha; argv[2] = "5";
+    argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_INBOX); argv[2] = "5";
     for (int j = 0; j < 5; j++) argv[3 + j] = keys[j];
     argv[8] = t->field; argv[9] = seq_s; argv[10] = e->ev;
     argv[11] = now_s; argv[12] = f->max_s; argv[13] = f->ret_s;

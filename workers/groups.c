@@ -32,142 +32,6 @@
                                           * request gives up after GROUP_KAFKA_WAIT) */
 #define GROUP_REBUILD_MS   5000        /* retry a failed rebuild this often */
 
-/*
- * The membership script.
- *   KEYS: meta mem seq queue      (queue: the stream, or gq with Kafka)
- *   ARGV: op G actor now max push_limit queue name add remove
- *         op: create, change or get; add/remove: JSON arrays of user ids
- * Returns {"ok", state, [field, record]...} (records: Kafka only), or
- * {code} with code exists, not_found, forbidden or too_large.
- */
-static const char group_script[] =
-    "local meta, mem, seqk, q = KEYS[1], KEYS[2], KEYS[3], KEYS[4]\n"
-    "local op, g, actor, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]\n"
-    "local max, plimit, kafka = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == 'kafka'\n"
-    "local conv = 'g:' .. g\n"
-    "local name, owner, created\n"
-    "local act = {}\n"
-    "if op == 'create' then\n"
-    "  if redis.call('EXISTS', meta) == 1 then return {'exists'} end\n"
-    "  name, owner, created = ARGV[8], actor, now\n"
-    "else\n"
-    "  local m = redis.call('HMGET', meta, 'name', 'owner', 'created')\n"
-    "  if not m[1] then return {'not_found'} end\n"
-    "  name, owner, created = m[1], m[2], m[3]\n"
-    "  local all = redis.call('HGETALL', mem)\n"
-    "  for i = 1, #all, 2 do\n"
-    "    if not string.find(all[i + 1], ':', 1, true) then act[all[i]] = all[i + 1] end\n"
-    "  end\n"
-    "  if not act[actor] then return {'forbidden'} end\n"
-    "end\n"
-    "local function sorted(set)\n"
-    "  local l = {}\n"
-    "  for u in pairs(set) do l[#l + 1] = u end\n"
-    "  table.sort(l)\n"
-    "  return l\n"
-    "end\n"
-    "local function jlist(l)\n"
-    "  if #l == 0 then return '[]' end\n"
-    "  return '[\"' .. table.concat(l, '\",\"') .. '\"]'\n"
-    "end\n"
-    "local function state()\n"
-    "  local l, since = sorted(act), {}\n"
-    "  for _, u in ipairs(l) do since[#since + 1] = '\"' .. u .. '\":' .. act[u] end\n"
-    "  return '{\"name\":' .. cjson.encode(name) .. ',\"owner\":\"' .. owner .. '\",\"members\":'\n"
-    "    .. jlist(l) .. ',\"since\":{' .. table.concat(since, ',') .. '},\"created\":' .. created .. '}', #l\n"
-    "end\n"
-    "if op == 'get' then\n"
-    "  return {'ok', (state())}\n"
-    "end\n"
-    "local add, rem = cjson.decode(ARGV[9]), cjson.decode(ARGV[10])\n"
-    "if op == 'create' then add[#add + 1] = actor end\n"
-    "if op ~= 'create' and actor ~= owner then\n"
-    "  if #add > 0 then return {'forbidden'} end\n"
-    "  for _, u in ipairs(rem) do if u ~= actor then return {'forbidden'} end end\n"
-    "end\n"
-    /* the effective change: added (not active yet), then removed (active after the add) */
-    "local adds, rems, n = {}, {}, 0\n"
-    "for _ in pairs(act) do n = n + 1 end\n"
-    "for _, u in ipairs(add) do\n"
-    "  if not act[u] and not adds[u] then adds[u] = true; n = n + 1 end\n"
-    "end\n"
-    "if n > max then return {'too_large'} end\n"
-    "for _, u in ipairs(rem) do\n"
-    "  if (act[u] or adds[u]) and not rems[u] then rems[u] = true end\n"
-    "end\n"
-    "local out = {'ok', ''}\n"
-    "local function emit(event, set)\n"
-    "  local changed = sorted(set)\n"
-    "  if #changed == 0 then return end\n"
-    "  local seq = redis.call('HINCRBY', seqk, conv, 1)\n"
-    "  for _, u in ipairs(changed) do\n"
-    "    if event == 'removed' then\n"
-    "      redis.call('HSET', mem, u, act[u] .. ':' .. seq)\n"
-    "      act[u] = nil\n"
-    "    else\n"
-    "      redis.call('HSET', mem, u, seq)\n"
-    "      act[u] = tostring(seq)\n"
-    "    end\n"
-    "  end\n"
-    /* the owner left: the longest-standing member (lowest since, then id) takes over */
-    "  if not act[owner] then\n"
-    "    local best, bs\n"
-    "    for u, s in pairs(act) do\n"
-    "      local x = tonumber(s)\n"
-    "      if not best or x < bs or (x == bs and u < best) then best, bs = u, x end\n"
-    "    end\n"
-    "    if best then owner = best end\n"
-    "  end\n"
-    "  local st, count = state()\n"
-    "  redis.call('HSET', meta, 'name', name, 'owner', owner, 'n', count, 'ver', seq, 'created', created)\n"
-    "  local rc = {}\n"
-    "  if count > plimit then\n"
-    "    rc[actor] = true\n"
-    "  else\n"
-    "    for u in pairs(act) do rc[u] = true end\n"
-    "  end\n"
-    "  for _, u in ipairs(changed) do rc[u] = true end\n"
-    "  local rcpt = table.concat(sorted(rc), ' ')\n"
-    "  local ev = '{\"type\":\"group\",\"id\":\"' .. conv .. '#' .. seq .. '\",\"conv\":\"' .. conv\n"
-    "    .. '\",\"seq\":' .. seq .. ',\"group\":\"' .. g .. '\",\"event\":\"' .. event .. '\",\"members\":'\n"
-    "    .. jlist(changed) .. ',\"by\":\"' .. actor .. '\",\"ts\":' .. now .. '}'\n"
-    "  if kafka then\n"
-    "    local rec = cjson.encode({t = 'group', conv = conv, group = g, from = actor, seq = tostring(seq),\n"
-    "      event = event, rcpt = rcpt, state = st, ev = ev})\n"
-    "    redis.call('HSET', q, g .. '#' .. seq, now .. ' ' .. rec)\n"
-    "    out[#out + 1] = g .. '#' .. seq\n"
-    "    out[#out + 1] = rec\n"
-    "  else\n"
-    "    redis.call('XADD', q, '*', 't', 'group', 'conv', conv, 'group', g, 'from', actor, 'seq', seq,\n"
-    "      'event', event, 'rcpt', rcpt, 'state', st, 'ev', ev)\n"
-    "  end\n"
-    "end\n"
-    "emit(op == 'create' and 'created' or 'added', adds)\n"
-    "emit('removed', rems)\n"
-    "out[2] = (state())\n"
-    "return out\n";
-
-/*
- * Rebuild one group from its MongoDB document, unless Redis already holds
- * that version or a newer one.
- *   KEYS: meta mem seq
- *   ARGV: conv ver name owner created top [member since]...
- * top: the highest seq MongoDB knows of the group; the counter is raised
- * to it so that no seq is ever given out twice. Returns 1 when rebuilt.
- */
-static const char rebuild_script[] =
-    "local v = redis.call('HGET', KEYS[1], 'ver')\n"
-    "if v and tonumber(v) >= tonumber(ARGV[2]) then return 0 end\n"
-    "redis.call('DEL', KEYS[1], KEYS[2])\n"
-    "local n = 0\n"
-    "for i = 7, #ARGV, 2 do\n"
-    "  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])\n"
-    "  n = n + 1\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], 'name', ARGV[3], 'owner', ARGV[4], 'n', n, 'ver', ARGV[2], 'created', ARGV[5])\n"
-    "local s = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')\n"
-    "if s < tonumber(ARGV[6]) then redis.call('HSET', KEYS[3], ARGV[1], ARGV[6]) end\n"
-    "return 1\n";
 
 static const cw_config_t *gr_cf;
 static redisContext      *gr_redis;
@@ -259,74 +123,20 @@ rdb_failed(const char *what)
     }
 }
 
-/* The SHA1 of a script Redis has loaded (SCRIPT LOAD once, again after
- * NOSCRIPT: Redis restarted or flushed its scripts). */
-typedef struct {
-    const char *src;
-    char        sha[41];
-} gr_script_t;
-
-/*
- * Budgets of group operations, in Redis so that every rest process (and
- * every nginx node in front of them) shares them; each script touches one
- * user's tag.
- *
- * budget: a token bucket per acting user, chat:{u:U}:rl:groups (hash t =
- * ms of the last take, n = tokens, fractional). ARGV: now ms, per minute,
- * burst. Returns 0 when a token was taken, else the ms until one is there.
- */
-static const char budget_script[] =
-    "local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-    "local s = redis.call('HMGET', KEYS[1], 't', 'n')\n"
-    "local t, n = tonumber(s[1]) or now, tonumber(s[2]) or burst\n"
-    "if now > t then n = math.min(burst, n + (now - t) * rate / 60000) end\n"
-    "if n < 1 then return math.ceil((1 - n) * 60000 / rate) end\n"
-    "redis.call('HSET', KEYS[1], 't', now, 'n', tostring(n - 1))\n"
-    "redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 60000 / rate) + 1000)\n"
-    "return 0\n";
-
-/*
- * adds: how often a user was added to groups by others, in the current
- * hour and day (fixed windows), chat:{u:X}:adds (hash hw, hn, dw, dn).
- * ARGV: hour number, day number, max an hour, max a day, "take" or "give"
- * (a refused change gives back what it took). Returns 0, or 1 (the hour
- * is full) or 2 (the day is full).
- */
-static const char adds_script[] =
-    "local s = redis.call('HMGET', KEYS[1], 'hw', 'hn', 'dw', 'dn')\n"
-    "local hn = (s[1] == ARGV[1]) and tonumber(s[2]) or 0\n"
-    "local dn = (s[3] == ARGV[2]) and tonumber(s[4]) or 0\n"
-    "if ARGV[5] == 'give' then\n"
-    "  if hn > 0 then hn = hn - 1 end\n"
-    "  if dn > 0 then dn = dn - 1 end\n"
-    "else\n"
-    "  if hn >= tonumber(ARGV[3]) then return 1 end\n"
-    "  if dn >= tonumber(ARGV[4]) then return 2 end\n"
-    "  hn = hn + 1\n"
-    "  dn = dn + 1\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], 'hw', ARGV[1], 'hn', hn, 'dw', ARGV[2], 'dn', dn)\n"
-    "redis.call('PEXPIRE', KEYS[1], 2 * 86400000)\n"
-    "return 0\n";
-
-static gr_script_t gr_scripts[4] = { { group_script, "" }, { rebuild_script, "" }, { budget_script, "" },
-                                     { adds_script, "" } };
-
+/* The scripts of this role: lua/group_change.lua, group_rebuild.lua,
+ * group_budget.lua, group_adds.lua (the table chat_lua[], shared with the
+ * module and the other roles). */
 static int
-script_load(gr_script_t *sc)
+script_load(void)
 {
-    redisReply *r = redisCommand(gr_redis, "SCRIPT LOAD %s", sc->src);
-    int         ok = r && r->type == REDIS_REPLY_STRING && r->len == 40;
-
-    if (ok) memcpy(sc->sha, r->str, 41);
-    if (r) freeReplyObject(r);
-    else rdb_failed("SCRIPT LOAD");
-    return ok ? 0 : -1;
+    if (cw_lua_load(gr_redis) == 0) return 0;
+    rdb_failed("SCRIPT LOAD");
+    return -1;
 }
 
 /* EVALSHA of a script; the reply, or NULL when Redis is unreachable. */
 static redisReply *
-rdb_eval(gr_script_t *sc, int nkeys, const char **keys, int nargs, const char **args)
+rdb_eval(int script, int nkeys, const char **keys, int nargs, const char **args)
 {
     redisReply  *r = NULL;
     const char **argv;
@@ -335,13 +145,12 @@ rdb_eval(gr_script_t *sc, int nkeys, const char **keys, int nargs, const char **
     int          argc = 3 + nkeys + nargs;
 
     if (rdb() == NULL) return NULL;
-    if (sc->sha[0] == '\0' && script_load(sc) != 0) return NULL;
     argv = malloc(sizeof(char *) * (size_t) argc);
     lens = malloc(sizeof(size_t) * (size_t) argc);
     if (argv == NULL || lens == NULL) goto done;
     snprintf(nk, sizeof(nk), "%d", nkeys);
     argv[0] = "EVALSHA"; lens[0] = 7;
-    argv[1] = sc->sha; lens[1] = 40;
+    argv[1] = cw_lua_sha(script); lens[1] = 40;
     argv[2] = nk; lens[2] = strlen(nk);
     for (int i = 0; i < nkeys; i++) {
         argv[3 + i] = keys[i];
@@ -355,7 +164,7 @@ rdb_eval(gr_script_t *sc, int nkeys, const char **keys, int nargs, const char **
     if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
         freeReplyObject(r);
         r = NULL;
-        if (script_load(sc) == 0) r = redisCommandArgv(gr_redis, argc, argv, lens);
+        if (script_load() == 0) r = redisCommandArgv(gr_redis, argc, argv, lens);
     }
     if (r == NULL && gr_redis) rdb_failed("EVALSHA");
 done:
@@ -598,7 +407,7 @@ run_script(const char *op, const char *group, const char *user, const char *name
     args[0] = op; args[1] = group; args[2] = user; args[3] = now; args[4] = max; args[5] = plim;
     args[6] = gr_cf->queue; args[7] = name ? name : ""; args[8] = add ? add : "[]"; args[9] = rem ? rem : "[]";
 
-    r = rdb_eval(&gr_scripts[0], 4, keys, 10, args);
+    r = rdb_eval(CHAT_LUA_GROUP_CHANGE, 4, keys, 10, args);
     if (r == NULL) return fail(out, 503, "unavailable", "redis unavailable");
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || r->element[0]->type != REDIS_REPLY_STRING) {
         cw_warn("rest: group script: %s", r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
@@ -737,7 +546,7 @@ take_budget(const char *user, json_t **out)
     snprintf(now, sizeof(now), "%lld", (long long) cw_now_ms());
     snprintf(rate, sizeof(rate), "%d", gr_cf->group_rate[0]);
     snprintf(burst, sizeof(burst), "%d", gr_cf->group_rate[1]);
-    r = rdb_eval(&gr_scripts[2], 1, keys, 3, args);
+    r = rdb_eval(CHAT_LUA_GROUP_BUDGET, 1, keys, 3, args);
     if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
         if (r) freeReplyObject(r);
         return fail(out, 503, "unavailable", "redis unavailable");
@@ -773,7 +582,7 @@ adds(const char *actor, const char *ids, int give, json_t **out)
         const char *x = json_string_value(json_array_get(a, i));
         if (x == NULL || strcmp(x, actor) == 0) continue;
         snprintf(key, sizeof(key), "chat:{u:%s}:adds", x);
-        r = rdb_eval(&gr_scripts[3], 1, keys, 5, args);
+        r = rdb_eval(CHAT_LUA_GROUP_ADDS, 1, keys, 5, args);
         if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
             if (!give) status = fail(out, 503, "unavailable", "redis unavailable");
             else cw_warn("rest: could not give back an add of %s", x);
@@ -793,7 +602,7 @@ adds(const char *actor, const char *ids, int give, json_t **out)
             const char *x = json_string_value(json_array_get(a, k));
             if (x == NULL || strcmp(x, actor) == 0) continue;
             snprintf(key, sizeof(key), "chat:{u:%s}:adds", x);
-            r = rdb_eval(&gr_scripts[3], 1, keys, 5, args);
+            r = rdb_eval(CHAT_LUA_GROUP_ADDS, 1, keys, 5, args);
             if (r) freeReplyObject(r);
         }
     }
@@ -1083,7 +892,7 @@ rebuild_one(const bson_t *doc)
     snprintf(mem, sizeof(mem), "chat:{s%d}:g:%s:mem", shard_of(conv), g);
     snprintf(seqk, sizeof(seqk), "chat:{s%d}:seq", shard_of(conv));
     keys[0] = meta; keys[1] = mem; keys[2] = seqk;
-    r = rdb_eval(&gr_scripts[1], 3, keys, nargs, args);
+    r = rdb_eval(CHAT_LUA_GROUP_REBUILD, 3, keys, nargs, args);
     if (r) {
         if (r->type == REDIS_REPLY_INTEGER) rc = (int) r->integer;
         else cw_warn("rest: group rebuild %s: %s", g, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");

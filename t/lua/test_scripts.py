@@ -36,6 +36,11 @@ def test_scripts_touch_only_keys_they_are_given():
             for var, val in zip(m.group(1).split(","), m.group(2).split(",")):
                 if val.strip().startswith("KEYS["):
                     aliases.add(var.strip())
+        # local function raise(k) ... raise(KEYS[1]): k is a key when every call passes one
+        for m in re.finditer(r"local function (\w+)\((\w+)\)", src):
+            calls = re.findall(r"\b%s\(([^)]*)\)" % m.group(1), src[m.end():])
+            if calls and all(c.strip().startswith("KEYS[") for c in calls):
+                aliases.add(m.group(2))
         for m in re.finditer(r"redis\.call\('(\w+)',\s*([^,)]+)", src):
             cmd, first = m.group(1), m.group(2).strip()
             if cmd in ("PUBLISH",):
@@ -206,3 +211,11 @@ def test_read_only_forward_and_never_past_the_conversation(r, run):
     assert run("read", keys, ["d:alice:bob", 2 ** 53 - 1, 9]) == [5, 9]
     assert run("read", keys, ["g:ops", 50, 12]) == [0, 12]
     assert r.hget(U + "read", "g:ops") == "12"
+
+
+def test_every_script_has_tests_here():
+    here = os.path.dirname(os.path.abspath(__file__))
+    text = "".join(open(os.path.join(here, f)).read() for f in os.listdir(here) if f.startswith("test_"))
+    untested = [n for n in SCRIPTS if not re.search(r'run\("%s"' % n, text)
+                and not re.search(r"\b%s\(run" % {"register": "reg", "accept": "accept_args"}.get(n, "$^"), text)]
+    assert untested == [], untested

@@ -1,0 +1,137 @@
+"""The workers' Redis scripts of lua/ on their own, against a bare
+redis-server: the inbox append (exactly once, late seqs, size and age
+bounds, the trim point), group receipts, membership changes (the rules and
+the events), the rebuild from MongoDB, and the group budgets."""
+import json
+import time
+
+from conftest import SCRIPTS  # noqa: F401  (the table the workers load)
+
+U = "chat:{u:bob}:"
+IK = [U + "inbox", U + "cur", U + "last", U + "conns", U + "ages"]
+DAY = 86400000
+
+
+def ev(seq, body="x", conv="d:alice:bob"):
+    return json.dumps({"type": "msg", "conv": conv, "seq": seq, "body": body})
+
+
+def append(run, field, seq, event, now=None, mx=100000, ret=365 * DAY):
+    now = now if now is not None else int(time.time() * 1000)
+    return run("inbox", IK, [field, seq, event, now, mx, ret])
+
+
+def test_inbox_appends_once_and_publishes_again_with_the_same_cursor(r, run):
+    now = int(time.time() * 1000)
+    r.zadd(U + "conns", {"chat:w:a|phone|1": now + 60000, "chat:w:b|old|2": now - 1})
+    assert append(run, "m:d:alice:bob", 1, ev(1), now) == [1, 1, "chat:w:a|phone|1"]
+    assert append(run, "m:d:alice:bob", 1, ev(1), now) == [0, 1, "chat:w:a|phone|1"]   # re-consumed
+    assert append(run, "m:d:alice:bob", 2, ev(2), now)[:2] == [1, 2]
+    assert r.zcard(U + "inbox") == 2 and r.hget(U + "last", "m:d:alice:bob") == "2:2"
+    # receipts keep their own field and only move forward
+    assert append(run, "r:read:d:alice:bob:alice", 2, '{"type":"receipt","seq":2}', now)[:2] == [1, 3]
+    assert append(run, "r:read:d:alice:bob:alice", 1, '{"type":"receipt","seq":1}', now)[:2] == [0, 0]
+
+
+def test_a_late_seq_is_still_appended_once(r, run):
+    """Kafka: seq 3 can be appended before 2; 2 is remembered and appended
+    when it comes, once."""
+    assert append(run, "m:d:alice:bob", 1, ev(1))[:2] == [1, 1]
+    assert append(run, "m:d:alice:bob", 3, ev(3))[:2] == [1, 2]
+    assert r.hget(U + "last", "h:d:alice:bob") == "2"
+    assert append(run, "m:d:alice:bob", 2, ev(2))[:2] == [1, 3]
+    assert r.hget(U + "last", "h:d:alice:bob") is None
+    assert append(run, "m:d:alice:bob", 2, ev(2))[:2] == [0, 3]           # again: the same cursor
+    r.zremrangebyscore(U + "inbox", 3, 3)                                   # acked and trimmed
+    assert append(run, "m:d:alice:bob", 2, ev(2))[:2] == [0, 0]           # nothing to publish
+
+
+def test_inbox_size_bound_records_the_trim_point(r, run):
+    for s in range(1, 6):
+        append(run, "m:d:alice:bob", s, ev(s), mx=3)
+    assert [int(c) for _, c in r.zrange(U + "inbox", 0, -1, withscores=True)] == [3, 4, 5]
+    assert r.hget(U + "last", "trim") == "2"
+    assert 0 < r.pttl(U + "inbox") <= 365 * DAY
+
+
+def test_inbox_age_bound_drops_what_is_older_than_the_retention(r, run):
+    t0 = int(time.time() * 1000)
+    append(run, "m:d:alice:bob", 1, ev(1), now=t0, ret=10 * DAY)
+    append(run, "m:d:alice:bob", 2, ev(2), now=t0 + 1000, ret=10 * DAY)          # same hour: no marker
+    assert r.zcard(U + "ages") == 1
+    append(run, "m:d:alice:bob", 3, ev(3), now=t0 + 2 * 3600000, ret=10 * DAY)   # a new marker
+    assert r.zcard(U + "ages") == 2
+    # eleven days later: the markers older than the retention drop what came before the newest of them
+    append(run, "m:d:alice:bob", 4, ev(4), now=t0 + 11 * DAY, ret=10 * DAY)
+    assert [int(c) for _, c in r.zrange(U + "inbox", 0, -1, withscores=True)] == [3, 4]
+    assert r.hget(U + "last", "trim") == "2"
+
+
+def test_group_receipt_raises_pointers_and_names_the_senders(r, run):
+    G = "chat:{s5}:g:ops:"
+    r.zadd(G + "snd", {"alice": 3, "carol": 7, "dave": 9})
+    keys = [G + "dlv", G + "read", G + "snd"]
+    # everyone who sent after bob's previous pointer (dave's newest is 9,
+    # but an earlier message of his may be among those delivered)
+    assert sorted(run("group_receipt", keys, ["bob", 8, "delivered", 2])) == ["alice", "carol", "dave"]
+    assert r.hget(G + "dlv", "bob") == "8" and r.hget(G + "read", "bob") is None
+    assert run("group_receipt", keys, ["bob", 9, "read", 8]) == ["dave"]   # after 8: only dave
+    assert r.hget(G + "dlv", "bob") == "9" and r.hget(G + "read", "bob") == "9"
+    run("group_receipt", keys, ["bob", 4, "delivered", 9])
+    assert r.hget(G + "dlv", "bob") == "9"                                  # never backwards
+
+
+S = "chat:{s5}:"
+GK = [S + "g:ops:meta", S + "g:ops:mem", S + "seq", S + "in"]
+
+
+def change(run, op, actor, add=(), rem=(), mx=4, name="ops"):
+    return run("group_change", GK, [op, "ops", actor, 1700000000000, mx, 500, "redis", name,
+                                    json.dumps(list(add)), json.dumps(list(rem))])
+
+
+def test_group_change_rules_and_events(r, run):
+    assert change(run, "get", "alice") == ["not_found"]
+    out = change(run, "create", "alice", add=["bob"])
+    assert out[0] == "ok"
+    state = json.loads(out[1])
+    assert state["owner"] == "alice" and state["members"] == ["alice", "bob"]
+    assert change(run, "create", "carol") == ["exists"]
+    assert change(run, "change", "bob", add=["carol"]) == ["forbidden"]        # not the owner
+    assert change(run, "change", "zed", rem=["zed"]) == ["forbidden"]          # not a member
+    assert change(run, "change", "alice", add=["c", "d", "e"]) == ["too_large"]   # 5 > 4
+    assert r.hget(S + "seq", "g:ops") == "1"                                   # refusals take no seq
+    assert change(run, "change", "alice", add=["carol"])[0] == "ok"
+    assert r.hget(S + "g:ops:mem", "carol") == "2"
+    assert change(run, "change", "bob", rem=["bob"])[0] == "ok"                # leaving is allowed
+    assert r.hget(S + "g:ops:mem", "bob") == "1:3"
+    entries = [e[1] for e in r.xrange(S + "in")]
+    assert [(e["event"], e["seq"]) for e in entries] == [("created", "1"), ("added", "2"), ("removed", "3")]
+    assert json.loads(entries[2]["state"])["members"] == ["alice", "carol"]
+    # a change that changes nothing adds no event
+    assert change(run, "change", "alice", add=["carol"])[0] == "ok" and len(r.xrange(S + "in")) == 3
+
+
+def test_group_rebuild_never_goes_back_and_raises_the_seq(r, run):
+    keys = [S + "g:ops:meta", S + "g:ops:mem", S + "seq"]
+    args = ["g:ops", 5, "ops", "alice", 1700000000000, 9, "alice", "1", "bob", "3"]
+    assert run("group_rebuild", keys, args) == 1
+    assert r.hgetall(S + "g:ops:mem") == {"alice": "1", "bob": "3"} and r.hget(S + "seq", "g:ops") == "9"
+    assert run("group_rebuild", keys, ["g:ops", 4, "old", "x", 1, 2, "x", "1"]) == 0
+    assert r.hget(S + "g:ops:meta", "name") == "ops"
+
+
+def test_group_budget_and_adds_limits(r, run):
+    k = ["chat:{u:alice}:rl:groups"]
+    now = 1700000000000
+    assert [run("group_budget", k, [now, 60, 3]) for _ in range(3)] == [0, 0, 0]
+    wait = run("group_budget", k, [now, 60, 3])
+    assert 0 < wait <= 1000
+    assert run("group_budget", k, [now + 1000, 60, 3]) == 0                  # one a second comes back
+    a = ["chat:{u:bob}:adds"]
+    assert [run("group_adds", a, [100, 4, 2, 3, "take"]) for _ in range(2)] == [0, 0]
+    assert run("group_adds", a, [100, 4, 2, 3, "take"]) == 1                  # the hour is full
+    assert run("group_adds", a, [100, 4, 2, 3, "give"]) == 0                  # a refused change gives back
+    assert run("group_adds", a, [100, 4, 2, 3, "take"]) == 0
+    assert run("group_adds", a, [101, 4, 2, 3, "take"]) == 0                  # next hour: the third of the day
+    assert run("group_adds", a, [101, 4, 2, 3, "take"]) == 2                  # the day is full
