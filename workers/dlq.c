@@ -30,6 +30,10 @@
 #include <string.h>
 
 #define DLQ_MAXLEN "100000"
+
+/* seq, prev and the rebuilt rcpt of an entry (a group's members: 500 ids of
+ * up to 64 bytes fit); one role per process, one thread */
+static char dlq_buf[80000];
 #define DLQ_TOPIC  "chat.dlq"
 
 struct cw_dlq_s {
@@ -120,8 +124,8 @@ fields_json(const cw_entry_t *e, size_t *len)
 {
     const char *name[CW_ENTRY_FIELDS], *val[CW_ENTRY_FIELDS];
     size_t      vlen[CW_ENTRY_FIELDS];
-    char        buf[8192], *s;
-    int         n = cw_entry_fields(e, name, val, vlen, buf, sizeof(buf));
+    char       *s;
+    int         n = cw_entry_fields(e, name, val, vlen, dlq_buf, sizeof(dlq_buf));
     json_t     *o = json_object();
 
     for (int i = 0; o && i < n; i++) {
@@ -187,12 +191,12 @@ put_redis(cw_dlq_t *d, redisContext *c, const cw_entry_t *e, const char *why, co
     size_t      *lens;
     const char  *name[CW_ENTRY_FIELDS], *val[CW_ENTRY_FIELDS];
     size_t       vlen[CW_ENTRY_FIELDS];
-    char         buf[8192], shard[16];
+    char         shard[16];
     int          n = 0, nf = 0, max, rc = 0;
     redisReply  *r;
 
     if (c == NULL) return -1;
-    if (!(e->raw && !e->raw_kafka)) nf = cw_entry_fields(e, name, val, vlen, buf, sizeof(buf));
+    if (!(e->raw && !e->raw_kafka)) nf = cw_entry_fields(e, name, val, vlen, dlq_buf, sizeof(dlq_buf));
     max = 16 + (e->raw ? e->n_raw : 2 * nf);
     argv = malloc(sizeof(char *) * (size_t) max);
     lens = malloc(sizeof(size_t) * (size_t) max);
