@@ -181,8 +181,13 @@ test("groups: create one in the web app, both members chat in it", async () => {
   await pa.waitForFunction(() => document.querySelector("#chat-title").textContent.includes("weekend"), { timeout: 10000 });
   await say(pa, "group hello");
   await pb.waitForFunction(() => [...document.querySelectorAll("#convs .name")].some((e) => e.textContent.includes("weekend")), { timeout: 15000 });
-  const li = await pb.evaluateHandle(() => [...document.querySelectorAll("#convs li")].find((e) => e.textContent.includes("weekend")));
-  await li.click();
+  // found and clicked in one step inside the page: the list re-renders as
+  // events arrive, and a handle taken before a render is detached after it
+  await pb.waitForFunction(() => {
+    const li = [...document.querySelectorAll("#convs li")].find((e) => e.textContent.includes("weekend"));
+    if (li) li.click();
+    return !!li && document.querySelector("#chat-title").textContent.includes("weekend");
+  }, { timeout: 15000 });
   await waitBodies(pb, ["group hello"]);
   assert.ok((await pb.$eval("#chat-sub", (e) => e.textContent)).includes(alice), "members shown");
   await say(pb, "group answer");
