@@ -208,4 +208,19 @@ int  cw_group_member(const char *group, const char *user, int64_t *since);
 int  cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_t seq,
                  const char *user, struct json_t **out);
 
+/* ---- settings and push registrations in the rest role (settings.c, devices.c) */
+
+struct redisContext *cw_rest_redis(void);      /* connected, or NULL */
+void cw_rest_redis_failed(void);               /* drop it after an I/O error */
+void cw_settings_init(const cw_config_t *cf);
+void cw_settings_close(void);
+int  cw_tz_valid(const char *tz);
+/* GET/PUT /chat/settings, PUT/DELETE /chat/settings/mute/<conv> */
+int  cw_settings_request(const char *method, const char *path, const char *user, const char *body,
+                         size_t body_len, struct _mongoc_client_t *client, const char *db, struct json_t **out);
+/* PUT/DELETE /chat/devices/<device>/push, GET /chat/devices */
+int  cw_devices_request(const char *method, const char *path, const char *user, const char *device,
+                        const char *body, size_t body_len, struct _mongoc_client_t *client, const char *db,
+                        struct json_t **out);
+
 #endif

@@ -17,6 +17,8 @@
  *       (groups also carry "group" and "name")
  *   POST /chat/groups, GET /chat/groups/G, POST /chat/groups/G/members,
  *   GET /chat/receipts?conv=C&seq=n      (groups.c)
+ *   GET/PUT /chat/settings, /chat/settings/mute/<conv>   (settings.c)
+ *   PUT/DELETE /chat/devices/<device>/push, GET /chat/devices   (devices.c)
  */
 #include "chat_worker.h"
 
@@ -71,6 +73,7 @@ typedef struct {
     const char *path;      /* without the query */
     const char *query;     /* after '?', or "" */
     const char *user;      /* X-Chat-User, or NULL */
+    const char *device;    /* X-Chat-Device, or NULL */
     const char *body;
     size_t      body_len;
 } rest_req_t;
@@ -667,17 +670,31 @@ route(int fd, const rest_req_t *rq)
     int is_convs = strcmp(rq->path, "/chat/conversations") == 0;
     int is_receipts = strcmp(rq->path, "/chat/receipts") == 0;
     int is_groups = strncmp(rq->path, "/chat/groups", 12) == 0 && (rq->path[12] == '\0' || rq->path[12] == '/');
+    int is_settings = strncmp(rq->path, "/chat/settings", 14) == 0 && (rq->path[14] == '\0' || rq->path[14] == '/');
+    int is_devices = strncmp(rq->path, "/chat/devices", 13) == 0 && (rq->path[13] == '\0' || rq->path[13] == '/');
 
     if (strcmp(rq->path, "/healthz") == 0) {
         respond(fd, 200, "{\"status\":\"ok\"}");
         return;
     }
-    if (!is_history && !is_convs && !is_receipts && !is_groups) {
+    if (!is_history && !is_convs && !is_receipts && !is_groups && !is_settings && !is_devices) {
         respond_error(fd, 404, "not_found", "no such endpoint");
         return;
     }
     if (rq->user == NULL || !cw_valid_id(rq->user, strlen(rq->user), CW_ID_MAX)) {
         respond_error(fd, 401, "unauthorized", "no authenticated user");
+        return;
+    }
+    if (is_settings || is_devices) {        /* settings.c, devices.c (push notifications) */
+        json_t *out = NULL;
+        int     status;
+        mongoc_client_t *client = mongo_ready() == 0 ? rest_client : NULL;
+        if (is_settings)
+            status = cw_settings_request(rq->method, rq->path, rq->user, rq->body, rq->body_len, client, rest_db, &out);
+        else
+            status = cw_devices_request(rq->method, rq->path, rq->user, rq->device, rq->body, rq->body_len,
+                                        client, rest_db, &out);
+        respond_json(fd, status, out);
         return;
     }
     if (is_groups) {
@@ -750,6 +767,7 @@ parse_and_serve(rest_conn_t *c)
         v = colon + 1;
         while (*v == ' ' || *v == '\t') v++;
         if (strcasecmp(h, "X-Chat-User") == 0) rq.user = v;
+        else if (strcasecmp(h, "X-Chat-Device") == 0) rq.device = v;
     }
     rq.body = c->buf + head_len;
     rq.body_len = clen;
@@ -790,6 +808,7 @@ cw_role_rest(const cw_config_t *cf)
     rest_cf = cf;
     cw_info("role rest listening on %s", cf->rest_listen);
     cw_groups_init(cf);
+    cw_settings_init(cf);
 
     while (!cw_stop) {
         int n;
@@ -854,6 +873,7 @@ cw_role_rest(const cw_config_t *cf)
     }
     while (rest_conns) conn_close(ep, rest_conns);
     cw_groups_close();
+    cw_settings_close();
     close(ep);
     close(lfd);
     if (rest_client) {
