@@ -159,3 +159,150 @@ def test_settings_redis_copy_rebuilt(stack, r):
     st, b = api(stack, u, "GET", "/settings")
     assert b["last_seen"] == "nobody"
     assert r.hget(ukey(u, "set"), "last_seen") == "nobody"
+
+
+# ---- device registrations -------------------------------------------------------
+
+def b64u(b):
+    import base64
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def webpush_keys():
+    """A browser-side subscription key pair: (private key, p256dh, auth)."""
+    import os
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization
+    priv = ec.generate_private_key(ec.SECP256R1())
+    pub = priv.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    return priv, b64u(pub), b64u(os.urandom(16))
+
+
+def webpush_body(endpoint="https://push.example.test/sub/1"):
+    _, p256dh, auth = webpush_keys()
+    return {"provider": "webpush", "subscription": {"endpoint": endpoint, "expirationTime": None,
+                                                    "keys": {"p256dh": p256dh, "auth": auth}}}
+
+
+APNS_TOKEN = "a1" * 32
+FCM_TOKEN = "fcm-token:" + "A" * 140
+
+
+def test_register_each_provider_and_list(stack, r, db):
+    import json
+    u = uid()
+    wp = webpush_body()
+    st, b = api(stack, u, "PUT", "/devices/web/push", wp, device="web")
+    assert st == 200 and b["device"] == "web" and b["push"]["provider"] == "webpush", b
+    assert b["push"]["origin"] == "https://push.example.test"
+    st, b = api(stack, u, "PUT", "/devices/phone/push",
+                {"provider": "apns", "token": APNS_TOKEN, "topic": "com.example.chat", "env": "sandbox"},
+                device="phone")
+    assert st == 200 and b["push"]["env"] == "sandbox" and b["push"]["topic"] == "com.example.chat", b
+    st, b = api(stack, u, "PUT", "/devices/droid/push", {"provider": "fcm", "token": FCM_TOKEN}, device="droid")
+    assert st == 200 and b["push"]["provider"] == "fcm", b
+    regs = {k: json.loads(v) for k, v in r.hgetall(ukey(u, "push")).items()}
+    assert regs == {
+        "web": {"provider": "webpush", "endpoint": wp["subscription"]["endpoint"],
+                "p256dh": wp["subscription"]["keys"]["p256dh"], "auth": wp["subscription"]["keys"]["auth"]},
+        "phone": {"provider": "apns", "token": APNS_TOKEN, "topic": "com.example.chat", "env": "sandbox"},
+        "droid": {"provider": "fcm", "token": FCM_TOKEN}}
+    assert db.devices.count_documents({"user": u}) == 3
+    # apns env defaults to production; a PUT replaces
+    st, b = api(stack, u, "PUT", "/devices/phone/push",
+                {"provider": "apns", "token": APNS_TOKEN, "topic": "com.example.chat"}, device="phone")
+    assert b["push"]["env"] == "production"
+    # a device without registration shows up once it acked
+    r.hset(ukey(u, "acked"), "tablet", 7)
+    st, b = api(stack, u, "GET", "/devices", device="web")
+    assert st == 200
+    devs = {d["device"]: d for d in b["devices"]}
+    assert set(devs) == {"web", "phone", "droid", "tablet"}, b
+    assert devs["tablet"]["push"] is None and devs["tablet"]["acked"] == 7
+    assert devs["phone"]["push"]["provider"] == "apns" and "token" not in devs["phone"]["push"]
+    assert devs["web"]["connected"] is False
+    # unregister
+    st, b = api(stack, u, "DELETE", "/devices/droid/push", device="droid")
+    assert st == 200 and b == {"device": "droid", "push": None}
+    assert "droid" not in r.hgetall(ukey(u, "push"))
+    assert db.devices.count_documents({"user": u}) == 2
+    # Redis lost the registrations: listing restores them from MongoDB
+    r.delete(ukey(u, "push"))
+    api(stack, u, "GET", "/devices", device="web")
+    assert set(r.hgetall(ukey(u, "push"))) == {"web", "phone"}
+
+
+def test_register_only_own_device(stack):
+    u = uid()
+    st, b = api(stack, u, "PUT", "/devices/phone/push", {"provider": "fcm", "token": FCM_TOKEN}, device="web")
+    assert_error(st, b, 403, "forbidden", "token's device")
+    st, b = api(stack, u, "DELETE", "/devices/phone/push", device="web")
+    assert_error(st, b, 403, "forbidden")
+    # no device in the token: the device is "default"
+    st, b = api(stack, u, "PUT", "/devices/default/push", {"provider": "fcm", "token": FCM_TOKEN})
+    assert st == 200, b
+    assert_error(*api(stack, u, "PUT", "/devices/bad%20id/push", {}, device="web"), 400, "bad_request")
+    assert_error(*api(stack, u, "POST", "/devices/web/push", {}, device="web"), 405, "bad_request")
+    assert_error(*api(stack, u, "GET", "/devices/web/other", device="web"), 404, "not_found")
+
+
+def _bad_webpush():
+    import os
+    priv, p256dh, auth = webpush_keys()
+    ok = {"endpoint": "https://push.example.test/x", "keys": {"p256dh": p256dh, "auth": auth}}
+    def sub(**kw):
+        s = json_copy(ok)
+        for k, v in kw.items():
+            if k in ("p256dh", "auth"):
+                s["keys"][k] = v
+            elif v is None:
+                s.pop(k)
+            else:
+                s[k] = v
+        return {"provider": "webpush", "subscription": s}
+    not_on_curve = b64u(b"\x04" + b"\x01" * 64)
+    return [
+        (sub(endpoint="http://push.example.test/x"), "https"),
+        (sub(endpoint="https://"), "https"),
+        (sub(endpoint="https://a b/x"), "https"),
+        (sub(endpoint="https://user@host/x"), "https"),
+        (sub(endpoint="https://h/" + "x" * 2100), "https"),
+        (sub(endpoint=None), "endpoint"),
+        (sub(p256dh=b64u(os.urandom(33))), "p256dh"),
+        (sub(p256dh=not_on_curve), "p256dh"),
+        (sub(p256dh="!!notbase64!!"), "p256dh"),
+        (sub(auth=b64u(os.urandom(8))), "auth"),
+        (sub(auth=5), "auth"),
+        (sub(extra=1), "subscription takes"),
+        ({"provider": "webpush"}, "subscription"),
+    ]
+
+
+def json_copy(o):
+    import json
+    return json.loads(json.dumps(o))
+
+
+BAD_REGS = [
+    ({"provider": "gcm", "token": FCM_TOKEN}, "provider"),
+    ({"token": FCM_TOKEN}, "provider"),
+    ({"provider": "apns", "token": "zz" * 32, "topic": "com.x"}, "hex"),
+    ({"provider": "apns", "token": "ab" * 10, "topic": "com.x"}, "hex"),
+    ({"provider": "apns", "token": APNS_TOKEN}, "topic"),
+    ({"provider": "apns", "token": APNS_TOKEN, "topic": "com x"}, "topic"),
+    ({"provider": "apns", "token": APNS_TOKEN, "topic": "com.x", "env": "dev"}, "env"),
+    ({"provider": "apns", "token": APNS_TOKEN, "topic": "com.x", "voip": True}, "apns takes"),
+    ({"provider": "fcm", "token": "short"}, "token"),
+    ({"provider": "fcm", "token": "x" * 40 + "/"}, "token"),
+    ({"provider": "fcm"}, "token"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_REGS) + 13))
+def test_register_validation(stack, r, i):
+    cases = BAD_REGS + _bad_webpush()
+    body, text = cases[i]
+    u = uid()
+    st, b = api(stack, u, "PUT", "/devices/d1/push", body, device="d1")
+    assert_error(st, b, 400, "bad_request", text)
+    assert r.hgetall(ukey(u, "push")) == {}
