@@ -32,7 +32,7 @@ PURE_SRCS  := $(wildcard ngx_chat_module/chat_*.c)
 PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
 WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
-WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
+WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
