@@ -350,6 +350,7 @@ typedef struct {
     char    user[CW_ID_MAX + 1];
     int     entry;               /* index in the batch */
     int     pull;
+    char    name[132];           /* the group's name */
 } push_rcpt_t;
 
 /* The text a notification may show: the body as is (text), else the kind. */
@@ -402,7 +403,7 @@ recipients(push_rcpt_t **out, int *nout)
             snprintf(mem, sizeof(mem), "chat:{s%d}:g:%s:mem", s, e->group);
             snprintf(meta, sizeof(meta), "chat:{s%d}:g:%s:meta", s, e->group);
             redisAppendCommand(P.c, "HGETALL %s", mem);
-            redisAppendCommand(P.c, "HGET %s n", meta);
+            redisAppendCommand(P.c, "HMGET %s n name", meta);
             gidx[ngroups++] = i;
             continue;
         }
@@ -415,6 +416,7 @@ recipients(push_rcpt_t **out, int *nout)
         snprintf(rc[n].user, sizeof(rc[n].user), "%s", e->to);
         rc[n].entry = i;
         rc[n].pull = 0;
+        rc[n].name[0] = '\0';
         n++;
     }
     for (int g = 0; g < ngroups; g++) {
@@ -427,7 +429,8 @@ recipients(push_rcpt_t **out, int *nout)
             free(gidx);
             return -1;
         }
-        pull = cnt->type == REDIS_REPLY_STRING && atoi(cnt->str) > P.cf->group_push_limit;
+        pull = cnt->type == REDIS_REPLY_ARRAY && cnt->elements == 2 && cnt->element[0]->type == REDIS_REPLY_STRING
+               && atoi(cnt->element[0]->str) > P.cf->group_push_limit;
         for (size_t k = 0; mem->type == REDIS_REPLY_ARRAY && k + 1 < mem->elements; k += 2) {
             const char *u = mem->element[k]->str, *v = mem->element[k + 1]->str, *colon = strchr(v, ':');
             int64_t     since = strtoll(v, NULL, 10), until = colon ? strtoll(colon + 1, NULL, 10) : 0;
@@ -441,6 +444,9 @@ recipients(push_rcpt_t **out, int *nout)
             snprintf(rc[n].user, sizeof(rc[n].user), "%s", u);
             rc[n].entry = gidx[g];
             rc[n].pull = pull;
+            snprintf(rc[n].name, sizeof(rc[n].name), "%.128s",
+                     cnt->type == REDIS_REPLY_ARRAY && cnt->elements == 2 && cnt->element[1]->type == REDIS_REPLY_STRING
+                     ? cnt->element[1]->str : e->group);
             n++;
         }
         freeReplyObject(mem);
@@ -483,7 +489,7 @@ enqueue_batch(void)
         snprintf(ts_s, sizeof(ts_s), "%" PRId64, ts > 0 ? ts : now);
         argv[0] = k[0]; argv[1] = k[1]; argv[2] = k[2]; argv[3] = k[3];
         argv[4] = e->conv; argv[5] = seq; argv[6] = e->from; argv[7] = body; argv[8] = ts_s;
-        argv[9] = e->is_group ? e->group : ""; argv[10] = rc[i].pull ? "1" : "0"; argv[11] = pn_ttl;
+        argv[9] = rc[i].name; argv[10] = rc[i].pull ? "1" : "0"; argv[11] = pn_ttl;
         append_eval(SC_ENQUEUE, 4, 12, argv);
     }
     for (int i = 0; i < n; i++) {
@@ -924,6 +930,7 @@ cw_role_push(const cw_config_t *cf)
                 continue;
             }
             cw_backoff_reset(&bo);
+            cw_info("push: consuming the queue");
         }
         if (cw_heartbeat_tick(&hb, P.c) != 0 || (!kafka && cw_queue_maintain(P.q, P.c) != 0)) {
             drop_redis("connection lost");
