@@ -57,7 +57,7 @@ def db(stack):
 
 # ---- settings -------------------------------------------------------------------
 
-DEFAULTS = {"last_seen": "everyone", "preview": False, "tz": "UTC", "quiet": None, "mute": {}}
+DEFAULTS = {"last_seen": "everyone", "preview": False, "tz": "UTC", "quiet": None, "mute": {}, "notify": []}
 
 
 def test_settings_defaults_and_merge(stack, r, db):
@@ -321,6 +321,7 @@ from wsclient import WS  # noqa: E402
 
 DELAY = 1.0          # push_delay_ms of the test worker
 LEASE = 5.0          # push_lease_ms
+PULL_ABOVE = 3       # group_push_limit of the test push worker
 
 
 class PushWorker:
@@ -332,7 +333,9 @@ class PushWorker:
         base = open(stack.env["CHAT_WORKER_CONF"]).read()
         with open(self.conf, "w") as f:
             f.write(base + servers.worker_conf() + f"push_delay_ms = {int(DELAY * 1000)}\n"
-                    f"push_lease_ms = {int(LEASE * 1000)}\npush_timeout_ms = 3000\nnode_id = push-test\n")
+                    f"push_lease_ms = {int(LEASE * 1000)}\npush_timeout_ms = 3000\nnode_id = push-test\n"
+                    # groups of more than 3 members are "large" (pull mode) for this worker
+                    f"group_push_limit = {PULL_ABOVE}\n")
         self.log = os.path.join(servers.dir, "push-worker.log")
         self.proc = None
 
@@ -561,6 +564,27 @@ def test_group_message_and_group_mute(stack, srv):
         assert title_of(prov, n)[0] == "New message in ops", n
     time.sleep(0.5)
     assert got(srv, sid2, at2, ft2) == []
+
+
+def test_large_group_notifies_only_who_opted_in(stack, srv, r, db):
+    alice, bob, carol, dave = uid("alice"), uid("bob"), uid("carol"), uid("dave")
+    regs = {u: register_all(stack, srv, u) for u in (bob, carol)}
+    st, b = api(stack, alice, "POST", "/groups", {"name": "big", "members": [bob, carol, dave]})
+    assert st == 201, b
+    g = b["group"]
+    st, b = api(stack, bob, "PUT", f"/settings/notify/g:{g}")
+    assert st == 200 and b["notify"] == [f"g:{g}"], b
+    assert r.hgetall(ukey(bob, "notify")) == {f"g:{g}": "1"}
+    assert db.settings.find_one({"_id": bob})["notify"] == [f"g:{g}"]
+    assert_error(*api(stack, bob, "PUT", f"/settings/notify/{dconv(bob, carol)}"), 400, "bad_request", "group")
+    assert_error(*api(stack, bob, "PUT", f"/settings/notify/g:{uid('g')}"), 403, "forbidden")
+    time.sleep(0.5)
+    send(stack, alice, None, "to many", group=g)
+    eventually(lambda: len(got(srv, *regs[bob])) == 3, DELAY + 3, what="the member who opted in")
+    time.sleep(0.5)
+    assert got(srv, *regs[carol]) == []
+    st, b = api(stack, bob, "DELETE", f"/settings/notify/g:{g}")
+    assert st == 200 and b["notify"] == []
 
 
 @pytest.mark.parametrize("prov", ["webpush", "apns", "fcm"])

@@ -844,7 +844,7 @@ claim_due(void)
         append_eval(SC_LEASE, 1, 4, argv);
     }
     {
-        redisReply **rs = calloc((size_t) nb, sizeof(*rs));
+        redisReply **rs = nb > 0 && nb <= 4096 ? calloc((size_t) nb, sizeof(*rs)) : NULL;
         int          bad = 0;
         if (rs == NULL) return -1;
         for (int i = 0; i < nb; i++) {
