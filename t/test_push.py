@@ -395,7 +395,7 @@ def push(stack):
     if had_stack_worker:
         stack_cmd(stack, "up")
     assert rc == 0, w.logtext()[-3000:]
-    assert "[error]" not in w.logtext(), w.logtext()[-3000:]
+    assert "[error]" not in w.logtext() and "Sanitizer" not in w.logtext(), w.logtext()[-3000:]
 
 
 @pytest.fixture

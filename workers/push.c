@@ -966,8 +966,10 @@ cw_role_push(const cw_config_t *cf)
         stats_tick();
     }
     cw_info("push: stopping; %d requests in flight come back after push_lease_ms", P.jobs);
-    for (int p = 0; p < PUSH_NPROV; p++) if (providers[p]->close) providers[p]->close();
+    /* requests in flight end first (their entries stay leased), then what
+     * waited inside a provider (FCM: for a token) */
     cw_http_close();
+    for (int p = 0; p < PUSH_NPROV; p++) if (providers[p]->close) providers[p]->close();
     cw_heartbeat_clear(&hb, P.c);
     if (P.c) redisFree(P.c);
     cw_queue_free(P.q);
