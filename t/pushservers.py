@@ -125,6 +125,7 @@ class APNs(Provider):
         self.key_id, self.team_id, self.topic = "KEYID12345", "TEAMID6789", topic
         self.bad = set()            # tokens answered 400 BadDeviceToken
         self.jwts = set()
+        self.expired = set()        # provider tokens answered 403 ExpiredProviderToken
 
     def key_pem(self):
         return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -151,6 +152,8 @@ class APNs(Provider):
                                   jreply(403, {"reason": "InvalidProviderToken"}))
         if not (time.time() - 3600 < claims["iat"] <= time.time() + 60):
             return self.violation("provider token too old", 403, jreply(403, {"reason": "ExpiredProviderToken"}))
+        if t in self.expired:
+            return jreply(403, {"reason": "ExpiredProviderToken"})
         self.jwts.add(t)
         if h.get("apns-topic") != self.topic:
             return self.violation(f"apns-topic {h.get('apns-topic')}", 400, jreply(400, {"reason": "TopicDisallowed"}))
@@ -199,6 +202,11 @@ class FCM(Provider):
         self.tokens = {}            # access token -> expiry
         self.token_requests = 0
         self.expires_in = 3600
+        self.revoked = set()
+
+    def revoke_all(self):
+        self.revoked.update(self.tokens)
+        self.tokens.clear()
 
     def service_account(self):
         return {"type": "service_account", "project_id": self.project, "private_key_id": "k1",
@@ -218,6 +226,8 @@ class FCM(Provider):
                                                                                "status": "PERMISSION_DENIED"}}))
         auth = h.get("authorization", "")
         tok = auth[7:] if auth.startswith("Bearer ") else None
+        if tok in self.revoked:
+            return jreply(401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}})
         if tok not in self.tokens or self.tokens[tok] < time.time():
             return self.violation("no valid access token", 401,
                                   jreply(401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}}))

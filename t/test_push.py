@@ -645,10 +645,44 @@ def test_provider_down_20s_loses_nothing_and_does_not_slow_others(stack, srv):
     print(f"apns back: all delivered {time.time() - t_up:.1f} s after it returned")
 
 
+def test_badge_counts_every_unread_conversation(stack, srv):
+    alice, bob, carol = uid("alice"), uid("bob"), uid("carol")
+    sid, at, ft = register_all(stack, srv, bob)
+    send(stack, alice, bob, "a1")
+    send(stack, alice, bob, "a2")
+    eventually(lambda: len(got(srv, sid, at, ft)) == 3, DELAY + 3, what="alice's")
+    send(stack, carol, bob, "c1")
+    eventually(lambda: len(got(srv, sid, at, ft)) == 6, DELAY + 3, what="carol's")
+    for prov, n in got(srv, sid, at, ft):
+        title, _, badge = title_of(prov, n)
+        if carol in title:
+            assert badge == 3, (prov, n)       # 2 from alice + 1 from carol
+    # bob reads alice's conversation: the next badge counts carol's only
+    st, _, _ = stack.request("POST", stack.http + "/read", body={"conv": dconv(alice, bob), "seq": 2},
+                             headers={"Authorization": "Bearer " + stack.token(bob, "tablet")})
+    assert st in (200, 204)
+    send(stack, carol, bob, "c2")
+    eventually(lambda: len(got(srv, sid, at, ft)) == 9, DELAY + 3, what="carol's second")
+    for prov, n in sorted(got(srv, sid, at, ft), key=lambda x: x[1]["t"])[6:]:
+        assert title_of(prov, n)[0] == f"2 new messages from {carol}" and title_of(prov, n)[2] == 2, (prov, n)
+
+
+def test_expired_credentials_are_renewed(stack, srv):
+    alice, bob = uid("alice"), uid("bob")
+    sid, at, ft = register_all(stack, srv, bob)
+    srv.fcm.revoke_all()                    # FCM answers 401: the worker gets a new access token
+    srv.apns.expired.update(srv.apns.jwts)  # APNs answers 403 ExpiredProviderToken: a new JWT
+    before = srv.fcm.token_requests
+    send(stack, alice, bob, "renew")
+    eventually(lambda: len(got(srv, sid, at, ft)) == 3, DELAY + 4, what="delivery with new credentials")
+    assert srv.fcm.token_requests == before + 1
+    assert srv.apns.jwts - srv.apns.expired
+
+
 def test_fcm_token_cached_and_apns_jwt_reused(stack, srv):
     # every FCM send so far used a cached access token, APNs a few provider tokens
     assert srv.fcm.token_requests <= 3, srv.fcm.token_requests
-    assert 1 <= len(srv.apns.jwts) <= 2
+    assert 1 <= len(srv.apns.jwts) <= 3
 
 
 def test_metrics_in_redis(stack, srv, r):
@@ -657,6 +691,34 @@ def test_metrics_in_redis(stack, srv, r):
         assert int(st[f"{p}_sent"]) > 0, st
         assert int(st[f"{p}_p50_ms"]) >= 0 and int(st[f"{p}_p99_ms"]) >= int(st[f"{p}_p50_ms"]), st
     assert int(st["apns_dropped"]) >= 2 and int(st["skipped_acked"]) >= 1 and int(st["skipped_muted"]) >= 1, st
+
+
+def test_delay_zero_notifies_at_once_unless_connected(stack, srv, push):
+    alice, bob = uid("alice"), uid("bob")
+    sid, at, ft = register_all(stack, srv, bob)
+    push.stop()
+    conf = open(push.conf).read()
+    with open(push.conf, "w") as f:
+        f.write(conf.replace(f"push_delay_ms = {int(DELAY * 1000)}", "push_delay_ms = 0"))
+    try:
+        push.start()
+        c = WS(stack.host, stack.port, stack.ws_path, token=stack.token(bob, "phone"))
+        try:
+            assert c.recv()["type"] == "hello"
+            t0 = time.time()
+            send(stack, alice, bob, "now")
+            c.recv_type("msg", timeout=5)             # connected, not acking
+            eventually(lambda: len(got(srv, sid, None, ft)) == 2, 2, what="the offline devices")
+            assert max(n["t"] for _, n in got(srv, sid, None, ft)) - t0 < 0.8
+            time.sleep(1.0)
+            assert got(srv, apns=at) == []              # phone is connected
+        finally:
+            c.close()
+    finally:
+        push.stop()
+        with open(push.conf, "w") as f:
+            f.write(conf)
+        push.start()
 
 
 def test_kill9_mid_batch_loses_nothing(stack, srv, push):
