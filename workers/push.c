@@ -921,10 +921,15 @@ cw_role_push(const cw_config_t *cf)
         int n, busy;
 
         if (P.c == NULL) {
+            err[0] = '\0';
             P.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
             if (P.c == NULL || load_scripts() != 0 || (!kafka && cw_queue_setup(P.q, P.c) != 0)) {
-                if (P.c) { redisFree(P.c); P.c = NULL; }
-                cw_warn("push: redis: %s; retrying in %d ms", P.c ? "setup failed" : err, cw_backoff_ms(&bo));
+                if (P.c) {
+                    snprintf(err, sizeof(err), "setup failed");
+                    redisFree(P.c);
+                    P.c = NULL;
+                }
+                cw_warn("push: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
                 cw_http_poll(0);
                 cw_backoff_wait(&bo);
                 continue;
