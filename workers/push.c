@@ -817,6 +817,12 @@ handle_due(int bucket, const char *member, int64_t lease)
         job_free(j);
         return;
     }
+    if (cw_http_inflight(j->prov) >= P.cf->push_concurrency) {
+        /* this provider's slots are full (another one's were free): soon */
+        release(j, now + 50);
+        job_free(j);
+        return;
+    }
     if (providers[j->prov]->send(j, &outcome, &retry) != 0) cw_push_result(j, outcome, retry, 0, "not sent");
 }
 
