@@ -33,7 +33,7 @@ PURE_SRCS  := $(wildcard ngx_chat_module/chat_*.c)
 PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
 WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
-WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson
+WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
 WORKER_PURE := ngx_chat_module/chat_jwt.c ngx_chat_module/chat_json.c ngx_chat_module/chat_proto.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))

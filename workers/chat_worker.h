@@ -41,6 +41,25 @@ typedef struct {
     int   group_adds[2];        /* times one user may be added to groups by others:
                                    per hour, per day (0 0: off) */
     char  dev_token_secret_file[CW_STR]; /* rest: serve GET /dev/token (local dev stack only) */
+    /* push role (workers/README.md, "push") */
+    int   push_delay_ms;        /* a device that has not acked within this gets a notification */
+    int   push_buckets;         /* due sets chat:{pq<b>}:due */
+    int   push_concurrency;     /* requests in flight per provider */
+    int   push_lease_ms;        /* a claimed due entry comes back after this (crash) */
+    int   push_timeout_ms;      /* one provider request */
+    int   push_ttl;             /* s: how long a provider keeps an undelivered notification */
+    int   push_max_age_ms;      /* older queue entries notify nobody (a new consumer group) */
+    char  push_ca_file[CW_STR]; /* CA bundle for the providers (default: the system's) */
+    char  webpush_vapid_key[CW_STR];   /* PEM P-256 private key */
+    char  webpush_subject[CW_STR];     /* mailto: or https: contact */
+    char  webpush_allow[CW_STR];       /* host suffixes endpoints may have (comma-separated) */
+    char  apns_key_file[CW_STR];       /* the .p8 key */
+    char  apns_key_id[32];
+    char  apns_team_id[32];
+    char  apns_url[CW_STR];
+    char  apns_sandbox_url[CW_STR];
+    char  fcm_service_account[CW_STR]; /* service-account JSON */
+    char  fcm_url[CW_STR];
 } cw_config_t;
 
 /* config.c */
@@ -71,6 +90,7 @@ int  cw_check_mongo(const cw_config_t *cf, char *msg, size_t len);
 int  cw_role_fanout(const cw_config_t *cf);
 int  cw_role_persist(const cw_config_t *cf);
 int  cw_role_rest(const cw_config_t *cf);
+int  cw_role_push(const cw_config_t *cf);
 
 /* redis.c: a synchronous connection for the workers */
 struct redisContext;

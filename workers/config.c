@@ -41,6 +41,25 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "batch") == 0) return &cf->batch;
     if (strcmp(k, "group_max_members") == 0) return &cf->group_max_members;
     if (strcmp(k, "group_push_limit") == 0) return &cf->group_push_limit;
+    if (strcmp(k, "push_delay_ms") == 0) return &cf->push_delay_ms;
+    if (strcmp(k, "push_buckets") == 0) return &cf->push_buckets;
+    if (strcmp(k, "push_concurrency") == 0) return &cf->push_concurrency;
+    if (strcmp(k, "push_lease_ms") == 0) return &cf->push_lease_ms;
+    if (strcmp(k, "push_timeout_ms") == 0) return &cf->push_timeout_ms;
+    if (strcmp(k, "push_ttl") == 0) return &cf->push_ttl;
+    if (strcmp(k, "push_max_age_ms") == 0) return &cf->push_max_age_ms;
+    return NULL;
+}
+
+/* String keys of the push role. */
+static char *
+str_key(cw_config_t *cf, const char *k, size_t *len)
+{
+#define SK(name) if (strcmp(k, #name) == 0) { *len = sizeof(cf->name); return cf->name; }
+    SK(push_ca_file) SK(webpush_vapid_key) SK(webpush_subject) SK(webpush_allow)
+    SK(apns_key_file) SK(apns_key_id) SK(apns_team_id) SK(apns_url) SK(apns_sandbox_url)
+    SK(fcm_service_account) SK(fcm_url)
+#undef SK
     return NULL;
 }
 
@@ -55,6 +74,7 @@ static const struct int_env int_envs[] = {
     { "CHAT_BATCH", "batch" },
     { "CHAT_GROUP_MAX_MEMBERS", "group_max_members" },
     { "CHAT_GROUP_PUSH_LIMIT", "group_push_limit" },
+    { "CHAT_PUSH_DELAY_MS", "push_delay_ms" },
     { NULL, NULL }
 };
 
@@ -87,6 +107,8 @@ cw_config_load(cw_config_t *cf, const char *path)
     FILE  *f;
     char   line[1024], *k, *v, *eq;
     int    lineno = 0, *ip;
+    char  *sp;
+    size_t slen;
     const char *env;
 
     memset(cf, 0, sizeof(*cf));
@@ -107,6 +129,19 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->group_rate[1] = 10;
     cf->group_adds[0] = 50;             /* an hour, and 200 a day */
     cf->group_adds[1] = 200;
+    cf->push_delay_ms = 3000;
+    cf->push_buckets = 16;
+    cf->push_concurrency = 100;
+    cf->push_lease_ms = 30000;
+    cf->push_timeout_ms = 10000;
+    cf->push_ttl = 86400;
+    cf->push_max_age_ms = 3600000;
+    set(cf->webpush_allow, sizeof(cf->webpush_allow),
+        "fcm.googleapis.com,updates.push.services.mozilla.com,push.services.mozilla.com,"
+        "notify.windows.com,push.apple.com");
+    set(cf->apns_url, sizeof(cf->apns_url), "https://api.push.apple.com");
+    set(cf->apns_sandbox_url, sizeof(cf->apns_sandbox_url), "https://api.sandbox.push.apple.com");
+    set(cf->fcm_url, sizeof(cf->fcm_url), "https://fcm.googleapis.com");
 
     if (path) {
         f = fopen(path, "r");
@@ -163,6 +198,7 @@ cw_config_load(cw_config_t *cf, const char *path)
                 cf->rest_socket_mode = (int) m;
             }
             else if (strcmp(k, "dev_token_secret_file") == 0) set(cf->dev_token_secret_file, sizeof(cf->dev_token_secret_file), v);
+            else if ((sp = str_key(cf, k, &slen)) != NULL) set(sp, slen, v);
             else if ((ip = int_key(cf, k)) != NULL) {
                 if (parse_int(v, ip) != 0) {
                     cw_error("%s:%d: %s must be an integer, not \"%s\"", path, lineno, k, v);
@@ -198,11 +234,22 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("batch", cf->batch, 1, 10000)
         || check_range("group_max_members", cf->group_max_members, 1, 100000)
-        || check_range("group_push_limit", cf->group_push_limit, 1, 100000))
+        || check_range("group_push_limit", cf->group_push_limit, 1, 100000)
+        || check_range("push_delay_ms", cf->push_delay_ms, 0, 3600000)
+        || check_range("push_buckets", cf->push_buckets, 1, 4096)
+        || check_range("push_concurrency", cf->push_concurrency, 1, 10000)
+        || check_range("push_lease_ms", cf->push_lease_ms, 1000, 3600000)
+        || check_range("push_timeout_ms", cf->push_timeout_ms, 100, 600000)
+        || check_range("push_ttl", cf->push_ttl, 0, 2419200)
+        || check_range("push_max_age_ms", cf->push_max_age_ms, 1000, 2000000000))
     {
         return -1;
     }
 
+    if (cf->push_lease_ms <= cf->push_timeout_ms) {
+        cw_error("push_lease_ms (%d) must be above push_timeout_ms (%d)", cf->push_lease_ms, cf->push_timeout_ms);
+        return -1;
+    }
     if (strcmp(cf->queue, "redis") != 0 && strcmp(cf->queue, "kafka") != 0) {
         cw_error("queue must be \"redis\" or \"kafka\", not \"%s\"", cf->queue);
         return -1;

@@ -1,5 +1,5 @@
 /*
- * chat-worker [--config FILE] (--check | --role fanout|persist|rest)
+ * chat-worker [--config FILE] (--check | --role fanout|persist|rest|push)
  */
 #include "chat_worker.h"
 
@@ -12,7 +12,7 @@ usage(void)
 {
     fprintf(stderr,
         "usage: chat-worker [--config FILE] --check\n"
-        "       chat-worker [--config FILE] --role fanout|persist|rest\n"
+        "       chat-worker [--config FILE] --role fanout|persist|rest|push\n"
         "Environment overrides: REDIS_URL, KAFKA_BROKERS, MONGO_URI, CHAT_QUEUE\n");
 }
 
@@ -40,6 +40,7 @@ main(int argc, char **argv)
     else if (strcmp(role, "fanout") == 0) rc = cw_role_fanout(&cf);
     else if (strcmp(role, "persist") == 0) rc = cw_role_persist(&cf);
     else if (strcmp(role, "rest") == 0) rc = cw_role_rest(&cf);
+    else if (strcmp(role, "push") == 0) rc = cw_role_push(&cf);
     else { usage(); rc = 2; }
 
     mongoc_cleanup();

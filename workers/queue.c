@@ -211,6 +211,12 @@ redis_setup(cw_queue_t *q, redisContext *c)
             redisAppendCommand(c, "XGROUP CREATE %s %s 0 MKSTREAM", q->keys[i], groups[g]);
             n++;
         }
+        /* an optional consumer (push) starts at the end: it has no business
+         * with what was queued before it first ran */
+        if (strcmp(q->group, "fanout") != 0 && strcmp(q->group, "persist") != 0) {
+            redisAppendCommand(c, "XGROUP CREATE %s %s $ MKSTREAM", q->keys[i], q->group);
+            n++;
+        }
     }
     for (int i = 0; i < n; i++) {
         if (redisGetReply(c, (void **) &r) != REDIS_OK) return -1;
@@ -697,7 +703,7 @@ sid_less(sid_t a, sid_t b)
 static int
 trim_streams(cw_queue_t *q, redisContext *c)
 {
-    redisReply *info, *pf, *pp;
+    redisReply *info, *pf, *pp, *pu;
     sid_t      *minid = calloc((size_t) q->nshards, sizeof(sid_t));
     int        *ok = calloc((size_t) q->nshards, sizeof(int));
     int         n = 0, rc = 0;
@@ -707,6 +713,7 @@ trim_streams(cw_queue_t *q, redisContext *c)
         redisAppendCommand(c, "XINFO GROUPS %s", q->keys[i]);
         redisAppendCommand(c, "XPENDING %s fanout", q->keys[i]);
         redisAppendCommand(c, "XPENDING %s persist", q->keys[i]);
+        redisAppendCommand(c, "XPENDING %s push", q->keys[i]);
     }
     for (int i = 0; i < q->nshards; i++) {
         int   groups = 0, first = 1;
@@ -715,6 +722,9 @@ trim_streams(cw_queue_t *q, redisContext *c)
         if (redisGetReply(c, (void **) &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
         if (redisGetReply(c, (void **) &pp) != REDIS_OK) {
             freeReplyObject(info); freeReplyObject(pf); rc = -1; goto out;
+        }
+        if (redisGetReply(c, (void **) &pu) != REDIS_OK) {
+            freeReplyObject(info); freeReplyObject(pf); freeReplyObject(pp); rc = -1; goto out;
         }
         if (info->type == REDIS_REPLY_ARRAY) {
             for (size_t g = 0; g < info->elements; g++) {
@@ -733,7 +743,8 @@ trim_streams(cw_queue_t *q, redisContext *c)
                 if (name == NULL || last == NULL || parse_sid(last, &need) != 0) { groups = -100; continue; }
                 if (strcmp(name, "fanout") == 0 || strcmp(name, "persist") == 0) groups++;
                 if (pending > 0) {
-                    redisReply *p = strcmp(name, "fanout") == 0 ? pf : strcmp(name, "persist") == 0 ? pp : NULL;
+                    redisReply *p = strcmp(name, "fanout") == 0 ? pf : strcmp(name, "persist") == 0 ? pp
+                                  : strcmp(name, "push") == 0 ? pu : NULL;
                     sid_t       sm;
                     /* another group's pending entries: keep everything */
                     if (p == NULL || p->type != REDIS_REPLY_ARRAY || p->elements < 2
@@ -755,6 +766,7 @@ trim_streams(cw_queue_t *q, redisContext *c)
         freeReplyObject(info);
         freeReplyObject(pf);
         freeReplyObject(pp);
+        freeReplyObject(pu);
     }
     for (int i = 0; i < q->nshards; i++) {
         char id[48];

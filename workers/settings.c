@@ -5,6 +5,8 @@
  *   PUT /chat/settings                        merge the given fields, answer the document
  *   PUT /chat/settings/mute/<conv>            {"until": ms | null}  (null or absent: forever)
  *   DELETE /chat/settings/mute/<conv>         unmute
+ *   PUT/DELETE /chat/settings/notify/g:<G>    opt in to (out of) notifications of a
+ *                                             group above group_push_limit (pull mode)
  *
  * MongoDB's `settings` collection ({_id: user, last_seen, preview, tz,
  * quiet, mute: [{conv, until}], ts}) is the system of record; Redis holds
@@ -12,6 +14,7 @@
  *   chat:{u:U}:set   hash: last_seen (everyone|nobody), preview (0|1),
  *                    tz (IANA name), quiet ("<from min>-<to min>", absent: none)
  *   chat:{u:U}:mute  hash: conv -> until (ms; 0 = forever)
+ *   chat:{u:U}:notify hash: conv -> 1 (large groups the user opted in to)
  * A write goes to MongoDB first (majority), then replaces both Redis keys
  * in one MULTI (one hash tag). GET answers from MongoDB and rewrites the
  * Redis copy when Redis lost it.
@@ -34,6 +37,7 @@
 typedef struct {
     char    conv[CW_CONV_MAX + 1];
     int64_t until;                 /* ms; 0 = forever */
+    int     notify;                /* an opt-in (notify), not a mute */
 } st_mute_t;
 
 typedef struct {
@@ -167,10 +171,14 @@ hhmm(const char *s)
 static json_t *
 doc_json(const st_doc_t *d, int64_t now)
 {
-    json_t *mute = json_object(), *quiet = json_null();
+    json_t *mute = json_object(), *quiet = json_null(), *notify = json_array();
     char    f[8], t[8];
 
     for (int i = 0; i < d->nmute; i++) {
+        if (d->mute[i].notify) {
+            json_array_append_new(notify, json_string(d->mute[i].conv));
+            continue;
+        }
         if (d->mute[i].until && d->mute[i].until <= now) continue;      /* expired */
         json_object_set_new(mute, d->mute[i].conv,
                             d->mute[i].until ? json_integer(d->mute[i].until) : json_null());
@@ -180,8 +188,8 @@ doc_json(const st_doc_t *d, int64_t now)
         fmt_hhmm(t, d->quiet_to);
         quiet = json_pack("{s:s, s:s}", "from", f, "to", t);
     }
-    return json_pack("{s:s, s:b, s:s, s:o, s:o}", "last_seen", d->nobody ? "nobody" : "everyone",
-                     "preview", d->preview, "tz", d->tz, "quiet", quiet, "mute", mute);
+    return json_pack("{s:s, s:b, s:s, s:o, s:o, s:o}", "last_seen", d->nobody ? "nobody" : "everyone",
+                     "preview", d->preview, "tz", d->tz, "quiet", quiet, "mute", mute, "notify", notify);
 }
 
 
@@ -232,6 +240,16 @@ doc_load(mongoc_client_t *client, const char *db, const char *user, st_doc_t *d,
                 d->nmute++;
             }
         }
+        if (bson_iter_init_find(&it, doc, "notify") && BSON_ITER_HOLDS_ARRAY(&it) && bson_iter_recurse(&it, &sub)) {
+            if (d->mute == NULL) d->mute = calloc(MUTE_MAX, sizeof(st_mute_t));
+            while (d->mute && d->nmute < MUTE_MAX && bson_iter_next(&sub)) {
+                if (!BSON_ITER_HOLDS_UTF8(&sub) || strlen(bson_iter_utf8(&sub, NULL)) > CW_CONV_MAX) continue;
+                snprintf(d->mute[d->nmute].conv, sizeof(d->mute[0].conv), "%s", bson_iter_utf8(&sub, NULL));
+                d->mute[d->nmute].until = 0;
+                d->mute[d->nmute].notify = 1;
+                d->nmute++;
+            }
+        }
     }
     if (mongoc_cursor_error(cur, &error)) {
         cw_warn("rest: settings of %s: %s", user, error.message);
@@ -272,12 +290,20 @@ doc_store(mongoc_client_t *client, const char *db, const char *user, const st_do
         BSON_APPEND_NULL(&doc, "quiet");
     }
     BSON_APPEND_ARRAY_BEGIN(&doc, "mute", &arr);
-    for (int i = 0; i < d->nmute; i++) {
-        snprintf(key, sizeof(key), "%d", i);
+    for (int i = 0, k = 0; i < d->nmute; i++) {
+        if (d->mute[i].notify) continue;
+        snprintf(key, sizeof(key), "%d", k++);
         BSON_APPEND_DOCUMENT_BEGIN(&arr, key, &e);
         BSON_APPEND_UTF8(&e, "conv", d->mute[i].conv);
         BSON_APPEND_INT64(&e, "until", d->mute[i].until);
         bson_append_document_end(&arr, &e);
+    }
+    bson_append_array_end(&doc, &arr);
+    BSON_APPEND_ARRAY_BEGIN(&doc, "notify", &arr);
+    for (int i = 0, k = 0; i < d->nmute; i++) {
+        if (!d->mute[i].notify) continue;
+        snprintf(key, sizeof(key), "%d", k++);
+        BSON_APPEND_UTF8(&arr, key, d->mute[i].conv);
     }
     bson_append_array_end(&doc, &arr);
     BSON_APPEND_INT64(&doc, "ts", cw_now_ms());
@@ -301,15 +327,16 @@ static int
 doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
 {
     redisContext *c = cw_rest_redis();
-    char          kset[CW_ID_MAX + 32], kmute[CW_ID_MAX + 32], quiet[32], until[24];
+    char          kset[CW_ID_MAX + 32], kmute[CW_ID_MAX + 32], knotify[CW_ID_MAX + 32], quiet[32], until[24];
     int           n = 0, failed = 0;
 
     if (c == NULL) return -1;
     snprintf(kset, sizeof(kset), "chat:{u:%s}:set", user);
     snprintf(kmute, sizeof(kmute), "chat:{u:%s}:mute", user);
+    snprintf(knotify, sizeof(knotify), "chat:{u:%s}:notify", user);
     snprintf(quiet, sizeof(quiet), "%d-%d", d->quiet_from, d->quiet_to);
     redisAppendCommand(c, "MULTI"); n++;
-    redisAppendCommand(c, "DEL %s %s", kset, kmute); n++;
+    redisAppendCommand(c, "DEL %s %s %s", kset, kmute, knotify); n++;
     if (d->quiet_from >= 0) {
         redisAppendCommand(c, "HSET %s last_seen %s preview %d tz %s quiet %s", kset,
                            d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz, quiet);
@@ -321,7 +348,8 @@ doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
     for (int i = 0; i < d->nmute; i++) {
         if (d->mute[i].until && d->mute[i].until <= now) continue;
         snprintf(until, sizeof(until), "%" PRId64, d->mute[i].until);
-        redisAppendCommand(c, "HSET %s %s %s", kmute, d->mute[i].conv, until);
+        redisAppendCommand(c, "HSET %s %s %s", d->mute[i].notify ? knotify : kmute, d->mute[i].conv,
+                           d->mute[i].notify ? "1" : until);
         n++;
     }
     redisAppendCommand(c, "EXEC"); n++;
@@ -455,8 +483,9 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
         return status;
     }
 
-    if (strncmp(rest, "/mute/", 6) == 0) {
-        const char *conv = rest + 6;
+    if (strncmp(rest, "/mute/", 6) == 0 || strncmp(rest, "/notify/", 8) == 0) {
+        int         notify = rest[1] == 'n';
+        const char *conv = rest + (notify ? 8 : 6);
         char        a[CW_ID_MAX + 1], b[CW_ID_MAX + 1];
         int         is_group, i, del = strcmp(method, "DELETE") == 0;
         int64_t     until = 0, now = cw_now_ms();
@@ -464,7 +493,9 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
         if (strlen(conv) > CW_CONV_MAX || cw_parse_conv(conv, a, b, &is_group) != 0)
             return fail(out, 400, "bad_request", "not a conversation id");
         if (!del && strcmp(method, "PUT") != 0)
-            return fail(out, 405, "bad_request", "use PUT or DELETE on /chat/settings/mute/<conv>");
+            return fail(out, 405, "bad_request", "use PUT or DELETE on /chat/settings/mute/<conv> or notify/<conv>");
+        if (notify && !is_group)
+            return fail(out, 400, "bad_request", "notify opts in to a large group's notifications: g:<group> only");
         if (is_group) {
             int64_t since;
             int     m = cw_group_member(a, user, &since);
@@ -473,7 +504,7 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
         } else if (strcmp(user, a) != 0 && strcmp(user, b) != 0) {
             return fail(out, 403, "forbidden", "not a participant of this conversation");
         }
-        if (!del && body_len > 0) {
+        if (!del && !notify && body_len > 0) {
             json_t *u;
             in = json_loadb(body, body_len, JSON_REJECT_DUPLICATES, &jerr);
             if (!json_is_object(in)) {
@@ -498,7 +529,7 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
         }
         if (doc_load(client, db, user, &d, &found) != 0)
             return fail(out, 503, "unavailable", "storage unavailable");
-        for (i = 0; i < d.nmute && strcmp(d.mute[i].conv, conv) != 0; i++) {}
+        for (i = 0; i < d.nmute && (d.mute[i].notify != notify || strcmp(d.mute[i].conv, conv) != 0); i++) {}
         if (del) {
             if (i < d.nmute) d.mute[i] = d.mute[--d.nmute];
         } else {
@@ -514,10 +545,11 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
                 i = d.nmute;
                 if (i >= MUTE_MAX) {
                     doc_free(&d);
-                    return fail(out, 409, "too_large", "at most 1000 conversations can be muted");
+                    return fail(out, 409, "too_large", "at most 1000 conversations can be muted or opted in to");
                 }
                 d.nmute++;
                 snprintf(d.mute[i].conv, sizeof(d.mute[i].conv), "%s", conv);
+                d.mute[i].notify = notify;
             }
             d.mute[i].until = until;
         }
