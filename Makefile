@@ -35,7 +35,8 @@ WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
-WORKER_PURE := ngx_chat_module/chat_jwt.c ngx_chat_module/chat_json.c ngx_chat_module/chat_proto.c
+WORKER_PURE := ngx_chat_module/chat_jwt.c ngx_chat_module/chat_json.c ngx_chat_module/chat_proto.c \
+               ngx_chat_module/chat_shard.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 

@@ -16,6 +16,7 @@
 #include "chat_ws.h"
 #include "chat_proto.h"
 #include "chat_lua.h"
+#include "chat_shard.h"
 
 
 #define NGX_CHAT_LOC_WEBSOCKET  1
@@ -318,7 +319,7 @@ extern ngx_str_t  ngx_chat_worker_channel;
 static ngx_inline ngx_uint_t
 ngx_chat_shard(ngx_chat_main_conf_t *cmcf, u_char *conv, size_t len)
 {
-    return ngx_crc32_long(conv, len) % cmcf->shards;
+    return chat_shard((const char *) conv, len, (unsigned) cmcf->shards);
 }
 
 /* a key of group G's live state, on its conversation's shard:

@@ -340,6 +340,12 @@ def test_last_seen_nobody_hides_presence_from_others(stack):
     assert st == 200
     s = _ws(stack, shy)
     assert _next(w, "presence", pred=lambda m: m["user"] == shy)["online"] is True
+    # switching to nobody while watched and online: the watcher is told at once
+    st, _, body = stack.request("PUT", stack.http + "/settings", body={"last_seen": "nobody"},
+                                headers=_auth(stack, shy))
+    assert st == 200
+    assert _next(w, "presence", pred=lambda m: m["user"] == shy) == \
+        {"type": "presence", "user": shy, "online": False, "last_seen": None}
     for c in (s, w):
         c.close()
 

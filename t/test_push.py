@@ -410,7 +410,9 @@ def srv(push):
 def send(stack, frm, to, body, group=None):
     payload = {"client_id": uuid.uuid4().hex, "body": body}
     payload["group" if group else "to"] = group or to
-    st, _, b = stack.request("POST", stack.http + "/send", body=payload,
+    # the test location without the per-user send budget (60 a minute,
+    # burst 10): some tests send dozens from one user
+    st, _, b = stack.request("POST", stack.http.replace("/chat", "/chat/test/send-bulk"), body=payload,
                              headers={"Authorization": "Bearer " + stack.token(frm, "laptop")})
     assert st == 200, b
     return b
@@ -709,7 +711,9 @@ def test_delay_zero_notifies_at_once_unless_connected(stack, srv, push):
             send(stack, alice, bob, "now")
             c.recv_type("msg", timeout=5)             # connected, not acking
             eventually(lambda: len(got(srv, sid, None, ft)) == 2, 2, what="the offline devices")
-            assert max(n["t"] for _, n in got(srv, sid, None, ft)) - t0 < 0.8
+            # well before the DELAY the other tests run with (the worker
+            # waits nothing; the margin is the machine's load)
+            assert max(n["t"] for _, n in got(srv, sid, None, ft)) - t0 < 0.9 * DELAY
             time.sleep(1.0)
             assert got(srv, apns=at) == []              # phone is connected
         finally:

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "chat_lua.h"    /* generated from lua/ (lua/gen.sh) */
+#include "chat_shard.h"  /* the pure code shared with the module */
 
 #define CW_STR 512
 

@@ -43,22 +43,10 @@ static int64_t            gr_next_rebuild, gr_next_sweep;
 
 /* ---- helpers -------------------------------------------------------------- */
 
-/* IEEE CRC-32 (zlib's, nginx's ngx_crc32_long) */
-static uint32_t
-crc32_ieee(const char *p, size_t n)
-{
-    uint32_t c = 0xffffffffu;
-    for (size_t i = 0; i < n; i++) {
-        c ^= (unsigned char) p[i];
-        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
-    }
-    return c ^ 0xffffffffu;
-}
-
 static int
 shard_of(const char *conv)
 {
-    return (int) (crc32_ieee(conv, strlen(conv)) % (uint32_t) gr_cf->shards);
+    return (int) (chat_crc32(conv, strlen(conv)) % (uint32_t) gr_cf->shards);
 }
 
 /* chat:{s<s>}:g:<G>:<what> */

@@ -41,95 +41,8 @@
 #define PUSH_LAT_MAX    60000      /* ms: latency histogram range */
 #define PUSH_BACKOFF_MAX 10000
 
-/* ---- scripts ----------------------------------------------------------- */
-
-/* KEYS: pn push notify read   ARGV: conv seq from body ts name pull */
-static const char enqueue_lua[] =
-    "local regs = redis.call('HKEYS', KEYS[2])\n"
-    "if #regs == 0 then return regs end\n"
-    "if ARGV[7] == '1' and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then return {} end\n"
-    "local seq = tonumber(ARGV[2])\n"
-    "local rd = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')\n"
-    "if seq <= rd then return {} end\n"
-    "local cur = redis.call('HGET', KEYS[1], ARGV[1])\n"
-    "local p = {seq = 0, seqs = {}}\n"
-    "if cur then p = cjson.decode(cur) end\n"
-    "local keep, have = {}, false\n"
-    "for _, s in ipairs(p.seqs) do\n"
-    "  if s == seq then have = true end\n"
-    "  if s > rd then keep[#keep + 1] = s end\n"
-    "end\n"
-    "if not have then keep[#keep + 1] = seq end\n"
-    "table.sort(keep)\n"
-    "while #keep > 100 do table.remove(keep, 1) end\n"
-    "p.seqs = keep\n"
-    "if seq >= p.seq then\n"
-    "  p.seq = seq; p.from = ARGV[3]; p.body = ARGV[4]; p.ts = tonumber(ARGV[5]); p.name = ARGV[6]\n"
-    "  p.pull = ARGV[7] == '1'\n"
-    "end\n"
-    "redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(p))\n"
-    "redis.call('PEXPIRE', KEYS[1], ARGV[8])\n"
-    "return regs\n";
-
-/* KEYS: push set mute acked read last conns pn   ARGV: device conv now check_conn
- * {'send', reg, count, badge, pn, preview, tz, quiet} or {reason} */
-static const char check_lua[] =
-    "local dev, conv, now = ARGV[1], ARGV[2], tonumber(ARGV[3])\n"
-    "local reg = redis.call('HGET', KEYS[1], dev)\n"
-    "if not reg then return {'noreg'} end\n"
-    "local pn = redis.call('HGET', KEYS[8], conv)\n"
-    "if not pn then return {'read'} end\n"
-    "local p = cjson.decode(pn)\n"
-    "local rd = tonumber(redis.call('HGET', KEYS[5], conv) or '0')\n"
-    "local n = 0\n"
-    "for _, s in ipairs(p.seqs) do if s > rd then n = n + 1 end end\n"
-    "if n == 0 then redis.call('HDEL', KEYS[8], conv); return {'read'} end\n"
-    "local mu = redis.call('HGET', KEYS[3], conv)\n"
-    "if mu and (mu == '0' or tonumber(mu) > now) then return {'muted'} end\n"
-    "if not p.pull then\n"
-    "  local last = redis.call('HGET', KEYS[6], 'm:' .. conv)\n"
-    "  if not last then return {'later'} end\n"
-    "  local i = string.find(last, ':', 1, true)\n"
-    "  local lseq, lcur = tonumber(string.sub(last, 1, i - 1)), tonumber(string.sub(last, i + 1))\n"
-    "  if lseq < p.seq then return {'later'} end\n"
-    "  local ack = tonumber(redis.call('HGET', KEYS[4], dev) or '0')\n"
-    "  if ack >= lcur then return {'acked'} end\n"
-    "end\n"
-    "if ARGV[4] == '1' or p.pull then\n"
-    "  for _, m in ipairs(redis.call('ZRANGE', KEYS[7], now, '+inf', 'BYSCORE')) do\n"
-    "    if string.find(m, '|' .. dev .. '|', 1, true) then return {'online'} end\n"
-    "  end\n"
-    "end\n"
-    "local badge, all = 0, redis.call('HGETALL', KEYS[8])\n"
-    "for i = 1, math.min(#all, 400), 2 do\n"
-    "  local q = cjson.decode(all[i + 1])\n"
-    "  local r2 = tonumber(redis.call('HGET', KEYS[5], all[i]) or '0')\n"
-    "  for _, s in ipairs(q.seqs) do if s > r2 then badge = badge + 1 end end\n"
-    "end\n"
-    "local st = redis.call('HMGET', KEYS[2], 'preview', 'tz', 'quiet')\n"
-    "return {'send', reg, n, badge, pn, st[1] or '0', st[2] or 'UTC', st[3] or ''}\n";
-
-/* KEYS: due   ARGV: now lease limit */
-static const char lease_lua[] =
-    "local m = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[3]))\n"
-    "for _, x in ipairs(m) do redis.call('ZADD', KEYS[1], ARGV[2], x) end\n"
-    "return m\n";
-
-/* KEYS: due   ARGV: member lease [at]  (no at: remove) */
-static const char done_lua[] =
-    "local s = redis.call('ZSCORE', KEYS[1], ARGV[1])\n"
-    "if not s or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end\n"
-    "if ARGV[3] then redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end\n"
-    "return 1\n";
-
-/* KEYS: push   ARGV: device reg */
-static const char dead_lua[] =
-    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end\n"
-    "return 0\n";
-
-enum { SC_ENQUEUE, SC_CHECK, SC_LEASE, SC_DONE, SC_DEAD, SC_N };
-static const char *script_src[SC_N] = { enqueue_lua, check_lua, lease_lua, done_lua, dead_lua };
-static char        script_sha[SC_N][41];
+/* The scripts: lua/push_enqueue.lua, push_check.lua, push_lease.lua,
+ * push_done.lua, push_dead.lua (the table chat_lua[] every role loads). */
 
 /* ---- state -------------------------------------------------------------- */
 
@@ -160,21 +73,10 @@ static struct {
     char               stats_key[160];
 } P;
 
-static uint32_t
-crc32_ieee(const char *p, size_t n)
-{
-    uint32_t c = 0xffffffffu;
-    for (size_t i = 0; i < n; i++) {
-        c ^= (unsigned char) p[i];
-        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
-    }
-    return c ^ 0xffffffffu;
-}
-
 static int
 bucket_of(const char *user)
 {
-    return (int) (crc32_ieee(user, strlen(user)) % (uint32_t) P.cf->push_buckets);
+    return (int) (chat_crc32(user, strlen(user)) % (uint32_t) P.cf->push_buckets);
 }
 
 static void
@@ -190,17 +92,7 @@ drop_redis(const char *why)
 static int
 load_scripts(void)
 {
-    for (int i = 0; i < SC_N; i++) {
-        redisReply *r = redisCommand(P.c, "SCRIPT LOAD %s", script_src[i]);
-        if (r == NULL || r->type != REDIS_REPLY_STRING || r->len != 40) {
-            if (r && r->type == REDIS_REPLY_ERROR) cw_error("push: script %d: %s", i, r->str);
-            if (r) freeReplyObject(r);
-            return -1;
-        }
-        memcpy(script_sha[i], r->str, 41);
-        freeReplyObject(r);
-    }
-    return 0;
+    return cw_lua_load(P.c);
 }
 
 /* EVALSHA appended to the pipeline (argv: keys then args). */
@@ -214,7 +106,7 @@ append_eval(int sc, int nkeys, int argc, const char **argv)
 
     snprintf(nk, sizeof(nk), "%d", nkeys);
     a[n] = "EVALSHA"; l[n++] = 7;
-    a[n] = script_sha[sc]; l[n++] = 40;
+    a[n] = cw_lua_sha(sc); l[n++] = 40;
     a[n] = nk; l[n++] = strlen(nk);
     for (int i = 0; i < argc && n < 24; i++) {
         a[n] = argv[i];
@@ -399,7 +291,7 @@ recipients(push_rcpt_t **out, int *nout)
         if (e->is_group) {
             char mem[256], meta[256], conv[CW_CONV_MAX + 1];
             snprintf(conv, sizeof(conv), "g:%s", e->group);
-            int s = (int) (crc32_ieee(conv, strlen(conv)) % (uint32_t) P.cf->shards);
+            int s = (int) (chat_crc32(conv, strlen(conv)) % (uint32_t) P.cf->shards);
             snprintf(mem, sizeof(mem), "chat:{s%d}:g:%s:mem", s, e->group);
             snprintf(meta, sizeof(meta), "chat:{s%d}:g:%s:meta", s, e->group);
             redisAppendCommand(P.c, "HGETALL %s", mem);
@@ -490,7 +382,7 @@ enqueue_batch(void)
         argv[0] = k[0]; argv[1] = k[1]; argv[2] = k[2]; argv[3] = k[3];
         argv[4] = e->conv; argv[5] = seq; argv[6] = e->from; argv[7] = body; argv[8] = ts_s;
         argv[9] = rc[i].name; argv[10] = rc[i].pull ? "1" : "0"; argv[11] = pn_ttl;
-        append_eval(SC_ENQUEUE, 4, 12, argv);
+        append_eval(CHAT_LUA_PUSH_ENQUEUE, 4, 12, argv);
     }
     for (int i = 0; i < n; i++) {
         redisReply *r = get_reply();
@@ -550,7 +442,7 @@ release(push_job_t *j, int64_t at)
     snprintf(lease, sizeof(lease), "%" PRId64, j->lease);
     snprintf(when, sizeof(when), "%" PRId64, at);
     argv[0] = key; argv[1] = j->member; argv[2] = lease; argv[3] = when;
-    r = eval_now(SC_DONE, 1, at < 0 ? 3 : 4, argv);
+    r = eval_now(CHAT_LUA_PUSH_DONE, 1, at < 0 ? 3 : 4, argv);
     if (r) freeReplyObject(r);
 }
 
@@ -578,7 +470,7 @@ dead_registration(push_job_t *j, long status, const char *why)
     }
     snprintf(key, sizeof(key), "chat:{u:%s}:push", j->user);
     argv[0] = key; argv[1] = j->device; argv[2] = j->reg;
-    r = eval_now(SC_DEAD, 1, 3, argv);
+    r = eval_now(CHAT_LUA_PUSH_DEAD, 1, 3, argv);
     if (r) freeReplyObject(r);
 }
 
@@ -753,7 +645,7 @@ handle_due(int bucket, const char *member, int64_t lease)
     }
     snprintf(now_s, sizeof(now_s), "%" PRId64, now);
     argv[8] = j->device; argv[9] = j->conv; argv[10] = now_s; argv[11] = P.cf->push_delay_ms == 0 ? "1" : "0";
-    r = eval_now(SC_CHECK, 8, 12, argv);
+    r = eval_now(CHAT_LUA_PUSH_CHECK, 8, 12, argv);
     if (r == NULL) { job_free(j); return; }       /* the lease brings it back */
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 || r->element[0]->type != REDIS_REPLY_STRING) {
         if (r->type == REDIS_REPLY_ERROR) cw_warn("push: check script: %s", r->str);
@@ -847,7 +739,7 @@ claim_due(void)
         const char *argv[4];
         snprintf(key, sizeof(key), "chat:{pq%d}:due", (P.bucket_rr + i) % nb);
         argv[0] = key; argv[1] = now_s; argv[2] = lease_s; argv[3] = lim;
-        append_eval(SC_LEASE, 1, 4, argv);
+        append_eval(CHAT_LUA_PUSH_LEASE, 1, 4, argv);
     }
     {
         redisReply **rs = nb > 0 && nb <= 4096 ? calloc((size_t) nb, sizeof(*rs)) : NULL;

@@ -352,6 +352,14 @@ doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
                            d->mute[i].notify ? "1" : until);
         n++;
     }
+    if (d->nobody) {
+        /* watchers who saw this user online learn it no more: from now on
+         * the user looks offline and never seen (lua/presence.lua), and the
+         * registry scripts announce nothing */
+        redisAppendCommand(c, "PUBLISH chat:p:%s {\"type\":\"presence\",\"user\":\"%s\","
+                           "\"online\":false,\"last_seen\":null}", user, user);
+        n++;
+    }
     redisAppendCommand(c, "EXEC"); n++;
     for (int i = 0; i < n; i++) {
         redisReply *r = NULL;

@@ -135,3 +135,69 @@ def test_group_budget_and_adds_limits(r, run):
     assert run("group_adds", a, [100, 4, 2, 3, "take"]) == 0
     assert run("group_adds", a, [101, 4, 2, 3, "take"]) == 0                  # next hour: the third of the day
     assert run("group_adds", a, [101, 4, 2, 3, "take"]) == 2                  # the day is full
+
+
+# --- push ------------------------------------------------------------------
+
+P = "chat:{u:bob}:"
+PK = [P + "pn", P + "push", P + "notify", P + "read"]
+
+
+def enqueue(run, seq, conv="d:alice:bob", pull="0"):
+    return run("push_enqueue", PK, [conv, seq, "alice", "hi", 1700000000000 + seq, "alice", pull, 86400000])
+
+
+def test_push_enqueue_needs_a_registration_and_skips_what_was_read(r, run):
+    assert enqueue(run, 1) == []                                  # no device registered
+    r.hset(P + "push", mapping={"phone": '{"provider":"fcm"}', "tab": '{"provider":"webpush"}'})
+    assert sorted(enqueue(run, 1)) == ["phone", "tab"]
+    assert sorted(enqueue(run, 2)) == ["phone", "tab"]
+    pn = json.loads(r.hget(P + "pn", "d:alice:bob"))
+    assert pn["seqs"] == [1, 2] and pn["seq"] == 2
+    r.hset(P + "read", "d:alice:bob", 2)
+    assert enqueue(run, 2) == []                                  # read already
+    assert enqueue(run, 1, conv="g:big", pull="1") == []          # a pull group not opted in to
+    r.hset(P + "notify", "g:big", 1)
+    assert sorted(enqueue(run, 1, conv="g:big", pull="1")) == ["phone", "tab"]
+
+
+def test_push_check_sends_only_what_is_still_needed(r, run):
+    keys = [P + "push", P + "set", P + "mute", P + "acked", P + "read", P + "last", P + "conns", P + "pn"]
+    now = 1700000100000
+    check = lambda dev="phone", conn="1": run("push_check", keys, [dev, "d:alice:bob", now, conn])
+    assert check() == ["noreg"]
+    r.hset(P + "push", "phone", '{"provider":"fcm","token":"t"}')
+    assert check() == ["read"]                                     # nothing pending
+    enqueue(run, 1)
+    enqueue(run, 2)
+    assert check() == ["later"]                                    # not in the inbox yet
+    r.hset(P + "last", "m:d:alice:bob", "2:10")
+    out = check()
+    assert out[0] == "send" and out[2] == 2 and out[3] == 2       # 2 unread, badge 2
+    r.hset(P + "acked", "phone", 10)
+    assert check() == ["acked"]
+    r.hset(P + "acked", "phone", 9)
+    r.hset(P + "mute", "d:alice:bob", 0)                           # forever
+    assert check() == ["muted"]
+    r.hdel(P + "mute", "d:alice:bob")
+    r.zadd(P + "conns", {"chat:w:a|phone|1": now + 1000})
+    assert check() == ["online"]
+    assert check(conn="0")[0] == "send"
+    r.hset(P + "read", "d:alice:bob", 2)
+    assert check() == ["read"] and not r.hexists(P + "pn", "d:alice:bob")
+
+
+def test_push_lease_done_and_dead(r, run):
+    due = "chat:{pq3}:due"
+    r.zadd(due, {"bob|phone|d:alice:bob": 100, "bob|tab|d:alice:bob": 200, "carol|x|g:ops": 900})
+    assert sorted(run("push_lease", [due], [250, 5000, 10])) == ["bob|phone|d:alice:bob", "bob|tab|d:alice:bob"]
+    assert r.zscore(due, "bob|phone|d:alice:bob") == 5000          # leased: back at 5000 if not done
+    assert run("push_lease", [due], [250, 6000, 10]) == []         # already in someone's hands
+    assert run("push_done", [due], ["bob|phone|d:alice:bob", 5000]) == 1
+    assert r.zscore(due, "bob|phone|d:alice:bob") is None
+    assert run("push_done", [due], ["bob|tab|d:alice:bob", 4000]) == 0   # not our lease
+    assert run("push_done", [due], ["bob|tab|d:alice:bob", 5000, 7000]) == 1
+    assert r.zscore(due, "bob|tab|d:alice:bob") == 7000            # rescheduled (a retry)
+    r.hset(P + "push", "phone", "old")
+    assert run("push_dead", [P + "push"], ["phone", "other"]) == 0   # registered again meanwhile
+    assert run("push_dead", [P + "push"], ["phone", "old"]) == 1 and not r.hexists(P + "push", "phone")
