@@ -88,7 +88,7 @@ int lg_mem_read(const char *pidfile, struct lg_mem *m);
  * counts a redis.call() inside a script under the called command's name,
  * and the EVALSHA itself once more (its usec include the inner calls). */
 #define LG_REDIS_MAX 400
-#define LG_REDIS_TOP 10
+#define LG_REDIS_TOP 16
 struct lg_redis_cmd { char name[48]; uint64_t calls, usec; };
 struct lg_redis {
     int    ok, n;

@@ -2678,7 +2678,15 @@ int main(int argc, char **argv)
             for (int k = 0; k < rc.n; k++) printf(" %s %.2f", rc.top[k].name, rc.top[k].calls * per);
             printf("\n");
         } else {
-            printf("  most run:");
+            /* no messages (idle, churn without pairs): the cost of holding
+             * the connections */
+            double secs = (double)(redis_tb - redis_ta) / 1e9, cs = secs * (double)held_at_measure;
+            if (secs > 0)
+                printf("  per second: %.1f commands, %.1f scripts, %.0f us CPU", rc.calls / secs, rc.scripts / secs,
+                       rc.cpu_us / secs);
+            if (cs > 0)
+                printf("; per connection and second: %.3f commands, %.2f us CPU", rc.calls / cs, rc.cpu_us / cs);
+            printf("\n  most run:");
             for (int k = 0; k < rc.n; k++) printf(" %s %" PRIu64, rc.top[k].name, rc.top[k].calls);
             printf("\n");
         }
