@@ -2662,8 +2662,9 @@ int main(int argc, char **argv)
     }
     if (rc.ok) {
         uint64_t dl = SUM(delivered), ak = SUM(acked);
-        printf("redis %s:%d during %.1f s, from the first send to the end of the drain (INFO commandstats, INFO cpu):\n",
-               O.redis_host, O.redis_port, (double)(redis_tb - redis_ta) / 1e9);
+        printf("redis %s:%d during %.1f s, %s (INFO commandstats, INFO cpu):\n",
+               O.redis_host, O.redis_port, (double)(redis_tb - redis_ta) / 1e9,
+               SUM(flows) ? "from the first send to the end of the drain" : "while holding the connections");
         printf("  %" PRIu64 " commands run (every redis.call inside a script counts, the script itself once more),\n"
                "  %" PRIu64 " of them scripts (EVALSHA/EVAL/FCALL: %.0f us inside them); CPU %.0f us (user+sys, all threads)\n",
                rc.calls, rc.scripts, (double)rc.script_usec, rc.cpu_us);
