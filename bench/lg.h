@@ -103,6 +103,11 @@ struct lg_redis_cost {
     struct lg_redis_cmd top[LG_REDIS_TOP];
 };
 int  lg_redis_snap(const char *host, int port, struct lg_redis *r);
+/* MONITOR for secs seconds (it slows Redis while on): commands from
+ * clients (scripts among them) and redis.calls made inside scripts
+ * (MONITOR shows their client as "lua"), which INFO cannot tell apart. */
+struct lg_redis_mon { int ok; double secs; uint64_t client, client_scripts, lua; };
+int  lg_redis_monitor(const char *host, int port, double secs, struct lg_redis_mon *m);
 void lg_redis_diff(const struct lg_redis *before, const struct lg_redis *after,
                    struct lg_redis_cost *d);
 

@@ -5,12 +5,14 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <dirent.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -515,4 +517,53 @@ void lg_redis_diff(const struct lg_redis *a, const struct lg_redis *b, struct lg
             d->top[k].usec = usec;
         }
     }
+}
+
+/* MONITOR for `secs` seconds: each line is "+<time> [<db> <client>] "<CMD>" ...",
+ * <client> being "lua" for a redis.call inside a script. */
+int lg_redis_monitor(const char *host, int port, double secs, struct lg_redis_mon *m)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    struct timeval tv = { 0, 200000 };
+    static char buf[256 * 1024];
+    size_t have = 0;
+    uint64_t end;
+    int fd;
+
+    memset(m, 0, sizeof(*m));
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
+    if ((fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0) return -1;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0
+        || send(fd, "MONITOR\r\n", 9, MSG_NOSIGNAL) != 9) { close(fd); return -1; }
+    end = lg_now_ns() + (uint64_t)(secs * 1e9);
+    while (lg_now_ns() < end) {
+        ssize_t r = recv(fd, buf + have, sizeof(buf) - have, 0);
+        char *p = buf, *e, *nl;
+        if (r <= 0) { if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue; break; }
+        have += (size_t)r;
+        e = buf + have;
+        while ((nl = memchr(p, '\n', (size_t)(e - p)))) {
+            char *lb = memchr(p, '[', (size_t)(nl - p)), *rb = lb ? memchr(lb, ']', (size_t)(nl - lb)) : NULL;
+            if (rb && rb[1] == ' ' && rb[2] == '"') {
+                char *q = rb + 3, *qe = memchr(q, '"', (size_t)(nl - q));
+                int lua = rb - lb >= 4 && !memcmp(rb - 4, " lua", 4);
+                if (lua) m->lua++;
+                else {
+                    m->client++;
+                    if (qe && ((qe - q == 7 && !strncasecmp(q, "evalsha", 7)) || (qe - q == 4 && !strncasecmp(q, "eval", 4))
+                               || (qe - q == 5 && !strncasecmp(q, "fcall", 5))))
+                        m->client_scripts++;
+                }
+            }
+            p = nl + 1;
+        }
+        have = (size_t)(e - p);
+        memmove(buf, p, have);
+        if (have == sizeof(buf)) have = 0;   /* a line longer than the buffer: drop it */
+    }
+    close(fd);
+    m->secs = secs;
+    m->ok = 1;
+    return 0;
 }

@@ -89,6 +89,7 @@ static struct opts {
     char   pidfile[512];
     char   redis_host[64];        /* --redis: the server's Redis, for its cost */
     int    redis_port;
+    double redis_monitor;         /* --redis-monitor: seconds of MONITOR mid-run */
     int    conns, procs, src_addrs, pairs, groups, group_size, messages, window;
     int    body_size, pub_conns, poll_timeout, max_inflight_hs, verbose, hist_dump;
     double ramp, hold, duration, max_time, ping_interval, rate, churn_rate, drain;
@@ -2155,6 +2156,8 @@ static void progress(uint64_t t0)
  * starts, and when it is over (the drain done), before the closing */
 static struct lg_redis redis_a, redis_b;
 static uint64_t redis_ta, redis_tb;
+static struct lg_redis_mon redis_mon;
+static uint64_t mon_d0, mon_d1;     /* deliveries when the MONITOR sample began and ended */
 
 static void set_phase(int ph)
 {
@@ -2189,6 +2192,9 @@ static int usage(int rc)
 "                              without nginx workers (centrifugo) is measured itself\n"
 "  --redis HOST:PORT           the server's Redis: commands, scripts and CPU time it spent\n"
 "                              from the start of sending to the end of the drain (INFO)\n"
+"  --redis-monitor S           and MONITOR it for S seconds in the middle of the sending:\n"
+"                              clients' commands apart from redis.calls inside scripts\n"
+"                              (MONITOR slows Redis while it is on)\n"
 "  --churn-rate R              churn: connections replaced per second (default 100)\n"
 "  --pairs N                   one2one/offline (and churn with --rate): conversations\n"
 "  --groups N --group-size K   fanout: groups of K members (one sender, K-1 receivers)\n"
@@ -2268,7 +2274,7 @@ int main(int argc, char **argv)
         { "max-time", 1, 0, 'M' }, { "run", 1, 0, 'N' }, { "label", 1, 0, 'L' },
         { "device", 1, 0, 'V' }, { "http-prefix", 1, 0, 'X' }, { "sub-prefix", 1, 0, 'S' },
         { "pub-prefix", 1, 0, 'B' }, { "poll-timeout", 1, 0, 'O' }, { "hist", 0, 0, 'z' },
-        { "settle", 1, 0, 'Z' }, { "redis", 1, 0, 'J' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
+        { "settle", 1, 0, 'Z' }, { "redis", 1, 0, 'J' }, { "redis-monitor", 1, 0, 'K' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
     };
     int opt;
 
@@ -2336,6 +2342,7 @@ int main(int argc, char **argv)
         case 'O': O.poll_timeout = atoi(optarg); break;
         case 'z': O.hist_dump = 1; break;
         case 'Z': O.settle = atof(optarg); break;
+        case 'K': O.redis_monitor = atof(optarg); break;
         case 'J': {
             const char *hp = optarg, *colon;
             if (!strncmp(hp, "redis://", 8)) hp += 8;
@@ -2475,6 +2482,15 @@ int main(int argc, char **argv)
             break;
         }
         case PH_RUN:
+            if (O.redis_port && O.redis_monitor > 0 && !redis_mon.ok && SUM(flows) && O.scenario != SC_OFFLINE
+                && in_phase >= (O.duration - O.redis_monitor) / 2) {
+                /* blocks this loop for the sample; the children send on */
+                mon_d0 = SUM(delivered);
+                if (lg_redis_monitor(O.redis_host, O.redis_port, O.redis_monitor, &redis_mon) < 0)
+                    fprintf(stderr, "loadgen: MONITOR of Redis %s:%d failed\n", O.redis_host, O.redis_port);
+                mon_d1 = SUM(delivered);
+                break;
+            }
             held_at_measure = SUM(open);
             if (O.scenario == SC_IDLE) {
                 if (in_phase >= O.hold) {
@@ -2692,6 +2708,14 @@ int main(int argc, char **argv)
             printf("\n");
         }
     }
+    double mon_per = 0;
+    if (redis_mon.ok && mon_d1 > mon_d0) {
+        mon_per = 1.0 / (double)(mon_d1 - mon_d0);
+        printf("  MONITOR, %.1f s in the middle of the sending (%" PRIu64 " deliveries; Redis is slower while it is on):\n"
+               "  PER DELIVERED MESSAGE %.2f commands from clients (%.2f of them scripts) and %.2f redis.calls inside scripts\n",
+               redis_mon.secs, mon_d1 - mon_d0, redis_mon.client * mon_per, redis_mon.client_scripts * mon_per,
+               redis_mon.lua * mon_per);
+    }
     double rss_pc = 0, pss_pc = 0, priv_pc = 0;
     if (O.scenario == SC_IDLE && O.pidfile[0]) {
         if (O.target == TGT_CENTRIFUGO)
@@ -2743,6 +2767,9 @@ int main(int argc, char **argv)
             printf(" redis_calls_per_msg=%.2f redis_scripts_per_msg=%.2f redis_cpu_us_per_msg=%.1f redis_script_us_per_msg=%.1f",
                    rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per);
     }
+    if (mon_per > 0)
+        printf(" redis_mon_client_per_msg=%.2f redis_mon_scripts_per_msg=%.2f redis_mon_lua_per_msg=%.2f",
+               redis_mon.client * mon_per, redis_mon.client_scripts * mon_per, redis_mon.lua * mon_per);
     printf(" timed_out=%d\n", timed_out);
     if (O.hist_dump) {
         dump_hist(stdout, "connect", &h_conn);
