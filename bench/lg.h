@@ -69,16 +69,46 @@ int lg_json_next(const struct lg_jv *a, size_t *pos, struct lg_jv *elem);
 long long lg_jv_int(const struct lg_jv *v, long long dflt);
 int lg_jv_eq(const struct lg_jv *v, const char *s);  /* string equals */
 
-/* ---- nginx worker memory -------------------------------------------------
+/* ---- server memory (nginx workers) -------------------------------------------------
  * Worker processes are the children of the master whose pid is in pidfile
  * (only those whose command line starts with "nginx: worker").  Sums of
  * VmRSS (/proc/pid/status) and Pss, Private_Clean+Private_Dirty
- * (/proc/pid/smaps_rollup), in kB. */
+ * (/proc/pid/smaps_rollup), in kB.  When the process has no such children
+ * (a server that is one process, e.g. Centrifugo) it is measured itself. */
 struct lg_mem {
     int      nproc;
     long     master;
     uint64_t rss_kb, pss_kb, priv_kb;
 };
 int lg_mem_read(const char *pidfile, struct lg_mem *m);
+
+/* ---- Redis cost ------------------------------------------------------------
+ * A snapshot of INFO cpu (used_cpu_sys + used_cpu_user, every thread of the
+ * server) and INFO commandstats (calls and usec per command).  Redis 7
+ * counts a redis.call() inside a script under the called command's name,
+ * and the EVALSHA itself once more (its usec include the inner calls). */
+#define LG_REDIS_MAX 400
+#define LG_REDIS_TOP 16
+struct lg_redis_cmd { char name[48]; uint64_t calls, usec; };
+struct lg_redis {
+    int    ok, n;
+    double cpu_us;
+    struct lg_redis_cmd c[LG_REDIS_MAX];
+};
+struct lg_redis_cost {
+    int      ok, n;
+    double   cpu_us;
+    uint64_t calls;                /* every command run, inner ones included */
+    uint64_t scripts, script_usec; /* EVAL, EVALSHA, FCALL (and _ro) */
+    struct lg_redis_cmd top[LG_REDIS_TOP];
+};
+int  lg_redis_snap(const char *host, int port, struct lg_redis *r);
+/* MONITOR for secs seconds (it slows Redis while on): commands from
+ * clients (scripts among them) and redis.calls made inside scripts
+ * (MONITOR shows their client as "lua"), which INFO cannot tell apart. */
+struct lg_redis_mon { int ok; double secs; uint64_t client, client_scripts, lua; };
+int  lg_redis_monitor(const char *host, int port, double secs, struct lg_redis_mon *m);
+void lg_redis_diff(const struct lg_redis *before, const struct lg_redis *after,
+                   struct lg_redis_cost *d);
 
 #endif

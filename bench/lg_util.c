@@ -2,12 +2,19 @@
 #define _GNU_SOURCE
 #include "lg.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <dirent.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -395,5 +402,168 @@ int lg_mem_read(const char *pidfile, struct lg_mem *m)
         m->priv_kb += read_kb_field(path, "Private_Clean") + read_kb_field(path, "Private_Dirty");
     }
     closedir(d);
+    if (!m->nproc) {
+        /* no nginx workers under it: a server that is one process (Centrifugo,
+         * a Go program) is measured itself */
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%ld/status", master);
+        if (access(path, R_OK) != 0) return -1;
+        m->nproc = 1;
+        m->rss_kb = read_kb_field(path, "VmRSS");
+        snprintf(path, sizeof(path), "/proc/%ld/smaps_rollup", master);
+        m->pss_kb = read_kb_field(path, "Pss");
+        m->priv_kb = read_kb_field(path, "Private_Clean") + read_kb_field(path, "Private_Dirty");
+    }
     return m->nproc ? 0 : -1;
+}
+
+/* ---- Redis cost: INFO commandstats and INFO cpu ------------------------- */
+
+/* One INFO <section> over a blocking socket: the bulk reply into buf
+ * (NUL-terminated).  Returns its length or -1. */
+static long redis_info_section(int fd, const char *section, char *buf, size_t cap)
+{
+    char req[128], hdr[32];
+    size_t got = 0, want, hl = 0;
+    long len;
+    int n = snprintf(req, sizeof(req), "*2\r\n$4\r\nINFO\r\n$%zu\r\n%s\r\n", strlen(section), section);
+
+    if (send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) return -1;
+    /* "$<len>\r\n", read byte by byte: short and once per snapshot */
+    while (hl < sizeof(hdr) - 1) {
+        if (recv(fd, hdr + hl, 1, 0) != 1) return -1;
+        if (hdr[hl++] == '\n') break;
+    }
+    hdr[hl] = 0;
+    if (hdr[0] != '$' || (len = strtol(hdr + 1, NULL, 10)) < 0) return -1;
+    want = (size_t)len + 2;                              /* and its CRLF */
+    if (want > cap) return -1;
+    while (got < want) {
+        ssize_t r = recv(fd, buf + got, want - got, 0);
+        if (r <= 0) return -1;
+        got += (size_t)r;
+    }
+    buf[len] = 0;
+    return len;
+}
+
+static int is_script_cmd(const char *name)
+{
+    return !strcmp(name, "evalsha") || !strcmp(name, "eval") || !strcmp(name, "evalsha_ro")
+        || !strcmp(name, "eval_ro") || !strcmp(name, "fcall") || !strcmp(name, "fcall_ro");
+}
+
+int lg_redis_snap(const char *host, int port, struct lg_redis *r)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    struct timeval tv = { 2, 0 };
+    static char buf[256 * 1024];
+    int fd;
+    long len;
+    char *line, *save = NULL;
+
+    memset(r, 0, sizeof(*r));
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
+    if ((fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0) return -1;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) { close(fd); return -1; }
+
+    if ((len = redis_info_section(fd, "cpu", buf, sizeof(buf))) < 0) { close(fd); return -1; }
+    for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        if (!strncmp(line, "used_cpu_sys:", 13)) r->cpu_us += strtod(line + 13, NULL) * 1e6;
+        else if (!strncmp(line, "used_cpu_user:", 14)) r->cpu_us += strtod(line + 14, NULL) * 1e6;
+    }
+    if ((len = redis_info_section(fd, "commandstats", buf, sizeof(buf))) < 0) { close(fd); return -1; }
+    close(fd);
+    save = NULL;
+    for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        /* cmdstat_<name>:calls=N,usec=N,usec_per_call=F,... */
+        char *colon, *p;
+        if (strncmp(line, "cmdstat_", 8) || !(colon = strchr(line, ':')) || r->n >= LG_REDIS_MAX) continue;
+        *colon = 0;
+        struct lg_redis_cmd *c = &r->c[r->n];
+        snprintf(c->name, sizeof(c->name), "%s", line + 8);
+        if ((p = strstr(colon + 1, "calls="))) c->calls = strtoull(p + 6, NULL, 10);
+        if ((p = strstr(colon + 1, "usec="))) c->usec = strtoull(p + 5, NULL, 10);
+        r->n++;
+    }
+    r->ok = 1;
+    return 0;
+}
+
+/* after - before, without the INFO commands of the snapshots themselves */
+void lg_redis_diff(const struct lg_redis *a, const struct lg_redis *b, struct lg_redis_cost *d)
+{
+    memset(d, 0, sizeof(*d));
+    if (!a->ok || !b->ok) return;
+    d->ok = 1;
+    d->cpu_us = b->cpu_us - a->cpu_us;
+    for (int i = 0; i < b->n; i++) {
+        const struct lg_redis_cmd *c = &b->c[i];
+        uint64_t calls = c->calls, usec = c->usec;
+        if (!strcmp(c->name, "info")) continue;
+        for (int j = 0; j < a->n; j++)
+            if (!strcmp(a->c[j].name, c->name)) { calls -= a->c[j].calls; usec -= a->c[j].usec; break; }
+        if (!calls) continue;
+        d->calls += calls;
+        if (is_script_cmd(c->name)) { d->scripts += calls; d->script_usec += usec; }
+        /* keep the commands by calls, most first */
+        if (d->n < LG_REDIS_TOP || calls > d->top[d->n - 1].calls) {
+            int k = d->n < LG_REDIS_TOP ? d->n++ : d->n - 1;
+            while (k > 0 && d->top[k - 1].calls < calls) { d->top[k] = d->top[k - 1]; k--; }
+            snprintf(d->top[k].name, sizeof(d->top[k].name), "%s", c->name);
+            d->top[k].calls = calls;
+            d->top[k].usec = usec;
+        }
+    }
+}
+
+/* MONITOR for `secs` seconds: each line is "+<time> [<db> <client>] "<CMD>" ...",
+ * <client> being "lua" for a redis.call inside a script. */
+int lg_redis_monitor(const char *host, int port, double secs, struct lg_redis_mon *m)
+{
+    struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    struct timeval tv = { 0, 200000 };
+    static char buf[256 * 1024];
+    size_t have = 0;
+    uint64_t end;
+    int fd;
+
+    memset(m, 0, sizeof(*m));
+    if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) return -1;
+    if ((fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0) return -1;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0
+        || send(fd, "MONITOR\r\n", 9, MSG_NOSIGNAL) != 9) { close(fd); return -1; }
+    end = lg_now_ns() + (uint64_t)(secs * 1e9);
+    while (lg_now_ns() < end) {
+        ssize_t r = recv(fd, buf + have, sizeof(buf) - have, 0);
+        char *p = buf, *e, *nl;
+        if (r <= 0) { if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue; break; }
+        have += (size_t)r;
+        e = buf + have;
+        while ((nl = memchr(p, '\n', (size_t)(e - p)))) {
+            char *lb = memchr(p, '[', (size_t)(nl - p)), *rb = lb ? memchr(lb, ']', (size_t)(nl - lb)) : NULL;
+            if (rb && rb[1] == ' ' && rb[2] == '"') {
+                char *q = rb + 3, *qe = memchr(q, '"', (size_t)(nl - q));
+                int lua = rb - lb >= 4 && !memcmp(rb - 4, " lua", 4);
+                if (lua) m->lua++;
+                else {
+                    m->client++;
+                    if (qe && ((qe - q == 7 && !strncasecmp(q, "evalsha", 7)) || (qe - q == 4 && !strncasecmp(q, "eval", 4))
+                               || (qe - q == 5 && !strncasecmp(q, "fcall", 5))))
+                        m->client_scripts++;
+                }
+            }
+            p = nl + 1;
+        }
+        have = (size_t)(e - p);
+        memmove(buf, p, have);
+        if (have == sizeof(buf)) have = 0;   /* a line longer than the buffer: drop it */
+    }
+    close(fd);
+    m->secs = secs;
+    m->ok = 1;
+    return 0;
 }

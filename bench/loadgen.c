@@ -14,6 +14,16 @@
  *          long-poll transport GET /chat/poll and POST /chat/send.
  *   nchan  nchan: WebSocket subscribers on /sub/<channel>, HTTP POST
  *          publishers on /pub/<channel>; WebSocket ping frames as heartbeat.
+ *   centrifugo  Centrifugo v6, its JSON protocol over WebSocket
+ *          (ws://host:port/connection/websocket): a connect command with an
+ *          HS256 JWT (sub = user), one subscription per connection (the
+ *          user's channel personal:#<user>, or a group's channel
+ *          group:<name> for fan-out receivers), client-side publish into the
+ *          recipient's channel, pushes {"push":{"channel","pub":{"data",
+ *          "offset"}}}; the server's empty ping {} is answered with {}, and
+ *          WebSocket ping frames are the heartbeat we measure.  A connection
+ *          that comes back resubscribes with recover, epoch and offset, and
+ *          the missed publications arrive in the subscribe reply.
  *
  * Scenarios: idle, churn, one2one, fanout, offline (see usage()).
  *
@@ -63,7 +73,7 @@
 /* options                                                               */
 /* ===================================================================== */
 
-enum { TGT_CHAT, TGT_NCHAN };
+enum { TGT_CHAT, TGT_NCHAN, TGT_CENTRIFUGO };
 enum { SC_IDLE, SC_CHURN, SC_ONE2ONE, SC_FANOUT, SC_OFFLINE };
 enum { TR_WS, TR_POLL };
 
@@ -77,6 +87,9 @@ static struct opts {
     char   sub_prefix[64], sub_old_prefix[64], pub_prefix[64];
     char   secret[256], device[33], run[24], label[48];
     char   pidfile[512];
+    char   redis_host[64];        /* --redis: the server's Redis, for its cost */
+    int    redis_port;
+    double redis_monitor;         /* --redis-monitor: seconds of MONITOR mid-run */
     int    conns, procs, src_addrs, pairs, groups, group_size, messages, window;
     int    body_size, pub_conns, poll_timeout, max_inflight_hs, verbose, hist_dump;
     double ramp, hold, duration, max_time, ping_interval, rate, churn_rate, drain;
@@ -115,6 +128,7 @@ struct cstats {
     uint64_t sent, acked, send_err, retries, skipped, expected;
     uint64_t delivered, dups, id_mismatch, out_of_range, foreign, lost, unacked_delivered;
     uint64_t other_events, errors_rx, reconnect_frames, receipts, polls;
+    uint64_t recovered, not_recovered;   /* centrifugo: resubscribes with recovery */
     uint64_t err_codes[EC_N];
     uint64_t drain_done, drain_ns_max;
     int      planned, exited;
@@ -191,6 +205,9 @@ struct conn {
     uint32_t  fails;          /* consecutive failures, for the backoff */
     char      user[48];
     char      key[25];
+    char     *chan;           /* centrifugo: the one channel it subscribes to */
+    char      epoch[24];      /* centrifugo: stream position of that channel */
+    uint64_t  offset;
     uint8_t  *rb; uint32_t rlen, rcap;
     uint8_t  *wb; uint32_t wlen, woff, wcap;
     uint8_t  *fb; uint32_t flen, fcap;
@@ -619,6 +636,8 @@ static void ws_handshake(struct conn *c)
             snprintf(path, sizeof(path), "%s?token=%s&cursor=%lld", O.ws_path, tok, c->cursor);
         else
             snprintf(path, sizeof(path), "%s?token=%s", O.ws_path, tok);
+    } else if (O.target == TGT_CENTRIFUGO) {
+        snprintf(path, sizeof(path), "%s", O.ws_path);
     } else {
         const char *pre = (c->flags & F_DEFERRED) && O.scenario == SC_OFFLINE
                           ? O.sub_old_prefix : O.sub_prefix;
@@ -690,10 +709,14 @@ static void conn_became_open(struct conn *c)
         flows[c->flow].late_start = c->t_start;
     if (again && c->role == R_SENDER && c->flow >= 0 && phase < PH_CLOSE) {
         /* a sender back after a drop sends what was not acknowledged again,
-         * with the same client_id, as a real client would */
+         * with the same client_id, as a real client would.  A Centrifugo
+         * client publish has no idempotency key: sending again could
+         * duplicate, so what was in flight counts as failed (if it was
+         * published after all, it shows as delivered without ack). */
         struct flow *f = &flows[c->flow];
         for (uint32_t q = 0; q < f->next_seq && q < f->cap; q++) {
             if (bit_get(f->acked, q) || f->tries[q] == TRIES_FAILED) continue;
+            if (O.target == TGT_CENTRIFUGO) { on_send_failed(f, q); continue; }
             struct hreq r = { HR_SEND, (uint32_t)c->flow, q, now };
             INC(retries);
             q_push(&rq, r, 0);
@@ -894,6 +917,194 @@ static void chat_send_ack(struct conn *c)
 }
 
 /* ===================================================================== */
+/* Centrifugo protocol (JSON over WebSocket)                             */
+/* ===================================================================== */
+
+/* command ids: 1 connect, 2 subscribe, CF_PUB_ID + seq a publish */
+#define CF_PUB_ID 16
+
+static void cf_send_connect(struct conn *c)
+{
+    char tok[1024], frame[1200];
+    int n;
+
+    /* no "dev" claim: Centrifugo knows users, not devices */
+    if (lg_jwt_hs256(O.secret, c->user, NULL, (long long)time(NULL) + 86400, tok, sizeof(tok)) < 0) {
+        conn_fail(c, &S->f_proto, "token");
+        return;
+    }
+    n = snprintf(frame, sizeof(frame), "{\"id\":1,\"connect\":{\"token\":\"%s\",\"name\":\"loadgen\"}}", tok);
+    ws_text(c, frame, (size_t)n);
+}
+
+static void cf_send_subscribe(struct conn *c)
+{
+    char frame[400];
+    int n;
+
+    if (c->epoch[0])   /* back after a drop: what was missed, from the history */
+        n = snprintf(frame, sizeof(frame),
+                     "{\"id\":2,\"subscribe\":{\"channel\":\"%s\",\"recover\":true,\"epoch\":\"%s\",\"offset\":%" PRIu64 "}}",
+                     c->chan, c->epoch, c->offset);
+    else
+        n = snprintf(frame, sizeof(frame), "{\"id\":2,\"subscribe\":{\"channel\":\"%s\"}}", c->chan);
+    ws_text(c, frame, (size_t)n);
+}
+
+/* one publication {"data":"lg1 ...","offset":N} of the conn's channel */
+static void cf_publication(struct conn *c, const char *s, size_t n)
+{
+    struct lg_jv data, off = { 0 };
+
+    if (lg_json_get(s, n, "data", &data) < 0 || data.t != 's') { INC(foreign); return; }
+    if (lg_json_get(s, n, "offset", &off) == 0) {
+        long long o = lg_jv_int(&off, 0);
+        if (o > 0 && (uint64_t)o > c->offset) c->offset = (uint64_t)o;
+    }
+    /* the offset is the publication's id in its channel: one per message */
+    on_delivery(c, data.p, data.n, off.n ? off.p : NULL, off.n);
+}
+
+static void cf_subscribed(struct conn *c, const char *s, size_t n)
+{
+    struct lg_jv v;
+    int again = c->epoch[0] != 0;
+
+    if (again) {
+        if (lg_json_get(s, n, "recovered", &v) == 0 && v.t == 'b' && v.n == 4) INC(recovered);
+        else {
+            INC(not_recovered);
+            errsample("%s: resubscribed to %s without recovery: %.80s", c->user, c->chan, s);
+        }
+    }
+    if (lg_json_get(s, n, "epoch", &v) == 0 && v.t == 's' && v.n < sizeof(c->epoch)) {
+        memcpy(c->epoch, v.p, v.n);
+        c->epoch[v.n] = 0;
+    }
+    if (lg_json_get(s, n, "publications", &v) == 0 && v.t == 'a') {
+        size_t pos = 0;
+        struct lg_jv pub;
+        while (lg_json_next(&v, &pos, &pub) == 1)
+            if (pub.t == 'o') cf_publication(c, pub.p, pub.n);
+    }
+    /* the stream position to recover from after a drop: the top of the
+     * stream now (a recovery's publications are all below it) */
+    if (lg_json_get(s, n, "offset", &v) == 0) {
+        long long o = lg_jv_int(&v, 0);
+        if (o > 0 && (uint64_t)o > c->offset) c->offset = (uint64_t)o;
+    }
+    if (c->state == S_HELLO) conn_became_open(c);
+}
+
+static int cf_error_index(long long code)
+{
+    switch (code) {
+    case 101: case 109: return 6;    /* unauthorized, token expired */
+    case 103: return 3;              /* permission denied */
+    case 106: case 111: return 2;    /* limit exceeded, too many requests */
+    case 107: return 0;              /* bad request */
+    case 100: case 108: return 5;    /* internal, not available */
+    case 102: return 4;              /* unknown channel */
+    default: return EC_N - 1;
+    }
+}
+
+static void cf_error(struct conn *c, long long rid, const char *s, size_t n)
+{
+    struct lg_jv code = { 0 }, msg = { 0 }, tmp = { 0 };
+    long long cd;
+    int ec;
+
+    INC(errors_rx);
+    lg_json_get(s, n, "code", &code);
+    lg_json_get(s, n, "message", &msg);
+    cd = lg_jv_int(&code, 0);
+    ec = cf_error_index(cd);
+    if (S->err_codes[ec]++ == 0)
+        errsample("%s: error %lld %.*s answering command %lld", c->user, cd,
+                  (int)(msg.n < 80 ? msg.n : 80), msg.p, rid);
+    if (rid == 1 || rid == 2) {   /* connect or subscribe refused */
+        conn_fail(c, &S->f_hello, NULL);
+        return;
+    }
+    if (rid >= CF_PUB_ID && c->flow >= 0) {
+        uint32_t seq = (uint32_t)(rid - CF_PUB_ID);
+        struct flow *f = &flows[c->flow];
+        int temporary = lg_json_get(s, n, "temporary", &tmp) == 0 && tmp.t == 'b' && tmp.n == 4;
+        if ((temporary || cd == 111) && seq < f->cap && f->tries[seq] < MAX_RETRIES) {
+            /* refused, so not published: safe to send again after a pause */
+            long long ra = 100LL << (f->tries[seq] < 5 ? f->tries[seq] : 5);
+            if (ra > 2000) ra = 2000;
+            f->tries[seq]++;
+            struct hreq r = { HR_SEND, (uint32_t)c->flow, seq, now + (uint64_t)ra * MS };
+            INC(retries);
+            q_push(&rq, r, 0);
+        } else if (seq < f->cap) {
+            on_send_failed(f, seq);
+        }
+    }
+}
+
+/* one reply or push (a frame can carry several, one per line) */
+static void cf_reply(struct conn *c, const char *s, size_t n)
+{
+    struct lg_jv v, w, id;
+    long long rid;
+
+    while (n && (s[n - 1] == '\r' || s[n - 1] == ' ')) n--;
+    if (!n) return;
+    if (n == 2 && s[0] == '{' && s[1] == '}') {   /* the server's ping: pong */
+        INC(srv_pings);
+        ws_text(c, "{}", 2);
+        return;
+    }
+    if (lg_json_get(s, n, "push", &v) == 0 && v.t == 'o') {
+        if (lg_json_get(v.p, v.n, "pub", &w) == 0 && w.t == 'o') {
+            struct lg_jv ch;
+            if (lg_json_get(v.p, v.n, "channel", &ch) == 0 && c->chan && !lg_jv_eq(&ch, c->chan)) {
+                INC(foreign);
+                return;
+            }
+            cf_publication(c, w.p, w.n);
+        } else if (lg_json_get(v.p, v.n, "disconnect", &w) == 0) {
+            errsample("%s: disconnect push %.*s", c->user, (int)(w.n < 80 ? w.n : 80), w.p);
+            INC(other_events);
+        } else {
+            INC(other_events);
+        }
+        return;
+    }
+    if (lg_json_get(s, n, "id", &id) < 0) { INC(foreign); return; }
+    rid = lg_jv_int(&id, 0);
+    if (lg_json_get(s, n, "error", &v) == 0 && v.t == 'o') { cf_error(c, rid, v.p, v.n); return; }
+    if (rid == 1 && lg_json_get(s, n, "connect", &v) == 0) {
+        if (c->state == S_HELLO) cf_send_subscribe(c);
+        return;
+    }
+    if (rid == 2 && lg_json_get(s, n, "subscribe", &v) == 0) {
+        cf_subscribed(c, v.p, v.n);
+        return;
+    }
+    if (rid >= CF_PUB_ID && lg_json_get(s, n, "publish", &v) == 0) {
+        if (c->flow >= 0) on_acked(&flows[c->flow], (uint32_t)(rid - CF_PUB_ID), NULL, 0);
+        return;
+    }
+    INC(other_events);
+}
+
+static void cf_frame(struct conn *c, const char *s, size_t n)
+{
+    const char *e = s + n;
+
+    while (s < e && c->fd >= 0) {
+        const char *nl = memchr(s, '\n', (size_t)(e - s));
+        const char *end = nl ? nl : e;
+        cf_reply(c, s, (size_t)(end - s));
+        s = nl ? nl + 1 : e;
+    }
+}
+
+/* ===================================================================== */
 /* incoming WebSocket data                                               */
 /* ===================================================================== */
 
@@ -904,6 +1115,7 @@ static void ws_message(struct conn *c, int op, const uint8_t *p, size_t n)
         return;
     }
     if (O.target == TGT_CHAT) chat_event(c, (const char *)p, n, 0);
+    else if (O.target == TGT_CENTRIFUGO) cf_frame(c, (const char *)p, n);
     else on_delivery(c, (const char *)p, n, NULL, 0);
 }
 
@@ -941,7 +1153,7 @@ static long ws_parse(struct conn *c, const uint8_t *d, size_t len)
                 INC(srv_pings);
                 ws_send(c, 10, pay, (size_t)pl);
             } else if (op == 10) {
-                if (O.target == TGT_NCHAN) {
+                if (O.target != TGT_CHAT) {
                     INC(pongs);
                     if (c->pings_out) { c->pings_out--; lg_hist_add(&S->h_pong, now - c->ping_t); }
                 }
@@ -1060,7 +1272,11 @@ static long ws_handshake_reply(struct conn *c, const uint8_t *d, size_t len)
         return -1;
     }
     if (O.target == TGT_CHAT) c->state = S_HELLO;
-    else conn_became_open(c);
+    else if (O.target == TGT_CENTRIFUGO) {
+        /* open once connected and subscribed */
+        c->state = S_HELLO;
+        cf_send_connect(c);
+    } else conn_became_open(c);
     return (long)hl;
 }
 
@@ -1463,12 +1679,30 @@ static void scan_conns(void)
     }
 }
 
+/* the WebSocket frame that sends message seq of flow f (intended at t) */
+static int send_frame(struct flow *f, uint32_t seq, uint64_t t, char *frame, size_t cap)
+{
+    char text[1200];
+
+    body_text(text, sizeof(text), f->gid, seq, t);
+    if (O.target == TGT_CENTRIFUGO)   /* the data is a JSON string */
+        return snprintf(frame, cap, "{\"id\":%u,\"publish\":{\"channel\":\"%s\",\"data\":\"%s\"}}",
+                        CF_PUB_ID + seq, f->dest, text);
+    return snprintf(frame, cap, "{\"type\":\"send\",\"client_id\":\"%s.%u.%u\",%s,\"body\":\"%s\"}",
+                    O.run, f->gid, seq, f->dest, text);
+}
+
+static int ws_sender(void)   /* messages go out over the sender's WebSocket */
+{
+    return O.target == TGT_CENTRIFUGO || (O.target == TGT_CHAT && O.transport == TR_WS);
+}
+
 static void send_one(struct flow *f, uint64_t t)
 {
     uint32_t seq;
 
     if (f->next_seq >= f->cap) { INC(skipped); return; }
-    if (O.target == TGT_CHAT && O.transport == TR_WS) {
+    if (ws_sender()) {
         if (!f->sender || f->sender->state != S_OPEN) { INC(skipped); return; }
     }
     seq = f->next_seq++;
@@ -1482,29 +1716,26 @@ static void send_one(struct flow *f, uint64_t t)
         struct hreq r = { HR_SEND, (uint32_t)(f - flows), seq, t };
         hq_push(r, 0);
     } else {
-        char text[1200], frame[1400];
-        int n;
-        body_text(text, sizeof(text), f->gid, seq, t);
-        n = snprintf(frame, sizeof(frame), "{\"type\":\"send\",\"client_id\":\"%s.%u.%u\",%s,\"body\":\"%s\"}",
-                     O.run, f->gid, seq, f->dest, text);
+        char frame[1600];
+        int n = send_frame(f, seq, t, frame, sizeof(frame));
         lg_hist_add(&S->h_lag, now > t ? now - t : 0);
         ws_text(f->sender, frame, (size_t)n);
     }
 }
 
-/* Chat WebSocket resends after rate_limited / unavailable. */
-static void chat_resends(void)
+/* WebSocket resends: chat after rate_limited / unavailable (same
+ * client_id), Centrifugo after a refused (so unpublished) publish. */
+static void ws_resends(void)
 {
     uint32_t n = rq.len;
     while (n--) {
         struct hreq r;
         q_pop(&rq, &r);
         struct flow *f = &flows[r.flow];
+        if (r.seq < f->cap && f->tries[r.seq] == TRIES_FAILED) continue;
         if (r.t > now || !f->sender || f->sender->state != S_OPEN) { q_push(&rq, r, 0); continue; }
-        char text[1200], frame[1400];
-        body_text(text, sizeof(text), f->gid, r.seq, f->send_ns[r.seq]);
-        int l = snprintf(frame, sizeof(frame), "{\"type\":\"send\",\"client_id\":\"%s.%u.%u\",%s,\"body\":\"%s\"}",
-                         O.run, f->gid, r.seq, f->dest, text);
+        char frame[1600];
+        int l = send_frame(f, r.seq, f->send_ns[r.seq], frame, sizeof(frame));
         ws_text(f->sender, frame, (size_t)l);
     }
 }
@@ -1512,7 +1743,7 @@ static void chat_resends(void)
 static int flow_can_send(struct flow *f)
 {
     if (!f->ready || f->failed) return 0;
-    if (O.target == TGT_CHAT && O.transport == TR_WS && (!f->sender || f->sender->state != S_OPEN))
+    if (ws_sender() && (!f->sender || f->sender->state != S_OPEN))
         return 0;
     return 1;
 }
@@ -1690,6 +1921,16 @@ static uint32_t flow_cap(uint32_t total_flows)
     return (uint32_t)(per * 1.5) + 64;
 }
 
+/* Centrifugo: the user's channel, which only that user may subscribe to
+ * (a user-limited channel: the part after # lists the users) */
+static char *cf_personal(const char *user)
+{
+    size_t n = strlen(user) + 11;
+    char *ch = xcalloc(1, n);
+    snprintf(ch, n, "personal:#%s", user);
+    return ch;
+}
+
 static void plan_child(void)
 {
     uint32_t plain_lo = 0, plain_hi = 0, flow_lo = 0, flow_hi = 0, total_flows = 0;
@@ -1710,7 +1951,7 @@ static void plan_child(void)
     int pool_n = 0;
     if (nflows) {
         if (O.target == TGT_NCHAN || O.transport == TR_POLL) pool_n = O.pub_conns;
-        else if (O.scenario == SC_FANOUT) pool_n = 2;
+        else if (O.target == TGT_CHAT && O.scenario == SC_FANOUT) pool_n = 2;   /* group creation */
     }
     max = (plain_hi - plain_lo) + nflows * members + (uint32_t)pool_n;
     conns = xcalloc(max, sizeof(*conns));
@@ -1721,7 +1962,7 @@ static void plan_child(void)
         snprintf(name, sizeof(name), "%si%u", O.run, g);
         struct conn *c = new_conn(O.target == TGT_CHAT && O.transport == TR_POLL ? K_POLL : K_WS,
                                   R_PLAIN, name);
-        (void)c;
+        if (O.target == TGT_CENTRIFUGO) c->chan = cf_personal(name);
     }
     for (uint32_t k = 0; k < nflows; k++) {
         struct flow *f = &flows[k];
@@ -1751,13 +1992,22 @@ static void plan_child(void)
                 f->sender = new_conn(K_WS, R_SENDER, f->members[0]);
                 f->sender->flow = (int32_t)k;
             }
+        } else if (O.target == TGT_CENTRIFUGO) {
+            /* one to one: into the recipient's channel; a group: into the
+             * group's channel, which its members subscribe to */
+            if (members == 2) snprintf(f->dest, sizeof(f->dest), "personal:#%s", f->members[1]);
+            else snprintf(f->dest, sizeof(f->dest), "group:%sg%u", O.run, gid);
+            f->sender = new_conn(K_WS, R_SENDER, f->members[0]);
+            f->sender->flow = (int32_t)k;
+            f->sender->chan = cf_personal(f->members[0]);   /* every user has one */
         } else {
             snprintf(f->dest, sizeof(f->dest), "%sf%u", O.run, gid);
         }
         for (uint32_t r = 0; r < f->nrecv; r++) {
-            const char *u = O.target == TGT_CHAT ? f->members[r + 1] : f->dest;
+            const char *u = O.target == TGT_NCHAN ? f->dest : f->members[r + 1];
             struct conn *c = new_conn(O.target == TGT_CHAT && O.transport == TR_POLL ? K_POLL : K_WS,
                                       R_RECV, u);
+            if (O.target == TGT_CENTRIFUGO) c->chan = members == 2 ? cf_personal(u) : f->dest;
             c->flow = (int32_t)k;
             c->rslot = r;
             if (O.scenario == SC_OFFLINE) c->flags |= F_DEFERRED;
@@ -1813,7 +2063,7 @@ static void child_main(void)
         }
 
         if (phase >= PH_CONNECT && phase < PH_CLOSE) open_some();
-        if (O.target == TGT_CHAT && O.transport == TR_WS && phase < PH_CLOSE && rq.len) chat_resends();
+        if (ws_sender() && phase < PH_CLOSE && rq.len) ws_resends();
         do_sends();
         for (uint32_t i = 0; i < npool; i++) http_dispatch(pool[i]);
         if (now - last_scan > 50 * MS) {
@@ -1836,7 +2086,8 @@ static void child_main(void)
 static const char *target_label(void)
 {
     static char buf[64];
-    const char *base = O.label[0] ? O.label : O.target == TGT_CHAT ? "ngx-chat" : "nchan";
+    const char *base = O.label[0] ? O.label : O.target == TGT_CHAT ? "ngx-chat"
+                       : O.target == TGT_CENTRIFUGO ? "centrifugo" : "nchan";
     snprintf(buf, sizeof(buf), "%s%s", base, O.transport == TR_POLL ? "-poll" : "");
     return buf;
 }
@@ -1901,8 +2152,25 @@ static void progress(uint64_t t0)
     fputc('\n', stderr);
 }
 
+/* Redis snapshots around the measured phase: just before the sending
+ * starts, and when it is over (the drain done), before the closing */
+static struct lg_redis redis_a, redis_b;
+static uint64_t redis_ta, redis_tb;
+static struct lg_redis_mon redis_mon;
+static uint64_t mon_d0, mon_d1;     /* deliveries when the MONITOR sample began and ended */
+
 static void set_phase(int ph)
 {
+    if (O.redis_port && ph == PH_RUN && !redis_a.ok) {
+        if (lg_redis_snap(O.redis_host, O.redis_port, &redis_a) < 0)
+            fprintf(stderr, "loadgen: no INFO from Redis %s:%d\n", O.redis_host, O.redis_port);
+        redis_ta = lg_now_ns();
+    }
+    if (O.redis_port && ph >= PH_CLOSE && redis_a.ok && !redis_b.ok) {
+        if (lg_redis_snap(O.redis_host, O.redis_port, &redis_b) < 0)
+            fprintf(stderr, "loadgen: no INFO from Redis %s:%d\n", O.redis_host, O.redis_port);
+        redis_tb = lg_now_ns();
+    }
     __atomic_store_n(&SH->phase_ns, lg_now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&SH->phase, ph, __ATOMIC_RELEASE);
 }
@@ -1910,16 +2178,23 @@ static void set_phase(int ph)
 static int usage(int rc)
 {
     fprintf(rc ? stderr : stdout,
-"usage: loadgen --target chat|nchan --scenario idle|churn|one2one|fanout|offline [options]\n"
+"usage: loadgen --target chat|nchan|centrifugo --scenario idle|churn|one2one|fanout|offline [options]\n"
 "  --url ws://HOST:PORT/PATH   target (or --host, --port, --path)\n"
-"  --secret S | --env FILE     JWT HS256 secret (FILE: CHAT_JWT_SECRET=... line)\n"
+"  --secret S | --env FILE     JWT HS256 secret (FILE: CHAT_JWT_SECRET=... line);\n"
+"                              centrifugo: its client.token.hmac_secret_key (--secret)\n"
 "  --procs N                   processes (default: one per 4000 connections)\n"
 "  --conns N                   idle/churn: connections (default 1000)\n"
 "  --ramp R                    new connections per second, all processes (default 1000)\n"
 "  --hold S                    idle: seconds to hold after connecting (default 10)\n"
 "  --ping-interval S           heartbeat; chat default: the hello's heartbeat, nchan 30\n"
 "  --src-addrs K               bind sources to 127.0.0.2 .. 127.0.0.(K+1) (default 4; 0 off)\n"
-"  --pidfile F                 nginx master pid file: measure worker memory (idle)\n"
+"  --pidfile F                 nginx master pid file: measure worker memory (idle); a pid\n"
+"                              without nginx workers (centrifugo) is measured itself\n"
+"  --redis HOST:PORT           the server's Redis: commands, scripts and CPU time it spent\n"
+"                              from the start of sending to the end of the drain (INFO)\n"
+"  --redis-monitor S           and MONITOR it for S seconds in the middle of the sending:\n"
+"                              clients' commands apart from redis.calls inside scripts\n"
+"                              (MONITOR slows Redis while it is on)\n"
 "  --churn-rate R              churn: connections replaced per second (default 100)\n"
 "  --pairs N                   one2one/offline (and churn with --rate): conversations\n"
 "  --groups N --group-size K   fanout: groups of K members (one sender, K-1 receivers)\n"
@@ -1999,7 +2274,7 @@ int main(int argc, char **argv)
         { "max-time", 1, 0, 'M' }, { "run", 1, 0, 'N' }, { "label", 1, 0, 'L' },
         { "device", 1, 0, 'V' }, { "http-prefix", 1, 0, 'X' }, { "sub-prefix", 1, 0, 'S' },
         { "pub-prefix", 1, 0, 'B' }, { "poll-timeout", 1, 0, 'O' }, { "hist", 0, 0, 'z' },
-        { "settle", 1, 0, 'Z' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
+        { "settle", 1, 0, 'Z' }, { "redis", 1, 0, 'J' }, { "redis-monitor", 1, 0, 'K' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
     };
     int opt;
 
@@ -2021,6 +2296,7 @@ int main(int argc, char **argv)
         case 't':
             if (!strcmp(optarg, "chat") || !strcmp(optarg, "ngx-chat")) O.target = TGT_CHAT;
             else if (!strcmp(optarg, "nchan")) O.target = TGT_NCHAN;
+            else if (!strcmp(optarg, "centrifugo")) O.target = TGT_CENTRIFUGO;
             else return usage(2);
             break;
         case 's':
@@ -2066,6 +2342,15 @@ int main(int argc, char **argv)
         case 'O': O.poll_timeout = atoi(optarg); break;
         case 'z': O.hist_dump = 1; break;
         case 'Z': O.settle = atof(optarg); break;
+        case 'K': O.redis_monitor = atof(optarg); break;
+        case 'J': {
+            const char *hp = optarg, *colon;
+            if (!strncmp(hp, "redis://", 8)) hp += 8;
+            if (!(colon = strrchr(hp, ':')) || colon - hp >= (long)sizeof(O.redis_host)) return usage(2);
+            snprintf(O.redis_host, sizeof(O.redis_host), "%.*s", (int)(colon - hp), hp);
+            O.redis_port = atoi(colon + 1);
+            break;
+        }
         case 'y': O.offline_wait = atof(optarg); break;
         case 'Q': O.progress = atof(optarg); break;
         case 'v': O.verbose = 1; break;
@@ -2074,9 +2359,20 @@ int main(int argc, char **argv)
         }
     }
     if (O.target < 0 || O.scenario < 0 || !O.port) return usage(2);
-    if (O.target == TGT_CHAT && !O.secret[0]) {
-        fprintf(stderr, "loadgen: the chat target needs --secret or --env\n");
+    if ((O.target == TGT_CHAT || O.target == TGT_CENTRIFUGO) && !O.secret[0]) {
+        fprintf(stderr, "loadgen: the %s target needs --secret%s\n",
+                O.target == TGT_CHAT ? "chat" : "centrifugo", O.target == TGT_CHAT ? " or --env" : "");
         return 2;
+    }
+    if (O.target == TGT_CENTRIFUGO) {
+        if (O.scenario == SC_OFFLINE) {
+            fprintf(stderr, "loadgen: the offline scenario is not implemented for centrifugo\n");
+            return 2;
+        }
+        O.transport = TR_WS;
+        if (O.ping_interval < 0) O.ping_interval = 30;
+        /* the URL's path, or Centrifugo's default endpoint */
+        if (!strcmp(O.ws_path, "/chat/ws")) snprintf(O.ws_path, sizeof(O.ws_path), "/connection/websocket");
     }
     if (O.body_size > 1000) O.body_size = 1000;
     if (O.target == TGT_NCHAN) { O.transport = TR_WS; if (O.ping_interval < 0) O.ping_interval = 30; }
@@ -2186,6 +2482,15 @@ int main(int argc, char **argv)
             break;
         }
         case PH_RUN:
+            if (O.redis_port && O.redis_monitor > 0 && !redis_mon.ok && SUM(flows) && O.scenario != SC_OFFLINE
+                && in_phase >= (O.duration - O.redis_monitor) / 2) {
+                /* blocks this loop for the sample; the children send on */
+                mon_d0 = SUM(delivered);
+                if (lg_redis_monitor(O.redis_host, O.redis_port, O.redis_monitor, &redis_mon) < 0)
+                    fprintf(stderr, "loadgen: MONITOR of Redis %s:%d failed\n", O.redis_host, O.redis_port);
+                mon_d1 = SUM(delivered);
+                break;
+            }
             held_at_measure = SUM(open);
             if (O.scenario == SC_IDLE) {
                 if (in_phase >= O.hold) {
@@ -2308,7 +2613,8 @@ int main(int argc, char **argv)
                SUM(run_established) / run, O.churn_rate, SUM(closed_clean));
     }
     printf("latency:\n");
-    print_hist(O.target == TGT_CHAT ? "connect to hello" : "connect to upgrade", &h_conn, stdout);
+    print_hist(O.target == TGT_CHAT ? "connect to hello" : O.target == TGT_CENTRIFUGO
+               ? "connect to subscribed" : "connect to upgrade", &h_conn, stdout);
     print_hist("heartbeat round trip", &h_pong, stdout);
     if (SUM(flows)) {
         print_hist("send to ack", &h_ack, stdout);
@@ -2337,6 +2643,9 @@ int main(int argc, char **argv)
         printf("             other events %" PRIu64 ", receipts %" PRIu64 ", error frames %" PRIu64
                ", reconnect frames %" PRIu64 ", polls %" PRIu64 "\n", SUM(other_events), SUM(receipts),
                SUM(errors_rx), SUM(reconnect_frames), SUM(polls));
+        if (O.target == TGT_CENTRIFUGO)
+            printf("             resubscribes after a drop: recovered %" PRIu64 ", NOT recovered %" PRIu64 "\n",
+                   SUM(recovered), SUM(not_recovered));
         if (O.scenario != SC_OFFLINE) {
             printf("             offered %.0f msg/s for %.0f s; acked %.1f msg/s; deliveries %.1f per s; drain %.1f s\n",
                    O.rate, O.duration, SUM(acked) / O.duration, SUM(delivered) / O.duration, drain_secs);
@@ -2361,9 +2670,58 @@ int main(int argc, char **argv)
         for (int i = 0; i < O.procs; i++)
             for (int k = 0; k < SH->st[i].nerr && k < 4; k++) printf("  [%d] %s\n", i, SH->st[i].err[k]);
     }
+    struct lg_redis_cost rc = { 0 };
+    double per = 0;                   /* 1 / delivered messages */
+    if (O.redis_port) {
+        lg_redis_diff(&redis_a, &redis_b, &rc);
+        if (!rc.ok) printf("redis %s:%d: no cost figures (INFO failed)\n", O.redis_host, O.redis_port);
+    }
+    if (rc.ok) {
+        uint64_t dl = SUM(delivered), ak = SUM(acked);
+        printf("redis %s:%d during %.1f s, %s (INFO commandstats, INFO cpu):\n",
+               O.redis_host, O.redis_port, (double)(redis_tb - redis_ta) / 1e9,
+               SUM(flows) ? "from the first send to the end of the drain" : "while holding the connections");
+        printf("  %" PRIu64 " commands run (every redis.call inside a script counts, the script itself once more),\n"
+               "  %" PRIu64 " of them scripts (EVALSHA/EVAL/FCALL: %.0f us inside them); CPU %.0f us (user+sys, all threads)\n",
+               rc.calls, rc.scripts, (double)rc.script_usec, rc.cpu_us);
+        if (dl) {
+            per = 1.0 / (double)dl;
+            printf("  PER DELIVERED MESSAGE (%" PRIu64 "): %.2f commands, %.2f of them scripts, %.1f us CPU, %.1f us in scripts\n",
+                   dl, rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per);
+            if (ak && ak != dl)
+                printf("  per sent message (%" PRIu64 " acknowledged): %.2f commands, %.2f scripts, %.1f us CPU\n",
+                       ak, (double)rc.calls / ak, (double)rc.scripts / ak, rc.cpu_us / ak);
+            printf("  most run, per delivered message:");
+            for (int k = 0; k < rc.n; k++) printf(" %s %.2f", rc.top[k].name, rc.top[k].calls * per);
+            printf("\n");
+        } else {
+            /* no messages (idle, churn without pairs): the cost of holding
+             * the connections */
+            double secs = (double)(redis_tb - redis_ta) / 1e9, cs = secs * (double)held_at_measure;
+            if (secs > 0)
+                printf("  per second: %.1f commands, %.1f scripts, %.0f us CPU", rc.calls / secs, rc.scripts / secs,
+                       rc.cpu_us / secs);
+            if (cs > 0)
+                printf("; per connection and second: %.3f commands, %.2f us CPU", rc.calls / cs, rc.cpu_us / cs);
+            printf("\n  most run:");
+            for (int k = 0; k < rc.n; k++) printf(" %s %" PRIu64, rc.top[k].name, rc.top[k].calls);
+            printf("\n");
+        }
+    }
+    double mon_per = 0;
+    if (redis_mon.ok && mon_d1 > mon_d0) {
+        mon_per = 1.0 / (double)(mon_d1 - mon_d0);
+        printf("  MONITOR, %.1f s in the middle of the sending (%" PRIu64 " deliveries; Redis is slower while it is on):\n"
+               "  PER DELIVERED MESSAGE %.2f commands from clients (%.2f of them scripts) and %.2f redis.calls inside scripts\n",
+               redis_mon.secs, mon_d1 - mon_d0, redis_mon.client * mon_per, redis_mon.client_scripts * mon_per,
+               redis_mon.lua * mon_per);
+    }
     double rss_pc = 0, pss_pc = 0, priv_pc = 0;
     if (O.scenario == SC_IDLE && O.pidfile[0]) {
-        printf("memory of the nginx worker processes (master pid %ld):\n", m_before.m.master);
+        if (O.target == TGT_CENTRIFUGO)
+            printf("memory of the centrifugo process (pid %ld):\n", m_before.m.master);
+        else
+            printf("memory of the nginx worker processes (master pid %ld):\n", m_before.m.master);
         print_mem("before connections", &m_before);
         print_mem("holding connections", &m_held);
         print_mem("after closing", &m_after);
@@ -2402,6 +2760,16 @@ int main(int argc, char **argv)
         if (O.scenario == SC_OFFLINE) result_hist(stdout, "drain", &h_drain);
         if (O.scenario == SC_FANOUT) result_hist(stdout, "last", &h_last);
     }
+    if (rc.ok) {
+        printf(" redis_secs=%.1f redis_calls=%" PRIu64 " redis_scripts=%" PRIu64 " redis_script_us=%" PRIu64
+               " redis_cpu_us=%.0f", (double)(redis_tb - redis_ta) / 1e9, rc.calls, rc.scripts, rc.script_usec, rc.cpu_us);
+        if (per > 0)
+            printf(" redis_calls_per_msg=%.2f redis_scripts_per_msg=%.2f redis_cpu_us_per_msg=%.1f redis_script_us_per_msg=%.1f",
+                   rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per);
+    }
+    if (mon_per > 0)
+        printf(" redis_mon_client_per_msg=%.2f redis_mon_scripts_per_msg=%.2f redis_mon_lua_per_msg=%.2f",
+               redis_mon.client * mon_per, redis_mon.client_scripts * mon_per, redis_mon.lua * mon_per);
     printf(" timed_out=%d\n", timed_out);
     if (O.hist_dump) {
         dump_hist(stdout, "connect", &h_conn);
