@@ -974,7 +974,7 @@ static void cf_subscribed(struct conn *c, const char *s, size_t n)
         if (lg_json_get(s, n, "recovered", &v) == 0 && v.t == 'b' && v.n == 4) INC(recovered);
         else {
             INC(not_recovered);
-            errsample("%s: resubscribed to %s without recovery: %.80s", c->user, c->chan, s);
+            errsample("%s: resubscribed to %s without recovery: %.*s", c->user, c->chan, (int)(n < 80 ? n : 80), s);
         }
     }
     if (lg_json_get(s, n, "epoch", &v) == 0 && v.t == 's' && v.n < sizeof(c->epoch)) {
