@@ -128,3 +128,41 @@ def _no_nginx_crash(request):
         if len(crashes) > before:
             pytest.fail("nginx worker crashed during this test:\n" + "\n".join(crashes[before:]),
                         pytrace=False)
+
+
+# ---- fixtures of the servers the stack runs (one set for every test module) ----
+
+@pytest.fixture(scope="module")
+def r(stack):
+    """The stack's Redis."""
+    import redis
+    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def db(stack):
+    """The stack's MongoDB database."""
+    import pymongo
+    c = pymongo.MongoClient(stack.env["MONGO_URI"], serverSelectionTimeoutMS=5000)
+    yield c.get_default_database()
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def q(stack, r):
+    """The stack's queue (helpers.Queue)."""
+    from helpers import Queue
+    qq = Queue(stack, r)
+    yield qq
+    qq.close()
+
+
+@pytest.fixture
+def chan(r):
+    """Everything published on the nginx worker channels (helpers.Channel)."""
+    from helpers import Channel
+    ch = Channel(r)
+    yield ch
+    ch.close()

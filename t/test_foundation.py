@@ -81,24 +81,7 @@ def test_redis_runs_with_aof(stack):
     assert r.config_get("appendonly")["appendonly"] == "yes"
 
 
-def _example_conf(tmp_path, module):
-    """conf/nginx.conf with paths pointed at this checkout, for nginx -t."""
-    (tmp_path / "logs").mkdir()
-    secret = tmp_path / "jwt_secret"
-    secret.write_text("example-secret-of-at-least-32-bytes\n")
-    text = open(os.path.join(ROOT, "conf/nginx.conf")).read()
-    text = text.replace("/usr/lib/nginx/modules/ngx_chat_module.so", module)
-    text = text.replace("/etc/ngx-chat/jwt_secret", str(secret))
-    text = text.replace("/etc/ngx-chat/chat-locations.conf", os.path.join(ROOT, "conf/chat-locations.conf"))
-    text = text.replace("/var/log/nginx/error.log", str(tmp_path / "logs/error.log"))
-    text = text.replace("/run/nginx.pid", str(tmp_path / "nginx.pid"))
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(text)
-    return conf
-
-
-def _module():
-    return os.environ.get("NGX_CHAT_MODULE", os.path.join(ROOT, "build/ngx_chat_module.so"))
+from helpers import example_conf as _example_conf, module_path as _module  # noqa: F401
 
 
 def test_nginx_accepts_the_shipped_example_conf(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from chatlib import ROOT
-from test_messaging import BULK, auth, uniq, ws
+from helpers import BULK, auth, uniq, ws
 
 
 def create(stack, owner, members, name="team"):
@@ -307,7 +307,7 @@ def test_pull_mode_above_the_push_limit(stack, r):
     """A fan-out worker with group_push_limit 3: a four-member group gets no
     inbox copies; online members get the message live (no cursor), offline
     ones catch up from history."""
-    from test_workers import stop_worker
+    from helpers import stop_worker
     a, b, c, d = uniq("a"), uniq("b"), uniq("c"), uniq("d")
     stop_worker(stack, "fanout")
     env = dict(stack.proc_env, CHAT_GROUP_PUSH_LIMIT="3")

@@ -14,9 +14,8 @@ import time
 import pytest
 import redis
 
-from test_workers import (SHARDS, eventually, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
+from helpers import (SHARDS, eventually, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
                           ukey)
-from test_workers import db, q, r  # noqa: F401  (fixtures)
 
 MAX_MEMBERS = 500          # group_max_members default
 
@@ -355,7 +354,7 @@ def test_a_stale_state_does_not_hold_back_a_newer_one_in_the_same_batch(stack, r
     """FerretDB stops an unordered update command at its first error: the
     duplicate key of a stale state must not cost the other groups' states
     of the batch."""
-    from test_workers import stop_worker
+    from helpers import stop_worker
     alice, bob = uid("alice"), uid("bob")
     a = create(stack, alice, [bob], name="old")
     while shard("g:" + a) >= SHARDS - 1:                 # a needs a shard below another group's
@@ -443,7 +442,7 @@ def test_history_after_pages_oldest_first(stack, r, q, db):
     st, b = history(stack, bob, f"conv=g:{g}&before=5&limit=2")
     assert [m["seq"] for m in b["messages"]] == [4, 3] and b["next_before"] == 3
     # direct conversations page forward too
-    from test_workers import dconv, msg_fields
+    from helpers import dconv, msg_fields
     carol = uid("carol")
     conv = dconv(alice, carol)
     q.send_many([msg_fields(conv, alice, carol, s) for s in range(1, 6)])
@@ -459,7 +458,7 @@ def test_history_after_pages_oldest_first(stack, r, q, db):
 # ---- conversations --------------------------------------------------------------------
 
 def test_conversations_list_groups_with_unread(stack, r, q, db):
-    from test_workers import dconv, msg_fields
+    from helpers import dconv, msg_fields
     alice, bob, carol, dave = uid("alice"), uid("bob"), uid("carol"), uid("dave")
     now = int(time.time() * 1000) - 60000          # messages of a minute ago: the new group is newer
     g1 = create(stack, alice, [bob, carol], name="first")                # 1

@@ -10,53 +10,7 @@ import pytest
 from wsclient import WS
 
 
-# The test stack's WebSocket without the per-user send limit (conf/
-# test-locations.conf): for senders of more than the default burst (10).
-BULK = "/chat/test/ws-bulk"
-
-
-def ws(stack, user, device=None, cursor=None, path=None):
-    c = WS(stack.host, stack.port, path or stack.ws_path, token=stack.token(user, device),
-           query=None if cursor is None else f"cursor={cursor}")
-    c.hello = c.recv()
-    assert c.hello["type"] == "hello"
-    return c
-
-
-def uniq(p):
-    return f"{p}{uuid.uuid4().hex[:10]}"
-
-
-def conv_of(a, b):
-    return f"d:{min(a, b)}:{max(a, b)}"
-
-
-def send(c, to, body, cid=None):
-    cid = cid or uuid.uuid4().hex
-    c.send_json({"type": "send", "client_id": cid, "to": to, "body": body})
-    return cid
-
-
-def ack_of(c, cid, timeout=10):
-    while True:
-        m = c.recv(timeout)
-        if m.get("type") == "ack" and m["client_id"] == cid:
-            return m
-        assert m.get("type") != "error", m
-
-
-def msgs(c, n, timeout=20):
-    out = []
-    deadline = time.time() + timeout
-    while len(out) < n:
-        m = c.recv(max(0.1, deadline - time.time()))
-        if m["type"] == "msg":
-            out.append(m)
-    return out
-
-
-def auth(stack, user, device=None):
-    return {"Authorization": "Bearer " + stack.token(user, device)}
+from helpers import BULK, ack_of, auth, conv_of, msgs, send, uniq, ws  # noqa: F401
 
 
 def test_online_delivery_with_sender_sync(stack):

@@ -41,20 +41,6 @@ def assert_error(st, b, status, code, text=None):
         assert text in b["message"], b
 
 
-@pytest.fixture(scope="module")
-def r(stack):
-    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def db(stack):
-    c = pymongo.MongoClient(stack.env["MONGO_URI"], serverSelectionTimeoutMS=5000)
-    yield c.get_default_database()
-    c.close()
-
-
 # ---- settings -------------------------------------------------------------------
 
 DEFAULTS = {"last_seen": "everyone", "preview": False, "tz": "UTC", "quiet": None, "mute": {}, "notify": []}
