@@ -4,26 +4,19 @@
  * recipients the fan-out computes from them.
  */
 #include "chat_worker.h"
+#include "chat_proto.h"
 
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* 1 to max characters of [A-Za-z0-9._-] */
+/* Ids and conversations: the module's own rules (chat_proto.c, linked into
+ * the workers), so what one side accepts the other does too. */
 int
 cw_valid_id(const char *s, size_t len, size_t max)
 {
-    if (len == 0 || len > max) return 0;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char) s[i];
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9')
-              || ch == '.' || ch == '_' || ch == '-'))
-        {
-            return 0;
-        }
-    }
-    return 1;
+    return chat_id_valid(s, len, max);
 }
 
 /*
@@ -33,30 +26,19 @@ cw_valid_id(const char *s, size_t len, size_t max)
 int
 cw_parse_conv(const char *conv, char *a, char *b, int *is_group)
 {
+    chat_conv_t cv;
     size_t      len = strlen(conv);
-    const char *colon;
 
-    if (len > CW_CONV_MAX || len < 3 || conv[1] != ':') return -1;
-    if (conv[0] == 'g') {
-        if (!cw_valid_id(conv + 2, len - 2, CW_ID_MAX)) return -1;
-        memcpy(a, conv + 2, len - 2);
-        a[len - 2] = '\0';
+    if (len > CW_CONV_MAX || chat_conv_parse(conv, len, &cv) != 0) return -1;
+    memcpy(a, cv.a, cv.alen);
+    a[cv.alen] = '\0';
+    if (cv.kind == 'g') {
         b[0] = '\0';
         *is_group = 1;
         return 0;
     }
-    if (conv[0] != 'd') return -1;
-    colon = strchr(conv + 2, ':');
-    if (colon == NULL) return -1;
-    if (!cw_valid_id(conv + 2, (size_t) (colon - conv - 2), CW_ID_MAX)
-        || !cw_valid_id(colon + 1, strlen(colon + 1), CW_ID_MAX))
-    {
-        return -1;
-    }
-    memcpy(a, conv + 2, (size_t) (colon - conv - 2));
-    a[colon - conv - 2] = '\0';
-    strcpy(b, colon + 1);
-    if (strcmp(a, b) > 0) return -1;
+    memcpy(b, cv.b, cv.blen);
+    b[cv.blen] = '\0';
     *is_group = 0;
     return 0;
 }
