@@ -28,15 +28,15 @@ OPT       := -O2 -g
 endif
 
 LUA_SRCS   := $(wildcard lua/*.lua) lua/gen.sh
-MOD_SRCS   := $(wildcard ngx_chat_module/*.c) $(wildcard ngx_chat_module/*.h) config $(LUA_SRCS)
-PURE_SRCS  := $(wildcard ngx_chat_module/chat_*.c)
-PURE_HDRS  := $(wildcard ngx_chat_module/chat_*.h)
+MOD_SRCS   := $(wildcard ngx_chat_module/*.c ngx_chat_module/*/*.c) $(wildcard ngx_chat_module/*.h) \
+              $(wildcard libchat/*.c libchat/*.h) config $(LUA_SRCS)
+PURE_SRCS  := $(wildcard libchat/chat_*.c)
+PURE_HDRS  := $(wildcard libchat/chat_*.h)
 WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
-WORKER_PURE := ngx_chat_module/chat_jwt.c ngx_chat_module/chat_json.c ngx_chat_module/chat_proto.c \
-               ngx_chat_module/chat_shard.c
+WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
@@ -49,7 +49,7 @@ all: module worker
 # built with (conf_flags): configuring a copy of it with the same flags makes
 # a module binary-compatible with the stock nginx package (--with-compat).
 # The module's file list is fixed at configure time: reconfigure when it changes.
-MOD_LIST := $(sort $(wildcard ngx_chat_module/*.c ngx_chat_module/*.h lua/*.lua))
+MOD_LIST := $(sort $(wildcard ngx_chat_module/*.c ngx_chat_module/*/*.c ngx_chat_module/*.h libchat/*.c libchat/*.h lua/*.lua))
 $(shell mkdir -p $(BUILD); [ "$$(cat $(BUILD)/.modlist 2>/dev/null)" = "$(MOD_LIST)" ] || echo "$(MOD_LIST)" > $(BUILD)/.modlist)
 
 $(BUILD)/nginx/.configured: config $(BUILD)/.modlist
@@ -77,7 +77,7 @@ $(BUILD)/gen/chat_lua.c: $(LUA_SRCS)
 # --- workers -----------------------------------------------------------------
 $(BUILD)/chat-worker: $(WORKER_SRCS) $(WORKER_HDRS) $(PURE_SRCS) $(PURE_HDRS) $(BUILD)/gen/chat_lua.c
 	@mkdir -p $(BUILD)
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ingx_chat_module -I$(BUILD)/gen \
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iworkers -Ilibchat -I$(BUILD)/gen \
 	  $$(pkg-config --cflags $(WORKER_PKGS)) -o $@ $(WORKER_SRCS) $(WORKER_PURE) $(BUILD)/gen/chat_lua.c \
 	  $$(pkg-config --libs $(WORKER_PKGS)) -lcrypto -lpthread -lm
 
@@ -93,7 +93,7 @@ loadgen: $(BUILD)/loadgen
 # --- C unit tests (cmocka) ----------------------------------------------------
 $(BUILD)/unit/%: t/unit/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/unit
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ingx_chat_module -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ilibchat -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto
 
 unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
@@ -101,7 +101,7 @@ unit: $(UNIT_TESTS)
 # --- fuzzing (libFuzzer, clang) -----------------------------------------------
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/fuzz
-	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ingx_chat_module -o $@ $< $(PURE_SRCS) -lcrypto
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ilibchat -o $@ $< $(PURE_SRCS) -lcrypto
 
 fuzz-build: $(FUZZERS)
 

@@ -8,6 +8,7 @@ import re
 from chatlib import ROOT
 
 MOD = os.path.join(ROOT, "ngx_chat_module")
+LIB = os.path.join(ROOT, "libchat")
 
 LAYERS = [
     ("support", ["status", "rate", "http", "auth", "cors"]),
@@ -19,9 +20,18 @@ LAYERS = [
 ]
 
 
+def _sources():
+    """name -> (folder relative to ngx_chat_module, text) of every glue file"""
+    out = {}
+    for d, _, fs in os.walk(MOD):
+        for f in fs:
+            if f.startswith("ngx_chat_") and f.endswith(".c"):
+                out[f[len("ngx_chat_"):-2]] = (os.path.relpath(d, MOD), open(os.path.join(d, f)).read())
+    return out
+
+
 def _graph():
-    files = {f[len("ngx_chat_"):-2]: open(os.path.join(MOD, f)).read()
-             for f in os.listdir(MOD) if f.startswith("ngx_chat_") and f.endswith(".c")}
+    files = {n: src for n, (_, src) in _sources().items()}
     defs = {n: set(re.findall(r"^(ngx_chat_[a-z_]+)\(", src, re.M)) for n, src in files.items()}
     edges = set()
     for a, src in files.items():
@@ -32,10 +42,17 @@ def _graph():
     return files, edges
 
 
-def test_every_module_file_has_a_layer():
-    files, _ = _graph()
+FOLDERS = {"support": "support", "store adapters": "store", "session core": "session",
+           "features": "features", "transports": "transport", "module glue": "."}
+
+
+def test_every_module_file_has_a_layer_and_lives_in_its_folder():
+    src = _sources()
     placed = {n for _, ns in LAYERS for n in ns}
-    assert set(files) == placed, set(files) ^ placed
+    assert set(src) == placed, set(src) ^ placed
+    for layer, ns in LAYERS:
+        for n in ns:
+            assert src[n][0] == FOLDERS[layer], (n, src[n][0], layer)
 
 
 def test_calls_go_only_downward_and_never_in_a_circle():
@@ -63,8 +80,9 @@ def test_calls_go_only_downward_and_never_in_a_circle():
         visit(n, [])
 
 
-def test_codecs_know_no_nginx():
-    for f in os.listdir(MOD):
-        if f.startswith("chat_"):
-            src = open(os.path.join(MOD, f)).read()
-            assert "ngx_" not in re.sub(r"/\*.*?\*/", "", src, flags=re.S), f
+def test_libchat_knows_no_nginx():
+    files = [f for f in os.listdir(LIB) if f.endswith((".c", ".h"))]
+    assert len(files) >= 10
+    for f in files:
+        src = open(os.path.join(LIB, f)).read()
+        assert "ngx_" not in re.sub(r"/\*.*?\*/", "", src, flags=re.S), f
