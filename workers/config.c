@@ -4,6 +4,7 @@
  * binary runs in the dev stack, in docker and next to existing servers.
  */
 #include "chat_worker.h"
+#include "chat_url.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -278,46 +279,19 @@ cw_parse_hostport(const char *s, char *host, size_t hostlen, int *port)
     return 0;
 }
 
-/* redis://[[user]:password@]host:port[/db] */
+/* redis_url: the module's parser (libchat/chat_url.c), so that nginx and
+ * the workers accept the same URLs */
 int
 cw_parse_redis_url(const char *url, char *host, size_t hostlen, int *port,
     int *db, char *password, size_t pwlen)
 {
-    const char *p, *at, *slash;
-    char        hp[256];
-    size_t      n;
+    chat_redis_url_t u;
 
-    *db = 0;
-    if (pwlen) password[0] = '\0';
-    if (strncmp(url, "redis://", 8) != 0) return -1;
-    p = url + 8;
-    at = strchr(p, '@');
-    if (at) {
-        const char *colon = memchr(p, ':', at - p);
-        const char *pw = colon ? colon + 1 : p;
-        n = at - pw;
-        if (n >= pwlen) return -1;
-        memcpy(password, pw, n);
-        password[n] = '\0';
-        p = at + 1;
-    }
-    slash = strchr(p, '/');
-    n = slash ? (size_t) (slash - p) : strlen(p);
-    if (n == 0 || n >= sizeof(hp)) return -1;
-    memcpy(hp, p, n);
-    hp[n] = '\0';
-    if (strchr(hp, ':') == NULL) {
-        if (strlen(hp) >= hostlen) return -1;
-        strcpy(host, hp);
-        *port = 6379;
-    } else if (cw_parse_hostport(hp, host, hostlen, port) != 0) {
-        return -1;
-    }
-    if (slash && slash[1]) {
-        char *end;
-        long d = strtol(slash + 1, &end, 10);
-        if (*end != '\0' || d < 0 || d > 15) return -1;
-        *db = (int) d;
-    }
+    if (chat_redis_url_parse(url, strlen(url), &u) != 0) return -1;
+    if (strlen(u.host) >= hostlen || strlen(u.password) >= (pwlen ? pwlen : 1)) return -1;
+    strcpy(host, u.host);
+    if (pwlen) strcpy(password, u.password);
+    *port = u.port;
+    *db = u.db;
     return 0;
 }

@@ -11,6 +11,7 @@
  * replies stop coming is dropped by a watchdog so that callers are answered.
  */
 #include "ngx_chat.h"
+#include "chat_url.h"
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
@@ -728,55 +729,22 @@ ngx_chat_redis_watchdog_handler(ngx_event_t *ev)
 
 /* --- process hooks -------------------------------------------------------- */
 
+/* chat_redis: the workers' parser too (libchat/chat_url.c) */
 static ngx_int_t
 ngx_chat_redis_parse_url(ngx_str_t *url)
 {
-    u_char  *p, *last, *at, *colon, *slash;
+    chat_redis_url_t  u;
 
-    if (url->len < 8 || ngx_strncmp(url->data, "redis://", 8) != 0) {
+    if (chat_redis_url_parse((const char *) url->data, url->len, &u) != 0) {
         return NGX_ERROR;
     }
 
-    p = url->data + 8;
-    last = url->data + url->len;
-
-    at = ngx_strlchr(p, last, '@');
-    if (at) {
-        colon = ngx_strlchr(p, at, ':');
-        colon = colon ? colon + 1 : p;
-        if ((size_t) (at - colon) >= sizeof(ngx_chat_redis_pass)) {
-            return NGX_ERROR;
-        }
-        ngx_cpystrn(ngx_chat_redis_pass, colon, at - colon + 1);
-        p = at + 1;
-    }
-
-    slash = ngx_strlchr(p, last, '/');
-    if (slash) {
-        ngx_chat_redis_db = ngx_atoi(slash + 1, last - slash - 1);
-        if (ngx_chat_redis_db == NGX_ERROR || ngx_chat_redis_db > 15) {
-            return NGX_ERROR;
-        }
-        last = slash;
-    }
-
-    colon = ngx_strlchr(p, last, ':');
-    if (colon) {
-        ngx_chat_redis_port = ngx_atoi(colon + 1, last - colon - 1);
-        if (ngx_chat_redis_port < 1 || ngx_chat_redis_port > 65535) {
-            return NGX_ERROR;
-        }
-        last = colon;
-
-    } else {
-        ngx_chat_redis_port = 6379;
-    }
-
-    if (last == p || (size_t) (last - p) >= sizeof(ngx_chat_redis_host)) {
-        return NGX_ERROR;
-    }
-
-    ngx_cpystrn(ngx_chat_redis_host, p, last - p + 1);
+    ngx_cpystrn(ngx_chat_redis_host, (u_char *) u.host,
+                sizeof(ngx_chat_redis_host));
+    ngx_cpystrn(ngx_chat_redis_pass, (u_char *) u.password,
+                sizeof(ngx_chat_redis_pass));
+    ngx_chat_redis_port = u.port;
+    ngx_chat_redis_db = u.db;
 
     return NGX_OK;
 }
