@@ -365,6 +365,21 @@ enqueue_batch(void)
     char         due_at[24], pn_ttl[24];
 
     if (recipients(&rc, &n) != 0) return -1;
+    /* most recipients register no device: one EXISTS each (a plain command,
+     * pipelined) keeps the enqueue script for those who do; a script call
+     * per member of every big group's message cost as much Redis as the
+     * fan-out's inbox appends */
+    for (int i = 0; i < n; i++) redisAppendCommand(P.c, "EXISTS chat:{u:%s}:push", rc[i].user);
+    {
+        int kept = 0;
+        for (int i = 0; i < n; i++) {
+            redisReply *r = get_reply();
+            if (r == NULL) { free(rc); return -1; }
+            if (r->type != REDIS_REPLY_INTEGER || r->integer != 0) rc[kept++] = rc[i];
+            freeReplyObject(r);
+        }
+        n = kept;
+    }
     snprintf(due_at, sizeof(due_at), "%" PRId64, now + P.cf->push_delay_ms);
     snprintf(pn_ttl, sizeof(pn_ttl), "%lld", PUSH_PN_TTL);
     for (int i = 0; i < n; i++) {
