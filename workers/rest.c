@@ -1,6 +1,7 @@
 /*
- * The rest role: a small HTTP/1.1 server that nginx proxies REST reads to
- * (history, conversations, groups). nginx authenticates the client and passes
+ * The rest role: a small HTTP/1.1 server that nginx proxies the REST API to
+ * (history, conversations, receipts; groups, settings and devices, which
+ * also write). nginx authenticates the client and passes
  * the user in the X-Chat-User header. Whoever reaches this server could
  * claim any user, so the hop is authenticated: by default a unix socket
  * that only nginx's user may open (rest_listen = unix:/path, mode
@@ -11,7 +12,7 @@
  *
  * One thread, epoll, non-blocking sockets, keep-alive, bounded request size.
  * MongoDB queries are synchronous with bounded timeouts: this role is a
- * sidecar serving reads, scaled by running more of them.
+ * sidecar, scaled by running more of them.
  *
  *   GET /chat/history?conv=C&before=n&limit=k
  *       {"messages":[...],"next_before":n|null}, newest first
