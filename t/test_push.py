@@ -330,8 +330,24 @@ class PushWorker:
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=self.stack.proc_env)
         n = self.logtext().count("push: consuming the queue") if os.path.exists(self.log) else 0
         eventually(lambda: self.logtext().count("push: consuming the queue") > n, 20, what="push worker")
-        if self.stack.env.get("CHAT_QUEUE") == "kafka":
-            time.sleep(3)      # joining the consumer group (its offsets are kept: nothing is missed)
+        self.warm_up()
+
+    def warm_up(self):
+        """Ready when a notification went through: with Kafka the worker first
+        joins its consumer group (a fixed sleep was sometimes too short, and
+        the first test's message then came due late)."""
+        user = "warm" + uuid.uuid4().hex[:10]
+        token = "fcm:" + b64u(os.urandom(60))
+        st, b = api(self.stack, user, "PUT", "/devices/droid/push", {"provider": "fcm", "token": token},
+                    device="droid")
+        assert st == 200, b
+        deadline = time.time() + 60
+        while not got(self.servers, fcm=token):
+            assert time.time() < deadline, "the push worker never notified: " + self.logtext()[-2000:]
+            send(self.stack, "warmer" + uuid.uuid4().hex[:6], user, "warm up")
+            end = time.time() + DELAY + 4
+            while time.time() < end and not got(self.servers, fcm=token):
+                time.sleep(0.05)
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
