@@ -36,7 +36,8 @@ WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
-WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c
+WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c \
+               libchat/chat_cluster.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
@@ -93,7 +94,7 @@ loadgen: $(BUILD)/loadgen
 # --- C unit tests (cmocka) ----------------------------------------------------
 $(BUILD)/unit/%: t/unit/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/unit
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ilibchat -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ilibchat -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto -lhiredis
 
 unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
@@ -101,7 +102,7 @@ unit: $(UNIT_TESTS)
 # --- fuzzing (libFuzzer, clang) -----------------------------------------------
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/fuzz
-	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ilibchat -o $@ $< $(PURE_SRCS) -lcrypto
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ilibchat -o $@ $< $(PURE_SRCS) -lcrypto -lhiredis
 
 fuzz-build: $(FUZZERS)
 
