@@ -215,6 +215,15 @@ struct ngx_chat_session_s {
       "Sessions closed by the server, by reason.")                            \
     X(redis_up, "ngx_chat_redis_connected_workers", "", "gauge",              \
       "Worker processes whose Redis connections are up.")                     \
+    X(redis_moved, "ngx_chat_redis_redirects_total", "{kind=\"moved\"}",    \
+      "counter", "Redis Cluster redirects followed, by kind.")               \
+    X(redis_ask, "ngx_chat_redis_redirects_total", "{kind=\"ask\"}",        \
+      "counter", "Redis Cluster redirects followed, by kind.")               \
+    X(redis_tryagain, "ngx_chat_redis_redirects_total",                       \
+      "{kind=\"tryagain\"}", "counter",                                     \
+      "Redis Cluster redirects followed, by kind.")                          \
+    X(redis_maps, "ngx_chat_redis_cluster_maps_total", "", "counter",         \
+      "Redis Cluster slot maps that changed the routing.")                    \
     X(limited_send, "ngx_chat_limited_total", "{action=\"send\"}", "counter", \
       "Client actions refused by their budget (chat_limit).")                 \
     X(limited_typing, "ngx_chat_limited_total", "{action=\"typing\"}",        \

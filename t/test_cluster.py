@@ -285,6 +285,7 @@ def test_a_slot_moved_under_load_loses_and_doubles_nothing(cluster_stack):
     stack = cluster_stack
     a, b, conv, (uslot, sslot) = users_on_one_master(stack)
     b1 = ws(stack, b, "phone")
+    redirects = {k: status_metric(stack, f'ngx_chat_redis_redirects_total{{kind="{k}"}}') for k in ("moved", "ask")}
     s = Sender(stack, a, b, 150, gap=0.01).start()
     time.sleep(0.5)
     # the sender's own slot (its client_id claims, registry) with pauses
@@ -302,6 +303,11 @@ def test_a_slot_moved_under_load_loses_and_doubles_nothing(cluster_stack):
     assert len(ids) == len(set(ids)) == 150, (len(ids), len(set(ids)))
     assert set(ids) == {x["id"] for x in s.acks.values()}
     b1.close()
+    # the module met the move: it followed MOVED (and ASK, while keys of
+    # the slot were half moved), the scenario this test is about
+    after = {k: status_metric(stack, f'ngx_chat_redis_redirects_total{{kind="{k}"}}') for k in ("moved", "ask")}
+    print("redirects followed:", {k: after[k] - redirects[k] for k in after})
+    assert after["moved"] > redirects["moved"] and after["ask"] > redirects["ask"]
     # the module followed the MOVED: a new sender on the moved slots works
     a1 = ws(stack, a, "after")
     assert ack_of(a1, send(a1, b, "after the move"))["seq"] == 151

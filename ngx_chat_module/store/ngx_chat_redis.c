@@ -895,6 +895,7 @@ ngx_chat_redis_slots_reply(redisAsyncContext *ac, void *r, void *data)
                       (ngx_uint_t) ngx_chat_map_new.nnodes,
                       (ngx_uint_t) chat_cluster_map_covered(&ngx_chat_map_new));
         ngx_memcpy(&ngx_chat_map, &ngx_chat_map_new, sizeof(ngx_chat_map));
+        ngx_chat_stat_inc(redis_maps);
     }
 
     ngx_chat_redis_map_bind();
@@ -1434,6 +1435,7 @@ ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
                        (ngx_uint_t) rd.slot, host, rd.port);
 
         if (rd.kind == CHAT_REDIRECT_MOVED) {
+            ngx_chat_stat_inc(redis_moved);
             idx = chat_cluster_map_move(&ngx_chat_map, rd.slot, host, rd.port);
             if (idx >= 0 && n) {
                 ngx_chat_map_node[idx] = n;
@@ -1442,6 +1444,7 @@ ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
             ngx_chat_redis_refresh_soon(100);
 
         } else {
+            ngx_chat_stat_inc(redis_ask);
             q->asking = 1;
         }
 
@@ -1460,6 +1463,7 @@ ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
         && q->tries < NGX_CHAT_REDIS_REDIRECTS)
     {
         q->tries++;
+        ngx_chat_stat_inc(redis_tryagain);
         q->retry.handler = ngx_chat_redis_retry_handler;
         q->retry.data = q;
         q->retry.log = ngx_cycle->log;
