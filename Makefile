@@ -2,6 +2,7 @@
 #   make               module (build/ngx_chat_module.so) and worker (build/chat-worker)
 #   make test          scripts/setup if needed, C unit tests, short fuzz runs, pytest
 #   make test-asan     the same with AddressSanitizer + UBSan builds
+#   make test-cluster  t/test_cluster.py: the module on a Redis Cluster stack
 #   make install       module into nginx's modules dir, worker into $(BINDIR)
 #   NGINX_SRC=<tree>   build the module against an upstream nginx source tree
 #                      instead of Debian's nginx-dev (/usr/share/nginx/src)
@@ -36,11 +37,12 @@ WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
-WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c libchat/chat_entry.c
+WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c libchat/chat_entry.c \
+               libchat/chat_cluster.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
-.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest lua-test setup install clean clients clients-test
+.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan test-cluster pytest lua-test setup install clean clients clients-test
 
 all: module worker
 
@@ -93,7 +95,7 @@ loadgen: $(BUILD)/loadgen
 # --- C unit tests (cmocka) ----------------------------------------------------
 $(BUILD)/unit/%: t/unit/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/unit
-	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ilibchat -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto
+	$(CC) -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Ilibchat -o $@ $< $(PURE_SRCS) -lcmocka -lcrypto -lhiredis
 
 unit: $(UNIT_TESTS)
 	@set -e; for t in $(UNIT_TESTS); do echo "== $$t"; $$t; done
@@ -101,7 +103,7 @@ unit: $(UNIT_TESTS)
 # --- fuzzing (libFuzzer, clang) -----------------------------------------------
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) $(PURE_HDRS)
 	@mkdir -p $(BUILD)/fuzz
-	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ilibchat -o $@ $< $(PURE_SRCS) -lcrypto
+	clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -Ilibchat -o $@ $< $(PURE_SRCS) -lcrypto -lhiredis
 
 fuzz-build: $(FUZZERS)
 
@@ -137,7 +139,13 @@ lua-test:
 	.venv/bin/pytest -q t/lua
 
 pytest:
-	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_ARGS)
+	.venv/bin/pytest -q t --ignore=t/lua --ignore=t/test_cluster.py $(PYTEST_ARGS)
+
+# the module on a 6-node Redis Cluster (t/test_cluster.py, its own stack,
+# both queues, about a minute each); needs workers that speak to a cluster
+test-cluster: setup
+	$(MAKE) all
+	.venv/bin/pytest -q t/test_cluster.py $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test
@@ -148,7 +156,7 @@ test-asan: setup
 	$(MAKE) SAN=1 BUILD=build/asan all unit
 	$(MAKE) loadgen
 	NGX_CHAT_SAN=1 NGX_CHAT_MODULE=$(CURDIR)/build/asan/ngx_chat_module.so \
-	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t $(PYTEST_ARGS)
+	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t --ignore=t/test_cluster.py $(PYTEST_ARGS)
 
 install: all
 	install -d $(DESTDIR)$(MODULES_DIR) $(DESTDIR)$(BINDIR)
