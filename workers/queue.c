@@ -50,6 +50,7 @@ struct cw_queue_s {
      * most per stream, so its entries are processed in stream order) */
     redisContext      **rd;
     unsigned char      *rd_out;          /* a read is outstanding on rd[i] */
+    int                 redirected;      /* a read came back redirected (its slot moves) */
 
     /* Kafka */
     rd_kafka_t         *rk;
@@ -446,12 +447,21 @@ reader_recv(cw_queue_t *q, cw_redis_t *c, int i, cw_batch_t *b, int wait)
     }
     q->rd_out[i] = 0;
     if (r->type == REDIS_REPLY_ERROR) {
-        /* MOVED: the stream's slot went to another master; the map learns
-         * it and the next read goes there. Anything else (NOGROUP: the
+        /* The stream's slot moves: MOVED (the map learns it and the next
+         * read goes there), ASK or TRYAGAIN while it migrates, UNBLOCKED
+         * when the key left the node under a blocked read. Nothing was
+         * delivered: read it again next time. Anything else (NOGROUP: the
          * stream was deleted) sets up again after a reconnect. */
-        int moved = strncmp(r->str, "MOVED", 5) == 0 || strncmp(r->str, "ASK", 3) == 0;
-        if (moved) cw_redis_note(c, r);
-        else cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
+        static const char *moving[] = { "MOVED", "ASK", "TRYAGAIN", "UNBLOCKED", "CLUSTERDOWN" };
+        int                moved = 0;
+        for (size_t k = 0; k < sizeof(moving) / sizeof(moving[0]); k++)
+            moved |= strncmp(r->str, moving[k], strlen(moving[k])) == 0;
+        if (moved) {
+            cw_redis_note(c, r);
+            q->redirected = 1;
+        } else {
+            cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
+        }
         freeReplyObject(r);
         reader_close(q, i);
         return moved ? 0 : -1;
@@ -545,6 +555,8 @@ cluster_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
     }
     free(pf);
     free(who);
+    if (rc == 0 && b->n == 0 && q->redirected) cw_sleep_ms(10);   /* a migration: not a busy loop */
+    q->redirected = 0;
     return rc != 0 ? -1 : b->n;
 }
 
