@@ -203,6 +203,8 @@ class Workers:
                     f"kafka_brokers = {stack.env.get('KAFKA_BROKERS', '127.0.0.1:9092')}\n"
                     f"mongo_uri = {self.mongo_uri}\nqueue = {self.kind}\n"
                     f"rest_listen = unix:{self.sock}\nclaim_idle_ms = 2000\n"
+                    # an inbox append counts once a replica has it (the failover test)
+                    "redis_replicas = 1\n"
                     "group_rate_limit = 0 0\ngroup_adds_limit = 0 0\n")
         self.procs = {}
 
@@ -362,6 +364,25 @@ def check_persisted(mdb, convs, n, timeout=60):
 
 
 # ---- tests -------------------------------------------------------------------------
+
+def test_config_and_check_on_the_cluster(stack, cluster, workers, tmp_path):
+    for text, msg in [("redis_cluster = maybe\n", "redis_cluster must be on or off"),
+                      (f"redis_url = {SEEDS}\nredis_cluster = off\n", "redis_cluster is off"),
+                      (f"redis_url = redis://127.0.0.1:{BASE},redis://127.0.0.1:{BASE + 1}/2\n", "database 0 only"),
+                      ("redis_url = redis://127.0.0.1:1,nonsense\n", "bad url"),
+                      ("redis_replicas = 17\n", "redis_replicas must be between")]:
+        bad = tmp_path / "bad.conf"
+        bad.write_text(text)
+        p = subprocess.run([stack.worker, "--config", str(bad), "--role", "fanout"], capture_output=True, text=True,
+                           timeout=10)
+        assert p.returncode != 0 and msg in p.stderr, (text, p.stderr)
+    # --check proves the cluster works: SET/GET/DEL routed to the key's master
+    p = subprocess.run([stack.worker, "--config", workers.conf, "--check"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "redis" in p.stdout + p.stderr
+
+
 
 def test_fanout_appends_on_the_owning_master_and_publishes_sharded(cluster, workers):
     convs = pairs(6)

@@ -23,6 +23,8 @@ typedef struct {
     char  redis_url[CW_STR];    /* one URL, or several (comma-separated): cluster seeds */
     int   redis_cluster;        /* 1: Redis Cluster (default when redis_url lists several) */
     int   redis_sharded_pubsub; /* 1: SPUBLISH (default in cluster mode) */
+    int   redis_replicas;       /* fanout: WAIT for this many replicas before acknowledging (0: no WAIT) */
+    int   redis_wait_ms;        /* ... at most this long */
     char  kafka_brokers[CW_STR];
     char  mongo_uri[CW_STR];
     char  queue[16];            /* "redis" or "kafka" */
@@ -113,6 +115,9 @@ const char *cw_redis_errstr(const cw_redis_t *c);
 int         cw_redis_is_cluster(const cw_redis_t *c);
 const char *cw_redis_publish_cmd(const cw_redis_t *c);     /* "PUBLISH", or "SPUBLISH" (sharded pub/sub) */
 uint64_t    cw_redis_redirects(const cw_redis_t *c);       /* MOVED/ASK followed */
+/* WAIT n on every node written to since the last call: the fewest replicas
+ * that acknowledged (n when none was written to), -1 when the client failed */
+int         cw_redis_wait(cw_redis_t *c, int n, int timeout_ms);
 int         cw_redis_url_count(const char *list);          /* URLs in a comma-separated redis_url */
 /* cluster: a connection of its own to the master of key's slot, and a
  * redirect seen on such a connection (the map learns it) */

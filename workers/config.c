@@ -49,6 +49,8 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "push_timeout_ms") == 0) return &cf->push_timeout_ms;
     if (strcmp(k, "push_ttl") == 0) return &cf->push_ttl;
     if (strcmp(k, "push_max_age_ms") == 0) return &cf->push_max_age_ms;
+    if (strcmp(k, "redis_replicas") == 0) return &cf->redis_replicas;
+    if (strcmp(k, "redis_wait_ms") == 0) return &cf->redis_wait_ms;
     return NULL;
 }
 
@@ -138,6 +140,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->push_timeout_ms = 10000;
     cf->push_ttl = 86400;
     cf->push_max_age_ms = 3600000;
+    cf->redis_wait_ms = 1000;
     set(cf->webpush_allow, sizeof(cf->webpush_allow),
         "fcm.googleapis.com,updates.push.services.mozilla.com,push.services.mozilla.com,"
         "notify.windows.com,push.apple.com");
@@ -254,7 +257,9 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("push_lease_ms", cf->push_lease_ms, 1000, 3600000)
         || check_range("push_timeout_ms", cf->push_timeout_ms, 100, 600000)
         || check_range("push_ttl", cf->push_ttl, 0, 2419200)
-        || check_range("push_max_age_ms", cf->push_max_age_ms, 1000, 2000000000))
+        || check_range("push_max_age_ms", cf->push_max_age_ms, 1000, 2000000000)
+        || check_range("redis_replicas", cf->redis_replicas, 0, 16)
+        || check_range("redis_wait_ms", cf->redis_wait_ms, 1, 600000))
     {
         return -1;
     }

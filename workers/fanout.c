@@ -502,6 +502,20 @@ again:
         if (err == 1 && tries++ == 0 && load_script(f) == 0) goto again;
         return -1;
     }
+    /* redis_replicas: the appends must have reached that many replicas of
+     * each master before the entries are acknowledged, or a master that dies
+     * takes acknowledged deliveries with it. Not reached: the batch is not
+     * acknowledged and comes back (the inbox script makes that harmless). */
+    if (f->cf->redis_replicas > 0) {
+        int acked = cw_redis_wait(f->c, f->cf->redis_replicas, f->cf->redis_wait_ms);
+        if (acked < f->cf->redis_replicas) {
+            for (int i = 0; i < f->nrc; i++) freeReplyObject(f->replies[i]);
+            free_groups(f);
+            if (acked >= 0) cw_warn("fanout: inbox appends reached %d of %d replicas within %d ms; batch not acknowledged",
+                                    acked, f->cf->redis_replicas, f->cf->redis_wait_ms);
+            return -1;
+        }
+    }
 
     /* Every append is done: publish once per channel, then acknowledge. */
     ncmd = 0;

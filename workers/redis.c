@@ -71,6 +71,7 @@ struct cw_redis_s {
     int                 phead, pn, pcap;
     int                 flush;            /* appended since the last write-out */
 
+    unsigned char       used[CW_NODES];   /* sent something since the last cw_redis_wait */
     int                 multi;            /* 1: MULTI held back, 2: in a transaction */
     int                 multi_node;
     uint64_t            redirects;
@@ -239,6 +240,7 @@ run_on(cw_redis_t *c, int i, const char *cmd, size_t len, int asking)
     }
     if (asking) redisAppendFormattedCommand(c->node[i], asking_cmd, sizeof(asking_cmd) - 1);
     redisAppendFormattedCommand(c->node[i], cmd, len);
+    c->used[i] = 1;
     if (asking) {
         if (redisGetReply(c->node[i], (void **) &r) != REDIS_OK || r == NULL) {
             fail(c, "%s:%d: %s", c->map.node[i].host, c->map.node[i].port, c->node[i]->errstr);
@@ -316,6 +318,7 @@ append_formatted(cw_redis_t *c, char *cmd, size_t len)
     if (!c->cluster) {
         int rc = redisAppendFormattedCommand(c->node[0], cmd, len);
         free(cmd);
+        c->used[0] = 1;
         return rc;
     }
     if (c->err) {
@@ -342,6 +345,7 @@ append_formatted(cw_redis_t *c, char *cmd, size_t len)
     }
     redisAppendFormattedCommand(c->node[i], cmd, len);
     c->unread[i]++;
+    c->used[i] = 1;
     if (pend_push(c, i, keep ? cmd : NULL, len) != 0) {
         free(cmd);
         fail(c, "out of memory");
@@ -513,6 +517,50 @@ cw_redis_command_argv(cw_redis_t *c, int argc, const char **argv, const size_t *
 
     if (cw_redis_append_argv(c, argc, argv, lens) != REDIS_OK) return NULL;
     return cw_redis_get_reply(c, &r) == REDIS_OK ? r : NULL;
+}
+
+/* WAIT n timeout_ms on every node this client sent commands to since the
+ * last call, in parallel (nothing may be pending): the fewest replicas
+ * that acknowledged, or -1 when the client failed. Redirected commands
+ * count for the node that answered them (run_on marks it). */
+int
+cw_redis_wait(cw_redis_t *c, int n, int timeout_ms)
+{
+    static const char *fmt = "WAIT %d %d";
+    int                least = INT32_MAX, sent[CW_NODES], ns = 0;
+
+    if (c->err) return -1;
+    for (int i = 0; i < CW_NODES; i++) {
+        if (!c->used[i] || c->node[i] == NULL) continue;
+        if (c->unread[i] > 0 || c->stash[i].n > 0) {
+            fail(c, "WAIT with replies pending");
+            return -1;
+        }
+        redisAppendCommand(c->node[i], fmt, n, timeout_ms);
+        sent[ns++] = i;
+    }
+    for (int k = 0; k < ns; k++) {
+        int i = sent[k], done = 0;
+        while (!done) {
+            if (redisBufferWrite(c->node[i], &done) != REDIS_OK) {
+                fail(c, "%s:%d: %s", c->map.node[i].host, c->map.node[i].port, c->node[i]->errstr);
+                return -1;
+            }
+        }
+    }
+    for (int k = 0; k < ns; k++) {
+        redisReply *r = NULL;
+        int         i = sent[k];
+        if (redisGetReply(c->node[i], (void **) &r) != REDIS_OK || r == NULL) {
+            fail(c, "%s:%d: %s", c->map.node[i].host, c->map.node[i].port, c->node[i]->errstr);
+            return -1;
+        }
+        if (r->type == REDIS_REPLY_INTEGER && r->integer < least) least = (int) r->integer;
+        else if (r->type != REDIS_REPLY_INTEGER) least = 0;
+        freeReplyObject(r);
+        c->used[i] = 0;
+    }
+    return least == INT32_MAX ? n : least;
 }
 
 /* SCRIPT LOAD of lua/ on every node (cluster: every master, connecting
