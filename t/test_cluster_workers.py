@@ -453,6 +453,26 @@ def test_group_created_through_rest(cluster, workers, mdb):
     assert st == 200 and b["owner"] == owner
 
 
+def test_settings_announce_on_the_users_sharded_presence_channel(cluster, workers):
+    u = uid("st")
+    chan = "chat:p:{u:%s}" % u                  # the user's slot (docs/PIPELINE.md)
+    assert keyslot(chan) == keyslot(ukey(u, "set"))
+    sub = redis.Redis(port=cluster.owner(chan), decode_responses=True).pubsub()
+    sub.ssubscribe(chan)
+    assert sub.get_message(timeout=2)["type"] == "ssubscribe"
+    st, b = workers.rest("PUT", "/chat/settings", u, {"last_seen": "nobody"})
+    assert st == 200, b
+    key = ukey(u, "set")
+    assert cluster.call(key, "HGET", key, "last_seen") == "nobody"
+    m = None
+    deadline = time.time() + 5
+    while time.time() < deadline and (m is None or m["type"] != "smessage"):
+        m = sub.get_message(timeout=0.5)
+    assert m and m["type"] == "smessage", m
+    assert json.loads(m["data"]) == {"type": "presence", "user": u, "online": False, "last_seen": None}
+    sub.close()
+
+
 def test_slot_moved_while_working(cluster, workers, mdb):
     convs = pairs(4)
     prod = Producer(cluster, workers)

@@ -22,7 +22,6 @@
 typedef struct {
     char  redis_url[CW_STR];    /* one URL, or several (comma-separated): cluster seeds */
     int   redis_cluster;        /* 1: Redis Cluster (default when redis_url lists several) */
-    int   redis_sharded_pubsub; /* 1: SPUBLISH (default in cluster mode) */
     int   redis_replicas;       /* fanout: WAIT for this many replicas before acknowledging (0: no WAIT) */
     int   redis_wait_ms;        /* ... at most this long */
     char  kafka_brokers[CW_STR];
@@ -113,7 +112,7 @@ int         cw_redis_get_reply(cw_redis_t *c, struct redisReply **reply);   /* R
 int         cw_redis_err(const cw_redis_t *c);             /* the client failed: drop it */
 const char *cw_redis_errstr(const cw_redis_t *c);
 int         cw_redis_is_cluster(const cw_redis_t *c);
-const char *cw_redis_publish_cmd(const cw_redis_t *c);     /* "PUBLISH", or "SPUBLISH" (sharded pub/sub) */
+const char *cw_redis_publish_cmd(const cw_redis_t *c);     /* "PUBLISH", or on a cluster "SPUBLISH" (sharded pub/sub) */
 uint64_t    cw_redis_redirects(const cw_redis_t *c);       /* MOVED/ASK followed */
 /* WAIT n on every node written to since the last call: the fewest replicas
  * that acknowledged (n when none was written to), -1 when the client failed */

@@ -113,7 +113,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     char  *sp;
     size_t slen;
     const char *env;
-    int    cluster = -1, spub = -1;     /* not set: follows redis_url */
+    int    cluster = -1;                /* not set: follows redis_url */
 
     memset(cf, 0, sizeof(*cf));
     set(cf->redis_url, sizeof(cf->redis_url), "redis://127.0.0.1:6379");
@@ -168,8 +168,8 @@ cw_config_load(cw_config_t *cf, const char *path)
             k = trim(k);
             v = trim(eq + 1);
             if (strcmp(k, "redis_url") == 0) set(cf->redis_url, sizeof(cf->redis_url), v);
-            else if (strcmp(k, "redis_cluster") == 0 || strcmp(k, "redis_sharded_pubsub") == 0) {
-                int *flag = strcmp(k, "redis_cluster") == 0 ? &cluster : &spub;
+            else if (strcmp(k, "redis_cluster") == 0) {
+                int *flag = &cluster;
                 if (strcmp(v, "on") == 0) *flag = 1;
                 else if (strcmp(v, "off") == 0) *flag = 0;
                 else {
@@ -275,7 +275,6 @@ cw_config_load(cw_config_t *cf, const char *path)
             return -1;
         }
         cf->redis_cluster = cluster >= 0 ? cluster : n > 1;
-        cf->redis_sharded_pubsub = spub >= 0 ? spub : cf->redis_cluster;
         if (n > 1 && !cf->redis_cluster) {
             cw_error("redis_url lists %d nodes but redis_cluster is off", n);
             return -1;

@@ -687,7 +687,7 @@ cw_redis_connect(const cw_config_t *cf, int timeout_ms, char *err, size_t errlen
     }
     c->timeout_ms = timeout_ms;
     c->cluster = cf->redis_cluster;
-    c->spublish = cf->redis_sharded_pubsub;
+    c->spublish = cf->redis_cluster;      /* as the module: a cluster's pub/sub is sharded */
     if (c->cluster) {
         if (cluster_connect(c, cf, err, errlen) != 0) {
             cw_redis_free(c);

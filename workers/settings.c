@@ -356,11 +356,14 @@ doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
     if (d->nobody) {
         /* watchers who saw this user online learn it no more: from now on
          * the user looks offline and never seen (lua/presence.lua), and the
-         * registry scripts announce nothing. After the EXEC, not in it: on
-         * a cluster with sharded pub/sub the channel's slot is not the
-         * user's keys' one (a transaction holds one slot). */
-        cw_redis_append(c, "%s chat:p:%s {\"type\":\"presence\",\"user\":\"%s\","
-                           "\"online\":false,\"last_seen\":null}", cw_redis_publish_cmd(c), user, user);
+         * registry scripts announce nothing. After the EXEC: on a cluster
+         * it is an SPUBLISH, which a transaction need not carry. */
+        if (cw_redis_is_cluster(c))      /* the user's own slot (docs/PIPELINE.md) */
+            cw_redis_append(c, "SPUBLISH chat:p:{u:%s} {\"type\":\"presence\",\"user\":\"%s\","
+                               "\"online\":false,\"last_seen\":null}", user, user);
+        else
+            cw_redis_append(c, "PUBLISH chat:p:%s {\"type\":\"presence\",\"user\":\"%s\","
+                               "\"online\":false,\"last_seen\":null}", user, user);
     }
     for (int i = 0; i < n + (d->nobody ? 1 : 0); i++) {
         redisReply *r = NULL;
