@@ -10,7 +10,14 @@ slot resharded while they work (MOVED/ASK), and a master killed with -9 (its
 replica takes over): every enqueued message reaches every inbox exactly
 once, in order, and MongoDB holds each exactly once.
 
-Ports: CHAT_TEST_CLUSTER_PORT (default 18600) .. +5, bus ports +10000."""
+This module starts its own cluster and workers rather than using
+scripts/stack up --cluster (t/test_cluster.py's cluster_stack): the workers
+run with redis_replicas 1, and the test kills and reshards nodes under them
+without disturbing the module's cluster tests. t/test_cluster.py runs these
+same workers on the cluster stack, behind nginx.
+
+Ports: CHAT_TEST_WORKER_CLUSTER_PORT .. +5 (default CHAT_TEST_PORT_BASE + 40),
+cluster bus ports +10000."""
 import http.client
 import json
 import os
@@ -27,7 +34,8 @@ import redis
 from chatlib import ROOT
 from helpers import dconv, eventually, msg_fields, shard, stack_cmd, stop_worker, stream, ukey, uid
 
-BASE = int(os.environ.get("CHAT_TEST_CLUSTER_PORT", "18600"))
+BASE = int(os.environ.get("CHAT_TEST_WORKER_CLUSTER_PORT",
+                          str(int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 40)))
 PORTS = [BASE + i for i in range(6)]
 SEEDS = ",".join(f"redis://127.0.0.1:{p}" for p in PORTS)
 
