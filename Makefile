@@ -2,6 +2,7 @@
 #   make               module (build/ngx_chat_module.so) and worker (build/chat-worker)
 #   make test          scripts/setup if needed, C unit tests, short fuzz runs, pytest
 #   make test-asan     the same with AddressSanitizer + UBSan builds
+#   make test-cluster  t/test_cluster.py: the module on a Redis Cluster stack
 #   make install       module into nginx's modules dir, worker into $(BINDIR)
 #   NGINX_SRC=<tree>   build the module against an upstream nginx source tree
 #                      instead of Debian's nginx-dev (/usr/share/nginx/src)
@@ -41,7 +42,7 @@ WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libch
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 
-.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan pytest lua-test setup install clean clients clients-test
+.PHONY: all module worker loadgen unit fuzz fuzz-build test test-asan test-cluster pytest lua-test setup install clean clients clients-test
 
 all: module worker
 
@@ -138,7 +139,13 @@ lua-test:
 	.venv/bin/pytest -q t/lua
 
 pytest:
-	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_ARGS)
+	.venv/bin/pytest -q t --ignore=t/lua --ignore=t/test_cluster.py $(PYTEST_ARGS)
+
+# the module on a 6-node Redis Cluster (t/test_cluster.py, its own stack,
+# both queues, about a minute each); needs workers that speak to a cluster
+test-cluster: setup
+	$(MAKE) all
+	.venv/bin/pytest -q t/test_cluster.py $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test
@@ -149,7 +156,7 @@ test-asan: setup
 	$(MAKE) SAN=1 BUILD=build/asan all unit
 	$(MAKE) loadgen
 	NGX_CHAT_SAN=1 NGX_CHAT_MODULE=$(CURDIR)/build/asan/ngx_chat_module.so \
-	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t $(PYTEST_ARGS)
+	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t --ignore=t/test_cluster.py $(PYTEST_ARGS)
 
 install: all
 	install -d $(DESTDIR)$(MODULES_DIR) $(DESTDIR)$(BINDIR)

@@ -4,6 +4,7 @@
  * is CRC16 (XMODEM variant) of the key or of its hash tag, mod 16384.
  */
 #include <string.h>
+#include <strings.h>
 
 #include "chat_cluster.h"
 
@@ -289,4 +290,112 @@ chat_cluster_map_covered(const chat_cluster_map_t *m)
         n += chat_cluster_map_node(m, s) >= 0;
     }
     return n;
+}
+
+
+/* one "$<n>\r\n<bytes>\r\n" at *pos: 0 and the argument, or -1 */
+static int
+resp_bulk(const char *cmd, size_t len, size_t *pos, const char **arg, size_t *alen)
+{
+    size_t  p = *pos, n = 0, digits = 0;
+
+    if (p >= len || cmd[p] != '$') {
+        return -1;
+    }
+    for (p++; p < len && cmd[p] >= '0' && cmd[p] <= '9'; p++) {
+        if (++digits > 10) {
+            return -1;
+        }
+        n = n * 10 + (size_t) (cmd[p] - '0');
+    }
+    if (digits == 0 || len - p < 2 || cmd[p] != '\r' || cmd[p + 1] != '\n') {
+        return -1;
+    }
+    p += 2;
+    if (len - p < n || len - p - n < 2 || cmd[p + n] != '\r' || cmd[p + n + 1] != '\n') {
+        return -1;
+    }
+    *arg = cmd + p;
+    *alen = n;
+    *pos = p + n + 2;
+    return 0;
+}
+
+static int
+name_is(const char *a, size_t n, const char *name)
+{
+    return strlen(name) == n && strncasecmp(a, name, n) == 0;
+}
+
+int
+chat_cluster_command_slot(const char *cmd, size_t len)
+{
+    const char  *arg[4], *a;
+    size_t       alen[4], al, pos = 1, argc = 0, digits = 0;
+    long         numkeys;
+
+    if (cmd == NULL || len < 4 || cmd[0] != '*') {
+        return -2;
+    }
+    for (; pos < len && cmd[pos] >= '0' && cmd[pos] <= '9'; pos++) {
+        if (++digits > 9) {
+            return -2;
+        }
+        argc = argc * 10 + (size_t) (cmd[pos] - '0');
+    }
+    if (digits == 0 || argc == 0 || len - pos < 2 || cmd[pos] != '\r' || cmd[pos + 1] != '\n') {
+        return -2;
+    }
+    pos += 2;
+    for (size_t i = 0; i < argc && i < 4; i++) {
+        if (resp_bulk(cmd, len, &pos, &arg[i], &alen[i]) != 0) {
+            return -2;
+        }
+    }
+
+    a = arg[0];
+    al = alen[0];
+    if (name_is(a, al, "EVAL") || name_is(a, al, "EVALSHA") || name_is(a, al, "EVAL_RO")
+        || name_is(a, al, "EVALSHA_RO") || name_is(a, al, "FCALL") || name_is(a, al, "FCALL_RO"))
+    {
+        if (argc < 3) {
+            return -2;
+        }
+        numkeys = parse_uint(arg[2], alen[2], 1000000);
+        if (numkeys < 0 || (size_t) numkeys > argc - 3) {
+            return -2;
+        }
+        return numkeys == 0 ? -1 : (int) chat_cluster_slot(arg[3], alen[3]);
+    }
+    if (name_is(a, al, "XREAD") || name_is(a, al, "XREADGROUP")) {
+        /* the arguments after the first four are still in the buffer */
+        const char  *x;
+        size_t       xl, p2 = pos;
+
+        for (size_t i = 1; i < argc && i < 4; i++) {
+            if (name_is(arg[i], alen[i], "STREAMS")) {
+                if (i + 1 < 4 && i + 1 < argc) {
+                    return (int) chat_cluster_slot(arg[i + 1], alen[i + 1]);
+                }
+                return resp_bulk(cmd, len, &p2, &x, &xl) == 0 ? (int) chat_cluster_slot(x, xl) : -2;
+            }
+        }
+        for (size_t i = 4; i < argc; i++) {
+            if (resp_bulk(cmd, len, &p2, &x, &xl) != 0) {
+                return -2;
+            }
+            if (name_is(x, xl, "STREAMS")) {
+                return resp_bulk(cmd, len, &p2, &x, &xl) == 0 ? (int) chat_cluster_slot(x, xl) : -2;
+            }
+        }
+        return -2;
+    }
+    if (argc < 2 || name_is(a, al, "PUBLISH") || name_is(a, al, "PING") || name_is(a, al, "INFO")
+        || name_is(a, al, "CLUSTER") || name_is(a, al, "SCRIPT") || name_is(a, al, "AUTH")
+        || name_is(a, al, "SELECT") || name_is(a, al, "ASKING") || name_is(a, al, "READONLY")
+        || name_is(a, al, "WAIT"))
+    {
+        return -1;
+    }
+    return (int) chat_cluster_slot(arg[1], alen[1]);
 }

@@ -82,6 +82,18 @@ int chat_cluster_map_add(chat_cluster_map_t *m, const char *host, int port);
  * the node's index, or -1 (slot out of range, table full, bad host) */
 int chat_cluster_map_move(chat_cluster_map_t *m, unsigned slot, const char *host, int port);
 
+/*
+ * The slot a formatted command (RESP array of bulk strings, as hiredis'
+ * redisFormatCommand / redisFormatCommandArgv build it) must go to: that
+ * of its first key. EVAL/EVALSHA(_RO)/FCALL(_RO): the first of their KEYS
+ * (none when numkeys is 0); XREAD/XREADGROUP: the first stream after
+ * STREAMS; commands without a key (PUBLISH, PING, INFO, CLUSTER, SCRIPT,
+ * AUTH, SELECT, ASKING, READONLY, WAIT): none; every other command: its
+ * first argument. Returns the slot, -1 for "any node", -2 when the bytes
+ * are not a well-formed command.
+ */
+int chat_cluster_command_slot(const char *cmd, size_t len);
+
 /* number of slots with an owner (16384 when the cluster covers all) */
 unsigned chat_cluster_map_covered(const chat_cluster_map_t *m);
 

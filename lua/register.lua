@@ -4,6 +4,7 @@
 --          4 chat:{u:U}:set
 -- ARGV:    1 member "<worker channel>|<device>|<session id>"  2 now (ms)
 --          3 ttl (ms)  4 max sessions of the user  5 user  6 device
+--          7 "s" on a Redis Cluster (sharded pub/sub), else absent
 -- returns: {sessions including this one, the device's acked cursor, the
 --          inbox trim point}, or {-1, '0', '0'} when the user already has
 --          max sessions.
@@ -18,7 +19,7 @@ local n = redis.call('ZCARD', KEYS[1])
 if n >= tonumber(ARGV[4]) then return {-1, '0', '0'} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
-local SET, USER = KEYS[4], ARGV[5]
+local SET, USER, SHARDED = KEYS[4], ARGV[5], ARGV[7] == 's'
 -- @include _online.lua
 redis.call('HSETNX', KEYS[2], ARGV[6], 0)
 local acked = redis.call('HGET', KEYS[2], ARGV[6])

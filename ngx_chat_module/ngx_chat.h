@@ -33,7 +33,9 @@
 
 
 typedef struct {
-    ngx_str_t     redis_url;       /* chat_redis */
+    ngx_array_t  *redis_urls;      /* chat_redis: ngx_str_t, one or the
+                                      cluster's seeds */
+    ngx_flag_t    redis_cluster;   /* chat_redis_cluster */
     ngx_str_t     jwt_secret;      /* chat_jwt_secret or chat_jwt_secret_file */
     time_t        jwt_leeway;      /* chat_jwt_leeway */
     time_t        registry_ttl;    /* chat_registry_ttl */
@@ -213,6 +215,15 @@ struct ngx_chat_session_s {
       "Sessions closed by the server, by reason.")                            \
     X(redis_up, "ngx_chat_redis_connected_workers", "", "gauge",              \
       "Worker processes whose Redis connections are up.")                     \
+    X(redis_moved, "ngx_chat_redis_redirects_total", "{kind=\"moved\"}",    \
+      "counter", "Redis Cluster redirects followed, by kind.")               \
+    X(redis_ask, "ngx_chat_redis_redirects_total", "{kind=\"ask\"}",        \
+      "counter", "Redis Cluster redirects followed, by kind.")               \
+    X(redis_tryagain, "ngx_chat_redis_redirects_total",                       \
+      "{kind=\"tryagain\"}", "counter",                                     \
+      "Redis Cluster redirects followed, by kind.")                          \
+    X(redis_maps, "ngx_chat_redis_cluster_maps_total", "", "counter",         \
+      "Redis Cluster slot maps that changed the routing.")                    \
     X(limited_send, "ngx_chat_limited_total", "{action=\"send\"}", "counter", \
       "Client actions refused by their budget (chat_limit).")                 \
     X(limited_typing, "ngx_chat_limited_total", "{action=\"typing\"}",        \
@@ -293,7 +304,8 @@ ngx_int_t ngx_chat_arg_id(ngx_http_request_t *r, const char *name,
 
 /* --- store adapters: Redis (ngx_chat_redis.c), Kafka (ngx_chat_kafka.c) ---
  * They fire the callbacks they are given and know no session. */
-ngx_int_t ngx_chat_redis_check_url(ngx_str_t *url);
+ngx_int_t ngx_chat_redis_check_urls(ngx_array_t *urls, ngx_flag_t cluster,
+    ngx_log_t *log);
 typedef void (*ngx_chat_redis_cb)(void *reply, void *data);
 
 ngx_int_t ngx_chat_redis_init_process(ngx_cycle_t *cycle);
@@ -307,6 +319,11 @@ ngx_int_t ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data,
 ngx_int_t ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb,
     void *data, int nkeys, int argc, const char **argv, const size_t *argvlen);
 ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);
+/* cluster mode: pub/sub is sharded (SPUBLISH/SSUBSCRIBE), the presence
+ * channel carries the user's hash tag, scripts get their "s" flag */
+ngx_uint_t ngx_chat_redis_sharded(void);
+ngx_int_t ngx_chat_redis_publish(u_char *ch, size_t clen, u_char *payload,
+    size_t plen);
 typedef void (*ngx_chat_redis_msg_handler)(u_char *payload, size_t len);
 ngx_int_t ngx_chat_redis_on_channel(ngx_str_t *name, ngx_uint_t prefix,
     ngx_chat_redis_msg_handler handler);

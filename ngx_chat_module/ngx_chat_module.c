@@ -19,6 +19,8 @@ static char *ngx_chat_set_rate(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_chat_set_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_chat_set_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_chat_set_queue(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static ngx_int_t ngx_chat_preconfiguration(ngx_conf_t *cf);
@@ -243,10 +245,17 @@ static ngx_command_t  ngx_chat_commands[] = {
       NULL },
 
     { ngx_string("chat_redis"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_str_slot,
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_chat_set_redis,
       NGX_HTTP_MAIN_CONF_OFFSET,
-      offsetof(ngx_chat_main_conf_t, redis_url),
+      0,
+      NULL },
+
+    { ngx_string("chat_redis_cluster"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, redis_cluster),
       NULL },
 
     { ngx_string("chat_jwt_secret"),
@@ -404,6 +413,8 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->receipt_delay = NGX_CONF_UNSET_MSEC;
     cmcf->ack_delay = NGX_CONF_UNSET_MSEC;
     cmcf->kafka = NGX_CONF_UNSET;
+    cmcf->redis_urls = NGX_CONF_UNSET_PTR;
+    cmcf->redis_cluster = NGX_CONF_UNSET;
 
     return cmcf;
 }
@@ -420,14 +431,27 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (cmcf->redis_url.len == 0) {
-        ngx_str_set(&cmcf->redis_url, "redis://127.0.0.1:6379");
+    if (cmcf->redis_urls == NGX_CONF_UNSET_PTR) {
+        ngx_str_t  *u;
+
+        cmcf->redis_urls = ngx_array_create(cf->pool, 1, sizeof(ngx_str_t));
+        if (cmcf->redis_urls == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        u = ngx_array_push(cmcf->redis_urls);
+        if (u == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_str_set(u, "redis://127.0.0.1:6379");
     }
 
-    if (ngx_chat_redis_check_url(&cmcf->redis_url) != NGX_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "chat_redis \"%V\" is not redis://[:password@]"
-                           "host[:port][/db]", &cmcf->redis_url);
+    ngx_conf_init_value(cmcf->redis_cluster, 0);
+
+    if (ngx_chat_redis_check_urls(cmcf->redis_urls, cmcf->redis_cluster,
+                                  cf->log) != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 
@@ -612,6 +636,40 @@ ngx_chat_set_outbound(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     clcf->out_frames = (ngx_uint_t) n;
     clcf->out_bytes = (size_t) size;
+
+    return NGX_CONF_OK;
+}
+
+
+/* chat_redis <url> [<url> ...]: one node, or the seeds of a cluster
+ * (chat_redis_cluster on); checked once the block is read */
+static char *
+ngx_chat_set_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_chat_main_conf_t  *cmcf = conf;
+    ngx_str_t             *value, *u;
+    ngx_uint_t             i;
+
+    if (cmcf->redis_urls != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    cmcf->redis_urls = ngx_array_create(cf->pool, cf->args->nelts - 1,
+                                        sizeof(ngx_str_t));
+    if (cmcf->redis_urls == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+        u = ngx_array_push(cmcf->redis_urls);
+        if (u == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *u = value[i];
+    }
 
     return NGX_CONF_OK;
 }

@@ -6,6 +6,9 @@ Environment:
   CHAT_TEST_PORT_BASE   its port base (default 17300, so a dev stack on 17100 can run too)
   CHAT_TEST_KEEP=1      leave the stack running after the session (for debugging)
   CHAT_TEST_QUEUES      queues to run the suite against (default "redis,kafka")
+  CHAT_TEST_CLUSTER_PORT  first port of the Redis Cluster stack's 6 nodes (default port base + 30;
+                        the cluster stack itself, t/test_cluster.py, uses port base + 20 and the
+                        stack dir + "-cluster")
   NGX_CHAT_MODULE, NGX_CHAT_WORKER   binaries to test (make test-asan points them at the ASan build)
   NGX_CHAT_SAN=1        sanitizer run: nginx and workers get the ASan runtime; reports fail the session
 """
@@ -73,9 +76,22 @@ QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(","
 @pytest.fixture(scope="session", params=QUEUES)
 def stack(request):
     """The whole suite runs once per queue (Redis Streams, Kafka)."""
-    queue = request.param
     stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test"))
     port_base = os.environ.get("CHAT_TEST_PORT_BASE", "17300")
+    yield from _run_stack(request.param, stack_dir, port_base, [])
+
+
+@pytest.fixture(scope="session", params=QUEUES)
+def cluster_stack(request):
+    """The stack on a 6-node Redis Cluster (scripts/stack up --cluster), once
+    per queue, next to the single-node one (its own dir and ports)."""
+    stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test")) + "-cluster"
+    port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 20
+    cport = os.environ.get("CHAT_TEST_CLUSTER_PORT", str(port_base + 10))
+    yield from _run_stack(request.param, stack_dir, str(port_base), ["--cluster", "--cluster-port", cport])
+
+
+def _run_stack(queue, stack_dir, port_base, extra):
     env = dict(os.environ)
     env.update(_san_env(stack_dir))
     if os.environ.get("NGX_CHAT_SAN") != "1":
@@ -89,7 +105,7 @@ def stack(request):
     # Every session starts from empty servers: data of an earlier run (users
     # with inboxes, stream entries) must not leak into this one.
     import shutil
-    for d in ("redis", "kafka", "ferretdb"):
+    for d in ("redis", "redis-cluster", "kafka", "ferretdb"):
         shutil.rmtree(os.path.join(stack_dir, d), ignore_errors=True)
     # Logs of an earlier run must not be read as this run's.
     for f in (glob.glob(os.path.join(stack_dir, "logs", "*"))
@@ -99,7 +115,7 @@ def stack(request):
     # --test: the test-only locations (conf/test-locations.conf), which a
     # stack users run does not have
     r = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--test", "--dir", stack_dir,
-                        "--port-base", port_base, "--queue", queue],
+                        "--port-base", port_base, "--queue", queue, *extra],
                        env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         pytest.fail("scripts/stack up failed:\n" + r.stdout + r.stderr, pytrace=False)

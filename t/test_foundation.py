@@ -109,6 +109,28 @@ def test_nginx_rejects_bad_directives(tmp_path, bad, complaint):
     assert complaint in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("line,complaint", [
+    ("chat_redis redis://127.0.0.1:7000 redis://127.0.0.1:7001; chat_redis_cluster on;", None),
+    ("chat_redis redis://:pw@127.0.0.1:7000; chat_redis_cluster on;", None),       # one seed is fine
+    ("chat_redis redis://127.0.0.1:7000 redis://127.0.0.1:7001;", "chat_redis_cluster on"),
+    ("chat_redis redis://127.0.0.1:7000/2 redis://127.0.0.1:7001; chat_redis_cluster on;", "database 0"),
+    ("chat_redis redis://127.0.0.1:7000 http://x; chat_redis_cluster on;", "is not redis://"),
+    ("chat_redis redis://127.0.0.1:7000; chat_redis_cluster maybe;", "invalid value"),
+])
+def test_chat_redis_seeds_need_the_cluster_flag(tmp_path, line, complaint):
+    """Several chat_redis URLs are a cluster's seeds (chat_redis_cluster on),
+    checked by nginx -t; the accepted forms are the positive control."""
+    conf = _example_conf(tmp_path, _module())
+    text = conf.read_text()
+    assert "chat_redis redis://127.0.0.1:6379;" in text
+    conf.write_text(text.replace("chat_redis redis://127.0.0.1:6379;", line, 1))
+    r = subprocess.run(nginx_argv("-t", "-p", str(tmp_path), "-c", str(conf)), capture_output=True, text=True)
+    if complaint is None:
+        assert r.returncode == 0 and "test is successful" in r.stderr, r.stderr
+    else:
+        assert r.returncode != 0 and complaint in r.stderr, r.stderr
+
+
 def test_module_is_loaded_and_answers(stack):
     status, _, body = stack.request("GET", stack.env["CHAT_STATUS_URL"])
     assert status == 200, body

@@ -49,7 +49,12 @@ ngx_chat_watch_channel(ngx_chat_watch_t *w, ngx_uint_t on)
     ngx_str_t  ch;
 
     ch.data = buf;
-    ch.len = ngx_sprintf(buf, "chat:p:%*s", (size_t) w->len, w->id) - buf;
+    /* cluster: the user's hash tag, so that the registry scripts running
+     * on {u:U} may SPUBLISH it (lua/_online.lua) */
+    ch.len = (ngx_chat_redis_sharded()
+              ? ngx_sprintf(buf, "chat:p:{u:%*s}", (size_t) w->len, w->id)
+              : ngx_sprintf(buf, "chat:p:%*s", (size_t) w->len, w->id))
+             - buf;
 
     (void) ngx_chat_redis_subscribe(&ch, on);
 }

@@ -9,14 +9,42 @@
 #include <hiredis/hiredis.h>
 
 
+/* Cluster: the script cannot SPUBLISH to channels of other slots, so it
+ * returns {payload, channel...} and the indicator goes out from here, each
+ * on its channel's master. */
+static void
+ngx_chat_typing_channels(void *r, void *data)
+{
+    size_t       i;
+    redisReply  *reply = r;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements < 1
+        || reply->element[0]->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    for (i = 1; i < reply->elements; i++) {
+        if (reply->element[i]->type == REDIS_REPLY_STRING) {
+            (void) ngx_chat_redis_publish(
+                       (u_char *) reply->element[i]->str,
+                       reply->element[i]->len,
+                       (u_char *) reply->element[0]->str,
+                       reply->element[0]->len);
+        }
+    }
+}
+
+
 /* One recipient of a typing indicator: one PUBLISH per worker process that
  * holds a connection of it, straight from its registry. */
 static ngx_int_t
 ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
 {
     u_char        conns[96], now[32];
-    const char   *argv[4];
-    size_t        argl[4];
+    const char   *argv[5];
+    size_t        argl[5];
 
     argv[0] = (char *) conns;
     argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", ulen, user) - conns;
@@ -26,6 +54,14 @@ ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
     argl[2] = ulen;
     argv[3] = (char *) json;
     argl[3] = jlen;
+
+    if (ngx_chat_redis_sharded()) {
+        argv[4] = "s";
+        argl[4] = 1;
+
+        return ngx_chat_redis_script(CHAT_LUA_TYPING, ngx_chat_typing_channels,
+                                     NULL, 1, 5, argv, argl);
+    }
 
     return ngx_chat_redis_script(CHAT_LUA_TYPING, NULL, NULL, 1, 4,
                                  argv, argl);
@@ -127,9 +163,9 @@ ngx_chat_typing_members(void *rp, void *data)
     *p++ = '\n';
     p = ngx_cpymem(p, t->json, t->jlen);
 
-    (void) ngx_chat_redis_command(NULL, NULL, "PUBLISH %s %b",
-                                  NGX_CHAT_BROADCAST_CHANNEL, buf,
-                                  (size_t) (p - buf));
+    (void) ngx_chat_redis_publish((u_char *) NGX_CHAT_BROADCAST_CHANNEL,
+                                  sizeof(NGX_CHAT_BROADCAST_CHANNEL) - 1,
+                                  buf, (size_t) (p - buf));
 
     ngx_free(buf);
     ngx_free(t);

@@ -335,8 +335,8 @@ ngx_chat_session_register(ngx_chat_session_t *s, ngx_chat_registered_pt done)
 {
     u_char                    member[160], conns[96], acked[96], last[96],
                               set[96], now[32], ttl[32], max[32];
-    const char               *argv[10];
-    size_t                    argl[10];
+    const char               *argv[11];
+    size_t                    argl[11];
     ngx_chat_main_conf_t     *cmcf;
     ngx_chat_register_ctx_t  *ctx;
 
@@ -374,8 +374,13 @@ ngx_chat_session_register(ngx_chat_session_t *s, ngx_chat_registered_pt done)
     argv[9] = (char *) s->device;
     argl[9] = s->dev_len;
 
+    /* cluster: announce presence with SPUBLISH (lua/_online.lua) */
+    argv[10] = "s";
+    argl[10] = 1;
+
     if (ngx_chat_redis_script(CHAT_LUA_REGISTER,
-                              ngx_chat_session_registered, ctx, 4, 10,
+                              ngx_chat_session_registered, ctx, 4,
+                              ngx_chat_redis_sharded() ? 11 : 10,
                               argv, argl) != NGX_OK)
     {
         ngx_free(ctx);
@@ -423,8 +428,8 @@ static void
 ngx_chat_session_unregister(ngx_chat_session_t *s)
 {
     u_char        member[160], conns[96], seen[96], set[96], now[32];
-    const char   *argv[6];
-    size_t        argl[6];
+    const char   *argv[7];
+    size_t        argl[7];
 
     argv[0] = (char *) conns;
     argl[0] = ngx_chat_user_key(s->user, "conns", conns);
@@ -441,7 +446,11 @@ ngx_chat_session_unregister(ngx_chat_session_t *s)
     argl[5] = s->user->len;
 
     /* fire and forget: an entry left behind expires with the registry TTL */
-    (void) ngx_chat_redis_script(CHAT_LUA_UNREGISTER, NULL, NULL, 3, 6,
+    argv[6] = "s";                  /* cluster: SPUBLISH */
+    argl[6] = 1;
+
+    (void) ngx_chat_redis_script(CHAT_LUA_UNREGISTER, NULL, NULL, 3,
+                                 ngx_chat_redis_sharded() ? 7 : 6,
                                  argv, argl);
 }
 
@@ -725,8 +734,8 @@ static void
 ngx_chat_refresh_all(void)
 {
     u_char                 member[160], conns[96], set[96], now[32], ttl[32];
-    const char            *argv[6];
-    size_t                 argl[6];
+    const char            *argv[7];
+    size_t                 argl[7];
     ngx_queue_t           *q;
     ngx_chat_session_t    *s;
     ngx_chat_main_conf_t  *cmcf;
@@ -759,7 +768,11 @@ ngx_chat_refresh_all(void)
         argv[5] = (char *) s->user->id;
         argl[5] = s->user->len;
 
-        if (ngx_chat_redis_script(CHAT_LUA_REFRESH, NULL, NULL, 2, 6,
+        argv[6] = "s";              /* cluster: SPUBLISH */
+        argl[6] = 1;
+
+        if (ngx_chat_redis_script(CHAT_LUA_REFRESH, NULL, NULL, 2,
+                                  ngx_chat_redis_sharded() ? 7 : 6,
                                   argv, argl) != NGX_OK)
         {
             return;   /* Redis is away: the next tick tries again */

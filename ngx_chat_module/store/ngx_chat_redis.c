@@ -9,9 +9,22 @@
  * exponential backoff; while a link is down, commands fail at once (callers
  * answer `unavailable`) instead of queueing without bound. A link whose
  * replies stop coming is dropped by a watchdog so that callers are answered.
+ *
+ * With chat_redis_cluster on, the same links exist once per master of a
+ * Redis Cluster (node[] below): a slot map (libchat/chat_cluster.c) from
+ * CLUSTER SLOTS of any node routes each command by the slot of its first
+ * key; MOVED updates the map and resends, ASK resends once after ASKING,
+ * TRYAGAIN/CLUSTERDOWN resend after a short delay, always with the same
+ * callback, so a request is answered exactly once. The map is refreshed on
+ * a schedule, after a link loss and after a redirect. Pub/sub is sharded
+ * (SSUBSCRIBE on the master owning the channel's slot, on a plain
+ * non-blocking hiredis context: hiredis 0.14's async layer does not know
+ * the sharded replies), every channel subscribed again when the map
+ * changes or a node's link is back.
  */
 #include "ngx_chat.h"
 #include "chat_url.h"
+#include "chat_cluster.h"
 
 #include <hiredis/hiredis.h>
 #include <hiredis/async.h>
@@ -23,20 +36,49 @@
 #define NGX_CHAT_REDIS_BACKOFF_MAX   5000
 #define NGX_CHAT_REDIS_STALL         5000    /* ms without a reply */
 #define NGX_CHAT_REDIS_MAX_PENDING   65536   /* commands awaiting replies */
+#define NGX_CHAT_REDIS_MAX_SEEDS     16
+#define NGX_CHAT_REDIS_REDIRECTS     16      /* MOVED/ASK/TRYAGAIN per request */
+#define NGX_CHAT_REDIS_REFRESH       10000   /* ms: slot map refresh, healthy */
+#define NGX_CHAT_REDIS_REFRESH_FAST  250     /* ms: ... while not */
 
+
+typedef struct ngx_chat_redis_node_s  ngx_chat_redis_node_t;
 
 typedef struct {
-    redisAsyncContext  *ac;
-    ngx_connection_t   *conn;
-    ngx_event_t         reconnect;
-    ngx_msec_t          backoff;
-    ngx_msec_t          last_reply;
-    ngx_uint_t          pending;
-    ngx_uint_t          loading;      /* script loads awaiting replies */
-    unsigned            ready:1;
-    unsigned            sub:1;
-    unsigned            counted:1;    /* counted in the redis_up gauge */
+    redisAsyncContext      *ac;
+    ngx_connection_t       *conn;
+    ngx_event_t             reconnect;
+    ngx_msec_t              backoff;
+    ngx_msec_t              last_reply;
+    ngx_uint_t              pending;
+    ngx_uint_t              loading;      /* script loads awaiting replies */
+    ngx_chat_redis_node_t  *node;
+    unsigned                ready:1;
+    unsigned                sub:1;
+    unsigned                connected:1;
 } ngx_chat_redis_link_t;
+
+
+/* a cluster node's sharded pub/sub link, read by this file */
+typedef struct {
+    redisContext           *rc;
+    ngx_connection_t       *conn;
+    ngx_event_t             reconnect;
+    ngx_msec_t              backoff;
+    unsigned                connected:1;
+} ngx_chat_redis_slink_t;
+
+
+struct ngx_chat_redis_node_s {
+    ngx_chat_redis_link_t   cmd;
+    ngx_chat_redis_link_t   sub;          /* single node only */
+    ngx_chat_redis_slink_t  ssub;         /* cluster only */
+    char                    host[256];
+    int                     port;
+    unsigned                used:1;
+    unsigned                seed:1;
+    unsigned                mapped:1;     /* a master of the current map */
+};
 
 
 typedef struct {
@@ -45,15 +87,28 @@ typedef struct {
 } ngx_chat_redis_req_t;
 
 
-static ngx_chat_redis_link_t  ngx_chat_cmd;
-static ngx_chat_redis_link_t  ngx_chat_sub;
+/* node[0] is the single node (or the first seed of a cluster) */
+static ngx_chat_redis_node_t  ngx_chat_nodes[CHAT_CLUSTER_MAX_NODES];
+static ngx_uint_t             ngx_chat_nnodes;
+#define ngx_chat_cmd  (ngx_chat_nodes[0].cmd)
+#define ngx_chat_sub  (ngx_chat_nodes[0].sub)
+
 static ngx_event_t            ngx_chat_watchdog;
 static ngx_connection_t       ngx_chat_watchdog_conn;
+static ngx_uint_t             ngx_chat_counted;   /* in the redis_up gauge */
 
-static u_char   ngx_chat_redis_host[256];
-static int      ngx_chat_redis_port;
 static int      ngx_chat_redis_db;
 static u_char   ngx_chat_redis_pass[256];
+
+/* cluster state */
+static ngx_uint_t              ngx_chat_sharded;
+static chat_cluster_map_t      ngx_chat_map, ngx_chat_map_new;
+static ngx_chat_redis_node_t  *ngx_chat_map_node[CHAT_CLUSTER_MAX_NODES];
+static ngx_uint_t              ngx_chat_map_ok;       /* every slot owned */
+static ngx_uint_t              ngx_chat_refreshing;   /* CLUSTER SLOTS sent */
+static ngx_uint_t              ngx_chat_resub;        /* resubscribe at the next map */
+static ngx_event_t             ngx_chat_refresh_ev;
+static ngx_chat_redis_node_t  *ngx_chat_wch_node;     /* holds our channel */
 
 static u_char   ngx_chat_channel_buf[128];
 ngx_str_t       ngx_chat_worker_channel;
@@ -75,6 +130,16 @@ static void ngx_chat_redis_on_disconnect(const redisAsyncContext *ac,
     int status);
 static void ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *reply,
     void *data);
+static void ngx_chat_redis_update_up(void);
+static void ngx_chat_redis_load_scripts(ngx_chat_redis_link_t *link);
+static void ngx_chat_redis_refresh_soon(ngx_msec_t delay);
+static void ngx_chat_redis_refresh_send(void);
+static void ngx_chat_redis_ssub_connect(ngx_chat_redis_node_t *n);
+static void ngx_chat_redis_ssub_close(ngx_chat_redis_node_t *n);
+static void ngx_chat_redis_resubscribe_all(void);
+static void ngx_chat_redis_dispatch(redisReply *ch, redisReply *payload);
+static ngx_int_t ngx_chat_redis_ssubscribe(u_char *ch, size_t len,
+    ngx_uint_t on);
 
 
 /*
@@ -100,15 +165,70 @@ static ngx_uint_t                ngx_chat_nresubscribe;
 static ngx_chat_redis_link_t *
 ngx_chat_redis_link(const redisAsyncContext *ac)
 {
-    if (ngx_chat_cmd.ac == ac) {
-        return &ngx_chat_cmd;
+    ngx_uint_t  i;
+
+    if (ac == NULL) {
+        return NULL;
     }
 
-    if (ngx_chat_sub.ac == ac) {
-        return &ngx_chat_sub;
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        if (ngx_chat_nodes[i].cmd.ac == ac) {
+            return &ngx_chat_nodes[i].cmd;
+        }
+
+        if (ngx_chat_nodes[i].sub.ac == ac) {
+            return &ngx_chat_nodes[i].sub;
+        }
     }
 
     return NULL;
+}
+
+
+/* everything a worker process needs to serve: single node, both links;
+ * cluster, a map owning every slot, every master's command link and our
+ * delivery channel subscribed */
+static ngx_uint_t
+ngx_chat_redis_ready_all(void)
+{
+    ngx_uint_t  i;
+
+    if (!ngx_chat_sharded) {
+        return ngx_chat_cmd.ready && ngx_chat_sub.ready;
+    }
+
+    if (!ngx_chat_map_ok || ngx_chat_wch_node == NULL) {
+        return 0;
+    }
+
+    for (i = 0; i < ngx_chat_map.nnodes; i++) {
+        if (ngx_chat_map_node[i] == NULL || !ngx_chat_map_node[i]->cmd.ready) {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static void
+ngx_chat_redis_update_up(void)
+{
+    if (ngx_chat_redis_ready_all()) {
+        if (!ngx_chat_counted) {
+            ngx_chat_counted = 1;
+            ngx_chat_stat_inc(redis_up);
+            ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                          "chat: redis %s%s:%d connected, channel \"%V\"",
+                          ngx_chat_sharded ? "cluster via " : "",
+                          ngx_chat_nodes[0].host, ngx_chat_nodes[0].port,
+                          &ngx_chat_worker_channel);
+        }
+
+    } else if (ngx_chat_counted) {
+        ngx_chat_counted = 0;
+        ngx_chat_stat_dec(redis_up);
+    }
 }
 
 
@@ -123,20 +243,7 @@ ngx_chat_redis_set_ready(ngx_chat_redis_link_t *link, ngx_uint_t ready)
 
     link->ready = ready ? 1 : 0;
 
-    if (ngx_chat_cmd.ready && ngx_chat_sub.ready) {
-        if (!ngx_chat_cmd.counted) {
-            ngx_chat_cmd.counted = 1;
-            ngx_chat_stat_inc(redis_up);
-            ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
-                          "chat: redis %s:%d connected, channel \"%V\"",
-                          ngx_chat_redis_host, ngx_chat_redis_port,
-                          &ngx_chat_worker_channel);
-        }
-
-    } else if (ngx_chat_cmd.counted) {
-        ngx_chat_cmd.counted = 0;
-        ngx_chat_stat_dec(redis_up);
-    }
+    ngx_chat_redis_update_up();
 }
 
 
@@ -260,7 +367,17 @@ ngx_chat_redis_schedule(ngx_chat_redis_link_t *link)
 static void
 ngx_chat_redis_reconnect_handler(ngx_event_t *ev)
 {
-    ngx_chat_redis_connect(ev->data);
+    ngx_chat_redis_link_t  *link = ev->data;
+
+    /* a cluster node that left the map (a dead master, a replica seed
+     * after the map came) is not dialled again */
+    if (ngx_chat_sharded && !link->node->mapped
+        && !(link->node->seed && !ngx_chat_map_ok))
+    {
+        return;
+    }
+
+    ngx_chat_redis_connect(link);
 }
 
 
@@ -270,7 +387,7 @@ ngx_chat_redis_connect(ngx_chat_redis_link_t *link)
     ngx_connection_t   *c;
     redisAsyncContext  *ac;
 
-    ac = redisAsyncConnect((char *) ngx_chat_redis_host, ngx_chat_redis_port);
+    ac = redisAsyncConnect(link->node->host, link->node->port);
     if (ac == NULL) {
         ngx_chat_redis_schedule(link);
         return;
@@ -279,7 +396,7 @@ ngx_chat_redis_connect(ngx_chat_redis_link_t *link)
     if (ac->err) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: redis connect to %s:%d: %s",
-                      ngx_chat_redis_host, ngx_chat_redis_port, ac->errstr);
+                      link->node->host, link->node->port, ac->errstr);
         redisAsyncFree(ac);
         ngx_chat_redis_schedule(link);
         return;
@@ -302,6 +419,7 @@ ngx_chat_redis_connect(ngx_chat_redis_link_t *link)
     link->conn = c;
     link->pending = 0;
     link->loading = 0;
+    link->connected = 0;
     link->last_reply = ngx_current_msec;
 
     ac->ev.data = link;
@@ -337,13 +455,16 @@ ngx_chat_redis_prelude(ngx_chat_redis_link_t *link)
 static void
 ngx_chat_redis_script_loaded(redisAsyncContext *ac, void *r, void *data)
 {
-    redisReply  *reply = r;
+    redisReply             *reply = r;
+    ngx_chat_redis_link_t  *link;
 
-    ngx_chat_cmd.last_reply = ngx_current_msec;
+    link = ngx_chat_redis_link(ac);
 
-    if (reply == NULL) {
+    if (reply == NULL || link == NULL) {
         return;
     }
+
+    link->last_reply = ngx_current_msec;
 
     if (reply->type == REDIS_REPLY_ERROR) {
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
@@ -352,24 +473,25 @@ ngx_chat_redis_script_loaded(redisAsyncContext *ac, void *r, void *data)
         return;
     }
 
-    if (--ngx_chat_cmd.loading == 0) {
-        ngx_chat_redis_set_ready(&ngx_chat_cmd, 1);
+    if (--link->loading == 0) {
+        ngx_chat_redis_set_ready(link, 1);
     }
 }
 
 
 static void
-ngx_chat_redis_load_scripts(void)
+ngx_chat_redis_load_scripts(ngx_chat_redis_link_t *link)
 {
     ngx_uint_t  i;
 
-    ngx_chat_cmd.loading = CHAT_LUA_N;
+    link->loading = CHAT_LUA_N;
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
-                   "chat: redis loading %d scripts", (int) CHAT_LUA_N);
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis loading %d scripts on %s:%d",
+                   (int) CHAT_LUA_N, link->node->host, link->node->port);
 
     for (i = 0; i < CHAT_LUA_N; i++) {
-        redisAsyncCommand(ngx_chat_cmd.ac, ngx_chat_redis_script_loaded, NULL,
+        redisAsyncCommand(link->ac, ngx_chat_redis_script_loaded, NULL,
                           "SCRIPT LOAD %s", chat_lua[i].src);
     }
 }
@@ -389,7 +511,7 @@ ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
     if (status != REDIS_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: redis connect to %s:%d failed: %s",
-                      ngx_chat_redis_host, ngx_chat_redis_port, ac->errstr);
+                      link->node->host, link->node->port, ac->errstr);
         /* hiredis frees the context after this callback */
         link->ac = NULL;
         ngx_chat_redis_schedule(link);
@@ -398,8 +520,20 @@ ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
 
     link->backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
     link->last_reply = ngx_current_msec;
+    link->connected = 1;
 
     ngx_chat_redis_prelude(link);
+
+    if (ngx_chat_sharded) {
+        ngx_chat_redis_load_scripts(link);
+
+        /* the first link up asks for the map; later ones when it is not whole */
+        if (!ngx_chat_map_ok) {
+            ngx_chat_redis_refresh_send();
+        }
+
+        return;
+    }
 
     if (link->sub) {
         redisAsyncCommand(link->ac, ngx_chat_redis_sub_cb, NULL,
@@ -414,7 +548,7 @@ ngx_chat_redis_on_connect(const redisAsyncContext *ac, int status)
         }
 
     } else {
-        ngx_chat_redis_load_scripts();
+        ngx_chat_redis_load_scripts(link);
     }
 }
 
@@ -431,17 +565,24 @@ ngx_chat_redis_on_disconnect(const redisAsyncContext *ac, int status)
 
     link->ac = NULL;
     link->pending = 0;
+    link->connected = 0;
     ngx_chat_redis_set_ready(link, 0);
 
     if (status != REDIS_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "chat: redis %s link lost: %s",
+                      "chat: redis %s link to %s:%d lost: %s",
                       link->sub ? "pub/sub" : "command",
+                      link->node->host, link->node->port,
                       ac->errstr[0] ? ac->errstr : "closed");
     }
 
     link->backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
     ngx_chat_redis_schedule(link);
+
+    if (ngx_chat_sharded) {
+        /* a master gone: its replica may be taking over */
+        ngx_chat_redis_refresh_soon(NGX_CHAT_REDIS_REFRESH_FAST);
+    }
 }
 
 
@@ -450,9 +591,7 @@ ngx_chat_redis_on_disconnect(const redisAsyncContext *ac, int status)
 static void
 ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *r, void *data)
 {
-    ngx_uint_t                 i;
-    redisReply                *reply = r, *kind, *ch, *payload;
-    ngx_chat_redis_channel_t  *c;
+    redisReply  *reply = r, *kind, *ch, *payload;
 
     ngx_chat_sub.last_reply = ngx_current_msec;
 
@@ -481,10 +620,22 @@ ngx_chat_redis_sub_cb(redisAsyncContext *ac, void *r, void *data)
         return;
     }
 
-    if (kind->len != 7 || ngx_strncmp(kind->str, "message", 7) != 0
-        || ch->type != REDIS_REPLY_STRING
-        || payload->type != REDIS_REPLY_STRING)
-    {
+    if (kind->len != 7 || ngx_strncmp(kind->str, "message", 7) != 0) {
+        return;
+    }
+
+    ngx_chat_redis_dispatch(ch, payload);
+}
+
+
+/* a message on ch goes to the handler registered for it */
+static void
+ngx_chat_redis_dispatch(redisReply *ch, redisReply *payload)
+{
+    ngx_uint_t                 i;
+    ngx_chat_redis_channel_t  *c;
+
+    if (ch->type != REDIS_REPLY_STRING || payload->type != REDIS_REPLY_STRING) {
         return;
     }
 
@@ -539,6 +690,10 @@ ngx_chat_redis_on_resubscribe(void (*cb)(void))
 ngx_int_t
 ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on)
 {
+    if (ngx_chat_sharded) {
+        return ngx_chat_redis_ssubscribe(channel->data, channel->len, on);
+    }
+
     if (ngx_chat_sub.ac == NULL) {
         return NGX_ERROR;     /* resubscribed on reconnect */
     }
@@ -554,11 +709,848 @@ ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on)
 }
 
 
+/* --- Redis Cluster: nodes, slot map, sharded pub/sub ---------------------- */
+
+static void
+ngx_chat_redis_link_init(ngx_chat_redis_link_t *link, ngx_chat_redis_node_t *n,
+    ngx_uint_t sub)
+{
+    link->node = n;
+    link->sub = sub;
+    link->backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
+    link->reconnect.handler = ngx_chat_redis_reconnect_handler;
+    link->reconnect.data = link;
+    link->reconnect.log = ngx_cycle->log;
+    link->reconnect.cancelable = 1;
+}
+
+
+static void ngx_chat_redis_ssub_reconnect_handler(ngx_event_t *ev);
+
+/* the node host:port, created (and dialled) when new; NULL when full */
+static ngx_chat_redis_node_t *
+ngx_chat_redis_node_get(const char *host, int port)
+{
+    ngx_uint_t              i;
+    ngx_chat_redis_node_t  *n;
+
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        n = &ngx_chat_nodes[i];
+
+        if (n->port == port && ngx_strcmp(n->host, host) == 0) {
+            return n;
+        }
+    }
+
+    if (ngx_chat_nnodes == CHAT_CLUSTER_MAX_NODES
+        || ngx_strlen(host) >= sizeof(n->host))
+    {
+        return NULL;
+    }
+
+    n = &ngx_chat_nodes[ngx_chat_nnodes++];
+    ngx_memzero(n, sizeof(ngx_chat_redis_node_t));
+    ngx_cpystrn((u_char *) n->host, (u_char *) host, sizeof(n->host));
+    n->port = port;
+    n->used = 1;
+
+    ngx_chat_redis_link_init(&n->cmd, n, 0);
+    n->ssub.backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
+    n->ssub.reconnect.handler = ngx_chat_redis_ssub_reconnect_handler;
+    n->ssub.reconnect.data = n;
+    n->ssub.reconnect.log = ngx_cycle->log;
+    n->ssub.reconnect.cancelable = 1;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis cluster node %s:%d", n->host, n->port);
+
+    ngx_chat_redis_connect(&n->cmd);
+
+    return n;
+}
+
+
+/* the node that owns slot, NULL when none (or not known yet) */
+static ngx_chat_redis_node_t *
+ngx_chat_redis_owner(unsigned slot)
+{
+    int  i;
+
+    i = chat_cluster_map_node(&ngx_chat_map, slot);
+
+    return i < 0 ? NULL : ngx_chat_map_node[i];
+}
+
+
+/* the map's nodes are ours: find or create each, dial its pub/sub link */
+static void
+ngx_chat_redis_map_bind(void)
+{
+    ngx_uint_t              i;
+    ngx_chat_redis_node_t  *n;
+
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        ngx_chat_nodes[i].mapped = 0;
+    }
+
+    for (i = 0; i < ngx_chat_map.nnodes; i++) {
+        n = ngx_chat_redis_node_get(ngx_chat_map.node[i].host,
+                                    ngx_chat_map.node[i].port);
+        ngx_chat_map_node[i] = n;
+
+        if (n) {
+            n->mapped = 1;
+        }
+    }
+
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        n = &ngx_chat_nodes[i];
+
+        if (n->mapped) {
+            if (!n->cmd.ac && !n->cmd.reconnect.timer_set) {
+                ngx_chat_redis_connect(&n->cmd);
+            }
+
+            if (!n->ssub.rc && !n->ssub.reconnect.timer_set) {
+                ngx_chat_redis_ssub_connect(n);
+            }
+
+        } else if (n->ssub.rc) {
+            /* not a master any more: what it carried is subscribed anew */
+            ngx_chat_redis_ssub_close(n);
+        }
+    }
+
+    ngx_chat_map_ok = chat_cluster_map_covered(&ngx_chat_map)
+                      == CHAT_CLUSTER_SLOTS;
+}
+
+
+/* whether two maps send some slot to different host:port */
+static ngx_uint_t
+ngx_chat_redis_map_differs(chat_cluster_map_t *a, chat_cluster_map_t *b)
+{
+    int         x, y;
+    ngx_uint_t  s;
+
+    for (s = 0; s < CHAT_CLUSTER_SLOTS; s++) {
+        x = chat_cluster_map_node(a, s);
+        y = chat_cluster_map_node(b, s);
+
+        if ((x < 0) != (y < 0)) {
+            return 1;
+        }
+
+        if (x >= 0 && (a->node[x].port != b->node[y].port
+                       || ngx_strcmp(a->node[x].host, b->node[y].host) != 0))
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+static void
+ngx_chat_redis_slots_reply(redisAsyncContext *ac, void *r, void *data)
+{
+    ngx_uint_t              i, changed;
+    redisReply             *reply = r;
+    ngx_chat_redis_link_t  *link;
+
+    ngx_chat_refreshing = 0;
+    link = ngx_chat_redis_link(ac);
+
+    if (reply == NULL || link == NULL || ngx_exiting) {
+        return;
+    }
+
+    link->last_reply = ngx_current_msec;
+
+    if (chat_cluster_map_from_slots(&ngx_chat_map_new, reply) != 0) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis %s:%d: unusable CLUSTER SLOTS reply%s%s",
+                      link->node->host, link->node->port,
+                      reply->type == REDIS_REPLY_ERROR ? ": " : "",
+                      reply->type == REDIS_REPLY_ERROR ? reply->str : "");
+        return;
+    }
+
+    /* a node that does not know its own address: the one we asked */
+    for (i = 0; i < ngx_chat_map_new.nnodes; i++) {
+        if (ngx_chat_map_new.node[i].host[0] == '\0') {
+            ngx_cpystrn((u_char *) ngx_chat_map_new.node[i].host,
+                        (u_char *) link->node->host,
+                        sizeof(ngx_chat_map_new.node[i].host));
+        }
+    }
+
+    changed = ngx_chat_redis_map_differs(&ngx_chat_map, &ngx_chat_map_new);
+
+    if (changed) {
+        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                      "chat: redis cluster map from %s:%d: %ui masters, "
+                      "%ui slots owned", link->node->host, link->node->port,
+                      (ngx_uint_t) ngx_chat_map_new.nnodes,
+                      (ngx_uint_t) chat_cluster_map_covered(&ngx_chat_map_new));
+        ngx_memcpy(&ngx_chat_map, &ngx_chat_map_new, sizeof(ngx_chat_map));
+        ngx_chat_stat_inc(redis_maps);
+    }
+
+    ngx_chat_redis_map_bind();
+
+    if (changed || ngx_chat_resub) {
+        ngx_chat_resub = 0;
+        ngx_chat_redis_resubscribe_all();
+    }
+
+    ngx_chat_redis_update_up();
+}
+
+
+/* CLUSTER SLOTS on some connected node (the seeds dial on their own) */
+static void
+ngx_chat_redis_refresh_send(void)
+{
+    ngx_uint_t              i, k;
+    static ngx_uint_t       next;
+    ngx_chat_redis_node_t  *n;
+
+    if (ngx_chat_refreshing || ngx_exiting) {
+        return;
+    }
+
+    for (k = 0; k < ngx_chat_nnodes; k++) {
+        i = (next + k) % ngx_chat_nnodes;
+        n = &ngx_chat_nodes[i];
+
+        if (n->cmd.connected && n->cmd.ac
+            && redisAsyncCommand(n->cmd.ac, ngx_chat_redis_slots_reply, NULL,
+                                 "CLUSTER SLOTS") == REDIS_OK)
+        {
+            next = i + 1;
+            ngx_chat_refreshing = 1;
+            return;
+        }
+    }
+}
+
+
+static void
+ngx_chat_redis_refresh_handler(ngx_event_t *ev)
+{
+    ngx_uint_t  i;
+
+    if (ngx_exiting) {
+        return;
+    }
+
+    /* without a map, every seed is dialled again (a seed that was a
+     * replica when the map came is not kept) */
+    if (!ngx_chat_map_ok) {
+        for (i = 0; i < ngx_chat_nnodes; i++) {
+            if (ngx_chat_nodes[i].seed && !ngx_chat_nodes[i].cmd.ac
+                && !ngx_chat_nodes[i].cmd.reconnect.timer_set)
+            {
+                ngx_chat_redis_connect(&ngx_chat_nodes[i].cmd);
+            }
+        }
+    }
+
+    ngx_chat_redis_refresh_send();
+
+    ngx_add_timer(ev, ngx_chat_redis_ready_all() ? NGX_CHAT_REDIS_REFRESH
+                                                 : NGX_CHAT_REDIS_REFRESH_FAST);
+}
+
+
+static void
+ngx_chat_redis_refresh_soon(ngx_msec_t delay)
+{
+    if (ngx_exiting || !ngx_chat_sharded) {
+        return;
+    }
+
+    if (ngx_chat_refresh_ev.timer_set
+        && ngx_chat_refresh_ev.timer.key <= ngx_current_msec + delay)
+    {
+        return;
+    }
+
+    if (ngx_chat_refresh_ev.timer_set) {
+        ngx_del_timer(&ngx_chat_refresh_ev);
+    }
+
+    ngx_add_timer(&ngx_chat_refresh_ev, delay);
+}
+
+
+/* sharded pub/sub link: a non-blocking redisContext on nginx events */
+
+static void
+ngx_chat_redis_ssub_flush(ngx_chat_redis_node_t *n)
+{
+    int  done = 0;
+
+    if (!n->ssub.connected) {
+        return;                  /* written once connected */
+    }
+
+    if (redisBufferWrite(n->ssub.rc, &done) == REDIS_ERR) {
+        ngx_chat_redis_ssub_close(n);
+        return;
+    }
+
+    if (!done && !n->ssub.conn->write->active) {
+        (void) ngx_add_event(n->ssub.conn->write, NGX_WRITE_EVENT, 0);
+
+    } else if (done && n->ssub.conn->write->active) {
+        (void) ngx_del_event(n->ssub.conn->write, NGX_WRITE_EVENT, 0);
+    }
+}
+
+
+static ngx_int_t
+ngx_chat_redis_ssubscribe(u_char *ch, size_t len, ngx_uint_t on)
+{
+    ngx_chat_redis_node_t  *n;
+
+    n = ngx_chat_redis_owner(chat_cluster_slot((const char *) ch, len));
+
+    if (n == NULL || n->ssub.rc == NULL || !n->ssub.connected) {
+        return NGX_ERROR;        /* subscribed when that link is up */
+    }
+
+    if (redisAppendCommand(n->ssub.rc, on ? "SSUBSCRIBE %b" : "SUNSUBSCRIBE %b",
+                           ch, len) != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_chat_redis_ssub_flush(n);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_redis_resubscribe_all(void)
+{
+    ngx_uint_t  i;
+
+    ngx_log_debug0(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis cluster resubscribing");
+
+    /* SSUBSCRIBE of a channel a link holds already is a no-op */
+    (void) ngx_chat_redis_ssubscribe(ngx_chat_worker_channel.data,
+                                     ngx_chat_worker_channel.len, 1);
+    (void) ngx_chat_redis_ssubscribe((u_char *) NGX_CHAT_BROADCAST_CHANNEL,
+                                     sizeof(NGX_CHAT_BROADCAST_CHANNEL) - 1, 1);
+
+    for (i = 0; i < ngx_chat_nresubscribe; i++) {
+        ngx_chat_resubscribe[i]();
+    }
+}
+
+
+static ngx_uint_t
+ngx_chat_redis_is_wch(redisReply *ch)
+{
+    return ch->type == REDIS_REPLY_STRING
+           && (size_t) ch->len == ngx_chat_worker_channel.len
+           && ngx_strncmp(ch->str, ngx_chat_worker_channel.data, ch->len) == 0;
+}
+
+
+static void
+ngx_chat_redis_ssub_reply(ngx_chat_redis_node_t *n, redisReply *reply)
+{
+    redisReply  *kind, *ch;
+
+    if (reply->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis %s:%d pub/sub: %s", n->host, n->port,
+                      reply->str);
+        /* a MOVED for SSUBSCRIBE: the map is behind */
+        ngx_chat_resub = 1;
+        ngx_chat_redis_refresh_soon(NGX_CHAT_REDIS_REFRESH_FAST);
+        return;
+    }
+
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements < 3
+        || reply->element[0]->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    kind = reply->element[0];
+    ch = reply->element[1];
+
+    if (kind->len == 8 && ngx_strncmp(kind->str, "smessage", 8) == 0) {
+        ngx_chat_redis_dispatch(ch, reply->element[2]);
+        return;
+    }
+
+    if (kind->len == 10 && ngx_strncmp(kind->str, "ssubscribe", 10) == 0) {
+        if (ngx_chat_redis_is_wch(ch) && ngx_chat_wch_node != n) {
+            ngx_chat_wch_node = n;
+            ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                           "chat: redis delivery channel on %s:%d",
+                           n->host, n->port);
+            ngx_chat_redis_update_up();
+        }
+        return;
+    }
+
+    if (kind->len == 12 && ngx_strncmp(kind->str, "sunsubscribe", 12) == 0) {
+        /* we never drop our own channel: its slot moved away from n; the
+         * other channels may be an unwatch, or the same: look again */
+        if (ngx_chat_redis_is_wch(ch) && ngx_chat_wch_node == n) {
+            ngx_chat_wch_node = NULL;
+            ngx_chat_redis_update_up();
+        }
+
+        ngx_chat_resub = 1;
+        ngx_chat_redis_refresh_soon(20);
+    }
+}
+
+
+static void
+ngx_chat_redis_ssub_read_handler(ngx_event_t *ev)
+{
+    void                   *reply;
+    ngx_connection_t       *c = ev->data;
+    ngx_chat_redis_node_t  *n = c->data;
+
+    if (redisBufferRead(n->ssub.rc) == REDIS_ERR) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis pub/sub link to %s:%d lost: %s",
+                      n->host, n->port,
+                      n->ssub.rc->errstr[0] ? n->ssub.rc->errstr : "closed");
+        ngx_chat_redis_ssub_close(n);
+        ngx_chat_redis_refresh_soon(NGX_CHAT_REDIS_REFRESH_FAST);
+        return;
+    }
+
+    for ( ;; ) {
+        reply = NULL;
+
+        if (redisReaderGetReply(n->ssub.rc->reader, &reply) != REDIS_OK) {
+            ngx_chat_redis_ssub_close(n);
+            return;
+        }
+
+        if (reply == NULL) {
+            return;
+        }
+
+        ngx_chat_redis_ssub_reply(n, reply);
+        freeReplyObject(reply);
+
+        if (n->ssub.rc == NULL) {
+            return;              /* closed by what the reply did */
+        }
+    }
+}
+
+
+static void
+ngx_chat_redis_ssub_write_handler(ngx_event_t *ev)
+{
+    int                     err;
+    socklen_t               len;
+    ngx_connection_t       *c = ev->data;
+    ngx_chat_redis_node_t  *n = c->data;
+
+    if (!n->ssub.connected) {
+        err = 0;
+        len = sizeof(err);
+
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1
+            || err != 0)
+        {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, err,
+                          "chat: redis pub/sub connect to %s:%d failed",
+                          n->host, n->port);
+            ngx_chat_redis_ssub_close(n);
+            return;
+        }
+
+        n->ssub.connected = 1;
+        n->ssub.backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
+
+        if (ngx_chat_redis_pass[0]) {
+            (void) redisAppendCommand(n->ssub.rc, "AUTH %s",
+                                      ngx_chat_redis_pass);
+        }
+
+        ngx_chat_redis_resubscribe_all();
+    }
+
+    ngx_chat_redis_ssub_flush(n);
+}
+
+
+static void
+ngx_chat_redis_ssub_connect(ngx_chat_redis_node_t *n)
+{
+    redisContext      *rc;
+    ngx_connection_t  *c;
+
+    rc = redisConnectNonBlock(n->host, n->port);
+
+    if (rc == NULL || rc->err) {
+        if (rc) {
+            redisFree(rc);
+        }
+        goto retry;
+    }
+
+    c = ngx_get_connection(rc->fd, ngx_cycle->log);
+    if (c == NULL) {
+        redisFree(rc);
+        goto retry;
+    }
+
+    c->data = n;
+    c->read->handler = ngx_chat_redis_ssub_read_handler;
+    c->write->handler = ngx_chat_redis_ssub_write_handler;
+    c->read->log = c->log;
+    c->write->log = c->log;
+
+    n->ssub.rc = rc;
+    n->ssub.conn = c;
+    n->ssub.connected = 0;
+
+    /* level-triggered like the command links; writable = connected */
+    if (ngx_add_event(c->read, NGX_READ_EVENT, 0) != NGX_OK
+        || ngx_add_event(c->write, NGX_WRITE_EVENT, 0) != NGX_OK)
+    {
+        ngx_chat_redis_ssub_close(n);
+    }
+
+    return;
+
+retry:
+
+    if (!ngx_exiting && !n->ssub.reconnect.timer_set) {
+        ngx_add_timer(&n->ssub.reconnect, n->ssub.backoff);
+        n->ssub.backoff = ngx_min(n->ssub.backoff * 2,
+                                  NGX_CHAT_REDIS_BACKOFF_MAX);
+    }
+}
+
+
+static void
+ngx_chat_redis_ssub_reconnect_handler(ngx_event_t *ev)
+{
+    ngx_chat_redis_node_t  *n = ev->data;
+
+    if (n->mapped && n->ssub.rc == NULL) {
+        ngx_chat_redis_ssub_connect(n);
+    }
+}
+
+
+static void
+ngx_chat_redis_ssub_close(ngx_chat_redis_node_t *n)
+{
+    ngx_connection_t  *c = n->ssub.conn;
+
+    if (c) {
+        if (c->read->active) {
+            (void) ngx_del_event(c->read, NGX_READ_EVENT, 0);
+        }
+
+        if (c->write->active) {
+            (void) ngx_del_event(c->write, NGX_WRITE_EVENT, 0);
+        }
+
+        if (c->read->posted) {
+            ngx_delete_posted_event(c->read);
+        }
+
+        if (c->write->posted) {
+            ngx_delete_posted_event(c->write);
+        }
+
+        c->fd = (ngx_socket_t) -1;   /* redisFree closes it */
+        ngx_free_connection(c);
+        n->ssub.conn = NULL;
+    }
+
+    if (n->ssub.rc) {
+        redisFree(n->ssub.rc);
+        n->ssub.rc = NULL;
+    }
+
+    n->ssub.connected = 0;
+
+    if (ngx_chat_wch_node == n) {
+        ngx_chat_wch_node = NULL;
+        ngx_chat_redis_update_up();
+    }
+
+    if (n->mapped && !ngx_exiting && !n->ssub.reconnect.timer_set) {
+        ngx_add_timer(&n->ssub.reconnect, n->ssub.backoff);
+        n->ssub.backoff = ngx_min(n->ssub.backoff * 2,
+                                  NGX_CHAT_REDIS_BACKOFF_MAX);
+    }
+}
+
+
+/* cluster commands: formatted once, so that a redirect resends the bytes */
+
+typedef struct {
+    ngx_chat_redis_cb   cb;
+    void               *data;
+    char               *cmd;          /* hiredis' (redisFreeCommand) */
+    size_t              len;
+    int                 slot;         /* -1: any node */
+    ngx_uint_t          tries;
+    ngx_uint_t          asking;       /* ASKING first, once */
+    ngx_event_t         retry;
+} ngx_chat_redis_creq_t;
+
+
+static void ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data);
+
+
+static void
+ngx_chat_redis_creq_done(ngx_chat_redis_creq_t *q, redisReply *reply)
+{
+    if (q->cb) {
+        q->cb(reply, q->data);
+    }
+
+    redisFreeCommand(q->cmd);
+    ngx_free(q);
+}
+
+
+static ngx_chat_redis_node_t *
+ngx_chat_redis_any_node(void)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < ngx_chat_map.nnodes; i++) {
+        if (ngx_chat_map_node[i] && ngx_chat_map_node[i]->cmd.ready) {
+            return ngx_chat_map_node[i];
+        }
+    }
+
+    return NULL;
+}
+
+
+static ngx_int_t
+ngx_chat_redis_csend(ngx_chat_redis_creq_t *q, ngx_chat_redis_node_t *n)
+{
+    if (n == NULL) {
+        n = q->slot < 0 ? ngx_chat_redis_any_node()
+                        : ngx_chat_redis_owner((unsigned) q->slot);
+    }
+
+    if (n == NULL || !n->cmd.ready || n->cmd.ac == NULL
+        || n->cmd.pending >= NGX_CHAT_REDIS_MAX_PENDING)
+    {
+        return NGX_ERROR;
+    }
+
+    if (q->asking) {
+        q->asking = 0;
+
+        if (redisAsyncCommand(n->cmd.ac, NULL, NULL, "ASKING") != REDIS_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (redisAsyncFormattedCommand(n->cmd.ac, ngx_chat_redis_creply, q,
+                                   q->cmd, q->len) != REDIS_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    n->cmd.pending++;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_chat_redis_retry_handler(ngx_event_t *ev)
+{
+    ngx_chat_redis_creq_t  *q = ev->data;
+
+    if (ngx_exiting || ngx_chat_redis_csend(q, NULL) != NGX_OK) {
+        ngx_chat_redis_creq_done(q, NULL);
+    }
+}
+
+
+static void
+ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
+{
+    ngx_chat_redis_creq_t  *q = data;
+    redisReply             *reply = r;
+    ngx_chat_redis_link_t  *link;
+    ngx_chat_redis_node_t  *n;
+    chat_redirect_t         rd;
+    const char             *host;
+    int                     idx;
+
+    link = ngx_chat_redis_link(ac);
+
+    if (link && link->pending) {
+        link->pending--;
+        link->last_reply = ngx_current_msec;
+    }
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ERROR || link == NULL
+        || ngx_exiting)
+    {
+        ngx_chat_redis_creq_done(q, reply);
+        return;
+    }
+
+    /* not executed where it was sent: send it where the cluster says, with
+     * the same callback, so that it is answered once */
+    if (chat_cluster_parse_redirect(reply->str, reply->len, &rd) == 0) {
+        if (q->tries++ >= NGX_CHAT_REDIS_REDIRECTS) {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "chat: redis cluster: too many redirects (%s)",
+                          reply->str);
+            ngx_chat_redis_creq_done(q, NULL);
+            return;
+        }
+
+        host = rd.host[0] ? rd.host : link->node->host;
+        n = ngx_chat_redis_node_get(host, rd.port);
+
+        ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: redis %s slot %ui -> %s:%d",
+                       rd.kind == CHAT_REDIRECT_MOVED ? "MOVED" : "ASK",
+                       (ngx_uint_t) rd.slot, host, rd.port);
+
+        if (rd.kind == CHAT_REDIRECT_MOVED) {
+            ngx_chat_stat_inc(redis_moved);
+            idx = chat_cluster_map_move(&ngx_chat_map, rd.slot, host, rd.port);
+            if (idx >= 0 && n) {
+                ngx_chat_map_node[idx] = n;
+                n->mapped = 1;
+            }
+            ngx_chat_redis_refresh_soon(100);
+
+        } else {
+            ngx_chat_stat_inc(redis_ask);
+            q->asking = 1;
+        }
+
+        if (n && ngx_chat_redis_csend(q, n) == NGX_OK) {
+            return;
+        }
+
+        ngx_chat_redis_creq_done(q, NULL);
+        return;
+    }
+
+    /* TRYAGAIN (a multi-key script while its slot migrates), CLUSTERDOWN
+     * (a failover under way): not executed either, again shortly */
+    if ((ngx_strncmp(reply->str, "TRYAGAIN", 8) == 0
+         || ngx_strncmp(reply->str, "CLUSTERDOWN", 11) == 0)
+        && q->tries < NGX_CHAT_REDIS_REDIRECTS)
+    {
+        q->tries++;
+        ngx_chat_stat_inc(redis_tryagain);
+        q->retry.handler = ngx_chat_redis_retry_handler;
+        q->retry.data = q;
+        q->retry.log = ngx_cycle->log;
+        q->retry.cancelable = 1;
+        ngx_add_timer(&q->retry, 25 * q->tries);
+        ngx_chat_redis_refresh_soon(100);
+        return;
+    }
+
+    if (ngx_strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis %s:%d lost the scripts, loading them again",
+                      link->node->host, link->node->port);
+        ngx_chat_redis_set_ready(link, 0);
+        ngx_chat_redis_load_scripts(link);
+    }
+
+    ngx_chat_redis_creq_done(q, reply);
+}
+
+
+static ngx_int_t
+ngx_chat_redis_cissue(ngx_chat_redis_cb cb, void *data, char *cmd, int len)
+{
+    int                     slot;
+    ngx_chat_redis_creq_t  *q;
+
+    if (len <= 0) {
+        return NGX_ERROR;
+    }
+
+    slot = chat_cluster_command_slot(cmd, (size_t) len);
+    if (slot == -2) {
+        redisFreeCommand(cmd);
+        return NGX_ERROR;
+    }
+
+    q = ngx_alloc(sizeof(ngx_chat_redis_creq_t), ngx_cycle->log);
+    if (q == NULL) {
+        redisFreeCommand(cmd);
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(q, sizeof(ngx_chat_redis_creq_t));
+    q->cb = cb;
+    q->data = data;
+    q->cmd = cmd;
+    q->len = (size_t) len;
+    q->slot = slot;
+
+    if (ngx_chat_redis_csend(q, NULL) != NGX_OK) {
+        redisFreeCommand(cmd);
+        ngx_free(q);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+ngx_uint_t
+ngx_chat_redis_sharded(void)
+{
+    return ngx_chat_sharded;
+}
+
+
+/* PUBLISH (single node) or SPUBLISH on the channel's master (cluster) */
+ngx_int_t
+ngx_chat_redis_publish(u_char *ch, size_t clen, u_char *payload, size_t plen)
+{
+    return ngx_chat_redis_command(NULL, NULL,
+                                  ngx_chat_sharded ? "SPUBLISH %b %b"
+                                                   : "PUBLISH %b %b",
+                                  ch, clen, payload, plen);
+}
+
+
 /* --- commands ------------------------------------------------------------ */
 
 ngx_int_t
 ngx_chat_redis_ready(void)
 {
+    if (ngx_chat_sharded) {
+        return ngx_chat_redis_ready_all();
+    }
+
     return ngx_chat_cmd.ready && ngx_chat_sub.ready
            && ngx_chat_cmd.pending < NGX_CHAT_REDIS_MAX_PENDING;
 }
@@ -582,7 +1574,7 @@ ngx_chat_redis_reply(redisAsyncContext *ac, void *r, void *data)
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: redis lost the scripts, loading them again");
         ngx_chat_redis_set_ready(&ngx_chat_cmd, 0);
-        ngx_chat_redis_load_scripts();
+        ngx_chat_redis_load_scripts(&ngx_chat_cmd);
     }
 
     if (req->cb) {
@@ -618,8 +1610,17 @@ ngx_int_t
 ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data, const char *fmt, ...)
 {
     int                    rc;
+    char                  *cmd;
     va_list                ap;
     ngx_chat_redis_req_t  *req;
+
+    if (ngx_chat_sharded) {
+        va_start(ap, fmt);
+        rc = redisvFormatCommand(&cmd, fmt, ap);
+        va_end(ap);
+
+        return rc <= 0 ? NGX_ERROR : ngx_chat_redis_cissue(cb, data, cmd, rc);
+    }
 
     req = ngx_chat_redis_req(cb, data);
     if (req == NULL) {
@@ -646,7 +1647,15 @@ ngx_int_t
 ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data, int argc,
     const char **argv, const size_t *argvlen)
 {
+    int                    n;
+    char                  *cmd;
     ngx_chat_redis_req_t  *req;
+
+    if (ngx_chat_sharded) {
+        n = redisFormatCommandArgv(&cmd, argc, argv, argvlen);
+
+        return n <= 0 ? NGX_ERROR : ngx_chat_redis_cissue(cb, data, cmd, n);
+    }
 
     req = ngx_chat_redis_req(cb, data);
     if (req == NULL) {
@@ -701,8 +1710,12 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
 void
 ngx_chat_redis_flush(void)
 {
-    if (ngx_chat_cmd.ready) {
-        redisAsyncHandleWrite(ngx_chat_cmd.ac);
+    ngx_uint_t  i;
+
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        if (ngx_chat_nodes[i].cmd.ready) {
+            redisAsyncHandleWrite(ngx_chat_nodes[i].cmd.ac);
+        }
     }
 }
 
@@ -712,13 +1725,21 @@ ngx_chat_redis_flush(void)
 static void
 ngx_chat_redis_watchdog_handler(ngx_event_t *ev)
 {
-    if (ngx_chat_cmd.ac && ngx_chat_cmd.pending
-        && ngx_current_msec - ngx_chat_cmd.last_reply > NGX_CHAT_REDIS_STALL)
-    {
-        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "chat: redis stopped answering (%ui pending), "
-                      "reconnecting", ngx_chat_cmd.pending);
-        redisAsyncDisconnect(ngx_chat_cmd.ac);
+    ngx_uint_t              i;
+    ngx_chat_redis_link_t  *l;
+
+    for (i = 0; i < ngx_chat_nnodes; i++) {
+        l = &ngx_chat_nodes[i].cmd;
+
+        if (l->ac && l->pending
+            && ngx_current_msec - l->last_reply > NGX_CHAT_REDIS_STALL)
+        {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "chat: redis %s:%d stopped answering (%ui pending), "
+                          "reconnecting", l->node->host, l->node->port,
+                          l->pending);
+            redisAsyncDisconnect(l->ac);
+        }
     }
 
     if (!ngx_exiting) {
@@ -729,47 +1750,67 @@ ngx_chat_redis_watchdog_handler(ngx_event_t *ev)
 
 /* --- process hooks -------------------------------------------------------- */
 
-/* chat_redis: the workers' parser too (libchat/chat_url.c) */
-static ngx_int_t
-ngx_chat_redis_parse_url(ngx_str_t *url)
+/*
+ * chat_redis: the workers' parser too (libchat/chat_url.c). One URL is a
+ * single node; with chat_redis_cluster on, every URL is a seed of one
+ * cluster (one password for all, db 0: a cluster has no other).
+ */
+ngx_int_t
+ngx_chat_redis_check_urls(ngx_array_t *urls, ngx_flag_t cluster, ngx_log_t *log)
 {
-    chat_redis_url_t  u;
+    ngx_uint_t         i;
+    ngx_str_t         *url;
+    chat_redis_url_t   u;
 
-    if (chat_redis_url_parse((const char *) url->data, url->len, &u) != 0) {
+    url = urls->elts;
+
+    if (urls->nelts > 1 && !cluster) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0,
+                      "chat_redis: several URLs are the seeds of a cluster: "
+                      "add chat_redis_cluster on");
         return NGX_ERROR;
     }
 
-    ngx_cpystrn(ngx_chat_redis_host, (u_char *) u.host,
-                sizeof(ngx_chat_redis_host));
-    ngx_cpystrn(ngx_chat_redis_pass, (u_char *) u.password,
-                sizeof(ngx_chat_redis_pass));
-    ngx_chat_redis_port = u.port;
-    ngx_chat_redis_db = u.db;
+    if (urls->nelts > NGX_CHAT_REDIS_MAX_SEEDS) {
+        ngx_log_error(NGX_LOG_EMERG, log, 0, "chat_redis: at most %d seeds",
+                      NGX_CHAT_REDIS_MAX_SEEDS);
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < urls->nelts; i++) {
+        if (chat_redis_url_parse((const char *) url[i].data, url[i].len, &u)
+            != 0)
+        {
+            ngx_log_error(NGX_LOG_EMERG, log, 0,
+                          "chat_redis \"%V\" is not redis://[:password@]"
+                          "host[:port][/db]", &url[i]);
+            return NGX_ERROR;
+        }
+
+        if (cluster && u.db != 0) {
+            ngx_log_error(NGX_LOG_EMERG, log, 0,
+                          "chat_redis \"%V\": a cluster has database 0 only",
+                          &url[i]);
+            return NGX_ERROR;
+        }
+    }
 
     return NGX_OK;
 }
 
 
 ngx_int_t
-ngx_chat_redis_check_url(ngx_str_t *url)
-{
-    return ngx_chat_redis_parse_url(url);
-}
-
-
-ngx_int_t
 ngx_chat_redis_init_process(ngx_cycle_t *cycle)
 {
-    u_char                *p;
-    ngx_uint_t             i;
-    unsigned char          md[SHA_DIGEST_LENGTH];
-    ngx_chat_main_conf_t  *cmcf;
+    u_char                 *p;
+    ngx_uint_t              i;
+    ngx_str_t              *url;
+    unsigned char           md[SHA_DIGEST_LENGTH];
+    chat_redis_url_t        u;
+    ngx_chat_redis_node_t  *n;
+    ngx_chat_main_conf_t   *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_chat_module);
-
-    if (ngx_chat_redis_parse_url(&cmcf->redis_url) != NGX_OK) {
-        return NGX_ERROR;
-    }
 
     for (i = 0; i < CHAT_LUA_N; i++) {
         SHA1((const unsigned char *) chat_lua[i].src,
@@ -784,19 +1825,48 @@ ngx_chat_redis_init_process(ngx_cycle_t *cycle)
     ngx_chat_worker_channel.data = ngx_chat_channel_buf;
     ngx_chat_worker_channel.len = p - ngx_chat_channel_buf;
 
-    ngx_chat_cmd.sub = 0;
-    ngx_chat_sub.sub = 1;
+    ngx_chat_sharded = cmcf->redis_cluster == 1;
+    chat_cluster_map_init(&ngx_chat_map);
+    url = cmcf->redis_urls->elts;
 
-    for (i = 0; i < 2; i++) {
-        ngx_chat_redis_link_t  *link = i ? &ngx_chat_sub : &ngx_chat_cmd;
+    for (i = 0; i < cmcf->redis_urls->nelts; i++) {
+        if (chat_redis_url_parse((const char *) url[i].data, url[i].len, &u)
+            != 0)
+        {
+            return NGX_ERROR;
+        }
 
-        link->backoff = NGX_CHAT_REDIS_BACKOFF_MIN;
-        link->reconnect.handler = ngx_chat_redis_reconnect_handler;
-        link->reconnect.data = link;
-        link->reconnect.log = cycle->log;
-        link->reconnect.cancelable = 1;
+        ngx_cpystrn(ngx_chat_redis_pass, (u_char *) u.password,
+                    sizeof(ngx_chat_redis_pass));
+        ngx_chat_redis_db = u.db;
 
-        ngx_chat_redis_connect(link);
+        if (!ngx_chat_sharded) {
+            n = &ngx_chat_nodes[0];
+            ngx_cpystrn((u_char *) n->host, (u_char *) u.host, sizeof(n->host));
+            n->port = u.port;
+            n->used = 1;
+            ngx_chat_nnodes = 1;
+
+            ngx_chat_redis_link_init(&n->cmd, n, 0);
+            ngx_chat_redis_link_init(&n->sub, n, 1);
+            ngx_chat_redis_connect(&n->cmd);
+            ngx_chat_redis_connect(&n->sub);
+            break;
+        }
+
+        /* each seed dials its command link; the first up asks the map */
+        n = ngx_chat_redis_node_get(u.host, u.port);
+        if (n) {
+            n->seed = 1;
+        }
+    }
+
+    if (ngx_chat_sharded) {
+        ngx_chat_refresh_ev.handler = ngx_chat_redis_refresh_handler;
+        ngx_chat_refresh_ev.data = &ngx_chat_watchdog_conn;
+        ngx_chat_refresh_ev.log = cycle->log;
+        ngx_chat_refresh_ev.cancelable = 1;
+        ngx_add_timer(&ngx_chat_refresh_ev, NGX_CHAT_REDIS_REFRESH_FAST);
     }
 
     ngx_chat_watchdog_conn.fd = (ngx_socket_t) -1;
@@ -813,25 +1883,33 @@ ngx_chat_redis_init_process(ngx_cycle_t *cycle)
 void
 ngx_chat_redis_exit_process(ngx_cycle_t *cycle)
 {
-    int                 done, i;
-    struct pollfd       pfd;
-    redisAsyncContext  *ac;
+    int                     done, i;
+    ngx_uint_t              k;
+    struct pollfd           pfd;
+    redisAsyncContext      *ac;
+    ngx_chat_redis_node_t  *n;
 
     /*
      * The worker is exiting: what the closing sessions queued (their
-     * registry removals) is written out before the link goes, waiting at
-     * most half a second. Replies are not awaited.
+     * registry removals) is written out before the links go, waiting at
+     * most half a second per node. Replies are not awaited.
      */
-    if (ngx_chat_cmd.ac) {
+    for (k = 0; k < ngx_chat_nnodes; k++) {
+        n = &ngx_chat_nodes[k];
+
+        if (n->cmd.ac == NULL) {
+            continue;
+        }
+
         done = 0;
 
         for (i = 0; i < 50 && !done; i++) {
-            if (redisBufferWrite(&ngx_chat_cmd.ac->c, &done) == REDIS_ERR) {
+            if (redisBufferWrite(&n->cmd.ac->c, &done) == REDIS_ERR) {
                 break;
             }
 
             if (!done) {
-                pfd.fd = ngx_chat_cmd.ac->c.fd;
+                pfd.fd = n->cmd.ac->c.fd;
                 pfd.events = POLLOUT;
                 pfd.revents = 0;
                 (void) poll(&pfd, 1, 10);
@@ -845,23 +1923,34 @@ ngx_chat_redis_exit_process(ngx_cycle_t *cycle)
      * failure sends its unregister) must find the links not ready, not
      * reach for a context that is being freed.
      */
-    ngx_chat_cmd.ready = 0;
-    ngx_chat_sub.ready = 0;
-
-    if (ngx_chat_sub.ac) {
-        ac = ngx_chat_sub.ac;
-        ngx_chat_sub.ac = NULL;
-        redisAsyncFree(ac);
+    for (k = 0; k < ngx_chat_nnodes; k++) {
+        ngx_chat_nodes[k].cmd.ready = 0;
+        ngx_chat_nodes[k].sub.ready = 0;
+        ngx_chat_nodes[k].mapped = 0;
     }
 
-    if (ngx_chat_cmd.ac) {
-        ac = ngx_chat_cmd.ac;
-        ngx_chat_cmd.ac = NULL;
-        redisAsyncFree(ac);
+    ngx_chat_map_ok = 0;
+
+    for (k = 0; k < ngx_chat_nnodes; k++) {
+        n = &ngx_chat_nodes[k];
+
+        if (n->sub.ac) {
+            ac = n->sub.ac;
+            n->sub.ac = NULL;
+            redisAsyncFree(ac);
+        }
+
+        if (n->cmd.ac) {
+            ac = n->cmd.ac;
+            n->cmd.ac = NULL;
+            redisAsyncFree(ac);
+        }
+
+        ngx_chat_redis_ssub_close(n);
     }
 
-    if (ngx_chat_cmd.counted) {
-        ngx_chat_cmd.counted = 0;
+    if (ngx_chat_counted) {
+        ngx_chat_counted = 0;
         ngx_chat_stat_dec(redis_up);
     }
 }

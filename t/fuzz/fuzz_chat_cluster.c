@@ -57,6 +57,11 @@ fuzz_redirect(const char *p, size_t n)
         CHECK(r.kind == CHAT_REDIRECT_NONE);
     }
     CHECK(chat_cluster_slot(copy, n) < CHAT_CLUSTER_SLOTS);
+    {
+        int  cs = chat_cluster_command_slot(copy, n);
+
+        CHECK(cs >= -2 && cs < CHAT_CLUSTER_SLOTS);
+    }
     free(copy);
 }
 

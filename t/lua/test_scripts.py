@@ -29,7 +29,9 @@ def test_every_script_file_is_in_the_table_with_a_header():
 
 def test_scripts_touch_only_keys_they_are_given():
     """No key name is built inside a script (else a cluster slot could be
-    wrong); channels (PUBLISH) are not keys."""
+    wrong); channels (PUBLISH) are not keys. A sharded channel (SPUBLISH) is
+    slot-checked like a key: it must carry the user's hash tag {u:<user>},
+    the slot of the script's KEYS (t/test_cluster.py runs them on a cluster)."""
     for name, src in SCRIPTS.items():
         aliases = set()       # local SET, USER = KEYS[4], ARGV[5]
         for m in re.finditer(r"local ([\w, ]+) = ([^\n]+)", src):
@@ -45,10 +47,56 @@ def test_scripts_touch_only_keys_they_are_given():
             cmd, first = m.group(1), m.group(2).strip()
             if cmd in ("PUBLISH",):
                 continue
+            if cmd == "SPUBLISH":
+                assert re.match(r"'chat:p:\{u:' \.\. (USER|ARGV\[\d\]) \.\. '\}'$", first), (name, first)
+                continue
             assert first.startswith("KEYS[") or first in aliases, (name, cmd, first)
 
 
 # --- registry and presence -------------------------------------------------
+
+def test_sharded_presence_goes_to_the_users_slot_channel(r, run):
+    """With the cluster flag ("s") register, refresh and unregister announce
+    on chat:p:{u:<user>} with SPUBLISH (the user's slot), not on the
+    classic channel; without it, on chat:p:<user> only (positive control)."""
+    sp = r.pubsub()
+    sp.ssubscribe("chat:p:{u:alice}")
+    cp = r.pubsub()
+    cp.subscribe("chat:p:alice")
+    sp.get_sharded_message(timeout=1)
+    cp.get_message(timeout=1)
+    now = int(time.time() * 1000)
+    keys = [U + "conns", U + "seen", U + "set"]
+    assert run("register", [U + "conns", U + "acked", U + "last", U + "set"],
+               ["w1|phone|1", now, 30000, 3, "alice", "phone", "s"])[0] == 1
+    assert run("unregister", keys, ["w1|phone|1", now + 1, "alice", "s"]) == 1
+    assert run("refresh", [U + "conns", U + "set"], ["w1|phone|1", now + 2, 30000, "alice", "s"]) == 0
+    got = [json.loads(m["data"]) for m in iter(lambda: sp.get_sharded_message(timeout=0.2), None)
+           if m["type"] == "smessage"]
+    assert [g["online"] for g in got] == [True, False, True]
+    assert [m for m in iter(lambda: cp.get_message(timeout=0.2), None) if m["type"] == "message"] == []
+    # the classic form, same steps: classic channel only
+    assert run("unregister", keys, ["w1|phone|1", now + 3, "alice"]) == 1
+    assert [json.loads(m["data"])["online"] for m in iter(lambda: cp.get_message(timeout=0.2), None)
+            if m["type"] == "message"] == [False]
+    assert [m for m in iter(lambda: sp.get_sharded_message(timeout=0.2), None) if m["type"] == "smessage"] == []
+
+
+def test_sharded_typing_returns_the_channels_unpublished(r, run):
+    now = int(time.time() * 1000)
+    r.zadd(U + "conns", {"chat:w:h:1|phone|1": now + 30000, "chat:w:h:1|tab|2": now + 30000,
+                         "chat:w:h:2|web|3": now + 30000, "chat:w:h:3|old|4": now - 1})
+    p = r.pubsub()
+    p.subscribe("chat:w:h:1", "chat:w:h:2")
+    for _ in range(2):
+        p.get_message(timeout=1)
+    out = run("typing", [U + "conns"], [now, "alice", '{"type":"typing"}', "s"])
+    assert out[0] == 'alice\n{"type":"typing"}' and sorted(out[1:]) == ["chat:w:h:1", "chat:w:h:2"]
+    assert [m for m in iter(lambda: p.get_message(timeout=0.2), None) if m["type"] == "message"] == []
+    # without the flag: published, one per worker channel (positive control)
+    assert run("typing", [U + "conns"], [now, "alice", '{"type":"typing"}']) == 2
+    assert sorted(m["channel"] for m in iter(lambda: p.get_message(timeout=0.2), None)
+                  if m["type"] == "message") == ["chat:w:h:1", "chat:w:h:2"]
 
 def reg(run, member, now, ttl=30000, mx=3, user="alice", dev="phone"):
     return run("register", [U + "conns", U + "acked", U + "last", U + "set"],

@@ -282,6 +282,61 @@ test_map_malformed(void **state)
     assert_int_equal(chat_cluster_map_move(&m, 0, "h", 1063), 63);   /* known: fine */
 }
 
+static int
+cmd_slot(int argc, const char **argv)
+{
+    char  *cmd;
+    int    n, slot;
+
+    n = redisFormatCommandArgv(&cmd, argc, argv, NULL);
+    assert_true(n > 0);
+    slot = chat_cluster_command_slot(cmd, (size_t) n);
+    /* cut inside the header or the name: never well-formed (the
+     * arguments after the key are not looked at) */
+    assert_int_equal(chat_cluster_command_slot(cmd, 5), -2);
+    redisFreeCommand(cmd);
+    return slot;
+}
+
+static void
+test_command_slot(void **state)
+{
+    unsigned  alice = chat_cluster_slot("u:alice", 7), s3 = chat_cluster_slot("s3", 2);
+    char     *cmd;
+    int       n;
+
+    (void) state;
+    assert_int_equal(cmd_slot(3, (const char *[]) { "HGET", "chat:{u:alice}:set", "x" }), alice);
+    assert_int_equal(cmd_slot(2, (const char *[]) { "hgetall", "chat:{u:alice}:set" }), alice);
+    assert_int_equal(cmd_slot(5, (const char *[]) { "EVALSHA", "abc", "2", "chat:{s3}:in", "chat:{s3}:seq" }), s3);
+    assert_int_equal(cmd_slot(4, (const char *[]) { "evalsha", "abc", "0", "x" }), -1);
+    assert_int_equal(cmd_slot(3, (const char *[]) { "EVAL", "return 1", "0" }), -1);
+    assert_int_equal(cmd_slot(3, (const char *[]) { "EVALSHA", "abc", "1" }), -2);   /* KEYS missing */
+    assert_int_equal(cmd_slot(4, (const char *[]) { "EVALSHA", "abc", "x", "k" }), -2);
+    assert_int_equal(cmd_slot(3, (const char *[]) { "PUBLISH", "chat:w:all", "p" }), -1);
+    assert_int_equal(cmd_slot(3, (const char *[]) { "SPUBLISH", "chat:w:all", "p" }),
+                     chat_cluster_slot("chat:w:all", 10));
+    assert_int_equal(cmd_slot(2, (const char *[]) { "CLUSTER", "SLOTS" }), -1);
+    assert_int_equal(cmd_slot(1, (const char *[]) { "PING" }), -1);
+    assert_int_equal(cmd_slot(1, (const char *[]) { "ASKING" }), -1);
+    assert_int_equal(cmd_slot(7, (const char *[]) { "XREADGROUP", "GROUP", "g", "c", "STREAMS", "chat:{s3}:in", ">" }), s3);
+    assert_int_equal(cmd_slot(9, (const char *[]) { "XREADGROUP", "GROUP", "g", "c", "COUNT", "10", "STREAMS",
+                                                    "chat:{s3}:in", ">" }), s3);
+    assert_int_equal(cmd_slot(4, (const char *[]) { "XREAD", "STREAMS", "chat:{s3}:in", "0" }), s3);
+    assert_int_equal(cmd_slot(4, (const char *[]) { "XREAD", "COUNT", "1", "0" }), -2);
+    /* the format path of ngx_chat_redis_command */
+    n = redisFormatCommand(&cmd, "SET %b %b NX GET EX %d", "chat:{u:alice}:cid:1", (size_t) 20, "v", (size_t) 1, 60);
+    assert_true(n > 0);
+    assert_int_equal(chat_cluster_command_slot(cmd, (size_t) n), alice);
+    redisFreeCommand(cmd);
+    assert_int_equal(chat_cluster_command_slot("*1\r\n$4\r\nPING\r\n", 14), -1);
+    assert_int_equal(chat_cluster_command_slot("PING\r\n", 6), -2);
+    assert_int_equal(chat_cluster_command_slot("*0\r\n", 4), -2);
+    assert_int_equal(chat_cluster_command_slot("*2\r\n$4\r\nPING\r\n", 14), -2);
+    assert_int_equal(chat_cluster_command_slot("*1\r\n$9\r\nPING\r\n", 14), -2);
+    assert_int_equal(chat_cluster_command_slot(NULL, 0), -2);
+}
+
 int
 main(void)
 {
@@ -291,6 +346,7 @@ main(void)
         cmocka_unit_test(test_redirect),
         cmocka_unit_test(test_map_from_slots),
         cmocka_unit_test(test_map_malformed),
+        cmocka_unit_test(test_command_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
