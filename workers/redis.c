@@ -255,25 +255,23 @@ run_on(cw_redis_t *c, int i, const char *cmd, size_t len, int asking)
     return r;
 }
 
-/* The node a command goes to (cluster), or -1 when held back (MULTI). */
+/* The node a command goes to (cluster), or -1 when held back (MULTI);
+ * *keep: kept for a redirect. */
 static int
 route(cw_redis_t *c, const char *cmd, size_t len, int *keep)
 {
-    const char *arg[CW_ROUTE_ARGS], *key = NULL;
-    size_t      alen[CW_ROUTE_ARGS], klen = 0;
-    int         argc = cw_resp_args(cmd, len, arg, alen, CW_ROUTE_ARGS), i;
-    cw_route_t  how;
+    unsigned    slot = 0;
+    cw_route_t  how = cw_route(cmd, len, &slot);
+    int         i;
 
     *keep = 0;
-    if (argc < 0) return 0;
-    how = cw_route(argc < CW_ROUTE_ARGS ? argc : CW_ROUTE_ARGS, arg, alen, &key, &klen);
     if (c->multi == 2) {
         if (how == CW_ROUTE_EXEC) c->multi = 0;
         return c->multi_node;
     }
     if (how == CW_ROUTE_MULTI) return -1;
-    if (how == CW_ROUTE_KEY) {
-        i = chat_cluster_map_node(&c->map, chat_cluster_slot(key, klen));
+    if (how == CW_ROUTE_SLOT) {
+        i = chat_cluster_map_node(&c->map, slot);
         *keep = c->multi == 0;
     } else {
         i = 0;

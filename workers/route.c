@@ -1,10 +1,9 @@
 /*
- * Routing of the workers' Redis commands on a cluster (workers/route.h).
- * Only the commands the workers send have a rule of their own; any other
- * command is routed by its first argument, which is the key of every
- * single-key command.
+ * Routing of the workers' Redis commands on a cluster (workers/route.h):
+ * libchat's rule (chat_cluster_command_slot) and the workers' own few.
  */
 #include "route.h"
+#include "chat_cluster.h"
 
 #include <string.h>
 #include <strings.h>
@@ -53,45 +52,23 @@ cw_resp_args(const char *cmd, size_t len, const char **arg, size_t *alen, int ma
 }
 
 cw_route_t
-cw_route(int argc, const char *const *arg, const size_t *alen, const char **key, size_t *klen)
+cw_route(const char *cmd, size_t len, unsigned *slot)
 {
-    int k = -1;
+    const char *arg[3];
+    size_t      alen[3];
+    int         argc = cw_resp_args(cmd, len, arg, alen, 3), s;
 
     if (argc < 1) return CW_ROUTE_ANY;
     if (is(arg[0], alen[0], "MULTI")) return CW_ROUTE_MULTI;
     if (is(arg[0], alen[0], "EXEC") || is(arg[0], alen[0], "DISCARD")) return CW_ROUTE_EXEC;
-    if (is(arg[0], alen[0], "PING") || is(arg[0], alen[0], "INFO") || is(arg[0], alen[0], "PUBLISH")
-        || is(arg[0], alen[0], "SCRIPT") || is(arg[0], alen[0], "CLUSTER") || is(arg[0], alen[0], "AUTH")
-        || is(arg[0], alen[0], "SELECT") || is(arg[0], alen[0], "ASKING") || is(arg[0], alen[0], "READONLY")
-        || is(arg[0], alen[0], "TIME") || is(arg[0], alen[0], "HELLO"))
-    {
-        return CW_ROUTE_ANY;
-    }
-    if (is(arg[0], alen[0], "EVALSHA") || is(arg[0], alen[0], "EVAL") || is(arg[0], alen[0], "EVALSHA_RO")
-        || is(arg[0], alen[0], "EVAL_RO") || is(arg[0], alen[0], "FCALL"))
-    {
-        /* script numkeys key ...: no key (numkeys 0) runs anywhere */
-        if (argc < 4 || (alen[2] == 1 && arg[2][0] == '0')) return CW_ROUTE_ANY;
-        k = 3;
-    } else if (is(arg[0], alen[0], "XREADGROUP") || is(arg[0], alen[0], "XREAD")) {
-        for (int i = 1; i + 1 < argc; i++) {
-            if (is(arg[i], alen[i], "STREAMS")) {
-                k = i + 1;
-                break;
-            }
-        }
-        if (k < 0) return CW_ROUTE_ANY;
-    } else if (is(arg[0], alen[0], "XGROUP") || is(arg[0], alen[0], "XINFO")
-               || is(arg[0], alen[0], "OBJECT") || is(arg[0], alen[0], "MEMORY"))
-    {
+    if (is(arg[0], alen[0], "XGROUP") || is(arg[0], alen[0], "XINFO")) {
         /* subcommand key ... (XINFO HELP and the like: anywhere) */
         if (argc < 3) return CW_ROUTE_ANY;
-        k = 2;
-    } else {
-        if (argc < 2) return CW_ROUTE_ANY;
-        k = 1;
+        *slot = chat_cluster_slot(arg[2], alen[2]);
+        return CW_ROUTE_SLOT;
     }
-    *key = arg[k];
-    *klen = alen[k];
-    return CW_ROUTE_KEY;
+    s = chat_cluster_command_slot(cmd, len);
+    if (s < 0) return CW_ROUTE_ANY;
+    *slot = (unsigned) s;
+    return CW_ROUTE_SLOT;
 }

@@ -1,18 +1,19 @@
 /*
- * Which key a Redis command is routed by on a Redis Cluster (workers/redis.c).
- * Pure functions on the command as hiredis formats it (RESP), so that the
- * routing rules are unit-tested (t/unit/test_cw_route.c) without a server.
+ * Where a Redis command goes on a Redis Cluster (workers/redis.c). The rule
+ * of which argument is the key is libchat's chat_cluster_command_slot (the
+ * module's own); the workers add what only they send: transactions (MULTI
+ * goes with the transaction's first key, EXEC/DISCARD end it) and the
+ * commands whose key follows a subcommand (XGROUP CREATE <key>, XINFO
+ * GROUPS <key>). Pure, unit-tested (t/unit/test_cw_route.c).
  */
 #ifndef CW_ROUTE_H
 #define CW_ROUTE_H
 
 #include <stddef.h>
 
-#define CW_ROUTE_ARGS 64            /* arguments looked at (keys are among the first) */
-
 typedef enum {
     CW_ROUTE_ANY = 0,               /* no key: any node (PING, INFO, PUBLISH, SCRIPT, EVALSHA with 0 keys) */
-    CW_ROUTE_KEY,                   /* the slot of *key */
+    CW_ROUTE_SLOT,                  /* the master of *slot */
     CW_ROUTE_MULTI,                 /* MULTI: goes where the transaction's first key goes */
     CW_ROUTE_EXEC                   /* EXEC / DISCARD: ends the transaction on its node */
 } cw_route_t;
@@ -22,8 +23,9 @@ typedef enum {
  * bytes are not one whole command. */
 int        cw_resp_args(const char *cmd, size_t len, const char **arg, size_t *alen, int max);
 
-/* The routing of a command given its first argc arguments (argc as
- * cw_resp_args returns it, capped at what was filled). */
-cw_route_t cw_route(int argc, const char *const *arg, const size_t *alen, const char **key, size_t *klen);
+/* The routing of a formatted command (as hiredis' redisFormatCommand*
+ * builds it); *slot is set for CW_ROUTE_SLOT. Malformed bytes: ANY (the
+ * node answers the error). */
+cw_route_t cw_route(const char *cmd, size_t len, unsigned *slot);
 
 #endif

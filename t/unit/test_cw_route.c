@@ -16,14 +16,12 @@
 #include "chat_cluster.h"
 #include "../../workers/route.c"
 
-/* Formats like the workers do, splits, routes; the key ("" when none). */
+/* Formats like the workers do and routes. */
 static cw_route_t
-route_of(char *key, size_t keylen, const char *fmt, ...)
+route_of(unsigned *slot, const char *fmt, ...)
 {
-    const char *arg[CW_ROUTE_ARGS], *k = NULL;
-    size_t      alen[CW_ROUTE_ARGS], kl = 0;
     char       *cmd;
-    int         len, argc;
+    int         len;
     cw_route_t  how;
     va_list     ap;
 
@@ -31,81 +29,84 @@ route_of(char *key, size_t keylen, const char *fmt, ...)
     len = redisvFormatCommand(&cmd, fmt, ap);
     va_end(ap);
     assert_true(len > 0);
-    argc = cw_resp_args(cmd, (size_t) len, arg, alen, CW_ROUTE_ARGS);
-    assert_true(argc > 0);
-    how = cw_route(argc < CW_ROUTE_ARGS ? argc : CW_ROUTE_ARGS, arg, alen, &k, &kl);
-    key[0] = '\0';
-    if (how == CW_ROUTE_KEY) {
-        assert_true(kl < keylen);
-        memcpy(key, k, kl);
-        key[kl] = '\0';
-    }
+    *slot = 99999;
+    how = cw_route(cmd, (size_t) len, slot);
     free(cmd);
     return how;
 }
 
+#define SLOT_OF(k) chat_cluster_slot(k, strlen(k))
+
 static void
 test_first_key_of_each_command(void **state)
 {
-    char k[128];
+    unsigned s;
 
     (void) state;
-    assert_int_equal(route_of(k, sizeof(k), "HGETALL chat:{s3}:g:G:mem"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s3}:g:G:mem");
-    assert_int_equal(route_of(k, sizeof(k), "EVALSHA %s 5 chat:{u:a}:inbox chat:{u:a}:cur x y z f 1 ev",
-                              "0123456789012345678901234567890123456789"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{u:a}:inbox");
-    assert_int_equal(route_of(k, sizeof(k), "EVALSHA abc 0 arg"), CW_ROUTE_ANY);
-    assert_int_equal(route_of(k, sizeof(k), "XREADGROUP GROUP fanout fanout-0 COUNT 200 BLOCK 1000 STREAMS "
-                              "chat:{s7}:in >"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s7}:in");
-    assert_int_equal(route_of(k, sizeof(k), "XREADGROUP GROUP persist persist-0 COUNT 1 STREAMS chat:{s1}:in 0"),
-                     CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s1}:in");
-    assert_int_equal(route_of(k, sizeof(k), "XGROUP CREATE chat:{s2}:in fanout 0 MKSTREAM"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s2}:in");
-    assert_int_equal(route_of(k, sizeof(k), "XINFO GROUPS chat:{s4}:in"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s4}:in");
-    assert_int_equal(route_of(k, sizeof(k), "XACK chat:{s5}:in fanout 1-1 2-2"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s5}:in");
-    assert_int_equal(route_of(k, sizeof(k), "XAUTOCLAIM chat:{s6}:in g c 0 0-0 COUNT 10"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{s6}:in");
-    assert_int_equal(route_of(k, sizeof(k), "SPUBLISH chat:w:n1:3 payload"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:w:n1:3");
+    assert_int_equal(route_of(&s, "HGETALL chat:{s3}:g:G:mem"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s3"));
+    assert_int_equal(route_of(&s, "EVALSHA %s 5 chat:{u:a}:inbox chat:{u:a}:cur x y z f 1 ev",
+                              "0123456789012345678901234567890123456789"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("u:a"));
+    assert_int_equal(route_of(&s, "EVALSHA abc 0 arg"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "XREADGROUP GROUP fanout fanout-0 COUNT 200 BLOCK 1000 STREAMS chat:{s7}:in >"),
+                     CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s7"));
+    assert_int_equal(route_of(&s, "XREADGROUP GROUP persist persist-0 COUNT 1 STREAMS chat:{s1}:in 0"),
+                     CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s1"));
+    /* the workers' own rules: the key after the subcommand */
+    assert_int_equal(route_of(&s, "XGROUP CREATE chat:{s2}:in fanout 0 MKSTREAM"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s2"));
+    assert_int_equal(route_of(&s, "XINFO GROUPS chat:{s4}:in"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s4"));
+    assert_int_equal(route_of(&s, "XINFO HELP"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "XACK chat:{s5}:in fanout 1-1 2-2"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s5"));
+    assert_int_equal(route_of(&s, "XAUTOCLAIM chat:{s6}:in g c 0 0-0 COUNT 10"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s6"));
+    assert_int_equal(route_of(&s, "SPUBLISH chat:w:n1:3 payload"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("chat:w:n1:3"));
+    assert_int_equal(route_of(&s, "SPUBLISH chat:p:{u:b} payload"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("u:b"));
     /* lower case is the same command */
-    assert_int_equal(route_of(k, sizeof(k), "hget chat:{u:b}:set tz"), CW_ROUTE_KEY);
-    assert_string_equal(k, "chat:{u:b}:set");
+    assert_int_equal(route_of(&s, "hget chat:{u:b}:set tz"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("u:b"));
+    assert_int_equal(route_of(&s, "xgroup create chat:{s9}:in push $ MKSTREAM"), CW_ROUTE_SLOT);
+    assert_int_equal(s, SLOT_OF("s9"));
 }
 
 static void
 test_keyless_and_transactions(void **state)
 {
-    char k[64];
+    unsigned s;
 
     (void) state;
-    assert_int_equal(route_of(k, sizeof(k), "PING"), CW_ROUTE_ANY);
-    assert_int_equal(route_of(k, sizeof(k), "INFO server"), CW_ROUTE_ANY);
-    assert_int_equal(route_of(k, sizeof(k), "PUBLISH chat:p:u msg"), CW_ROUTE_ANY);   /* broadcast */
-    assert_int_equal(route_of(k, sizeof(k), "SCRIPT LOAD %s", "return 1"), CW_ROUTE_ANY);
-    assert_int_equal(route_of(k, sizeof(k), "CLUSTER SLOTS"), CW_ROUTE_ANY);
-    assert_int_equal(route_of(k, sizeof(k), "MULTI"), CW_ROUTE_MULTI);
-    assert_int_equal(route_of(k, sizeof(k), "EXEC"), CW_ROUTE_EXEC);
-    assert_int_equal(route_of(k, sizeof(k), "DISCARD"), CW_ROUTE_EXEC);
-    assert_int_equal(route_of(k, sizeof(k), "XREADGROUP GROUP g c COUNT 1"), CW_ROUTE_ANY);   /* no STREAMS */
+    assert_int_equal(route_of(&s, "PING"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "INFO server"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "PUBLISH chat:p:u msg"), CW_ROUTE_ANY);   /* broadcast */
+    assert_int_equal(route_of(&s, "SCRIPT LOAD %s", "return 1"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "CLUSTER SLOTS"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "WAIT 1 1000"), CW_ROUTE_ANY);
+    assert_int_equal(route_of(&s, "MULTI"), CW_ROUTE_MULTI);
+    assert_int_equal(route_of(&s, "EXEC"), CW_ROUTE_EXEC);
+    assert_int_equal(route_of(&s, "DISCARD"), CW_ROUTE_EXEC);
+    /* not a command: any node, which answers the error */
+    assert_int_equal(cw_route("+OK\r\n", 5, &s), CW_ROUTE_ANY);
+    assert_int_equal(cw_route("", 0, &s), CW_ROUTE_ANY);
 }
 
 /* Every key a script of the inbox append names is in the slot of its tag. */
 static void
 test_script_keys_share_the_slot(void **state)
 {
-    char     k[64];
-    unsigned tag = chat_cluster_slot("u:alice", 7);
+    unsigned s, tag = chat_cluster_slot("u:alice", 7);
 
     (void) state;
-    assert_int_equal(route_of(k, sizeof(k), "EVALSHA sha 5 chat:{u:alice}:inbox chat:{u:alice}:cur "
+    assert_int_equal(route_of(&s, "EVALSHA sha 5 chat:{u:alice}:inbox chat:{u:alice}:cur "
                               "chat:{u:alice}:last chat:{u:alice}:conns chat:{u:alice}:ages f 1 ev 0 10 20"),
-                     CW_ROUTE_KEY);
-    assert_int_equal(chat_cluster_slot(k, strlen(k)), tag);
+                     CW_ROUTE_SLOT);
+    assert_int_equal(s, tag);
     assert_int_equal(chat_cluster_slot("chat:{u:alice}:ages", 19), tag);
 }
 
