@@ -21,7 +21,10 @@
 #define CW_STR 512
 
 typedef struct {
-    char  redis_url[CW_STR];
+    char  redis_url[CW_STR];    /* one URL, or several (comma-separated): cluster seeds */
+    int   redis_cluster;        /* 1: Redis Cluster (default when redis_url lists several) */
+    int   redis_replicas;       /* fanout: WAIT for this many replicas before acknowledging (0: no WAIT) */
+    int   redis_wait_ms;        /* ... at most this long */
     char  kafka_brokers[CW_STR];
     char  mongo_uri[CW_STR];
     char  queue[16];            /* "redis" or "kafka" */
@@ -94,9 +97,32 @@ int  cw_role_persist(const cw_config_t *cf);
 int  cw_role_rest(const cw_config_t *cf);
 int  cw_role_push(const cw_config_t *cf);
 
-/* redis.c: a synchronous connection for the workers */
+/* redis.c: the workers' Redis client, one node or a Redis Cluster
+ * (hiredis-like: commands, a pipeline whose replies come back in the order
+ * of the commands, whatever node each went to) */
 struct redisContext;
-struct redisContext *cw_redis_connect(const char *url, int timeout_ms, char *err, size_t errlen);
+struct redisReply;
+typedef struct cw_redis_s cw_redis_t;
+cw_redis_t *cw_redis_connect(const cw_config_t *cf, int timeout_ms, char *err, size_t errlen);
+void        cw_redis_free(cw_redis_t *c);
+struct redisReply *cw_redis_command(cw_redis_t *c, const char *fmt, ...);
+struct redisReply *cw_redis_command_argv(cw_redis_t *c, int argc, const char **argv, const size_t *lens);
+int         cw_redis_append(cw_redis_t *c, const char *fmt, ...);
+int         cw_redis_append_argv(cw_redis_t *c, int argc, const char **argv, const size_t *lens);
+int         cw_redis_get_reply(cw_redis_t *c, struct redisReply **reply);   /* REDIS_OK / REDIS_ERR */
+int         cw_redis_err(const cw_redis_t *c);             /* the client failed: drop it */
+const char *cw_redis_errstr(const cw_redis_t *c);
+int         cw_redis_is_cluster(const cw_redis_t *c);
+const char *cw_redis_publish_cmd(const cw_redis_t *c);     /* "PUBLISH", or on a cluster "SPUBLISH" (sharded pub/sub) */
+uint64_t    cw_redis_redirects(const cw_redis_t *c);       /* MOVED/ASK followed */
+/* WAIT n on every node written to since the last call: the fewest replicas
+ * that acknowledged (n when none was written to), -1 when the client failed */
+int         cw_redis_wait(cw_redis_t *c, int n, int timeout_ms);
+int         cw_redis_url_count(const char *list);          /* URLs in a comma-separated redis_url */
+/* cluster: a connection of its own to the master of key's slot, and a
+ * redirect seen on such a connection (the map learns it) */
+struct redisContext *cw_redis_dial_for(cw_redis_t *c, const char *key, size_t klen);
+void        cw_redis_note(cw_redis_t *c, const struct redisReply *r);
 
 /* heartbeat.c: chat:worker:<role>:<node> with a TTL while the role runs */
 typedef struct {
@@ -105,8 +131,8 @@ typedef struct {
 } cw_heartbeat_t;
 void cw_heartbeat_init(cw_heartbeat_t *hb, const cw_config_t *cf, const char *role);
 /* Refreshes the key when due (one SET); returns -1 when the connection failed. */
-int  cw_heartbeat_tick(cw_heartbeat_t *hb, struct redisContext *c);
-void cw_heartbeat_clear(cw_heartbeat_t *hb, struct redisContext *c);
+int  cw_heartbeat_tick(cw_heartbeat_t *hb, cw_redis_t *c);
+void cw_heartbeat_clear(cw_heartbeat_t *hb, cw_redis_t *c);
 
 /* Exponential backoff: 100 ms doubling to 5 s. */
 typedef struct { int ms; } cw_backoff_t;
@@ -212,20 +238,20 @@ int  cw_queue_is_kafka(const cw_queue_t *q);
 
 /* Redis mode: after (re)connecting, create the groups and re-read this
  * consumer's pending entries first. Returns -1 on a connection error. */
-int  cw_queue_setup(cw_queue_t *q, struct redisContext *c);
+int  cw_queue_setup(cw_queue_t *q, cw_redis_t *c);
 
 /* Fills b (cleared first) with the next entries; waits up to block_ms.
  * Returns the number of entries, or -1 when the connection failed. */
-int  cw_queue_fetch(cw_queue_t *q, struct redisContext *c, cw_batch_t *b, int block_ms);
+int  cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms);
 
 /* Redis mode: appends the XACKs of b to c's pipeline; returns the number of
  * replies to read. Kafka mode: commits b's offsets synchronously; returns 0,
  * or -1 when the commit failed. */
-int  cw_queue_ack(cw_queue_t *q, struct redisContext *c, const cw_batch_t *b);
+int  cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b);
 
 /* Redis mode: periodic claim of stale pending entries and stream trimming.
  * Returns -1 on a connection error. */
-int  cw_queue_maintain(cw_queue_t *q, struct redisContext *c);
+int  cw_queue_maintain(cw_queue_t *q, cw_redis_t *c);
 
 
 /* ---- the dead-letter queue (dlq.c) --------------------------------------- */
@@ -237,7 +263,7 @@ void      cw_dlq_free(cw_dlq_t *d);
  * dead; 0 when it is durably recorded (or was already), -1 when not: the
  * entry must stay unacknowledged. c: the role's Redis connection (Redis
  * queue: required; Kafka: only for the counter, may be NULL). */
-int       cw_dlq_put(cw_dlq_t *d, struct redisContext *c, cw_entry_t *e, const char *why);
+int       cw_dlq_put(cw_dlq_t *d, cw_redis_t *c, cw_entry_t *e, const char *why);
 uint64_t  cw_dlq_total(const cw_dlq_t *d);
 
 
@@ -275,7 +301,7 @@ int  cw_receipts(const char *conv, const char *a, const char *b, int is_group, i
 
 /* ---- settings and push registrations in the rest role (settings.c, devices.c) */
 
-struct redisContext *cw_rest_redis(void);      /* connected, or NULL */
+cw_redis_t *cw_rest_redis(void);      /* connected, or NULL */
 void cw_rest_redis_failed(void);               /* drop it after an I/O error */
 void cw_settings_init(const cw_config_t *cf);
 void cw_settings_close(void);
@@ -288,9 +314,10 @@ int  cw_devices_request(const char *method, const char *path, const char *user, 
                         const char *body, size_t body_len, struct _mongoc_client_t *client, const char *db,
                         struct json_t **out);
 
-/* scripts.c: the Redis scripts of lua/ (chat_lua[]) */
-struct redisContext;
+/* scripts.c: the Redis scripts of lua/ (chat_lua[]); cw_lua_load (redis.c)
+ * loads them on every node of the client */
 const char *cw_lua_sha(int id);
-int cw_lua_load(struct redisContext *c);
+int cw_lua_load_ctx(struct redisContext *c);
+int cw_lua_load(cw_redis_t *c);
 
 #endif

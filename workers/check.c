@@ -24,29 +24,29 @@ int
 cw_check_redis(const cw_config_t *cf, char *msg, size_t len)
 {
     char          err[256], key[96], val[64];
-    redisContext *c;
+    cw_redis_t *c;
     redisReply   *r;
     int           ok = 0;
     int64_t       t0 = cw_now_ms();
 
-    c = cw_redis_connect(cf->redis_url, 3000, err, sizeof(err));
+    c = cw_redis_connect(cf, 3000, err, sizeof(err));
     if (c == NULL) {
         snprintf(msg, len, "%s", err);
         return -1;
     }
     nonce(val, sizeof(val));
     snprintf(key, sizeof(key), "chat:check:%s", val);
-    r = redisCommand(c, "SET %s %s EX 30", key, val);
+    r = cw_redis_command(c, "SET %s %s EX 30", key, val);
     if (r && r->type == REDIS_REPLY_STATUS) {
         freeReplyObject(r);
-        r = redisCommand(c, "GET %s", key);
+        r = cw_redis_command(c, "GET %s", key);
         ok = r && r->type == REDIS_REPLY_STRING && strcmp(r->str, val) == 0;
     }
     if (r) freeReplyObject(r);
     if (ok) {
-        r = redisCommand(c, "DEL %s", key);
+        r = cw_redis_command(c, "DEL %s", key);
         if (r) freeReplyObject(r);
-        r = redisCommand(c, "INFO server");
+        r = cw_redis_command(c, "INFO server");
         const char *ver = r && r->type == REDIS_REPLY_STRING ? strstr(r->str, "redis_version:") : NULL;
         char v[32] = "?";
         if (ver) sscanf(ver + 14, "%31[0-9.]", v);
@@ -54,9 +54,9 @@ cw_check_redis(const cw_config_t *cf, char *msg, size_t len)
                  (long long) (cw_now_ms() - t0));
         if (r) freeReplyObject(r);
     } else {
-        snprintf(msg, len, "SET/GET round trip failed: %s", c->err ? c->errstr : "unexpected reply");
+        snprintf(msg, len, "SET/GET round trip failed: %s", cw_redis_errstr(c));
     }
-    redisFree(c);
+    cw_redis_free(c);
     return ok ? 0 : -1;
 }
 

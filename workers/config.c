@@ -49,6 +49,8 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "push_timeout_ms") == 0) return &cf->push_timeout_ms;
     if (strcmp(k, "push_ttl") == 0) return &cf->push_ttl;
     if (strcmp(k, "push_max_age_ms") == 0) return &cf->push_max_age_ms;
+    if (strcmp(k, "redis_replicas") == 0) return &cf->redis_replicas;
+    if (strcmp(k, "redis_wait_ms") == 0) return &cf->redis_wait_ms;
     return NULL;
 }
 
@@ -111,6 +113,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     char  *sp;
     size_t slen;
     const char *env;
+    int    cluster = -1;                /* not set: follows redis_url */
 
     memset(cf, 0, sizeof(*cf));
     set(cf->redis_url, sizeof(cf->redis_url), "redis://127.0.0.1:6379");
@@ -137,6 +140,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->push_timeout_ms = 10000;
     cf->push_ttl = 86400;
     cf->push_max_age_ms = 3600000;
+    cf->redis_wait_ms = 1000;
     set(cf->webpush_allow, sizeof(cf->webpush_allow),
         "fcm.googleapis.com,updates.push.services.mozilla.com,push.services.mozilla.com,"
         "notify.windows.com,push.apple.com");
@@ -164,6 +168,16 @@ cw_config_load(cw_config_t *cf, const char *path)
             k = trim(k);
             v = trim(eq + 1);
             if (strcmp(k, "redis_url") == 0) set(cf->redis_url, sizeof(cf->redis_url), v);
+            else if (strcmp(k, "redis_cluster") == 0) {
+                int *flag = &cluster;
+                if (strcmp(v, "on") == 0) *flag = 1;
+                else if (strcmp(v, "off") == 0) *flag = 0;
+                else {
+                    cw_error("%s:%d: %s must be on or off, not \"%s\"", path, lineno, k, v);
+                    fclose(f);
+                    return -1;
+                }
+            }
             else if (strcmp(k, "kafka_brokers") == 0) set(cf->kafka_brokers, sizeof(cf->kafka_brokers), v);
             else if (strcmp(k, "mongo_uri") == 0) set(cf->mongo_uri, sizeof(cf->mongo_uri), v);
             else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
@@ -216,6 +230,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     }
 
     if ((env = getenv("REDIS_URL")) && *env) set(cf->redis_url, sizeof(cf->redis_url), env);
+    if ((env = getenv("CHAT_REDIS_CLUSTER")) && *env) cluster = strcmp(env, "on") == 0;
     if ((env = getenv("KAFKA_BROKERS")) && *env) set(cf->kafka_brokers, sizeof(cf->kafka_brokers), env);
     if ((env = getenv("MONGO_URI")) && *env) set(cf->mongo_uri, sizeof(cf->mongo_uri), env);
     if ((env = getenv("CHAT_QUEUE")) && *env) set(cf->queue, sizeof(cf->queue), env);
@@ -242,11 +257,44 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("push_lease_ms", cf->push_lease_ms, 1000, 3600000)
         || check_range("push_timeout_ms", cf->push_timeout_ms, 100, 600000)
         || check_range("push_ttl", cf->push_ttl, 0, 2419200)
-        || check_range("push_max_age_ms", cf->push_max_age_ms, 1000, 2000000000))
+        || check_range("push_max_age_ms", cf->push_max_age_ms, 1000, 2000000000)
+        || check_range("redis_replicas", cf->redis_replicas, 0, 16)
+        || check_range("redis_wait_ms", cf->redis_wait_ms, 1, 600000))
     {
         return -1;
     }
 
+    /* Redis Cluster: several seed URLs (or redis_cluster = on); every URL
+     * must parse, and a cluster has database 0 only */
+    {
+        int  n = cw_redis_url_count(cf->redis_url), port, db;
+        char u[CW_STR], host[256], pw[256];
+        const char *s = cf->redis_url;
+        if (n < 1) {
+            cw_error("redis_url is empty");
+            return -1;
+        }
+        cf->redis_cluster = cluster >= 0 ? cluster : n > 1;
+        if (n > 1 && !cf->redis_cluster) {
+            cw_error("redis_url lists %d nodes but redis_cluster is off", n);
+            return -1;
+        }
+        for (int i = 0; i < n; i++) {
+            size_t l;
+            while (*s == ',' || *s == ' ' || *s == '\t') s++;
+            l = strcspn(s, ", \t");
+            snprintf(u, sizeof(u), "%.*s", (int) (l < sizeof(u) ? l : sizeof(u) - 1), s);
+            s += l;
+            if (cw_parse_redis_url(u, host, sizeof(host), &port, &db, pw, sizeof(pw)) != 0) {
+                cw_error("redis_url: bad url \"%s\"", u);
+                return -1;
+            }
+            if (cf->redis_cluster && db != 0) {
+                cw_error("redis_url: a Redis Cluster has database 0 only (\"%s\")", u);
+                return -1;
+            }
+        }
+    }
     if (cf->push_lease_ms <= cf->push_timeout_ms) {
         cw_error("push_lease_ms (%d) must be above push_timeout_ms (%d)", cf->push_lease_ms, cf->push_timeout_ms);
         return -1;

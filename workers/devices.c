@@ -220,13 +220,13 @@ push_state(json_t *reg, int64_t ts)
 static int
 redis_set_reg(const char *user, const char *device, const char *val)
 {
-    redisContext *c = cw_rest_redis();
+    cw_redis_t *c = cw_rest_redis();
     redisReply   *r;
     int           ok;
 
     if (c == NULL) return -1;
-    if (val) r = redisCommand(c, "HSET chat:{u:%s}:push %s %s", user, device, val);
-    else r = redisCommand(c, "HDEL chat:{u:%s}:push %s", user, device);
+    if (val) r = cw_redis_command(c, "HSET chat:{u:%s}:push %s %s", user, device, val);
+    else r = cw_redis_command(c, "HDEL chat:{u:%s}:push %s", user, device);
     if (r == NULL) {
         cw_rest_redis_failed();
         return -1;
@@ -336,7 +336,7 @@ list_devices(const char *user, mongoc_client_t *client, const char *db, json_t *
     const bson_t        *doc;
     bson_error_t         error;
     json_t              *devs = json_object(), *list, *mongo_regs = json_object();
-    redisContext        *c;
+    cw_redis_t        *c;
     int                  failed = 0;
     int64_t              now = cw_now_ms();
     const char          *k;
@@ -372,11 +372,11 @@ list_devices(const char *user, mongoc_client_t *client, const char *db, json_t *
     c = cw_rest_redis();
     if (c) {
         redisReply *r[3] = { NULL, NULL, NULL };
-        redisAppendCommand(c, "HGETALL chat:{u:%s}:acked", user);
-        redisAppendCommand(c, "ZRANGE chat:{u:%s}:conns %" PRId64 " +inf BYSCORE", user, now);
-        redisAppendCommand(c, "HGETALL chat:{u:%s}:push", user);
+        cw_redis_append(c, "HGETALL chat:{u:%s}:acked", user);
+        cw_redis_append(c, "ZRANGE chat:{u:%s}:conns %" PRId64 " +inf BYSCORE", user, now);
+        cw_redis_append(c, "HGETALL chat:{u:%s}:push", user);
         for (int i = 0; i < 3; i++) {
-            if (redisGetReply(c, (void **) &r[i]) != REDIS_OK || r[i] == NULL) { failed = 1; break; }
+            if (cw_redis_get_reply(c, &r[i]) != REDIS_OK || r[i] == NULL) { failed = 1; break; }
         }
         if (!failed) {
             if (r[0]->type == REDIS_REPLY_ARRAY) {

@@ -183,7 +183,7 @@ put_kafka(cw_dlq_t *d, const cw_entry_t *e, const char *why, const char *at)
 }
 
 static int
-put_redis(cw_dlq_t *d, redisContext *c, const cw_entry_t *e, const char *why, const char *at)
+put_redis(cw_dlq_t *d, cw_redis_t *c, const cw_entry_t *e, const char *why, const char *at)
 {
     const char **argv;
     size_t      *lens;
@@ -218,7 +218,7 @@ put_redis(cw_dlq_t *d, redisContext *c, const cw_entry_t *e, const char *why, co
     }
 #undef AS
 #undef A
-    r = redisCommandArgv(c, n, argv, lens);
+    r = cw_redis_command_argv(c, n, argv, lens);
     free(argv);
     free(lens);
     if (r == NULL) return -1;
@@ -231,7 +231,7 @@ put_redis(cw_dlq_t *d, redisContext *c, const cw_entry_t *e, const char *why, co
 }
 
 int
-cw_dlq_put(cw_dlq_t *d, redisContext *c, cw_entry_t *e, const char *why)
+cw_dlq_put(cw_dlq_t *d, cw_redis_t *c, cw_entry_t *e, const char *why)
 {
     char        at[24];
     redisReply *r;
@@ -249,7 +249,7 @@ cw_dlq_put(cw_dlq_t *d, redisContext *c, cw_entry_t *e, const char *why)
             d->role, e->qid, e->shard, why, d->kafka ? DLQ_TOPIC : d->stream);
     /* the counter; with Kafka the record is safe even when Redis is away */
     if (c) {
-        r = redisCommand(c, "HINCRBY chat:{dlq}:count %s 1", d->role);
+        r = cw_redis_command(c, "HINCRBY chat:{dlq}:count %s 1", d->role);
         if (r == NULL && !d->kafka) return 0;      /* the caller sees the broken connection next */
         freeReplyObject(r);
     }

@@ -61,7 +61,7 @@ typedef struct {
 
 typedef struct {
     const cw_config_t *cf;
-    redisContext      *c;
+    cw_redis_t      *c;
     cw_queue_t        *q;
     cw_dlq_t          *dlq;
     cw_batch_t         batch;
@@ -204,13 +204,13 @@ append_publishes(fanout_t *f, const cw_entry_t *e, const target_t *t, redisReply
         const char *argv[3];
         size_t      lens[3];
         if (buf_put(&ch->toks, "\n", 1) != 0 || buf_put(&ch->toks, e->ev, e->ev_len) != 0) return -1;
-        argv[0] = "PUBLISH";
-        lens[0] = 7;
+        argv[0] = cw_redis_publish_cmd(f->c);      /* SPUBLISH on a cluster: one node, not all */
+        lens[0] = strlen(argv[0]);
         argv[1] = ch->name;
         lens[1] = ch->name_len;
         argv[2] = ch->toks.p;
         lens[2] = ch->toks.len;
-        redisAppendCommandArgv(f->c, 3, argv, lens);
+        cw_redis_append_argv(f->c, 3, argv, lens);
         n++;
     }
     return n;
@@ -288,7 +288,7 @@ resolve_groups(fanout_t *f)
         f->tg[f->ord[oi]].group = NULL;
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
         if (e->type == CW_T_MSG) {
-            redisAppendCommand(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
+            cw_redis_append(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
         } else {
             static const char *what[] = { "dlv", "read", "snd" };
             const char        *argv[10];
@@ -300,7 +300,7 @@ resolve_groups(fanout_t *f)
             argv[3] = k[0]; argv[4] = k[1]; argv[5] = k[2];
             argv[6] = e->from; argv[7] = seq_s; argv[8] = e->st; argv[9] = prev_s;
             for (int j = 0; j < 10; j++) lens[j] = strlen(argv[j]);
-            redisAppendCommandArgv(f->c, 10, argv, lens);
+            cw_redis_append_argv(f->c, 10, argv, lens);
         }
         n++;
     }
@@ -308,13 +308,13 @@ resolve_groups(fanout_t *f)
         cw_entry_t *e = &b->e[f->ord[oi]];
         redisReply *r;
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
-        if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+        if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
         f->tg[f->ord[oi]].group = r;
         n--;
         if (r->type != REDIS_REPLY_ARRAY) {
             cw_error("fanout: group %s: %s", e->conv, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
             while (n-- > 0) {
-                if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+                if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
                 freeReplyObject(r);
             }
             return -1;
@@ -408,7 +408,7 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
     size_t             lens[14];
 
     if (t->pull) {
-        redisAppendCommand(f->c, "ZRANGEBYSCORE chat:{u:%s}:conns %s +inf", rc->user, now_s);
+        cw_redis_append(f->c, "ZRANGEBYSCORE chat:{u:%s}:conns %s +inf", rc->user, now_s);
         return 0;
     }
     for (int j = 0; j < 5; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
@@ -431,7 +431,7 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
         argv[10] = f->own.p;
         lens[10] = f->own.len;
     }
-    redisAppendCommandArgv(f->c, 14, argv, lens);
+    cw_redis_append_argv(f->c, 14, argv, lens);
     return 0;
 }
 
@@ -472,7 +472,7 @@ again:
     }
     err = 0;
     for (int i = 0; i < f->nrc; i++) {
-        if (redisGetReply(f->c, (void **) &f->replies[i]) != REDIS_OK) {
+        if (cw_redis_get_reply(f->c, &f->replies[i]) != REDIS_OK) {
             for (int j = 0; j < i; j++) freeReplyObject(f->replies[j]);
             free_groups(f);
             return -1;
@@ -502,6 +502,20 @@ again:
          * batch (appends that were done return the same cursors). */
         if (err == 1 && tries++ == 0 && load_script(f) == 0) goto again;
         return -1;
+    }
+    /* redis_replicas: the appends must have reached that many replicas of
+     * each master before the entries are acknowledged, or a master that dies
+     * takes acknowledged deliveries with it. Not reached: the batch is not
+     * acknowledged and comes back (the inbox script makes that harmless). */
+    if (f->cf->redis_replicas > 0) {
+        int acked = cw_redis_wait(f->c, f->cf->redis_replicas, f->cf->redis_wait_ms);
+        if (acked < f->cf->redis_replicas) {
+            for (int i = 0; i < f->nrc; i++) freeReplyObject(f->replies[i]);
+            free_groups(f);
+            if (acked >= 0) cw_warn("fanout: inbox appends reached %d of %d replicas within %d ms; batch not acknowledged",
+                                    acked, f->cf->redis_replicas, f->cf->redis_wait_ms);
+            return -1;
+        }
     }
 
     /* Every append is done: publish once per channel, then acknowledge. */
@@ -535,7 +549,7 @@ again:
         ncmd += na;
     }
     for (int i = 0; i < ncmd; i++) {
-        if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+        if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
         if (r->type == REDIS_REPLY_ERROR) {
             cw_error("publish/ack: %s", r->str);
             rc = -1;
@@ -553,8 +567,8 @@ drop(fanout_t *f, cw_backoff_t *bo, const char *why)
 {
     if (f->c) {
         cw_warn("fanout: redis %s: %s; reconnecting in %d ms", why,
-                f->c->err ? f->c->errstr : "command failed", cw_backoff_ms(bo));
-        redisFree(f->c);
+                cw_redis_err(f->c) ? cw_redis_errstr(f->c) : "command failed", cw_backoff_ms(bo));
+        cw_redis_free(f->c);
         f->c = NULL;
     }
     cw_backoff_wait(bo);
@@ -597,7 +611,7 @@ cw_role_fanout(const cw_config_t *cf)
     while (!cw_stop) {
         int n;
         if (f.c == NULL) {
-            f.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
+            f.c = cw_redis_connect(cf, 5000, err, sizeof(err));
             if (f.c == NULL) {
                 cw_warn("fanout: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
                 cw_backoff_wait(&bo);
@@ -648,7 +662,7 @@ stats:
         }
     }
     cw_heartbeat_clear(&hb, f.c);
-    if (f.c) redisFree(f.c);
+    if (f.c) cw_redis_free(f.c);
     cw_queue_free(f.q);
     cw_dlq_free(f.dlq);
     cw_batch_free(&f.batch);

@@ -34,7 +34,7 @@
 
 
 static const cw_config_t *gr_cf;
-static redisContext      *gr_redis;
+static cw_redis_t      *gr_redis;
 static int64_t            gr_redis_used;      /* mono ms of the last use */
 static rd_kafka_t        *gr_rk;
 static int                gr_rebuilt;
@@ -77,22 +77,22 @@ fail(json_t **out, int status, const char *code, const char *message)
  * first command on the old connection would fail, and a membership change
  * must not be sent twice to find out.
  */
-static redisContext *
+static cw_redis_t *
 rdb(void)
 {
     char    err[256];
     int64_t now = cw_mono_ms();
 
     if (gr_redis && now - gr_redis_used > 1000) {
-        redisReply *r = redisCommand(gr_redis, "PING");
+        redisReply *r = cw_redis_command(gr_redis, "PING");
         if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            redisFree(gr_redis);
+            cw_redis_free(gr_redis);
             gr_redis = NULL;
         }
         if (r) freeReplyObject(r);
     }
     if (gr_redis == NULL) {
-        gr_redis = cw_redis_connect(gr_cf->redis_url, 3000, err, sizeof(err));
+        gr_redis = cw_redis_connect(gr_cf, 3000, err, sizeof(err));
         if (gr_redis == NULL) cw_warn("rest: redis: %s", err);
     }
     gr_redis_used = now;
@@ -105,8 +105,8 @@ static void
 rdb_failed(const char *what)
 {
     if (gr_redis) {
-        cw_warn("rest: redis %s: %s", what, gr_redis->err ? gr_redis->errstr : "unexpected reply");
-        redisFree(gr_redis);
+        cw_warn("rest: redis %s: %s", what, cw_redis_errstr(gr_redis));
+        cw_redis_free(gr_redis);
         gr_redis = NULL;
     }
 }
@@ -148,11 +148,11 @@ rdb_eval(int script, int nkeys, const char **keys, int nargs, const char **args)
         argv[3 + nkeys + i] = args[i];
         lens[3 + nkeys + i] = strlen(args[i]);
     }
-    r = redisCommandArgv(gr_redis, argc, argv, lens);
+    r = cw_redis_command_argv(gr_redis, argc, argv, lens);
     if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
         freeReplyObject(r);
         r = NULL;
-        if (script_load() == 0) r = redisCommandArgv(gr_redis, argc, argv, lens);
+        if (script_load() == 0) r = cw_redis_command_argv(gr_redis, argc, argv, lens);
     }
     if (r == NULL && gr_redis) rdb_failed("EVALSHA");
 done:
@@ -319,7 +319,7 @@ produce(int s, const char *conv, redisReply **fields, redisReply **recs, int n)
             continue;
         }
         if (rdb()) {
-            redisReply *r = redisCommand(gr_redis, "HDEL %s %b", gq, fields[i]->str, (size_t) fields[i]->len);
+            redisReply *r = cw_redis_command(gr_redis, "HDEL %s %b", gq, fields[i]->str, (size_t) fields[i]->len);
             if (r) freeReplyObject(r);
             else rdb_failed("HDEL");
         }
@@ -340,7 +340,7 @@ sweep(void)
         char        gq[64];
         redisReply *r;
         snprintf(gq, sizeof(gq), "chat:{s%d}:gq", s);
-        r = redisCommand(gr_redis, "HGETALL %s", gq);
+        r = cw_redis_command(gr_redis, "HGETALL %s", gq);
         if (r == NULL) { rdb_failed("HGETALL"); return; }
         if (r->type == REDIS_REPLY_ARRAY) {
             for (size_t i = 0; i + 1 < r->elements; i += 2) {
@@ -655,7 +655,7 @@ cw_group_member(const char *group, const char *user, int64_t *since)
 
     if (rdb() == NULL) return -1;
     gkey(mem, sizeof(mem), group, "mem");
-    r = redisCommand(gr_redis, "HGET %s %s", mem, user);
+    r = cw_redis_command(gr_redis, "HGET %s %s", mem, user);
     if (r == NULL) { rdb_failed("HGET"); return -1; }
     if (r->type == REDIS_REPLY_STRING && memchr(r->str, ':', r->len) == NULL) {
         *since = strtoll(r->str, NULL, 10);
@@ -717,7 +717,7 @@ replies(redisReply **r, int n)
 {
     for (int i = 0; i < n; i++) r[i] = NULL;
     for (int i = 0; i < n; i++) {
-        if (redisGetReply(gr_redis, (void **) &r[i]) != REDIS_OK || r[i] == NULL) {
+        if (cw_redis_get_reply(gr_redis, &r[i]) != REDIS_OK || r[i] == NULL) {
             for (int k = 0; k < i; k++) freeReplyObject(r[k]);
             rdb_failed("pipeline");
             return -1;
@@ -745,16 +745,16 @@ cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_
         gkey(k1, sizeof(k1), a, "mem");
         gkey(k2, sizeof(k2), a, "dlv");
         gkey(k3, sizeof(k3), a, "read");
-        redisAppendCommand(gr_redis, "HGET %s %s", k1, user);
-        redisAppendCommand(gr_redis, "HGETALL %s", k2);
-        redisAppendCommand(gr_redis, "HGETALL %s", k3);
+        cw_redis_append(gr_redis, "HGET %s %s", k1, user);
+        cw_redis_append(gr_redis, "HGETALL %s", k2);
+        cw_redis_append(gr_redis, "HGETALL %s", k3);
         n = 3;
     } else {
         const char *peer = strcmp(user, a) == 0 ? b : a;
         snprintf(k2, sizeof(k2), "chat:{u:%s}:dlv", peer);
         snprintf(k3, sizeof(k3), "chat:{u:%s}:read", peer);
-        redisAppendCommand(gr_redis, "HGET %s %s", k2, conv);
-        redisAppendCommand(gr_redis, "HGET %s %s", k3, conv);
+        cw_redis_append(gr_redis, "HGET %s %s", k2, conv);
+        cw_redis_append(gr_redis, "HGET %s %s", k3, conv);
         n = 2;
         if (replies(r, n) == 0) {
             if (r[0]->type == REDIS_REPLY_STRING && strtoll(r[0]->str, NULL, 10) >= seq)
@@ -964,7 +964,7 @@ cw_groups_close(void)
         gr_rk = NULL;
     }
     if (gr_redis) {
-        redisFree(gr_redis);
+        cw_redis_free(gr_redis);
         gr_redis = NULL;
     }
 }

@@ -16,13 +16,13 @@ cw_heartbeat_init(cw_heartbeat_t *hb, const cw_config_t *cf, const char *role)
 }
 
 int
-cw_heartbeat_tick(cw_heartbeat_t *hb, redisContext *c)
+cw_heartbeat_tick(cw_heartbeat_t *hb, cw_redis_t *c)
 {
     redisReply *r;
     int64_t     now = cw_mono_ms();
 
     if (c == NULL || now < hb->next) return 0;
-    r = redisCommand(c, "SET %s %lld EX 10", hb->key, (long long) cw_now_ms());
+    r = cw_redis_command(c, "SET %s %lld EX 10", hb->key, (long long) cw_now_ms());
     if (r == NULL) return -1;
     freeReplyObject(r);
     hb->next = now + 3000;
@@ -30,11 +30,11 @@ cw_heartbeat_tick(cw_heartbeat_t *hb, redisContext *c)
 }
 
 void
-cw_heartbeat_clear(cw_heartbeat_t *hb, redisContext *c)
+cw_heartbeat_clear(cw_heartbeat_t *hb, cw_redis_t *c)
 {
     redisReply *r;
 
-    if (c == NULL || c->err) return;
-    r = redisCommand(c, "DEL %s", hb->key);
+    if (c == NULL || cw_redis_err(c)) return;
+    r = cw_redis_command(c, "DEL %s", hb->key);
     if (r) freeReplyObject(r);
 }

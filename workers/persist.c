@@ -47,7 +47,7 @@ typedef struct {
     char                 db[128];
     mongoc_collection_t *messages, *conversations, *groups;
     int                  indexes_ok;
-    redisContext        *c;
+    cw_redis_t        *c;
     cw_queue_t          *q;
     cw_dlq_t            *dlq;
     cw_batch_t           batch;
@@ -745,8 +745,8 @@ drop_redis(persist_t *p, cw_backoff_t *bo, const char *why)
 {
     if (p->c) {
         cw_warn("persist: redis %s: %s; reconnecting in %d ms", why,
-                p->c->err ? p->c->errstr : "command failed", cw_backoff_ms(bo));
-        redisFree(p->c);
+                cw_redis_err(p->c) ? cw_redis_errstr(p->c) : "command failed", cw_backoff_ms(bo));
+        cw_redis_free(p->c);
         p->c = NULL;
     }
     cw_backoff_wait(bo);
@@ -793,7 +793,7 @@ cw_role_persist(const cw_config_t *cf)
         /* Redis: the queue (Redis mode) and the heartbeat. In Kafka mode
          * a missing Redis only costs the heartbeat. */
         if (p.c == NULL && (!kafka || cw_mono_ms() >= next_redis_try)) {
-            p.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
+            p.c = cw_redis_connect(cf, 5000, err, sizeof(err));
             if (p.c == NULL) {
                 if (!kafka) {
                     cw_warn("persist: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
@@ -803,7 +803,7 @@ cw_role_persist(const cw_config_t *cf)
                 next_redis_try = cw_mono_ms() + 5000;
             } else if (cw_queue_setup(p.q, p.c) != 0) {
                 if (!kafka) { drop_redis(&p, &bo, "setup failed"); continue; }
-                redisFree(p.c);
+                cw_redis_free(p.c);
                 p.c = NULL;
             } else {
                 cw_backoff_reset(&bo);
@@ -811,7 +811,7 @@ cw_role_persist(const cw_config_t *cf)
         }
         if (p.c && (cw_heartbeat_tick(&hb, p.c) != 0 || (!kafka && cw_queue_maintain(p.q, p.c) != 0))) {
             if (!kafka) { drop_redis(&p, &bo, "connection lost"); continue; }
-            redisFree(p.c);
+            cw_redis_free(p.c);
             p.c = NULL;
         }
         if (!p.indexes_ok) {
@@ -835,7 +835,7 @@ cw_role_persist(const cw_config_t *cf)
             int r = prepare(&p);
             if (r != 0) {
                 if (r == -1) cw_error("persist: out of memory preparing a batch; retrying");
-                if (!kafka && p.c && p.c->err) { drop_redis(&p, &bo, "dead-letter write failed"); continue; }
+                if (!kafka && p.c && cw_redis_err(p.c)) { drop_redis(&p, &bo, "dead-letter write failed"); continue; }
                 cw_backoff_wait(&mbo);
                 continue;
             }
@@ -861,7 +861,7 @@ cw_role_persist(const cw_config_t *cf)
             int na = cw_queue_ack(p.q, p.c, &p.batch), bad = 0;
             for (int i = 0; i < na && !bad; i++) {
                 redisReply *r;
-                if (redisGetReply(p.c, (void **) &r) != REDIS_OK) bad = 1;
+                if (cw_redis_get_reply(p.c, &r) != REDIS_OK) bad = 1;
                 else freeReplyObject(r);
             }
             if (na < 0 || bad) {
@@ -884,7 +884,7 @@ stats:
         }
     }
     cw_heartbeat_clear(&hb, p.c);
-    if (p.c) redisFree(p.c);
+    if (p.c) cw_redis_free(p.c);
     cw_queue_free(p.q);
     cw_dlq_free(p.dlq);
     free_batch_docs(&p);

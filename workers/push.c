@@ -56,7 +56,7 @@ typedef struct {
 
 static struct {
     const cw_config_t *cf;
-    redisContext      *c;
+    cw_redis_t      *c;
     cw_queue_t        *q;
     cw_batch_t         batch;
     mongoc_client_t   *mongo;
@@ -83,8 +83,8 @@ static void
 drop_redis(const char *why)
 {
     if (P.c) {
-        cw_warn("push: redis %s: %s", why, P.c->err ? P.c->errstr : "unexpected reply");
-        redisFree(P.c);
+        cw_warn("push: redis %s: %s", why, cw_redis_errstr(P.c));
+        cw_redis_free(P.c);
         P.c = NULL;
     }
 }
@@ -112,14 +112,14 @@ append_eval(int sc, int nkeys, int argc, const char **argv)
         a[n] = argv[i];
         l[n++] = strlen(argv[i]);
     }
-    redisAppendCommandArgv(P.c, n, a, l);
+    cw_redis_append_argv(P.c, n, a, l);
 }
 
 static redisReply *
 get_reply(void)
 {
     redisReply *r = NULL;
-    if (P.c == NULL || redisGetReply(P.c, (void **) &r) != REDIS_OK) return NULL;
+    if (P.c == NULL || cw_redis_get_reply(P.c, &r) != REDIS_OK) return NULL;
     return r;
 }
 
@@ -215,8 +215,8 @@ stats_tick(void)
             argv[2 + 2 * i] = names[i];
             argv[3 + 2 * i] = vals[i];
         }
-        redisAppendCommandArgv(P.c, 2 + 2 * n, argv, NULL);
-        redisAppendCommand(P.c, "PEXPIRE %s 3600000", P.stats_key);
+        cw_redis_append_argv(P.c, 2 + 2 * n, argv, NULL);
+        cw_redis_append(P.c, "PEXPIRE %s 3600000", P.stats_key);
         for (int i = 0; i < 2; i++) {
             redisReply *r = get_reply();
             if (r == NULL) { drop_redis("stats"); return; }
@@ -294,8 +294,8 @@ recipients(push_rcpt_t **out, int *nout)
             int s = (int) (chat_crc32(conv, strlen(conv)) % (uint32_t) P.cf->shards);
             snprintf(mem, sizeof(mem), "chat:{s%d}:g:%s:mem", s, e->group);
             snprintf(meta, sizeof(meta), "chat:{s%d}:g:%s:meta", s, e->group);
-            redisAppendCommand(P.c, "HGETALL %s", mem);
-            redisAppendCommand(P.c, "HMGET %s n name", meta);
+            cw_redis_append(P.c, "HGETALL %s", mem);
+            cw_redis_append(P.c, "HMGET %s n name", meta);
             gidx[ngroups++] = i;
             continue;
         }
@@ -369,7 +369,7 @@ enqueue_batch(void)
      * pipelined) keeps the enqueue script for those who do; a script call
      * per member of every big group's message cost as much Redis as the
      * fan-out's inbox appends */
-    for (int i = 0; i < n; i++) redisAppendCommand(P.c, "EXISTS chat:{u:%s}:push", rc[i].user);
+    for (int i = 0; i < n; i++) cw_redis_append(P.c, "EXISTS chat:{u:%s}:push", rc[i].user);
     {
         int kept = 0;
         for (int i = 0; i < n; i++) {
@@ -412,7 +412,7 @@ enqueue_batch(void)
                 snprintf(key, sizeof(key), "chat:{pq%d}:due", b);
                 snprintf(member, sizeof(member), "%s|%s|%s", rc[i].user, r->element[d]->str,
                          P.batch.e[rc[i].entry].conv);
-                redisAppendCommand(P.c, "ZADD %s LT %s %s", key, due_at, member);
+                cw_redis_append(P.c, "ZADD %s LT %s %s", key, due_at, member);
                 nz++;
             }
         }
@@ -848,11 +848,11 @@ cw_role_push(const cw_config_t *cf)
 
         if (P.c == NULL) {
             err[0] = '\0';
-            P.c = cw_redis_connect(cf->redis_url, 5000, err, sizeof(err));
+            P.c = cw_redis_connect(cf, 5000, err, sizeof(err));
             if (P.c == NULL || load_scripts() != 0 || (!kafka && cw_queue_setup(P.q, P.c) != 0)) {
                 if (P.c) {
                     snprintf(err, sizeof(err), "setup failed");
-                    redisFree(P.c);
+                    cw_redis_free(P.c);
                     P.c = NULL;
                 }
                 cw_warn("push: redis: %s; retrying in %d ms", err, cw_backoff_ms(&bo));
@@ -902,7 +902,7 @@ cw_role_push(const cw_config_t *cf)
     cw_http_close();
     for (int p = 0; p < PUSH_NPROV; p++) if (providers[p]->close) providers[p]->close();
     cw_heartbeat_clear(&hb, P.c);
-    if (P.c) redisFree(P.c);
+    if (P.c) cw_redis_free(P.c);
     cw_queue_free(P.q);
     cw_batch_free(&P.batch);
     for (int p = 0; p < PUSH_NPROV; p++) free(P.st[p].lat);

@@ -17,7 +17,9 @@
 #include "chat_worker.h"
 
 #include <hiredis/hiredis.h>
+#include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +44,13 @@ struct cw_queue_s {
     int                 trim;
     int64_t             next_trim;
     int64_t             next_claim;
+    /* Redis Cluster: every stream is in a slot of its own and a blocking
+     * read holds its connection, so each stream has a connection of its
+     * own to its master for its XREADGROUP BLOCK (one read outstanding at
+     * most per stream, so its entries are processed in stream order) */
+    redisContext      **rd;
+    unsigned char      *rd_out;          /* a read is outstanding on rd[i] */
+    int                 redirected;      /* a read came back redirected (its slot moves) */
 
     /* Kafka */
     rd_kafka_t         *rk;
@@ -77,7 +86,9 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
     q->keys = calloc((size_t) nshards, sizeof(char *));
     q->pending = calloc((size_t) nshards, 1);
     q->idx_of = malloc(sizeof(int) * (size_t) cf->shards);
-    if (!q->shards || !q->keys || !q->pending || !q->idx_of) goto fail;
+    q->rd = calloc((size_t) nshards, sizeof(redisContext *));
+    q->rd_out = calloc((size_t) nshards, 1);
+    if (!q->shards || !q->keys || !q->pending || !q->idx_of || !q->rd || !q->rd_out) goto fail;
     for (int s = 0; s < cf->shards; s++) q->idx_of[s] = -1;
     for (int i = 0; i < nshards; i++) {
         q->shards[i] = shards[i];
@@ -97,6 +108,9 @@ cw_queue_free(cw_queue_t *q)
 {
     if (q == NULL) return;
     if (q->rk) cw_kafka_close(q);
+    for (int i = 0; q->rd && i < q->nshards; i++) if (q->rd[i]) redisFree(q->rd[i]);
+    free(q->rd);
+    free(q->rd_out);
     for (int i = 0; q->keys && i < q->nshards; i++) free(q->keys[i]);
     free(q->keys);
     free(q->shards);
@@ -110,11 +124,11 @@ cw_queue_free(cw_queue_t *q)
 
 /* Reads n pipelined replies; returns -1 when the connection failed. */
 static int
-drain(redisContext *c, int n)
+drain(cw_redis_t *c, int n)
 {
     redisReply *r;
     for (int i = 0; i < n; i++) {
-        if (redisGetReply(c, (void **) &r) != REDIS_OK) return -1;
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
         freeReplyObject(r);
     }
     return 0;
@@ -154,7 +168,7 @@ others_pending(const cw_queue_t *q, const redisReply *r)
  * whole stream when all is set.
  */
 static int
-claim(cw_queue_t *q, redisContext *c, long long min_idle, int all)
+claim(cw_queue_t *q, cw_redis_t *c, long long min_idle, int all)
 {
     char           idle[32], count[32];
     redisReply    *r;
@@ -163,9 +177,9 @@ claim(cw_queue_t *q, redisContext *c, long long min_idle, int all)
 
     want = calloc((size_t) q->nshards, 1);
     if (want == NULL) return 0;
-    for (int i = 0; i < q->nshards; i++) redisAppendCommand(c, "XPENDING %s %s", q->keys[i], q->group);
+    for (int i = 0; i < q->nshards; i++) cw_redis_append(c, "XPENDING %s %s", q->keys[i], q->group);
     for (int i = 0; i < q->nshards; i++) {
-        if (redisGetReply(c, (void **) &r) != REDIS_OK) { free(want); return -1; }
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) { free(want); return -1; }
         want[i] = (unsigned char) others_pending(q, r);
         freeReplyObject(r);
     }
@@ -176,7 +190,7 @@ claim(cw_queue_t *q, redisContext *c, long long min_idle, int all)
         size_t got = 0;
         if (!want[i]) continue;
         do {
-            r = redisCommand(c, "XAUTOCLAIM %s %s %s %s %s COUNT %s", q->keys[i], q->group,
+            r = cw_redis_command(c, "XAUTOCLAIM %s %s %s %s %s COUNT %s", q->keys[i], q->group,
                              q->consumer, idle, start, count);
             if (r == NULL) { rc = -1; break; }
             if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->element[0]->type != REDIS_REPLY_STRING) {
@@ -200,26 +214,34 @@ claim(cw_queue_t *q, redisContext *c, long long min_idle, int all)
 }
 
 static int
-redis_setup(cw_queue_t *q, redisContext *c)
+redis_setup(cw_queue_t *q, cw_redis_t *c)
 {
     static const char *groups[] = { "fanout", "persist" };
     redisReply        *r;
     int                n = 0, rc = 0;
 
+    /* a new client: the readers of the last one go (what they had read is
+     * pending for us and read again below) */
+    for (int i = 0; i < q->nshards; i++) {
+        if (q->rd[i]) redisFree(q->rd[i]);
+        q->rd[i] = NULL;
+        q->rd_out[i] = 0;
+    }
+
     for (int i = 0; i < q->nshards; i++) {
         for (int g = 0; g < 2; g++) {
-            redisAppendCommand(c, "XGROUP CREATE %s %s 0 MKSTREAM", q->keys[i], groups[g]);
+            cw_redis_append(c, "XGROUP CREATE %s %s 0 MKSTREAM", q->keys[i], groups[g]);
             n++;
         }
         /* an optional consumer (push) starts at the end: it has no business
          * with what was queued before it first ran */
         if (strcmp(q->group, "fanout") != 0 && strcmp(q->group, "persist") != 0) {
-            redisAppendCommand(c, "XGROUP CREATE %s %s $ MKSTREAM", q->keys[i], q->group);
+            cw_redis_append(c, "XGROUP CREATE %s %s $ MKSTREAM", q->keys[i], q->group);
             n++;
         }
     }
     for (int i = 0; i < n; i++) {
-        if (redisGetReply(c, (void **) &r) != REDIS_OK) return -1;
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
         if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
             cw_error("XGROUP CREATE: %s", r->str);
             rc = -1;
@@ -327,7 +349,7 @@ take_reply(cw_queue_t *q, redisReply *r, cw_batch_t *b, int pending_mode)
 }
 
 static int
-redis_read(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms, int pending_mode)
+redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms, int pending_mode)
 {
     int          n = 0, argc, rc;
     const char **argv;
@@ -361,7 +383,7 @@ redis_read(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms, int pend
         for (int i = 0; i < nkeys; i++) argv[n++] = pending_mode ? "0" : ">";
     }
     for (int i = 0; i < n; i++) lens[i] = strlen(argv[i]);
-    r = redisCommandArgv(c, n, argv, lens);
+    r = cw_redis_command_argv(c, n, argv, lens);
     free(argv);
     free(lens);
     if (r == NULL) return -1;
@@ -376,6 +398,167 @@ redis_read(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms, int pend
     return rc;
 }
 
+
+/* ---- Redis Cluster: a read per stream ------------------------------------- */
+
+static void
+reader_close(cw_queue_t *q, int i)
+{
+    if (q->rd[i]) redisFree(q->rd[i]);
+    q->rd[i] = NULL;
+    q->rd_out[i] = 0;
+}
+
+/* Starts stream i's blocking read on its own connection. */
+static int
+reader_send(cw_queue_t *q, cw_redis_t *c, int i, int block_ms)
+{
+    int done = 0;
+
+    if (q->rd[i] == NULL && (q->rd[i] = cw_redis_dial_for(c, q->keys[i], strlen(q->keys[i]))) == NULL) return -1;
+    redisAppendCommand(q->rd[i], "XREADGROUP GROUP %s %s COUNT %d BLOCK %d STREAMS %s >", q->group, q->consumer,
+                       q->cf->batch, block_ms, q->keys[i]);
+    while (!done) {
+        if (redisBufferWrite(q->rd[i], &done) != REDIS_OK) {
+            cw_warn("%s: read of %s: %s", q->consumer, q->keys[i], q->rd[i]->errstr);
+            reader_close(q, i);
+            return -1;
+        }
+    }
+    q->rd_out[i] = 1;
+    return 0;
+}
+
+/* The reply of stream i's read: waited for (wait), or taken when it has
+ * arrived (after poll). Entries go to b. -1: the connection failed. */
+static int
+reader_recv(cw_queue_t *q, cw_redis_t *c, int i, cw_batch_t *b, int wait)
+{
+    redisReply *r = NULL;
+    int         rc = 0;
+
+    if (wait) {
+        if (redisGetReply(q->rd[i], (void **) &r) != REDIS_OK) r = NULL;
+        if (r == NULL) goto lost;
+    } else {
+        if (redisBufferRead(q->rd[i]) != REDIS_OK || redisGetReplyFromReader(q->rd[i], (void **) &r) != REDIS_OK)
+            goto lost;
+        if (r == NULL) return 0;                    /* not all of it yet */
+    }
+    q->rd_out[i] = 0;
+    if (r->type == REDIS_REPLY_ERROR) {
+        /* The stream's slot moves: MOVED (the map learns it and the next
+         * read goes there), ASK or TRYAGAIN while it migrates, UNBLOCKED
+         * when the key left the node under a blocked read. Nothing was
+         * delivered: read it again next time. Anything else (NOGROUP: the
+         * stream was deleted) sets up again after a reconnect. */
+        static const char *moving[] = { "MOVED", "ASK", "TRYAGAIN", "UNBLOCKED", "CLUSTERDOWN" };
+        int                moved = 0;
+        for (size_t k = 0; k < sizeof(moving) / sizeof(moving[0]); k++)
+            moved |= strncmp(r->str, moving[k], strlen(moving[k])) == 0;
+        if (moved) {
+            cw_redis_note(c, r);
+            q->redirected = 1;
+        } else {
+            cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
+        }
+        freeReplyObject(r);
+        reader_close(q, i);
+        return moved ? 0 : -1;
+    }
+    rc = take_reply(q, r, b, 0);
+    freeReplyObject(r);
+    return rc;
+lost:
+    cw_warn("%s: read of %s: %s", q->consumer, q->keys[i], q->rd[i]->errstr[0] ? q->rd[i]->errstr : "lost");
+    reader_close(q, i);
+    return -1;
+}
+
+static int
+cluster_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
+{
+    struct pollfd *pf;
+    int           *who, rc = 0;
+    int64_t        deadline;
+
+    if (q->npending > 0) {
+        /* our pending entries, per stream (one command per slot), pipelined:
+         * one round trip per node. A stream whose blocking read is out gives
+         * that read's reply first; its pending entries are read next time
+         * (after this batch is acknowledged, so none is read twice). */
+        unsigned char *asked = calloc((size_t) q->nshards, 1);
+        int            nasked = 0;
+        if (asked == NULL) return -1;
+        for (int i = 0; i < q->nshards && rc == 0; i++) {
+            if (!q->pending[i]) continue;
+            if (q->rd_out[i]) {
+                rc = reader_recv(q, c, i, b, 1);
+                continue;
+            }
+            cw_redis_append(c, "XREADGROUP GROUP %s %s COUNT %d STREAMS %s 0", q->group, q->consumer,
+                            q->cf->batch, q->keys[i]);
+            asked[i] = 1;
+            nasked++;
+        }
+        for (int i = 0; i < q->nshards && nasked > 0; i++) {
+            redisReply *r;
+            int         before = b->n;
+            if (!asked[i]) continue;
+            nasked--;
+            if (cw_redis_get_reply(c, &r) != REDIS_OK) { rc = -1; break; }
+            if (r->type == REDIS_REPLY_ERROR) {
+                cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
+                rc = -1;
+            } else if (rc == 0 && take_reply(q, r, b, 0) != 0) {
+                rc = -1;
+            }
+            freeReplyObject(r);
+            if (rc == 0 && b->n == before && q->pending[i]) {
+                q->pending[i] = 0;                  /* none left */
+                q->npending--;
+            }
+        }
+        free(asked);
+        if (rc != 0) return -1;
+        if (b->n > 0) return b->n;
+    }
+
+    /* new entries: a blocking read out on every stream (those still out
+     * from the last fetch stay out), then whatever has come back within
+     * block_ms; once something has, only what is back already */
+    for (int i = 0; i < q->nshards; i++) {
+        if (!q->pending[i] && !q->rd_out[i] && reader_send(q, c, i, block_ms) != 0) return -1;
+    }
+    pf = malloc(sizeof(*pf) * (size_t) q->nshards);
+    who = malloc(sizeof(int) * (size_t) q->nshards);
+    if (pf == NULL || who == NULL) { free(pf); free(who); return -1; }
+    deadline = cw_mono_ms() + block_ms;
+    while (!cw_stop) {
+        int     n = 0, ready;
+        int64_t left = deadline - cw_mono_ms();
+        for (int i = 0; i < q->nshards; i++) {
+            if (!q->rd_out[i]) continue;
+            pf[n].fd = q->rd[i]->fd;
+            pf[n].events = POLLIN;
+            pf[n].revents = 0;
+            who[n++] = i;
+        }
+        if (n == 0) break;
+        ready = poll(pf, (nfds_t) n, b->n > 0 || left < 0 ? 0 : (int) left);
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready <= 0) break;
+        for (int k = 0; k < n && rc == 0; k++) {
+            if (pf[k].revents) rc = reader_recv(q, c, who[k], b, 0);
+        }
+        if (rc != 0) break;
+    }
+    free(pf);
+    free(who);
+    if (rc == 0 && b->n == 0 && q->redirected) cw_sleep_ms(10);   /* a migration: not a busy loop */
+    q->redirected = 0;
+    return rc != 0 ? -1 : b->n;
+}
 
 /* ---- Kafka ------------------------------------------------------------------ */
 
@@ -631,17 +814,18 @@ kafka_commit(cw_queue_t *q, const cw_batch_t *b)
 /* ---- the interface ---------------------------------------------------------- */
 
 int
-cw_queue_setup(cw_queue_t *q, redisContext *c)
+cw_queue_setup(cw_queue_t *q, cw_redis_t *c)
 {
     if (q->kafka) return 0;
     return redis_setup(q, c);
 }
 
 int
-cw_queue_fetch(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms)
+cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
 {
     cw_batch_clear(b);
     if (q->kafka) return kafka_fetch(q, b, block_ms);
+    if (cw_redis_is_cluster(c)) return cluster_fetch(q, c, b, block_ms);
     if (q->npending > 0) {
         if (redis_read(q, c, b, 0, 1) != 0) return -1;
         if (b->n > 0) return b->n;
@@ -651,7 +835,7 @@ cw_queue_fetch(cw_queue_t *q, redisContext *c, cw_batch_t *b, int block_ms)
 }
 
 int
-cw_queue_ack(cw_queue_t *q, redisContext *c, const cw_batch_t *b)
+cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b)
 {
     int          n = 0, i = 0;
     const char **argv;
@@ -671,7 +855,7 @@ cw_queue_ack(cw_queue_t *q, redisContext *c, const cw_batch_t *b)
         argv[argc++] = q->group;
         while (i < b->n && b->e[i].shard == shard) argv[argc++] = b->e[i++].qid;
         for (int k = 0; k < argc; k++) lens[k] = strlen(argv[k]);
-        redisAppendCommandArgv(c, argc, argv, lens);
+        cw_redis_append_argv(c, argc, argv, lens);
         n++;
     }
     free(argv);
@@ -701,7 +885,7 @@ sid_less(sid_t a, sid_t b)
  * its smallest pending entry, else its last delivered one. Both groups
  * must exist, so the persist group never misses what it has not read. */
 static int
-trim_streams(cw_queue_t *q, redisContext *c)
+trim_streams(cw_queue_t *q, cw_redis_t *c)
 {
     redisReply *info, *pf, *pp, *pu;
     sid_t      *minid = calloc((size_t) q->nshards, sizeof(sid_t));
@@ -710,20 +894,20 @@ trim_streams(cw_queue_t *q, redisContext *c)
 
     if (minid == NULL || ok == NULL) { free(minid); free(ok); return 0; }
     for (int i = 0; i < q->nshards; i++) {
-        redisAppendCommand(c, "XINFO GROUPS %s", q->keys[i]);
-        redisAppendCommand(c, "XPENDING %s fanout", q->keys[i]);
-        redisAppendCommand(c, "XPENDING %s persist", q->keys[i]);
-        redisAppendCommand(c, "XPENDING %s push", q->keys[i]);
+        cw_redis_append(c, "XINFO GROUPS %s", q->keys[i]);
+        cw_redis_append(c, "XPENDING %s fanout", q->keys[i]);
+        cw_redis_append(c, "XPENDING %s persist", q->keys[i]);
+        cw_redis_append(c, "XPENDING %s push", q->keys[i]);
     }
     for (int i = 0; i < q->nshards; i++) {
         int   groups = 0, first = 1;
         sid_t m = { 0, 0 };
-        if (redisGetReply(c, (void **) &info) != REDIS_OK) { rc = -1; goto out; }
-        if (redisGetReply(c, (void **) &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
-        if (redisGetReply(c, (void **) &pp) != REDIS_OK) {
+        if (cw_redis_get_reply(c, &info) != REDIS_OK) { rc = -1; goto out; }
+        if (cw_redis_get_reply(c, &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
+        if (cw_redis_get_reply(c, &pp) != REDIS_OK) {
             freeReplyObject(info); freeReplyObject(pf); rc = -1; goto out;
         }
-        if (redisGetReply(c, (void **) &pu) != REDIS_OK) {
+        if (cw_redis_get_reply(c, &pu) != REDIS_OK) {
             freeReplyObject(info); freeReplyObject(pf); freeReplyObject(pp); rc = -1; goto out;
         }
         if (info->type == REDIS_REPLY_ARRAY) {
@@ -772,7 +956,7 @@ trim_streams(cw_queue_t *q, redisContext *c)
         char id[48];
         if (!ok[i]) continue;
         snprintf(id, sizeof(id), "%" PRIu64 "-%" PRIu64, minid[i].ms, minid[i].seq);
-        redisAppendCommand(c, "XTRIM %s MINID ~ %s", q->keys[i], id);
+        cw_redis_append(c, "XTRIM %s MINID ~ %s", q->keys[i], id);
         n++;
     }
     rc = drain(c, n);
@@ -783,7 +967,7 @@ out:
 }
 
 int
-cw_queue_maintain(cw_queue_t *q, redisContext *c)
+cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
 {
     int64_t now = cw_mono_ms();
 

@@ -3,7 +3,8 @@
  * table chat_lua[] (lua/gen.sh), the same table the module loads. Their
  * SHA1s are computed here, so EVALSHA needs no SCRIPT LOAD round trip;
  * when Redis answers NOSCRIPT (restarted, flushed) the caller loads them
- * all again with cw_lua_load().
+ * all again with cw_lua_load() (on a cluster: on every master; a node the
+ * client connects to later gets them when it connects).
  */
 #include "chat_worker.h"
 
@@ -25,9 +26,10 @@ cw_lua_sha(int id)
     return lua_sha[id];
 }
 
-/* SCRIPT LOAD of every script: 0, or -1 (the reason logged). */
+/* SCRIPT LOAD of every script on one connection: 0, or -1 (the reason
+ * logged). cw_lua_load (redis.c) does it on every node of a client. */
 int
-cw_lua_load(redisContext *c)
+cw_lua_load_ctx(redisContext *c)
 {
     for (int i = 0; i < CHAT_LUA_N; i++) {
         redisReply *r = redisCommand(c, "SCRIPT LOAD %s", chat_lua[i].src);

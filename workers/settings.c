@@ -50,7 +50,7 @@ typedef struct {
 } st_doc_t;
 
 static const cw_config_t *st_cf;
-static redisContext      *st_redis;
+static cw_redis_t      *st_redis;
 static int64_t            st_redis_used;
 
 void
@@ -61,22 +61,22 @@ cw_settings_init(const cw_config_t *cf)
 
 /* A Redis connection for the rest role's push and settings endpoints,
  * checked with a PING when idle for a second (a restarted Redis). */
-redisContext *
+cw_redis_t *
 cw_rest_redis(void)
 {
     char    err[256];
     int64_t now = cw_mono_ms();
 
     if (st_redis && now - st_redis_used > 1000) {
-        redisReply *r = redisCommand(st_redis, "PING");
+        redisReply *r = cw_redis_command(st_redis, "PING");
         if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            redisFree(st_redis);
+            cw_redis_free(st_redis);
             st_redis = NULL;
         }
         if (r) freeReplyObject(r);
     }
     if (st_redis == NULL && st_cf) {
-        st_redis = cw_redis_connect(st_cf->redis_url, 3000, err, sizeof(err));
+        st_redis = cw_redis_connect(st_cf, 3000, err, sizeof(err));
         if (st_redis == NULL) cw_warn("rest: redis: %s", err);
     }
     st_redis_used = now;
@@ -87,8 +87,8 @@ void
 cw_rest_redis_failed(void)
 {
     if (st_redis) {
-        cw_warn("rest: redis: %s", st_redis->err ? st_redis->errstr : "unexpected reply");
-        redisFree(st_redis);
+        cw_warn("rest: redis: %s", cw_redis_errstr(st_redis));
+        cw_redis_free(st_redis);
         st_redis = NULL;
     }
 }
@@ -96,7 +96,7 @@ cw_rest_redis_failed(void)
 void
 cw_settings_close(void)
 {
-    if (st_redis) redisFree(st_redis);
+    if (st_redis) cw_redis_free(st_redis);
     st_redis = NULL;
 }
 
@@ -326,7 +326,7 @@ doc_store(mongoc_client_t *client, const char *db, const char *user, const st_do
 static int
 doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
 {
-    redisContext *c = cw_rest_redis();
+    cw_redis_t *c = cw_rest_redis();
     char          kset[CW_ID_MAX + 32], kmute[CW_ID_MAX + 32], knotify[CW_ID_MAX + 32], quiet[32], until[24];
     int           n = 0, failed = 0;
 
@@ -335,35 +335,39 @@ doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
     snprintf(kmute, sizeof(kmute), "chat:{u:%s}:mute", user);
     snprintf(knotify, sizeof(knotify), "chat:{u:%s}:notify", user);
     snprintf(quiet, sizeof(quiet), "%d-%d", d->quiet_from, d->quiet_to);
-    redisAppendCommand(c, "MULTI"); n++;
-    redisAppendCommand(c, "DEL %s %s %s", kset, kmute, knotify); n++;
+    cw_redis_append(c, "MULTI"); n++;
+    cw_redis_append(c, "DEL %s %s %s", kset, kmute, knotify); n++;
     if (d->quiet_from >= 0) {
-        redisAppendCommand(c, "HSET %s last_seen %s preview %d tz %s quiet %s", kset,
+        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s quiet %s", kset,
                            d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz, quiet);
     } else {
-        redisAppendCommand(c, "HSET %s last_seen %s preview %d tz %s", kset,
+        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s", kset,
                            d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz);
     }
     n++;
     for (int i = 0; i < d->nmute; i++) {
         if (d->mute[i].until && d->mute[i].until <= now) continue;
         snprintf(until, sizeof(until), "%" PRId64, d->mute[i].until);
-        redisAppendCommand(c, "HSET %s %s %s", d->mute[i].notify ? knotify : kmute, d->mute[i].conv,
+        cw_redis_append(c, "HSET %s %s %s", d->mute[i].notify ? knotify : kmute, d->mute[i].conv,
                            d->mute[i].notify ? "1" : until);
         n++;
     }
+    cw_redis_append(c, "EXEC"); n++;
     if (d->nobody) {
         /* watchers who saw this user online learn it no more: from now on
          * the user looks offline and never seen (lua/presence.lua), and the
-         * registry scripts announce nothing */
-        redisAppendCommand(c, "PUBLISH chat:p:%s {\"type\":\"presence\",\"user\":\"%s\","
-                           "\"online\":false,\"last_seen\":null}", user, user);
-        n++;
+         * registry scripts announce nothing. After the EXEC: on a cluster
+         * it is an SPUBLISH, which a transaction need not carry. */
+        if (cw_redis_is_cluster(c))      /* the user's own slot (docs/PIPELINE.md) */
+            cw_redis_append(c, "SPUBLISH chat:p:{u:%s} {\"type\":\"presence\",\"user\":\"%s\","
+                               "\"online\":false,\"last_seen\":null}", user, user);
+        else
+            cw_redis_append(c, "PUBLISH chat:p:%s {\"type\":\"presence\",\"user\":\"%s\","
+                               "\"online\":false,\"last_seen\":null}", user, user);
     }
-    redisAppendCommand(c, "EXEC"); n++;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n + (d->nobody ? 1 : 0); i++) {
         redisReply *r = NULL;
-        if (redisGetReply(c, (void **) &r) != REDIS_OK || r == NULL) {
+        if (cw_redis_get_reply(c, &r) != REDIS_OK || r == NULL) {
             cw_rest_redis_failed();
             return -1;
         }
@@ -467,9 +471,9 @@ cw_settings_request(const char *method, const char *path, const char *user, cons
         }
         if (in == NULL) {
             /* Redis lost its copy (flushed, restarted without data): write it again */
-            redisContext *c = found ? cw_rest_redis() : NULL;
+            cw_redis_t *c = found ? cw_rest_redis() : NULL;
             if (c) {
-                redisReply *r = redisCommand(c, "EXISTS chat:{u:%s}:set", user);
+                redisReply *r = cw_redis_command(c, "EXISTS chat:{u:%s}:set", user);
                 if (r == NULL) cw_rest_redis_failed();
                 else if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) doc_to_redis(user, &d, cw_now_ms());
                 if (r) freeReplyObject(r);
