@@ -381,8 +381,11 @@ def test_conversation_list_and_unread(stack):
 
 def test_the_sending_device_never_gets_its_own_messages(stack):
     """Live (interleaved with receipts) and on replay after reconnecting; its
-    other devices do get them."""
+    other devices do get them (a device the server has seen before the
+    sends: a brand-new one starts with what comes after its first
+    connection, PROTOCOL 9 row 8)."""
     a, b = uniq("a"), uniq("b")
+    ws(stack, a, "laptop").close()                 # the laptop is known
     a1, b1 = ws(stack, a, "phone"), ws(stack, b)
     ids = []
     for i in range(10):
@@ -413,4 +416,31 @@ def test_the_sending_device_never_gets_its_own_messages(stack):
     other = ws(stack, a, "laptop", cursor=0)
     assert [m["id"] for m in msgs(other, 10)] == ids
     for c in (again, other, b1):
+        c.close()
+
+
+def test_own_sends_are_copied_only_for_devices_seen_before(stack, r):
+    """A user with one device: its sends cost no inbox copy (no cursor); a
+    device first seen afterwards gets none of them (they are in history),
+    and from then on gets every send of the other device."""
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a, "phone"), ws(stack, b)
+    for i in range(3):
+        ack_of(a1, send(a1, b, f"early{i}"))
+    assert [m["body"] for m in msgs(b1, 3)] == ["early0", "early1", "early2"]
+    assert r.zcard(f"chat:{{u:{a}}}:inbox") == 0 and r.get(f"chat:{{u:{a}}}:cur") is None
+    tab = ws(stack, a, "tablet", cursor=0)
+    tab.send_json({"type": "ping"})
+    late = []
+    while True:
+        m = tab.recv(5)
+        if m["type"] == "pong":
+            break
+        late.append(m)
+    assert not [m for m in late if m.get("type") == "msg"], late
+    # positive control: now the tablet is known, the next send reaches it
+    ack = ack_of(a1, send(a1, b, "later"))
+    m = tab.recv_type("msg", timeout=10)
+    assert m["id"] == ack["id"] and m["body"] == "later" and m["cursor"] >= 1
+    for c in (a1, b1, tab):
         c.close()

@@ -141,6 +141,7 @@ def test_reconsumed_entry_adds_nothing_and_is_published_again(stack, r, q, chan)
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(bob, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     f1 = msg_fields(conv, alice, bob, 1)
     f2 = msg_fields(conv, alice, bob, 2)
     q.send(f1)
@@ -185,6 +186,7 @@ def test_receipt_recipients(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(alice, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     chan.register(bob, "phone")
     chan.register(bob, "tablet")
     q.send(msg_fields(conv, alice, bob, 1, dev="phone"))
@@ -212,6 +214,7 @@ def test_receipt_recipients(stack, r, q, chan):
     me = uid("carol")
     self_conv = dconv(me, me)
     chan.register(me, "phone")
+    r.hset(ukey(me, "acked"), "laptop", 0)      # the device the read comes from is known
     q.send(msg_fields(self_conv, me, me, 1, dev="phone"))
     q.send(receipt_fields(self_conv, me, "delivered", 1, dev="laptop"))
     q.send(receipt_fields(self_conv, me, "read", 1, dev="laptop"))
@@ -651,6 +654,7 @@ def test_messages_out_of_seq_order_are_not_lost(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(bob, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     f = {s: msg_fields(conv, alice, bob, s) for s in range(1, 7)}
     q.send_many([f[2]])
     got = chan.collect(lambda g: len(g) >= 1, timeout=30)

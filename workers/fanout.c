@@ -397,27 +397,29 @@ build_targets(fanout_t *f)
 }
 
 /* Appends recipient k's command: the inbox append (push), or a registry
- * read (pull). */
+ * read (pull). The acting user's own copy names its device (ARGV 7): the
+ * script skips it when no other device of the user ever registered. */
 static int
 append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t *rc, const char *now_s)
 {
-    static const char *suffix[] = { "inbox", "cur", "last", "conns", "ages" };
-    char               keys[5][CW_ID_MAX + 24], seq_s[24];
-    const char        *argv[14];
-    size_t             lens[14];
+    static const char *suffix[] = { "inbox", "cur", "last", "conns", "ages", "acked" };
+    char               keys[6][CW_ID_MAX + 24], seq_s[24];
+    const char        *argv[16];
+    size_t             lens[16];
 
     if (t->pull) {
         redisAppendCommand(f->c, "ZRANGEBYSCORE chat:{u:%s}:conns %s +inf", rc->user, now_s);
         return 0;
     }
-    for (int j = 0; j < 5; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
+    for (int j = 0; j < 6; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
     snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
-    argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_INBOX); argv[2] = "5";
-    for (int j = 0; j < 5; j++) argv[3 + j] = keys[j];
-    argv[8] = t->field; argv[9] = seq_s; argv[10] = e->ev;
-    argv[11] = now_s; argv[12] = f->max_s; argv[13] = f->ret_s;
-    for (int j = 0; j < 14; j++) lens[j] = strlen(argv[j]);
-    lens[10] = e->ev_len;
+    argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_INBOX); argv[2] = "6";
+    for (int j = 0; j < 6; j++) argv[3 + j] = keys[j];
+    argv[9] = t->field; argv[10] = seq_s; argv[11] = e->ev;
+    argv[12] = now_s; argv[13] = f->max_s; argv[14] = f->ret_s;
+    argv[15] = rc->skip_dev ? rc->skip_dev : "";
+    for (int j = 0; j < 16; j++) lens[j] = strlen(argv[j]);
+    lens[11] = e->ev_len;
     if (rc->skip_dev) {
         /* the acting user's own copy names the device it came from, so a
          * replay to that device skips it: {"!":"<device>", + the event */
@@ -427,10 +429,10 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
         {
             return -1;
         }
-        argv[10] = f->own.p;
-        lens[10] = f->own.len;
+        argv[11] = f->own.p;
+        lens[11] = f->own.len;
     }
-    redisAppendCommandArgv(f->c, 14, argv, lens);
+    redisAppendCommandArgv(f->c, 16, argv, lens);
     return 0;
 }
 
