@@ -54,7 +54,8 @@ typedef struct {
 /* What one entry of a batch goes to. */
 typedef struct {
     int          r0, n;          /* its recipients: rc[r0 .. r0 + n) */
-    int          pull;           /* big group: live delivery only, no inbox copy */
+    int          pull;           /* live delivery only, no inbox copy: a big
+                                    group's message, a delivered receipt */
     redisReply  *group;          /* the group's members or senders (Redis reply) */
     char         field[CW_FIELD_MAX];
 } target_t;
@@ -153,7 +154,7 @@ chan_get(fanout_t *f, const char *name, size_t len)
  * Appends the PUBLISHes of entry e: for each recipient, each live registry
  * member "<channel>|<device>|<session>" adds the token
  * "user[:cursor][!device]" to its channel, once per user and channel (no
- * cursor: a pull-mode group event, delivered live only). A channel whose
+ * cursor: a pull-mode group event or a delivered receipt, live only). A channel whose
  * only connection is the skipped device gets the token too: the module
  * tracks each session's cursors and would take a missing one for a gap
  * (docs/PIPELINE.md). rep[k] is recipient k's inbox append reply
@@ -391,6 +392,11 @@ build_targets(fanout_t *f)
             }
             if (strcmp(e->st, "read") == 0 && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL) return -1;
         }
+        /* a delivered receipt is live only (PROTOCOL 7): its pointer is in
+         * Redis already (the ack script, group_receipt.lua) and is read on
+         * reconnect (GET /chat/receipts), so no inbox copy, no cursor and
+         * no ack of it by the sender's devices */
+        if (e->type == CW_T_RECEIPT && strcmp(e->st, "delivered") == 0) t->pull = 1;
         t->n = f->nrc - t->r0;
     }
     return 0;

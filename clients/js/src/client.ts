@@ -382,6 +382,9 @@ export class ChatClient extends Emitter<ChatEvents> {
     if (this.cursor > h.cursor) setTimeout(() => this.scheduleAck(), 0);
     this.emit("hello", h);
     if (h.behind) this.emit("behind");
+    // delivered receipts are live only (PROTOCOL 7): what came while this
+    // device was away is read as pointers
+    for (const conv of this.timelines.conversations()) void this.learnReceipts(conv, this.timelines.items(conv));
   }
 
   private afterConnect(): void {
@@ -896,9 +899,16 @@ export class ChatClient extends Emitter<ChatEvents> {
     try {
       const r = await this.receiptsOf(conv, seq);
       const p = this.ptrs(conv);
-      const bump = (m: Map<string, number>, u: string) => m.set(u, Math.max(m.get(u) ?? 0, seq));
+      const bump = (m: Map<string, number>, u: string, n = seq) => m.set(u, Math.max(m.get(u) ?? 0, n));
       for (const u of r.delivered) if (u !== this.user) bump(p.delivered, u);
       for (const u of r.read) if (u !== this.user) { bump(p.read, u); bump(p.delivered, u); }
+      // direct conversations: the peer's pointers themselves (older own
+      // messages get their ticks even when the newest is not delivered)
+      for (const [u, v] of Object.entries(r.pointers ?? {})) {
+        if (u === this.user) continue;
+        bump(p.delivered, u, v.delivered);
+        bump(p.read, u, v.read);
+      }
       this.emit("timeline", conv);
     } catch { /* ticks stay at sent */ }
   }
