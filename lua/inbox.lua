@@ -11,8 +11,9 @@
 -- guarantees: exactly once per event and recipient: last[field] =
 --          "<seq>:<cursor>" of the newest appended, an equal seq is a
 --          re-consumed entry (nothing added, the cursor returned so it is
---          published again); skipped seqs (Kafka order) are remembered in
---          last["h:<conv>"] (at most 64) so a late one is still appended;
+--          published again); skipped seqs (Kafka order, a reclaimed entry)
+--          are remembered in last["h:<conv>"] (at most 64) so a late one is
+--          still appended;
 --          the inbox keeps at most inbox_max events and none older than the
 --          retention (hourly age markers in ages, last["mk"]), and the newest
 --          cursor dropped unacknowledged goes to last["trim"] (hello's
@@ -65,7 +66,10 @@ if not res then
     redis.call('ZADD', KEYS[1], cur, ARGV[3])
   end
   if seq > pseq then
-    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. string.format('%d', cur) .. (skip and ':s' or ''))
+    local new = redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. string.format('%d', cur) .. (skip and ':s' or ''))
+    -- a new field of a hash without age markers (a sender who never
+    -- gets an append): it may be a new hash, which must expire
+    if skip and new == 1 and not got[2] then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6])) end
     if msg and seq > pseq + 1 then
       local hs = {}
       local h = redis.call('HGET', KEYS[3], hf)
@@ -75,10 +79,7 @@ if not res then
       redis.call('HSET', KEYS[3], hf, table.concat(hs, ',', from, #hs))
     end
   end
-  if skip then
-    if not got[2] then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6])) end
-    return {0, 0}
-  end
+  if skip then return {0, 0} end
   local n = redis.call('ZCARD', KEYS[1])
   local max = tonumber(ARGV[5])
   local trim = 0

@@ -111,6 +111,32 @@ def test_direct_message_reaches_inboxes_and_nginx_workers(stack, r, q, chan):
     eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
 
 
+def test_own_copy_only_for_a_user_with_another_known_device(stack, r, q, chan):
+    """The fan-out asks the acting user's known devices first: with only the
+    acting one known, neither a message nor a read receipt costs an own
+    copy (no cursor, no publish to the user); once another device is known
+    both are copied again."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(alice, "phone")
+    chan.register(bob, "phone")
+    q.send(msg_fields(conv, alice, bob, 1, dev="phone"))
+    q.send(receipt_fields(conv, alice, "read", 1, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 2, timeout=30)
+    assert got[0][0] == [f"{bob}:1"] and got[0][1]["type"] == "msg"
+    assert got[1][0] == [f"{bob}:2"] and got[1][1]["status"] == "read"
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    assert r.get(ukey(alice, "cur")) is None and inbox(r, alice) == []
+    # positive control: a second device of alice is known now
+    chan.register(alice, "laptop")
+    q.send(msg_fields(conv, alice, bob, 2, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 3)
+    assert sorted(got[2][0]) == sorted([f"{bob}:3", f"{alice}:1!phone"])
+    assert [(c, e["!"], e["seq"]) for c, e in inbox(r, alice)] == [(1, "phone", 2)]
+
+
 def test_one_publish_per_channel_with_every_recipient(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)

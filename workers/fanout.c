@@ -57,6 +57,7 @@ typedef struct {
     int          pull;           /* live delivery only, no inbox copy: a big
                                     group's message, a delivered receipt */
     redisReply  *group;          /* the group's members or senders (Redis reply) */
+    int          own_skip;       /* no device needs the acting user's own copy */
     char         field[CW_FIELD_MAX];
 } target_t;
 
@@ -270,10 +271,29 @@ free_groups(fanout_t *f)
     }
 }
 
+/* The entry carries an own copy for the acting user's other devices (a
+ * message, a read receipt; the acting device named). */
+static int
+has_own_copy(const cw_entry_t *e)
+{
+    return e->valid && e->dev[0] && e->type != CW_T_GROUP
+           && (e->type == CW_T_MSG || strcmp(e->st, "read") == 0);
+}
+
 /*
- * One pipelined round trip for the group entries of the batch: a message's
- * member hash, a receipt's pointer update and senders. Returns -1 when the
- * connection must be dropped.
+ * One pipelined round trip before the appends: a group message's member
+ * hash, a group receipt's pointer update and senders, and for each entry
+ * with an own copy the acting user's known devices (HRANDFIELD acked 2: at
+ * most two of them). The own copy is needed only when a device other than
+ * the acting one is known (lua/inbox.lua checks the same again, so a
+ * device registering in between still gets it); asking first keeps a
+ * one-device sender's message at one plain command instead of a script,
+ * and the appends then run in entry order, which keeps every user's
+ * cursors in seq order per conversation. (A skipped copy leaves the
+ * user's last[m:<conv>] alone, so the next message of the other
+ * participant remembers the own seqs as missing, lua/inbox.lua's h list:
+ * harmless, they never come.) Returns -1 when the connection must be
+ * dropped.
  */
 static int
 resolve_groups(fanout_t *f)
@@ -286,6 +306,11 @@ resolve_groups(fanout_t *f)
         char        k[3][CW_ID_MAX + 48], seq_s[24], prev_s[24];
 
         f->tg[f->ord[oi]].group = NULL;
+        f->tg[f->ord[oi]].own_skip = 0;
+        if (has_own_copy(e)) {
+            redisAppendCommand(f->c, "HRANDFIELD chat:{u:%s}:acked 2", e->from);
+            n++;
+        }
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
         if (e->type == CW_T_MSG) {
             redisAppendCommand(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
@@ -306,21 +331,38 @@ resolve_groups(fanout_t *f)
     }
     for (int oi = 0; oi < b->n && n > 0; oi++) {
         cw_entry_t *e = &b->e[f->ord[oi]];
+        target_t   *t = &f->tg[f->ord[oi]];
         redisReply *r;
+        if (has_own_copy(e)) {
+            if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+            n--;
+            if (r->type != REDIS_REPLY_ARRAY) {
+                cw_error("fanout: devices of %s: %s", e->from, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                freeReplyObject(r);
+                goto drain;
+            }
+            t->own_skip = r->elements == 0
+                          || (r->elements == 1 && r->element[0]->type == REDIS_REPLY_STRING
+                              && strcmp(r->element[0]->str, e->dev) == 0);
+            freeReplyObject(r);
+        }
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
         if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
-        f->tg[f->ord[oi]].group = r;
+        t->group = r;
         n--;
         if (r->type != REDIS_REPLY_ARRAY) {
             cw_error("fanout: group %s: %s", e->conv, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            while (n-- > 0) {
-                if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
-                freeReplyObject(r);
-            }
-            return -1;
+            goto drain;
         }
     }
     return 0;
+drain:
+    while (n-- > 0) {
+        redisReply *r;
+        if (redisGetReply(f->c, (void **) &r) != REDIS_OK) return -1;
+        freeReplyObject(r);
+    }
+    return -1;
 }
 
 /* "<since>" or "<since>:<until>": a member at seq n? active: not removed. */
@@ -356,8 +398,10 @@ build_targets(fanout_t *f)
         if (!e->is_group) {
             cw_rcpt_t d[2];
             int       nd = cw_recipients(e, d);
-            for (int k = 0; k < nd; k++)
+            for (int k = 0; k < nd; k++) {
+                if (d[k].skip_dev && t->own_skip) continue;       /* no device needs it */
                 if (rcpt_add(f, d[k].user, d[k].skip_dev) == NULL) return -1;
+            }
         } else if (e->type == CW_T_GROUP) {
             /* membership change: the users the entry names, every device */
             const char *u = e->rcpt;
@@ -372,6 +416,7 @@ build_targets(fanout_t *f)
                 if (g->element[j]->type != REDIS_REPLY_STRING || g->element[j + 1]->type != REDIS_REPLY_STRING)
                     continue;
                 if (member_at(g->element[j + 1]->str, e->seq, &now)
+                    && !(t->own_skip && strcmp(u, e->from) == 0)
                     && rcpt_add(f, u, strcmp(u, e->from) == 0 && e->dev[0] ? e->dev : NULL) == NULL)
                 {
                     return -1;
@@ -390,7 +435,8 @@ build_targets(fanout_t *f)
                     return -1;
                 }
             }
-            if (strcmp(e->st, "read") == 0 && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL) return -1;
+            if (strcmp(e->st, "read") == 0 && !t->own_skip && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL)
+                return -1;
         }
         /* a delivered receipt is live only (PROTOCOL 7): its pointer is in
          * Redis already (the ack script, group_receipt.lua) and is read on

@@ -77,6 +77,10 @@ def test_own_copy_is_appended_only_when_another_device_may_need_it(r, run):
     assert append(run, "r:read:d:alice:bob:bob", 7, '{"type":"receipt","seq":7}', now, skip="phone") == [0, 0]
     r.hset(U + "acked", mapping={"phone": 0, "tab": 0})
     assert append(run, "r:read:d:alice:bob:bob", 8, '{"type":"receipt","seq":8}', now, skip="phone")[:2] == [1, 5]
+    # a user who only ever sends from one device: its last hash expires too
+    r.delete(U + "last", U + "acked")
+    assert append(run, "m:d:bob:carol", 1, ev(1, conv="d:bob:carol"), now, skip="phone") == [0, 0]
+    assert 0 < r.pttl(U + "last") <= 365 * DAY
 
 
 def test_push_check_reads_the_cursor_of_a_skipped_own_copy(r, run):
