@@ -4,9 +4,10 @@
  * script call per user, idempotent), then publish once per nginx worker channel holding
  * the recipients' connections, then acknowledge the entry.
  *
- * One batch costs three round trips to Redis whatever its size: all
- * inbox appends pipelined, then all PUBLISHes and the XACKs pipelined,
- * then the next XREADGROUP. A batch is acknowledged only after all of it
+ * One batch costs four round trips to Redis whatever its size: the
+ * lookups (group members and receipts, the acting users' known devices),
+ * all inbox appends pipelined, then all PUBLISHes and the XACKs
+ * pipelined, then the next XREADGROUP. A batch is acknowledged only after all of it
  * was done; after any failure the connection is dropped and, once
  * reconnected, our pending entries are processed again: the inbox script
  * turns that into a re-publish with the same cursors, never a second copy.
