@@ -1,34 +1,44 @@
 -- inbox: append one event to a recipient's inbox (the fan-out role).
 -- KEYS:    1 chat:{u:U}:inbox  2 chat:{u:U}:cur  3 chat:{u:U}:last
---          4 chat:{u:U}:conns  5 chat:{u:U}:ages
+--          4 chat:{u:U}:conns  5 chat:{u:U}:ages  6 chat:{u:U}:acked
 -- ARGV:    1 field (m:<conv> for messages and group events, r:<status>:<conv>:<by>
 --          for receipts)  2 seq  3 event JSON without its cursor  4 now (ms)
---          5 inbox_max  6 retention (ms)
--- returns: {appended 1/0, cursor (0: a duplicate already trimmed), live
---          registry members...}
+--          5 inbox_max  6 retention (ms)  7 the acting device of the user's
+--          own copy ("" for any other recipient)
+-- returns: {appended 1/0, cursor (0: nothing to publish: a duplicate
+--          already trimmed, or an own copy no device needs), live registry
+--          members...}
 -- guarantees: exactly once per event and recipient: last[field] =
 --          "<seq>:<cursor>" of the newest appended, an equal seq is a
 --          re-consumed entry (nothing added, the cursor returned so it is
---          published again); skipped seqs (Kafka order) are remembered in
---          last["h:<conv>"] (at most 64) so a late one is still appended;
+--          published again); skipped seqs (Kafka order, a reclaimed entry)
+--          are remembered in last["h:<conv>"] (at most 64) so a late one is
+--          still appended;
 --          the inbox keeps at most inbox_max events and none older than the
 --          retention (hourly age markers in ages, last["mk"]), and the newest
 --          cursor dropped unacknowledged goes to last["trim"] (hello's
 --          "behind"); expiry renewed with the markers.
+--          The user's own copy (ARGV[7] set) is appended only when a device
+--          other than the acting one has ever registered (a field of
+--          acked): no device could replay it otherwise, so no cursor is
+--          spent and nothing is published; last[field] then records
+--          "<seq>:<cursor of the newest appended>:s" (the push check still
+--          finds the newest cursor, a re-consumed entry is still a duplicate).
 local seq = tonumber(ARGV[2])
 local got = redis.call('HMGET', KEYS[3], ARGV[1], 'mk')
 local prev = got[1]
 local pseq, pcur = 0, 0
+local pskip = false
 if prev then
-  local i = string.find(prev, ':', 1, true)
-  pseq = tonumber(string.sub(prev, 1, i - 1))
-  pcur = tonumber(string.sub(prev, i + 1))
+  local a, b, sk = string.match(prev, '^(%d+):(%d+)(:?s?)$')
+  pseq, pcur, pskip = tonumber(a), tonumber(b), sk == ':s'
 end
 local res
 local msg = string.sub(ARGV[1], 1, 2) == 'm:'
 local hf = 'h' .. string.sub(ARGV[1], 2)
 if pseq == seq then
-  res = {0, pcur}
+  res = {0, pskip and 0 or pcur}
+  if pskip then return res end
 elseif pseq > seq then
   local found, rest = false, {}
   local h = msg and redis.call('HGET', KEYS[3], hf)
@@ -44,11 +54,22 @@ elseif pseq > seq then
   elseif #rest > 0 then redis.call('HSET', KEYS[3], hf, table.concat(rest, ','))
   else redis.call('HDEL', KEYS[3], hf) end
 end
+local skip = false
+if not res and ARGV[7] ~= '' then
+  local nd = redis.call('HLEN', KEYS[6])
+  skip = nd == 0 or (nd == 1 and redis.call('HEXISTS', KEYS[6], ARGV[7]) == 1)
+end
 if not res then
-  local cur = redis.call('INCR', KEYS[2])
-  redis.call('ZADD', KEYS[1], cur, ARGV[3])
+  local cur = pcur
+  if not skip then
+    cur = redis.call('INCR', KEYS[2])
+    redis.call('ZADD', KEYS[1], cur, ARGV[3])
+  end
   if seq > pseq then
-    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. cur)
+    local new = redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ':' .. string.format('%d', cur) .. (skip and ':s' or ''))
+    -- a new field of a hash without age markers (a sender who never
+    -- gets an append): it may be a new hash, which must expire
+    if skip and new == 1 and not got[2] then redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6])) end
     if msg and seq > pseq + 1 then
       local hs = {}
       local h = redis.call('HGET', KEYS[3], hf)
@@ -58,6 +79,7 @@ if not res then
       redis.call('HSET', KEYS[3], hf, table.concat(hs, ',', from, #hs))
     end
   end
+  if skip then return {0, 0} end
   local n = redis.call('ZCARD', KEYS[1])
   local max = tonumber(ARGV[5])
   local trim = 0

@@ -24,8 +24,9 @@ if mu and (mu == '0' or tonumber(mu) > now) then return {'muted'} end
 if not p.pull then
   local last = redis.call('HGET', KEYS[6], 'm:' .. conv)
   if not last then return {'later'} end
-  local i = string.find(last, ':', 1, true)
-  local lseq, lcur = tonumber(string.sub(last, 1, i - 1)), tonumber(string.sub(last, i + 1))
+  -- "<seq>:<cursor>", or "<seq>:<cursor>:s" after an own copy no device needed
+  local a, b = string.match(last, '^(%d+):(%d+)')
+  local lseq, lcur = tonumber(a), tonumber(b)
   if lseq < p.seq then return {'later'} end
   local ack = tonumber(redis.call('HGET', KEYS[4], dev) or '0')
   if ack >= lcur then return {'acked'} end

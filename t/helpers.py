@@ -222,6 +222,7 @@ class Channel:
     def register(self, user, device, ttl_ms=120000):
         sid = uuid.uuid4().hex[:6]
         self.r.zadd(ukey(user, "conns"), {f"{self.name}|{device}|{sid}": int(time.time() * 1000) + ttl_ms})
+        self.r.hsetnx(ukey(user, "acked"), device, 0)   # a known device, as lua/register.lua makes it
         return sid
 
     def collect(self, until, timeout=15.0):

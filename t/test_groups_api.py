@@ -526,11 +526,16 @@ def test_receipts_endpoint(stack, r):
     r.hset(ukey(bob, "dlv"), conv, 7)
     r.hset(ukey(bob, "read"), conv, 5)
     st, b = api(stack, alice, "GET", f"/receipts?conv={conv}&seq=5")
-    assert st == 200 and b == {"conv": conv, "seq": 5, "delivered": [bob], "read": [bob]}
+    assert st == 200 and b == {"conv": conv, "seq": 5, "delivered": [bob], "read": [bob],
+                               "pointers": {bob: {"delivered": 7, "read": 5}}}
     st, b = api(stack, alice, "GET", f"/receipts?conv={conv}&seq=6")
     assert b["delivered"] == [bob] and b["read"] == []
     st, b = api(stack, bob, "GET", f"/receipts?conv={conv}&seq=1")
     assert b["delivered"] == [] and b["read"] == []                       # alice's pointers: none
+    assert b["pointers"] == {alice: {"delivered": 0, "read": 0}}
+    r.hset(ukey(bob, "dlv"), conv, 4)             # a read above the delivered pointer implies delivered
+    st, b = api(stack, alice, "GET", f"/receipts?conv={conv}&seq=5")
+    assert b["pointers"] == {bob: {"delivered": 5, "read": 5}} and b["delivered"] == [bob]
     assert_error(*api(stack, eve, "GET", f"/receipts?conv={conv}&seq=1"), 403, "forbidden")
 
 

@@ -140,7 +140,7 @@ def test_delivered_and_read_receipts(stack):
     b1.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
     r = a1.recv_type("receipt", timeout=10)
     assert r["status"] == "delivered" and r["by"] == b and r["seq"] == 3 and r["conv"] == conv_of(a, b)
-    assert r["cursor"] >= 1
+    assert "cursor" not in r                             # live only: its pointer is read on reconnect
     # one receipt for many messages, and no second one for the other device
     b2.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
     b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 2})
@@ -152,9 +152,26 @@ def test_delivered_and_read_receipts(stack):
     b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 1})
     b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 3})
     r = a1.recv_type("receipt", timeout=10)
-    assert r["status"] == "read" and r["seq"] == 3
+    assert r["status"] == "read" and r["seq"] == 3 and r["cursor"] >= 1     # read receipts are durable
     for c in (a1, b1, b2):
         c.close()
+    # a sender's device that was away: no delivered receipt in the replay,
+    # the read one is; the delivered pointer is read from /chat/receipts
+    a2 = ws(stack, a, cursor=0)
+    replayed = []
+    deadline = time.time() + 10
+    while ("read", 3) not in [(m.get("status"), m.get("seq")) for m in replayed] and time.time() < deadline:
+        replayed.append(a2.recv(max(0.1, deadline - time.time())))
+    try:
+        while True:
+            replayed.append(a2.recv(1))                  # and nothing after it
+    except TimeoutError:
+        pass
+    assert [(m["status"], m["seq"]) for m in replayed if m["type"] == "receipt"] == [("read", 2), ("read", 3)]
+    st, _, body = stack.request("GET", stack.http + f"/receipts?conv={conv_of(a, b)}&seq=3", headers=auth(stack, a))
+    assert st == 200 and body["delivered"] == [b] and body["read"] == [b]
+    assert body["pointers"] == {b: {"delivered": 3, "read": 3}}
+    a2.close()
 
 
 def test_notes_to_self(stack):
@@ -381,8 +398,11 @@ def test_conversation_list_and_unread(stack):
 
 def test_the_sending_device_never_gets_its_own_messages(stack):
     """Live (interleaved with receipts) and on replay after reconnecting; its
-    other devices do get them."""
+    other devices do get them (a device the server has seen before the
+    sends: a brand-new one starts with what comes after its first
+    connection, PROTOCOL 9 row 8)."""
     a, b = uniq("a"), uniq("b")
+    ws(stack, a, "laptop").close()                 # the laptop is known
     a1, b1 = ws(stack, a, "phone"), ws(stack, b)
     ids = []
     for i in range(10):
@@ -390,6 +410,7 @@ def test_the_sending_device_never_gets_its_own_messages(stack):
         m = msgs(b1, 1)[0]
         b1.send_json({"type": "ack", "cursor": m["cursor"]})     # receipts go to a
         time.sleep(0.05)
+    b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 10})
     got = []
     deadline = time.time() + 3
     while time.time() < deadline:
@@ -409,8 +430,35 @@ def test_the_sending_device_never_gets_its_own_messages(stack):
         except TimeoutError:
             pass
     assert not [m for m in seen if m.get("type") == "msg"]
-    assert [m["type"] for m in seen if m.get("type") == "receipt"]
+    # the replay has the durable read receipt; delivered ones were live only
+    assert [m["status"] for m in seen if m.get("type") == "receipt"] == ["read"], seen
     other = ws(stack, a, "laptop", cursor=0)
     assert [m["id"] for m in msgs(other, 10)] == ids
     for c in (again, other, b1):
+        c.close()
+
+
+def test_own_sends_are_copied_only_for_devices_seen_before(stack, r):
+    """A user with one device: its sends cost no inbox copy (no cursor); a
+    device first seen afterwards gets none of them (they are in history),
+    and from then on gets every send of the other device."""
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a, "phone"), ws(stack, b)
+    for i in range(3):
+        ack_of(a1, send(a1, b, f"early{i}"))
+    assert [m["body"] for m in msgs(b1, 3)] == ["early0", "early1", "early2"]
+    assert r.zcard(f"chat:{{u:{a}}}:inbox") == 0 and r.get(f"chat:{{u:{a}}}:cur") is None
+    tab = ws(stack, a, "tablet", cursor=0)
+    late = []
+    try:
+        while True:
+            late.append(tab.recv(2))                     # the replay, if any
+    except TimeoutError:
+        pass
+    assert not [m for m in late if m.get("type") == "msg"], late
+    # positive control: now the tablet is known, the next send reaches it
+    ack = ack_of(a1, send(a1, b, "later"))
+    m = tab.recv_type("msg", timeout=10)
+    assert m["id"] == ack["id"] and m["body"] == "later" and m["cursor"] >= 1
+    for c in (a1, b1, tab):
         c.close()

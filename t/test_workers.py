@@ -111,6 +111,32 @@ def test_direct_message_reaches_inboxes_and_nginx_workers(stack, r, q, chan):
     eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
 
 
+def test_own_copy_only_for_a_user_with_another_known_device(stack, r, q, chan):
+    """The fan-out asks the acting user's known devices first: with only the
+    acting one known, neither a message nor a read receipt costs an own
+    copy (no cursor, no publish to the user); once another device is known
+    both are copied again."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    chan.register(alice, "phone")
+    chan.register(bob, "phone")
+    q.send(msg_fields(conv, alice, bob, 1, dev="phone"))
+    q.send(receipt_fields(conv, alice, "read", 1, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 2, timeout=30)
+    assert got[0][0] == [f"{bob}:1"] and got[0][1]["type"] == "msg"
+    assert got[1][0] == [f"{bob}:2"] and got[1][1]["status"] == "read"
+    eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
+    assert r.get(ukey(alice, "cur")) is None and inbox(r, alice) == []
+    # positive control: a second device of alice is known now
+    chan.register(alice, "laptop")
+    q.send(msg_fields(conv, alice, bob, 2, dev="phone"))
+    q.flush()
+    got = chan.collect(lambda g: len(g) >= 3)
+    assert sorted(got[2][0]) == sorted([f"{bob}:3", f"{alice}:1!phone"])
+    assert [(c, e["!"], e["seq"]) for c, e in inbox(r, alice)] == [(1, "phone", 2)]
+
+
 def test_one_publish_per_channel_with_every_recipient(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
@@ -141,6 +167,7 @@ def test_reconsumed_entry_adds_nothing_and_is_published_again(stack, r, q, chan)
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(bob, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     f1 = msg_fields(conv, alice, bob, 1)
     f2 = msg_fields(conv, alice, bob, 2)
     q.send(f1)
@@ -185,6 +212,7 @@ def test_receipt_recipients(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(alice, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     chan.register(bob, "phone")
     chan.register(bob, "tablet")
     q.send(msg_fields(conv, alice, bob, 1, dev="phone"))
@@ -193,25 +221,27 @@ def test_receipt_recipients(stack, r, q, chan):
     q.send(receipt_fields(conv, bob, "delivered", 1, dev="phone"))
     q.flush()
     got = chan.collect(lambda g: len(g) >= 2)
-    assert got[1][0] == [f"{alice}:2"]
+    assert got[1][0] == [alice]                   # delivered: live only, no cursor, no inbox copy
     assert got[1][1] == {"type": "receipt", "conv": conv, "status": "delivered", "by": bob, "seq": 1,
                          "ts": got[1][1]["ts"]}
+    assert r.hget(ukey(alice, "last"), f"r:delivered:{conv}:{bob}") is None
     q.send(receipt_fields(conv, bob, "read", 1, dev="phone"))
     q.flush()
     got = chan.collect(lambda g: len(g) >= 3)
-    assert sorted(got[2][0]) == sorted([f"{alice}:3", f"{bob}:2!phone"])
-    assert r.hget(ukey(alice, "last"), f"r:read:{conv}:{bob}") == "1:3"
+    assert sorted(got[2][0]) == sorted([f"{alice}:2", f"{bob}:2!phone"])
+    assert r.hget(ukey(alice, "last"), f"r:read:{conv}:{bob}") == "1:2"
     # the same pointer again: a duplicate, published again with the same cursors
     q.send(receipt_fields(conv, bob, "read", 1, dev="phone"))
     q.flush()
     got = chan.collect(lambda g: len(g) >= 4)
     assert sorted(got[3][0]) == sorted(got[2][0])
     eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
-    assert r.get(ukey(alice, "cur")) == "3" and r.get(ukey(bob, "cur")) == "2"
+    assert r.get(ukey(alice, "cur")) == "2" and r.get(ukey(bob, "cur")) == "2"
     # notes to self: delivered goes nowhere, read to the other devices
     me = uid("carol")
     self_conv = dconv(me, me)
     chan.register(me, "phone")
+    r.hset(ukey(me, "acked"), "laptop", 0)      # the device the read comes from is known
     q.send(msg_fields(self_conv, me, me, 1, dev="phone"))
     q.send(receipt_fields(self_conv, me, "delivered", 1, dev="laptop"))
     q.send(receipt_fields(self_conv, me, "read", 1, dev="laptop"))
@@ -221,7 +251,7 @@ def test_receipt_recipients(stack, r, q, chan):
     assert got[5][0] == [f"{me}:2!laptop"] and got[5][1]["status"] == "read"
     eventually(lambda: q.backlog("fanout") == 0, what="fanout acknowledged everything")
     assert [(e["type"], e["!"]) for _, e in inbox(r, me)] == [("msg", "phone"), ("receipt", "laptop")]
-    assert [e.get("!") for _, e in inbox(r, alice)] == ["phone", None, None]   # her message, bob's receipts
+    assert [e.get("!") for _, e in inbox(r, alice)] == ["phone", None]   # her message, bob's read receipt
     assert [e.get("!") for _, e in inbox(r, bob)] == [None, "phone"]           # alice's message, his read
 
 
@@ -651,6 +681,7 @@ def test_messages_out_of_seq_order_are_not_lost(stack, r, q, chan):
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     chan.register(bob, "phone")
+    r.hset(ukey(alice, "acked"), "laptop", 0)   # alice has another device: her copies are kept
     f = {s: msg_fields(conv, alice, bob, s) for s in range(1, 7)}
     q.send_many([f[2]])
     got = chan.collect(lambda g: len(g) >= 1, timeout=30)

@@ -4,9 +4,10 @@
  * script call per user, idempotent), then publish once per nginx worker channel holding
  * the recipients' connections, then acknowledge the entry.
  *
- * One batch costs three round trips to Redis whatever its size: all
- * inbox appends pipelined, then all PUBLISHes and the XACKs pipelined,
- * then the next XREADGROUP. A batch is acknowledged only after all of it
+ * One batch costs four round trips to Redis whatever its size: the
+ * lookups (group members and receipts, the acting users' known devices),
+ * all inbox appends pipelined, then all PUBLISHes and the XACKs
+ * pipelined, then the next XREADGROUP. A batch is acknowledged only after all of it
  * was done; after any failure the connection is dropped and, once
  * reconnected, our pending entries are processed again: the inbox script
  * turns that into a re-publish with the same cursors, never a second copy.
@@ -54,8 +55,10 @@ typedef struct {
 /* What one entry of a batch goes to. */
 typedef struct {
     int          r0, n;          /* its recipients: rc[r0 .. r0 + n) */
-    int          pull;           /* big group: live delivery only, no inbox copy */
+    int          pull;           /* live delivery only, no inbox copy: a big
+                                    group's message, a delivered receipt */
     redisReply  *group;          /* the group's members or senders (Redis reply) */
+    int          own_skip;       /* no device needs the acting user's own copy */
     char         field[CW_FIELD_MAX];
 } target_t;
 
@@ -153,7 +156,7 @@ chan_get(fanout_t *f, const char *name, size_t len)
  * Appends the PUBLISHes of entry e: for each recipient, each live registry
  * member "<channel>|<device>|<session>" adds the token
  * "user[:cursor][!device]" to its channel, once per user and channel (no
- * cursor: a pull-mode group event, delivered live only). A channel whose
+ * cursor: a pull-mode group event or a delivered receipt, live only). A channel whose
  * only connection is the skipped device gets the token too: the module
  * tracks each session's cursors and would take a missing one for a gap
  * (docs/PIPELINE.md). rep[k] is recipient k's inbox append reply
@@ -270,10 +273,29 @@ free_groups(fanout_t *f)
     }
 }
 
+/* The entry carries an own copy for the acting user's other devices (a
+ * message, a read receipt; the acting device named). */
+static int
+has_own_copy(const cw_entry_t *e)
+{
+    return e->valid && e->dev[0] && e->type != CW_T_GROUP
+           && (e->type == CW_T_MSG || strcmp(e->st, "read") == 0);
+}
+
 /*
- * One pipelined round trip for the group entries of the batch: a message's
- * member hash, a receipt's pointer update and senders. Returns -1 when the
- * connection must be dropped.
+ * One pipelined round trip before the appends: a group message's member
+ * hash, a group receipt's pointer update and senders, and for each entry
+ * with an own copy the acting user's known devices (HRANDFIELD acked 2: at
+ * most two of them). The own copy is needed only when a device other than
+ * the acting one is known (lua/inbox.lua checks the same again, so a
+ * device registering in between still gets it); asking first keeps a
+ * one-device sender's message at one plain command instead of a script,
+ * and the appends then run in entry order, which keeps every user's
+ * cursors in seq order per conversation. (A skipped copy leaves the
+ * user's last[m:<conv>] alone, so the next message of the other
+ * participant remembers the own seqs as missing, lua/inbox.lua's h list:
+ * harmless, they never come.) Returns -1 when the connection must be
+ * dropped.
  */
 static int
 resolve_groups(fanout_t *f)
@@ -286,6 +308,11 @@ resolve_groups(fanout_t *f)
         char        k[3][CW_ID_MAX + 48], seq_s[24], prev_s[24];
 
         f->tg[f->ord[oi]].group = NULL;
+        f->tg[f->ord[oi]].own_skip = 0;
+        if (has_own_copy(e)) {
+            cw_redis_append(f->c, "HRANDFIELD chat:{u:%s}:acked 2", e->from);
+            n++;
+        }
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
         if (e->type == CW_T_MSG) {
             cw_redis_append(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
@@ -306,21 +333,38 @@ resolve_groups(fanout_t *f)
     }
     for (int oi = 0; oi < b->n && n > 0; oi++) {
         cw_entry_t *e = &b->e[f->ord[oi]];
+        target_t   *t = &f->tg[f->ord[oi]];
         redisReply *r;
+        if (has_own_copy(e)) {
+            if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
+            n--;
+            if (r->type != REDIS_REPLY_ARRAY) {
+                cw_error("fanout: devices of %s: %s", e->from, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                freeReplyObject(r);
+                goto drain;
+            }
+            t->own_skip = r->elements == 0
+                          || (r->elements == 1 && r->element[0]->type == REDIS_REPLY_STRING
+                              && strcmp(r->element[0]->str, e->dev) == 0);
+            freeReplyObject(r);
+        }
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
         if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
-        f->tg[f->ord[oi]].group = r;
+        t->group = r;
         n--;
         if (r->type != REDIS_REPLY_ARRAY) {
             cw_error("fanout: group %s: %s", e->conv, r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-            while (n-- > 0) {
-                if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
-                freeReplyObject(r);
-            }
-            return -1;
+            goto drain;
         }
     }
     return 0;
+drain:
+    while (n-- > 0) {
+        redisReply *r;
+        if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
+        freeReplyObject(r);
+    }
+    return -1;
 }
 
 /* "<since>" or "<since>:<until>": a member at seq n? active: not removed. */
@@ -356,8 +400,10 @@ build_targets(fanout_t *f)
         if (!e->is_group) {
             cw_rcpt_t d[2];
             int       nd = cw_recipients(e, d);
-            for (int k = 0; k < nd; k++)
+            for (int k = 0; k < nd; k++) {
+                if (d[k].skip_dev && t->own_skip) continue;       /* no device needs it */
                 if (rcpt_add(f, d[k].user, d[k].skip_dev) == NULL) return -1;
+            }
         } else if (e->type == CW_T_GROUP) {
             /* membership change: the users the entry names, every device */
             const char *u = e->rcpt_users;
@@ -372,6 +418,7 @@ build_targets(fanout_t *f)
                 if (g->element[j]->type != REDIS_REPLY_STRING || g->element[j + 1]->type != REDIS_REPLY_STRING)
                     continue;
                 if (member_at(g->element[j + 1]->str, e->seq, &now)
+                    && !(t->own_skip && strcmp(u, e->from) == 0)
                     && rcpt_add(f, u, strcmp(u, e->from) == 0 && e->dev[0] ? e->dev : NULL) == NULL)
                 {
                     return -1;
@@ -390,35 +437,43 @@ build_targets(fanout_t *f)
                     return -1;
                 }
             }
-            if (strcmp(e->st, "read") == 0 && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL) return -1;
+            if (strcmp(e->st, "read") == 0 && !t->own_skip && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL)
+                return -1;
         }
+        /* a delivered receipt is live only (PROTOCOL 7): its pointer is in
+         * Redis already (the ack script, group_receipt.lua) and is read on
+         * reconnect (GET /chat/receipts), so no inbox copy, no cursor and
+         * no ack of it by the sender's devices */
+        if (e->type == CW_T_RECEIPT && strcmp(e->st, "delivered") == 0) t->pull = 1;
         t->n = f->nrc - t->r0;
     }
     return 0;
 }
 
 /* Appends recipient k's command: the inbox append (push), or a registry
- * read (pull). */
+ * read (pull). The acting user's own copy names its device (ARGV 7): the
+ * script skips it when no other device of the user ever registered. */
 static int
 append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t *rc, const char *now_s)
 {
-    static const char *suffix[] = { "inbox", "cur", "last", "conns", "ages" };
-    char               keys[5][CW_ID_MAX + 24], seq_s[24];
-    const char        *argv[14];
-    size_t             lens[14];
+    static const char *suffix[] = { "inbox", "cur", "last", "conns", "ages", "acked" };
+    char               keys[6][CW_ID_MAX + 24], seq_s[24];
+    const char        *argv[16];
+    size_t             lens[16];
 
     if (t->pull) {
         cw_redis_append(f->c, "ZRANGEBYSCORE chat:{u:%s}:conns %s +inf", rc->user, now_s);
         return 0;
     }
-    for (int j = 0; j < 5; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
+    for (int j = 0; j < 6; j++) snprintf(keys[j], sizeof(keys[j]), "chat:{u:%s}:%s", rc->user, suffix[j]);
     snprintf(seq_s, sizeof(seq_s), "%" PRId64, e->seq);
-    argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_INBOX); argv[2] = "5";
-    for (int j = 0; j < 5; j++) argv[3 + j] = keys[j];
-    argv[8] = t->field; argv[9] = seq_s; argv[10] = e->ev;
-    argv[11] = now_s; argv[12] = f->max_s; argv[13] = f->ret_s;
-    for (int j = 0; j < 14; j++) lens[j] = strlen(argv[j]);
-    lens[10] = e->ev_len;
+    argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_INBOX); argv[2] = "6";
+    for (int j = 0; j < 6; j++) argv[3 + j] = keys[j];
+    argv[9] = t->field; argv[10] = seq_s; argv[11] = e->ev;
+    argv[12] = now_s; argv[13] = f->max_s; argv[14] = f->ret_s;
+    argv[15] = rc->skip_dev ? rc->skip_dev : "";
+    for (int j = 0; j < 16; j++) lens[j] = strlen(argv[j]);
+    lens[11] = e->ev_len;
     if (rc->skip_dev) {
         /* the acting user's own copy names the device it came from, so a
          * replay to that device skips it: {"!":"<device>", + the event */
@@ -428,10 +483,10 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
         {
             return -1;
         }
-        argv[10] = f->own.p;
-        lens[10] = f->own.len;
+        argv[11] = f->own.p;
+        lens[11] = f->own.len;
     }
-    cw_redis_append_argv(f->c, 14, argv, lens);
+    cw_redis_append_argv(f->c, 16, argv, lens);
     return 0;
 }
 

@@ -730,7 +730,7 @@ int
 cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_t seq,
             const char *user, json_t **out)
 {
-    json_t     *dlv = json_object(), *rd = json_object(), *dl, *rl;
+    json_t     *dlv = json_object(), *rd = json_object(), *dl, *rl, *ptrs = NULL;
     redisReply *r[3];
     int         n, status = 200;
     char        k1[192], k2[192], k3[192];
@@ -757,12 +757,18 @@ cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_
         cw_redis_append(gr_redis, "HGET %s %s", k3, conv);
         n = 2;
         if (replies(r, n) == 0) {
-            if (r[0]->type == REDIS_REPLY_STRING && strtoll(r[0]->str, NULL, 10) >= seq)
-                json_object_set_new(dlv, peer, json_true());
-            if (r[1]->type == REDIS_REPLY_STRING && strtoll(r[1]->str, NULL, 10) >= seq) {
+            long long pd = r[0]->type == REDIS_REPLY_STRING ? strtoll(r[0]->str, NULL, 10) : 0;
+            long long pr = r[1]->type == REDIS_REPLY_STRING ? strtoll(r[1]->str, NULL, 10) : 0;
+            if (pd >= seq) json_object_set_new(dlv, peer, json_true());
+            if (pr >= seq) {
                 json_object_set_new(dlv, peer, json_true());
                 json_object_set_new(rd, peer, json_true());
             }
+            /* the pointers themselves: delivered receipts are live only, so
+             * a device that was away reads them here (read implies
+             * delivered) */
+            ptrs = json_pack("{s:{s:I, s:I}}", peer, "delivered", (json_int_t) (pd > pr ? pd : pr),
+                             "read", (json_int_t) pr);
             freeReplyObject(r[0]);
             freeReplyObject(r[1]);
         } else {
@@ -787,6 +793,10 @@ answer:
         rl = sorted_keys(rd);
         *out = json_pack("{s:s, s:I, s:o*, s:o*}", "conv", conv, "seq", (json_int_t) seq,
                          "delivered", dl, "read", rl);
+        if (*out != NULL && ptrs != NULL) {
+            json_object_set_new(*out, "pointers", ptrs);
+            ptrs = NULL;
+        }
         if (*out == NULL) status = fail(out, 503, "unavailable", "out of memory");
     } else if (status == 403) {
         fail(out, 403, "forbidden", "not a member of this group");
@@ -795,6 +805,7 @@ answer:
     }
     json_decref(dlv);
     json_decref(rd);
+    json_decref(ptrs);
     return status;
 }
 

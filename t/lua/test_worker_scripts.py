@@ -8,7 +8,7 @@ import time
 from conftest import SCRIPTS  # noqa: F401  (the table the workers load)
 
 U = "chat:{u:bob}:"
-IK = [U + "inbox", U + "cur", U + "last", U + "conns", U + "ages"]
+IK = [U + "inbox", U + "cur", U + "last", U + "conns", U + "ages", U + "acked"]
 DAY = 86400000
 
 
@@ -16,9 +16,9 @@ def ev(seq, body="x", conv="d:alice:bob"):
     return json.dumps({"type": "msg", "conv": conv, "seq": seq, "body": body})
 
 
-def append(run, field, seq, event, now=None, mx=100000, ret=365 * DAY):
+def append(run, field, seq, event, now=None, mx=100000, ret=365 * DAY, skip=""):
     now = now if now is not None else int(time.time() * 1000)
-    return run("inbox", IK, [field, seq, event, now, mx, ret])
+    return run("inbox", IK, [field, seq, event, now, mx, ret, skip])
 
 
 def test_inbox_appends_once_and_publishes_again_with_the_same_cursor(r, run):
@@ -44,6 +44,54 @@ def test_a_late_seq_is_still_appended_once(r, run):
     assert append(run, "m:d:alice:bob", 2, ev(2))[:2] == [0, 3]           # again: the same cursor
     r.zremrangebyscore(U + "inbox", 3, 3)                                   # acked and trimmed
     assert append(run, "m:d:alice:bob", 2, ev(2))[:2] == [0, 0]           # nothing to publish
+
+
+def test_own_copy_is_appended_only_when_another_device_may_need_it(r, run):
+    """The sender's copy (skip device set) costs no cursor while the user
+    has no other registered device; once another device registered, it is
+    appended as before. A re-consumed skipped entry stays skipped, and the
+    push check still finds the newest appended cursor."""
+    now = int(time.time() * 1000)
+    r.zadd(U + "conns", {"chat:w:a|phone|1": now + 60000})
+    assert append(run, "m:d:alice:bob", 1, ev(1), now) == [1, 1, "chat:w:a|phone|1"]   # alice's message
+    assert append(run, "m:d:alice:bob", 2, ev(2), now, skip="phone") == [0, 0]          # no device known
+    r.hset(U + "acked", "phone", 0)
+    assert append(run, "m:d:alice:bob", 3, ev(3), now, skip="phone") == [0, 0]          # only the acting one
+    assert r.hget(U + "last", "m:d:alice:bob") == "3:1:s"
+    assert append(run, "m:d:alice:bob", 3, ev(3), now, skip="phone") == [0, 0]          # re-consumed
+    assert r.zcard(U + "inbox") == 1 and r.get(U + "cur") == "1"
+    assert 0 < r.pttl(U + "last") <= 365 * DAY
+    # positive control: a second device has registered, so the copy is kept
+    r.hset(U + "acked", "laptop", 0)
+    assert append(run, "m:d:alice:bob", 4, ev(4), now, skip="phone") == [1, 2, "chat:w:a|phone|1"]
+    assert append(run, "m:d:alice:bob", 4, ev(4), now, skip="phone")[:2] == [0, 2]
+    # an HTTP send from a device that never registered: the known one needs it
+    r.hdel(U + "acked", "laptop")
+    assert append(run, "m:d:alice:bob", 5, ev(5), now, skip="curl")[:2] == [1, 3]
+    # a peer's message after a skipped own copy: no seq remembered as missing
+    r.hdel(U + "acked", "phone")
+    assert append(run, "m:d:alice:bob", 6, ev(6), now, skip="phone") == [0, 0]
+    assert append(run, "m:d:alice:bob", 7, ev(7), now)[:2] == [1, 4]
+    assert r.hget(U + "last", "h:d:alice:bob") is None
+    # receipts (the read sync copy) follow the same rule
+    assert append(run, "r:read:d:alice:bob:bob", 7, '{"type":"receipt","seq":7}', now, skip="phone") == [0, 0]
+    r.hset(U + "acked", mapping={"phone": 0, "tab": 0})
+    assert append(run, "r:read:d:alice:bob:bob", 8, '{"type":"receipt","seq":8}', now, skip="phone")[:2] == [1, 5]
+    # a user who only ever sends from one device: its last hash expires too
+    r.delete(U + "last", U + "acked")
+    assert append(run, "m:d:bob:carol", 1, ev(1, conv="d:bob:carol"), now, skip="phone") == [0, 0]
+    assert 0 < r.pttl(U + "last") <= 365 * DAY
+
+
+def test_push_check_reads_the_cursor_of_a_skipped_own_copy(r, run):
+    P2 = "chat:{u:bob}:"
+    keys = [P2 + "push", P2 + "set", P2 + "mute", P2 + "acked", P2 + "read", P2 + "last", P2 + "conns", P2 + "pn"]
+    r.hset(P2 + "push", "phone", '{"provider":"fcm","token":"t"}')
+    r.hset(P2 + "pn", "d:alice:bob", json.dumps({"seq": 1, "seqs": [1], "from": "alice", "body": "x", "ts": 1}))
+    r.hset(P2 + "last", "m:d:alice:bob", "2:1:s")       # bob answered from his only device
+    assert run("push_check", keys, ["phone", "d:alice:bob", 1, "0"])[0] == "send"
+    r.hset(P2 + "acked", "phone", 1)
+    assert run("push_check", keys, ["phone", "d:alice:bob", 1, "0"]) == ["acked"]
 
 
 def test_inbox_size_bound_records_the_trim_point(r, run):

@@ -151,6 +151,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   private sendBackoff: Backoff;
   private wsFailures = 0;
   private lastWsTry = -Infinity;
+  private lastReceiptRefresh = 0;
   private ws: any = null;
   private pollAbort: AbortController | null = null;
   private wakeup: (() => void) | null = null;
@@ -382,6 +383,19 @@ export class ChatClient extends Emitter<ChatEvents> {
     if (this.cursor > h.cursor) setTimeout(() => this.scheduleAck(), 0);
     this.emit("hello", h);
     if (h.behind) this.emit("behind");
+    this.refreshReceipts();
+  }
+
+  /** Delivered receipts are live only (PROTOCOL 7): what came while this
+   * device was away (or, long-polling, between two polls) is read as
+   * pointers, for conversations with own messages not yet delivered. */
+  private refreshReceipts(): void {
+    this.lastReceiptRefresh = Date.now();
+    for (const conv of this.timelines.conversations()) {
+      const items = this.timelines.items(conv);
+      const own = items.filter((i) => i.type === "msg" && i.from === this.user);
+      if (own.length && own.some((i) => this.stateOf(conv, i.seq) === "sent")) void this.learnReceipts(conv, items);
+    }
   }
 
   private afterConnect(): void {
@@ -441,6 +455,9 @@ export class ChatClient extends Emitter<ChatEvents> {
         this.backoff.reset();
         if (ans.behind) this.emit("behind");
         this.afterConnect();
+        this.refreshReceipts();
+      } else if (Date.now() - this.lastReceiptRefresh >= 10000) {
+        this.refreshReceipts();      // receipts that came while no poll was held
       }
       for (const f of ans.events ?? []) this.handleFrame(f);
       // the next poll acknowledges what this one brought
@@ -896,9 +913,16 @@ export class ChatClient extends Emitter<ChatEvents> {
     try {
       const r = await this.receiptsOf(conv, seq);
       const p = this.ptrs(conv);
-      const bump = (m: Map<string, number>, u: string) => m.set(u, Math.max(m.get(u) ?? 0, seq));
+      const bump = (m: Map<string, number>, u: string, n = seq) => m.set(u, Math.max(m.get(u) ?? 0, n));
       for (const u of r.delivered) if (u !== this.user) bump(p.delivered, u);
       for (const u of r.read) if (u !== this.user) { bump(p.read, u); bump(p.delivered, u); }
+      // direct conversations: the peer's pointers themselves (older own
+      // messages get their ticks even when the newest is not delivered)
+      for (const [u, v] of Object.entries(r.pointers ?? {})) {
+        if (u === this.user) continue;
+        bump(p.delivered, u, v.delivered);
+        bump(p.read, u, v.read);
+      }
       this.emit("timeline", conv);
     } catch { /* ticks stay at sent */ }
   }

@@ -160,6 +160,8 @@ export interface ReceiptsAnswer {
   seq: number;
   delivered: string[];
   read: string[];
+  /** direct conversations: the other participant's pointers */
+  pointers?: Record<string, { delivered: number; read: number }>;
 }
 
 /** The canonical direct conversation of two users (PROTOCOL 4.1). */

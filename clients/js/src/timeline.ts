@@ -88,6 +88,9 @@ export class Timelines {
     return c;
   }
 
+  /** Every conversation with something loaded. */
+  conversations(): ConvId[] { return [...this.convs.keys()]; }
+
   has(conv: ConvId, id: string): boolean { return this.convs.get(conv)?.ids.has(id) ?? false; }
 
   /** Items of a conversation that are shown, by seq. */

@@ -195,6 +195,42 @@ test("client: resends the same client_id after a reconnect; reconnect frames rec
   await c.stop();
 });
 
+test("client: after a reconnect the delivered and read pointers are read (delivered receipts are live only)", async () => {
+  const script = {
+    sockets: [],
+    onOpen: (ws) => { ws.readyState = 1; ws.deliver({ type: "hello", user: "alice", device: "t", cursor: 0, heartbeat: 30 }); },
+  };
+  const asked = [];
+  const fetchFn = async (url) => {
+    const u = new URL(url);
+    if (u.pathname === "/chat/receipts") {
+      asked.push(`${u.searchParams.get("conv")} ${u.searchParams.get("seq")}`);
+      return new Response(JSON.stringify({ conv: "d:alice:bob", seq: 2, delivered: [], read: [],
+                                           pointers: { bob: { delivered: 1, read: 0 } } }), { status: 200 });
+    }
+    return new Response("{}", { status: 404 });
+  };
+  const c = new ChatClient({ url: "http://x", token: tok("alice"), WebSocket: fakeWS(script), fetch: fetchFn,
+                             storage: new MemoryStorage() });
+  await c.start();
+  await wait(10);
+  for (const seq of [1, 2]) {
+    const p = c.send({ to: "bob" }, `m${seq}`);
+    await wait(5);
+    const f = script.sockets[0].sent.filter((x) => x.type === "send").pop();
+    script.sockets[0].deliver({ type: "ack", client_id: f.client_id, id: `i${seq}`, conv: "d:alice:bob", seq, ts: seq });
+    await p;
+  }
+  assert.deepEqual(c.messages("d:alice:bob").map((m) => m.state), ["sent", "sent"]);
+  assert.deepEqual(asked, [], "nothing to ask on the first hello");
+  script.sockets[0].deliver({ type: "reconnect" });
+  await wait(700);
+  assert.equal(script.sockets.length, 2, "reconnected");
+  assert.deepEqual(asked, ["d:alice:bob 2"], "the newest own message's conversation");
+  assert.deepEqual(c.messages("d:alice:bob").map((m) => m.state), ["delivered", "sent"], "the pointer, not just seq 2");
+  await c.stop();
+});
+
 test("client: on long-poll it tries WebSocket again after wsRetryMs and moves back to it", async () => {
   let fail = true;
   const script = {
