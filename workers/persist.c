@@ -67,7 +67,10 @@ typedef struct {
     int                  nslots;
 
     uint64_t             n_msgs, n_receipts, n_groups, n_batches, n_dead;
+    uint64_t             n_entries, n_statements;
+    int64_t              busy_ms;      /* spent writing batches (prepare + MongoDB) */
     int64_t              next_stats;
+    int64_t              t_batch;
 } persist_t;
 
 static uint32_t
@@ -471,6 +474,7 @@ typedef struct {
     int                      max;                  /* statements per command (0: UPDATE_CHUNK) */
     const char              *what;
     cw_heartbeat_t          *hb;                   /* kept alive through a long batch */
+    uint64_t                *statements;
     redisContext            *c;
 } chunker_t;
 
@@ -506,6 +510,7 @@ chunk_update(chunker_t *ch, const bson_t *sel, const bson_t *upd, const bson_t *
 
     if (ch->bulk == NULL) ch->bulk = new_bulk(ch->coll);
     mongoc_bulk_operation_update_one_with_opts(ch->bulk, sel, upd, opts, &error);
+    if (ch->statements) (*ch->statements)++;
     if (++ch->n < (ch->max ? ch->max : UPDATE_CHUNK)) return 0;
     return chunk_flush(ch);
 }
@@ -603,6 +608,7 @@ write_batch(persist_t *p)
      * silently skip the statements after it. */
     memset(&ch, 0, sizeof(ch));
     ch.hb = p->hb;
+    ch.statements = &p->n_statements;
     ch.c = p->c;
     ch.coll = p->groups;
     ch.what = "update group states";
@@ -943,6 +949,7 @@ cw_role_persist(const cw_config_t *cf)
             prepared = 0;
         }
         if (!prepared) {
+            p.t_batch = cw_mono_ms();
             /* kept until it is prepared and written: a Kafka consumer does
              * not read an uncommitted batch again by itself */
             int r = prepare(&p);
@@ -968,6 +975,8 @@ cw_role_persist(const cw_config_t *cf)
         cw_backoff_reset(&mbo);
         have_batch = 0;
         prepared = 0;
+        p.busy_ms += cw_mono_ms() - p.t_batch;
+        p.n_entries += (uint64_t) p.batch.n;
         if (kafka) {
             cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
         } else {
@@ -987,12 +996,18 @@ cw_role_persist(const cw_config_t *cf)
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
+                /* entries per second of writing: what persistence can
+                 * sustain, whatever the idle time between batches */
                 cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes, %"
                         PRIu64 " dead letters in %" PRIu64 " batches in the last 10 s (%" PRIu64
-                        " dead letters since start)", p.n_msgs, p.n_receipts, p.n_groups, p.n_dead, p.n_batches,
-                        cw_dlq_total(p.dlq));
+                        " dead letters since start); %" PRIu64 " entries, %" PRIu64 " update statements, %"
+                        PRId64 " ms writing: %.0f entries/s while writing", p.n_msgs, p.n_receipts, p.n_groups,
+                        p.n_dead, p.n_batches, cw_dlq_total(p.dlq), p.n_entries, p.n_statements, p.busy_ms,
+                        p.busy_ms > 0 ? (double) p.n_entries * 1000.0 / (double) p.busy_ms : 0.0);
             }
             p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = p.n_dead = 0;
+            p.n_entries = p.n_statements = 0;
+            p.busy_ms = 0;
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
