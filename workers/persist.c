@@ -51,6 +51,8 @@ typedef struct {
     cw_queue_t          *q;
     cw_dlq_t            *dlq;
     cw_batch_t           batch;
+    cw_batch_t           more;
+    cw_heartbeat_t      *hb;         /* the window's later fetches, before they join batch */
 
     /* per batch */
     char               **refused;      /* per entry: why MongoDB refuses its document, or NULL */
@@ -65,7 +67,10 @@ typedef struct {
     int                  nslots;
 
     uint64_t             n_msgs, n_receipts, n_groups, n_batches, n_dead;
+    uint64_t             n_entries, n_statements;
+    int64_t              busy_ms;      /* spent writing batches (prepare + MongoDB) */
     int64_t              next_stats;
+    int64_t              t_batch;
 } persist_t;
 
 static uint32_t
@@ -149,15 +154,20 @@ ensure_cap(persist_t *p, int n)
     return 0;
 }
 
-/* Fields of a message as clients see it (no type, no cursor). */
+/* Fields of a message as clients see it (no type, no cursor). The `last`
+ * subdocument (idkey "id") starts with seq: `$max: {last: ...}` then keeps
+ * the message with the highest seq (BSON compares documents field by
+ * field), which is what lets one upsert filtered by _id alone carry it. */
 static int
 append_msg(bson_t *b, const char *idkey, const char *id, const cw_entry_t *e, json_t *ev, int64_t ts)
 {
     json_t *v;
+    int     last = strcmp(idkey, "id") == 0;
 
+    if (last) BSON_APPEND_INT64(b, "seq", e->seq);
     BSON_APPEND_UTF8(b, idkey, id);
     BSON_APPEND_UTF8(b, "conv", e->conv);
-    BSON_APPEND_INT64(b, "seq", e->seq);
+    if (!last) BSON_APPEND_INT64(b, "seq", e->seq);
     BSON_APPEND_UTF8(b, "from", e->from);
     if (e->is_group) BSON_APPEND_UTF8(b, "group", e->group);
     else BSON_APPEND_UTF8(b, "to", e->to);
@@ -463,6 +473,9 @@ typedef struct {
     int                      dup_ok;               /* duplicate keys are success */
     int                      max;                  /* statements per command (0: UPDATE_CHUNK) */
     const char              *what;
+    cw_heartbeat_t          *hb;                   /* kept alive through a long batch */
+    uint64_t                *statements;
+    redisContext            *c;
 } chunker_t;
 
 static mongoc_bulk_operation_t *
@@ -485,6 +498,7 @@ chunk_flush(chunker_t *ch)
 
     ch->bulk = NULL;
     ch->n = 0;
+    if (ch->hb && ch->c && !ch->c->err) cw_heartbeat_tick(ch->hb, ch->c);    /* rate-limited itself */
     return bulk ? run_bulk(bulk, ch->dup_ok, ch->what) : 0;
 }
 
@@ -496,6 +510,7 @@ chunk_update(chunker_t *ch, const bson_t *sel, const bson_t *upd, const bson_t *
 
     if (ch->bulk == NULL) ch->bulk = new_bulk(ch->coll);
     mongoc_bulk_operation_update_one_with_opts(ch->bulk, sel, upd, opts, &error);
+    if (ch->statements) (*ch->statements)++;
     if (++ch->n < (ch->max ? ch->max : UPDATE_CHUNK)) return 0;
     return chunk_flush(ch);
 }
@@ -592,6 +607,9 @@ write_batch(persist_t *p)
      * command at its first error, so a stale state's duplicate key would
      * silently skip the statements after it. */
     memset(&ch, 0, sizeof(ch));
+    ch.hb = p->hb;
+    ch.statements = &p->n_statements;
+    ch.c = p->c;
     ch.coll = p->groups;
     ch.what = "update group states";
     ch.dup_ok = 1;
@@ -617,79 +635,47 @@ write_batch(persist_t *p)
     }
     if (chunk_flush(&ch) != 0) goto done;
 
-    /* 3. group messages raise last_seq (a message persisted before its
-     * group's first state leaves a document with ver 0 for it) */
+    /* 3. one upsert per conversations document and per group with a
+     * message, filtered by _id alone: FerretDB (SQLite) looks a document
+     * up by its _id only when the filter is exactly {_id: <string>}; any
+     * other filter reads and decodes the whole collection per statement.
+     * Every field moves forward only ($max): the pointers, ts (of the
+     * newest message) and `last`, whose first field is seq (append_msg),
+     * so an older message never replaces a newer one, whatever order
+     * batches are written (or written again) in. A group message persisted
+     * before its group's first state leaves a document with ver 0. */
     ch.dup_ok = 0;
     ch.max = 0;
-    ch.what = "update group last_seq";
-    for (int i = 0; i < p->nops; i++) {
-        convop_t *op = &p->ops[i];
-        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
-        int       r;
-        if (op->group == NULL || op->last_msg < 0) continue;
-        BSON_APPEND_UTF8(&sel, "_id", op->group);
-        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
-        BSON_APPEND_INT64(&soi, "ver", 0);
-        bson_append_document_end(&upd, &soi);
-        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
-        BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
-        bson_append_document_end(&upd, &max);
-        r = chunk_update(&ch, &sel, &upd, &upsert);
-        bson_destroy(&sel);
-        bson_destroy(&upd);
-        if (r != 0) goto done_chunk;
-    }
-    if (chunk_flush(&ch) != 0) goto done;
-
-    /* 4. conversation pointers */
-    ch.coll = p->conversations;
-    ch.what = "update conversations";
-    for (int i = 0; i < p->nops; i++) {
-        convop_t *op = &p->ops[i];
-        bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
-        int       r;
-        if (op->group) continue;
-        BSON_APPEND_UTF8(&sel, "_id", op->id);
-        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
-        BSON_APPEND_UTF8(&soi, "user", op->user);
-        BSON_APPEND_UTF8(&soi, "conv", op->conv);
-        if (!op->last_seq) BSON_APPEND_INT64(&soi, "last_seq", 0);
-        if (!op->read_seq) BSON_APPEND_INT64(&soi, "read_seq", 0);
-        if (!op->delivered_seq) BSON_APPEND_INT64(&soi, "delivered_seq", 0);
-        bson_append_document_end(&upd, &soi);
-        BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
-        if (op->last_seq) BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
-        if (op->read_seq) BSON_APPEND_INT64(&max, "read_seq", op->read_seq);
-        if (op->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", op->delivered_seq);
-        /* the time of the newest message with the pointers: a conversation
-         * is in its place in the list as soon as it is in the list (step 5
-         * adds the message itself) */
-        if (op->last_msg >= 0) BSON_APPEND_INT64(&max, "ts", p->msg_ts[op->last_msg]);
-        bson_append_document_end(&upd, &max);
-        r = chunk_update(&ch, &sel, &upd, &upsert);
-        bson_destroy(&sel);
-        bson_destroy(&upd);
-        if (r != 0) goto done_chunk;
-    }
-    if (chunk_flush(&ch) != 0) goto done;
-
-    /* 5. the newest message, where it still is the newest (conversations,
-     * then groups) */
     for (int g = 0; g < 2; g++) {
         ch.coll = g ? p->groups : p->conversations;
-        ch.what = g ? "update group last messages" : "update last messages";
+        ch.what = g ? "update groups' last messages" : "update conversations";
         for (int i = 0; i < p->nops; i++) {
             convop_t *op = &p->ops[i];
-            bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, set;
+            bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
             int       r;
-            if (op->last_msg < 0 || (op->group != NULL) != g) continue;
+            if ((op->group != NULL) != g || (g && op->last_msg < 0)) continue;
             BSON_APPEND_UTF8(&sel, "_id", g ? op->group : op->id);
-            BSON_APPEND_INT64(&sel, "last_seq", op->last_seq);
-            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$set", &set);
-            BSON_APPEND_DOCUMENT(&set, "last", p->msg_last[op->last_msg]);
-            BSON_APPEND_INT64(&set, "ts", p->msg_ts[op->last_msg]);
-            bson_append_document_end(&upd, &set);
-            r = chunk_update(&ch, &sel, &upd, NULL);
+            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
+            if (g) {
+                BSON_APPEND_INT64(&soi, "ver", 0);
+            } else {
+                BSON_APPEND_UTF8(&soi, "user", op->user);
+                BSON_APPEND_UTF8(&soi, "conv", op->conv);
+                if (!op->last_seq) BSON_APPEND_INT64(&soi, "last_seq", 0);
+                if (!op->read_seq) BSON_APPEND_INT64(&soi, "read_seq", 0);
+                if (!op->delivered_seq) BSON_APPEND_INT64(&soi, "delivered_seq", 0);
+            }
+            bson_append_document_end(&upd, &soi);
+            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
+            if (op->last_seq) BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
+            if (op->read_seq) BSON_APPEND_INT64(&max, "read_seq", op->read_seq);
+            if (op->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", op->delivered_seq);
+            if (op->last_msg >= 0) {
+                BSON_APPEND_INT64(&max, "ts", p->msg_ts[op->last_msg]);
+                BSON_APPEND_DOCUMENT(&max, "last", p->msg_last[op->last_msg]);
+            }
+            bson_append_document_end(&upd, &max);
+            r = chunk_update(&ch, &sel, &upd, &upsert);
             bson_destroy(&sel);
             bson_destroy(&upd);
             if (r != 0) goto done_chunk;
@@ -740,6 +726,130 @@ create_indexes(persist_t *p)
     return 0;
 }
 
+/*
+ * The coalescing window: after a fetch, more entries are read for up to
+ * WINDOW_MS (or until WINDOW_MAX entries) and written as one batch, so a
+ * conversation that changes many times in the window costs one update.
+ * On FerretDB 1.24 (SQLite) each modifying update statement reads the
+ * whole collection (its _id index is on `sjson->"_id"`, its statements
+ * filter on `sjson->'$._id'`, which SQLite does not match), so statements
+ * per batch are the cost, and entries per statement the throughput; when
+ * persistence is behind the fetches return at once and the batch grows to
+ * WINDOW_MAX. Nothing is acknowledged before the whole batch is written.
+ * Memory: at most WINDOW_MAX entries (plus one fetch).
+ */
+#define WINDOW_MS  250
+#define WINDOW_MAX 20000
+
+static void
+collect_window(persist_t *p)
+{
+    int64_t end = cw_mono_ms() + WINDOW_MS;
+
+    while (!cw_stop && p->batch.n < WINDOW_MAX) {
+        int64_t left = end - cw_mono_ms();
+        int     n, i;
+
+        if (left <= 0 || (!cw_queue_is_kafka(p->q) && p->c == NULL)) break;
+        n = cw_queue_fetch(p->q, p->c, &p->more, (int) left);
+        if (n <= 0) break;                      /* quiet, or a failed read: the batch goes as it is */
+        for (i = 0; i < p->more.n; i++) {
+            cw_entry_t *d = cw_batch_add(&p->batch);
+            if (d == NULL) break;
+            *d = p->more.e[i];
+            memset(&p->more.e[i], 0, sizeof(p->more.e[i]));
+        }
+        if (i < p->more.n) {                    /* out of memory: the rest is the next batch */
+            memmove(p->more.e, p->more.e + i, sizeof(p->more.e[0]) * (size_t) (p->more.n - i));
+            memset(p->more.e + (p->more.n - i), 0, sizeof(p->more.e[0]) * (size_t) i);
+            p->more.n -= i;
+            return;
+        }
+        p->more.n = 0;
+    }
+}
+
+/*
+ * `last` used to start with id; `$max: {last}` needs seq first (see
+ * append_msg), and a stored `last` starting with a string would compare
+ * above every new one and never move again. Once per database (the
+ * marker is persist_meta {_id: "last_seq_first"}), before the first
+ * batch, stored `last` subdocuments are rewritten with seq first.
+ */
+static int
+migrate_last(persist_t *p)
+{
+    mongoc_collection_t *meta = mongoc_client_get_collection(p->client, p->db, "persist_meta");
+    bson_t              *marker = BCON_NEW("_id", BCON_UTF8("last_seq_first"));
+    bson_error_t         error;
+    int64_t              done;
+    int                  rc = -1, moved = 0, failed = 0;
+
+    done = mongoc_collection_count_documents(meta, marker, NULL, NULL, NULL, &error);
+    if (done < 0) { cw_warn("persist: persist_meta: %s", error.message); goto out; }
+    if (done > 0) { rc = 0; goto out; }
+    for (int g = 0; g < 2; g++) {
+        mongoc_collection_t *coll = g ? p->groups : p->conversations;
+        bson_t              *filter = BCON_NEW("last", "{", "$exists", BCON_BOOL(true), "}");
+        bson_t              *opts = BCON_NEW("projection", "{", "last", BCON_INT32(1), "}");
+        mongoc_cursor_t     *cur = mongoc_collection_find_with_opts(coll, filter, opts, NULL);
+        const bson_t        *doc;
+        bson_iter_t          it, sub, id;
+
+        while (mongoc_cursor_next(cur, &doc)) {
+            bson_t  last = BSON_INITIALIZER, *sel, *upd;
+            int64_t seq = -1;
+            int     first = 1, ok;
+
+            if (!bson_iter_init_find(&it, doc, "last") || !BSON_ITER_HOLDS_DOCUMENT(&it)
+                || !bson_iter_init_find(&id, doc, "_id") || !BSON_ITER_HOLDS_UTF8(&id)
+                || !bson_iter_recurse(&it, &sub))
+            {
+                continue;
+            }
+            while (bson_iter_next(&sub)) {
+                if (strcmp(bson_iter_key(&sub), "seq") == 0) {
+                    if (first) break;               /* the new layout already */
+                    seq = bson_iter_as_int64(&sub);
+                }
+                first = 0;
+            }
+            if (seq < 0) continue;
+            BSON_APPEND_INT64(&last, "seq", seq);
+            bson_iter_recurse(&it, &sub);
+            while (bson_iter_next(&sub)) {
+                if (strcmp(bson_iter_key(&sub), "seq") != 0) bson_append_iter(&last, bson_iter_key(&sub), -1, &sub);
+            }
+            sel = BCON_NEW("_id", BCON_UTF8(bson_iter_utf8(&id, NULL)));
+            upd = BCON_NEW("$set", "{", "last", BCON_DOCUMENT(&last), "}");
+            ok = mongoc_collection_update_one(coll, sel, upd, NULL, NULL, &error);
+            bson_destroy(sel);
+            bson_destroy(upd);
+            bson_destroy(&last);
+            if (!ok) { failed = 1; break; }
+            moved++;
+        }
+        if (!failed && mongoc_cursor_error(cur, &error)) failed = 1;
+        mongoc_cursor_destroy(cur);
+        bson_destroy(filter);
+        bson_destroy(opts);
+        if (failed) {
+            cw_warn("persist: rewriting stored last messages: %s", error.message);
+            goto out;
+        }
+    }
+    if (!mongoc_collection_insert_one(meta, marker, NULL, NULL, &error) && error.code != 11000) {
+        cw_warn("persist: persist_meta: %s", error.message);
+        goto out;
+    }
+    if (moved) cw_info("persist: %d stored last messages rewritten with seq first", moved);
+    rc = 0;
+out:
+    bson_destroy(marker);
+    mongoc_collection_destroy(meta);
+    return rc;
+}
+
 static void
 drop_redis(persist_t *p, cw_backoff_t *bo, const char *why)
 {
@@ -780,6 +890,7 @@ cw_role_persist(const cw_config_t *cf)
     if (p.dlq == NULL) return 1;
     kafka = cw_queue_is_kafka(p.q);
     cw_heartbeat_init(&hb, cf, "persist");
+    p.hb = &hb;
     cw_backoff_reset(&bo);
     cw_backoff_reset(&mbo);
     cw_info("role persist started (node %s, %s, database %s, batch %d)", cf->node_id,
@@ -815,21 +926,30 @@ cw_role_persist(const cw_config_t *cf)
             p.c = NULL;
         }
         if (!p.indexes_ok) {
-            if (create_indexes(&p) != 0) { cw_backoff_wait(&mbo); continue; }
+            if (create_indexes(&p) != 0 || migrate_last(&p) != 0) { cw_backoff_wait(&mbo); continue; }
             p.indexes_ok = 1;
             cw_backoff_reset(&mbo);
         }
         if (!have_batch) {
-            n = cw_queue_fetch(p.q, p.c, &p.batch, 1000);
-            if (n < 0) {
-                if (!kafka) drop_redis(&p, &bo, "read failed");
-                continue;
+            if (p.more.n > 0) {                 /* left over by a window that could not take it */
+                cw_batch_t t = p.batch;
+                p.batch = p.more;
+                p.more = t;
+                cw_batch_clear(&p.more);
+            } else {
+                n = cw_queue_fetch(p.q, p.c, &p.batch, 1000);
+                if (n < 0) {
+                    if (!kafka) drop_redis(&p, &bo, "read failed");
+                    continue;
+                }
+                if (n == 0) goto stats;
             }
-            if (n == 0) goto stats;
+            collect_window(&p);
             have_batch = 1;
             prepared = 0;
         }
         if (!prepared) {
+            p.t_batch = cw_mono_ms();
             /* kept until it is prepared and written: a Kafka consumer does
              * not read an uncommitted batch again by itself */
             int r = prepare(&p);
@@ -855,6 +975,8 @@ cw_role_persist(const cw_config_t *cf)
         cw_backoff_reset(&mbo);
         have_batch = 0;
         prepared = 0;
+        p.busy_ms += cw_mono_ms() - p.t_batch;
+        p.n_entries += (uint64_t) p.batch.n;
         if (kafka) {
             cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
         } else {
@@ -874,12 +996,18 @@ cw_role_persist(const cw_config_t *cf)
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
+                /* entries per second of writing: what persistence can
+                 * sustain, whatever the idle time between batches */
                 cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes, %"
                         PRIu64 " dead letters in %" PRIu64 " batches in the last 10 s (%" PRIu64
-                        " dead letters since start)", p.n_msgs, p.n_receipts, p.n_groups, p.n_dead, p.n_batches,
-                        cw_dlq_total(p.dlq));
+                        " dead letters since start); %" PRIu64 " entries, %" PRIu64 " update statements, %"
+                        PRId64 " ms writing: %.0f entries/s while writing", p.n_msgs, p.n_receipts, p.n_groups,
+                        p.n_dead, p.n_batches, cw_dlq_total(p.dlq), p.n_entries, p.n_statements, p.busy_ms,
+                        p.busy_ms > 0 ? (double) p.n_entries * 1000.0 / (double) p.busy_ms : 0.0);
             }
             p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = p.n_dead = 0;
+            p.n_entries = p.n_statements = 0;
+            p.busy_ms = 0;
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
@@ -889,6 +1017,7 @@ stats:
     cw_dlq_free(p.dlq);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
+    cw_batch_free(&p.more);
     for (int i = 0; i < p.ecap; i++) free(p.refused[i]);
     free(p.refused);
     free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);

@@ -1,0 +1,142 @@
+"""The persist worker's coalescing window (workers/persist.c): many states
+of one conversation written as one upsert must still end at the newest
+state, entries read again must change nothing, and a worker killed in the
+middle of a batch must leave every message exactly once in MongoDB."""
+import json
+import os
+import random
+import signal
+import time
+
+from helpers import (dconv, eventually, msg_fields, receipt_fields, stack_cmd, stop_worker,  # noqa: F401
+                     uid)
+
+
+def _conv_doc(db, user, conv):
+    return db.conversations.find_one({"_id": f"{user}|{conv}"}) or {}
+
+
+def test_many_states_of_one_conversation_in_one_window(stack, r, q, db):
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    t0 = int(time.time() * 1000)
+    msgs = [msg_fields(conv, alice if s % 2 else bob, bob if s % 2 else alice, s, ts=t0 + s) for s in range(1, 61)]
+    ids = {s: json.loads(f["ev"])["id"] for s, f in zip(range(1, 61), msgs)}
+    rcpts = ([receipt_fields(conv, bob, "delivered", s) for s in (3, 41, 17)]
+             + [receipt_fields(conv, bob, "read", s) for s in (12, 39, 5)]
+             + [receipt_fields(conv, alice, "read", s) for s in (58, 2)])
+    entries = msgs + msgs[:20] + rcpts                   # some of them twice
+    random.Random(7).shuffle(entries)
+    stop_worker(stack, "persist")
+    try:
+        q.send_many(entries)
+        q.flush()
+    finally:
+        stack_cmd(stack, "up")                            # the worker finds them all at once: one window
+    eventually(lambda: q.backlog("persist") == 0, timeout=60, what="persist acknowledged everything")
+    assert sorted(d["_id"] for d in db.messages.find({"conv": conv})) == sorted(ids.values())
+    a, b = _conv_doc(db, alice, conv), _conv_doc(db, bob, conv)
+    for d in (a, b):
+        assert d["last_seq"] == 60 and d["ts"] == t0 + 60
+        assert d["last"]["seq"] == 60 and d["last"]["id"] == ids[60] and d["last"]["body"] == "message 60"
+    assert b["delivered_seq"] == 41 and b["read_seq"] == 39
+    assert a["read_seq"] == 58 and a["delivered_seq"] == 0
+
+    # the same entries again, and older ones: nothing moves back
+    stale = [msg_fields(conv, alice, bob, 7, ts=t0 + 10**6)] + [receipt_fields(conv, bob, "read", 1)]
+    q.send_many(msgs[:30] + stale)
+    q.flush()
+    eventually(lambda: q.backlog("persist") == 0, timeout=60, what="persist acknowledged the stale entries")
+    assert db.messages.count_documents({"conv": conv}) == 60       # (conv, seq) is unique: an old seq is stored already
+    a2, b2 = _conv_doc(db, alice, conv), _conv_doc(db, bob, conv)
+    assert {k: a2[k] for k in a} == a and {k: b2[k] for k in b} == b
+
+    # positive control: a newer message does move it
+    q.send(msg_fields(conv, bob, alice, 61, ts=t0 + 61))
+    q.flush()
+    d = eventually(lambda: (lambda x: x if x.get("last", {}).get("seq") == 61 else None)(_conv_doc(db, alice, conv)),
+                   timeout=30, what="the newer message as last")
+    assert d["last_seq"] == 61 and d["ts"] == t0 + 61 and d["read_seq"] == 58
+
+
+def _kill_mid_batch(stack, q, db, nconv, per):
+    """Queues per messages in each of nconv conversations while persist is
+    stopped, starts it, SIGKILLs it as soon as the batch's messages are in
+    MongoDB (its conversation upserts follow), starts it again. Returns
+    (entries unacknowledged at the kill, what was sent)."""
+    users = [uid("k") for _ in range(nconv + 1)]
+    convs = [(users[0], u, dconv(users[0], u)) for u in users[1:]]
+    sent = {}
+    fs = []
+    for s in range(1, per + 1):
+        for a, b, c in convs:
+            f = msg_fields(c, a, b, s)
+            sent.setdefault(c, set()).add(json.loads(f["ev"])["id"])
+            fs.append(f)
+    stop_worker(stack, "persist")
+    try:
+        q.send_many(fs)
+        q.flush()
+    finally:
+        stack_cmd(stack, "up")
+    pidfile = os.path.join(stack.dir, "pids", "worker-persist")
+    pid = int(open(pidfile).read())
+    eventually(lambda: db.messages.count_documents({"conv": convs[0][2]}) > 0, timeout=60, interval=0.01,
+               what="the batch's messages written")
+    os.kill(pid, signal.SIGKILL)
+
+    def gone():
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+    eventually(gone, timeout=20, what="persist killed")
+    left = q.backlog("persist")
+    os.unlink(pidfile)
+    stack_cmd(stack, "up")
+    eventually(lambda: q.backlog("persist") == 0, timeout=120, what="persist caught up after the restart")
+    for a, b, c in convs:
+        got = [d["_id"] for d in db.messages.find({"conv": c})]
+        assert len(got) == len(set(got)) and set(got) == sent[c], c
+        for u in (a, b):
+            d = _conv_doc(db, u, c)
+            assert d["last_seq"] == per and d["last"]["seq"] == per, (u, c)
+    return left
+
+
+def test_killed_mid_batch_every_message_exactly_once(stack, r, q, db):
+    # the kill must land between the batch's insert and its acknowledgement:
+    # 200 conversations make 400 upserts after the insert; a kill that came
+    # too late (everything acknowledged) is tried again
+    for _ in range(4):
+        if _kill_mid_batch(stack, q, db, 200, 12) > 0:
+            return
+    raise AssertionError("the kill never landed inside a batch: the test proved nothing")
+
+
+def test_a_stored_last_of_the_old_layout_is_rewritten_and_moves_on(stack, r, q, db):
+    """`last` used to start with id; $max needs seq first. The worker
+    rewrites stored ones once (marker persist_meta last_seq_first)."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    stop_worker(stack, "persist")
+    try:
+        for u in (alice, bob):
+            db.conversations.insert_one({"_id": f"{u}|{conv}", "user": u, "conv": conv, "last_seq": 5,
+                                         "read_seq": 0, "delivered_seq": 0, "ts": 5,
+                                         "last": {"id": "zzz-old", "conv": conv, "seq": 5, "from": alice,
+                                                  "to": bob, "body": "old", "kind": "text", "ts": 5}})
+        db.persist_meta.delete_many({"_id": "last_seq_first"})
+    finally:
+        stack_cmd(stack, "up")
+    eventually(lambda: db.persist_meta.count_documents({"_id": "last_seq_first"}) == 1, timeout=60,
+               what="the rewrite marker")
+    d = _conv_doc(db, alice, conv)
+    assert list(d["last"])[0] == "seq" and d["last"]["id"] == "zzz-old" and d["last"]["body"] == "old"
+    q.send(msg_fields(conv, bob, alice, 4, ts=4))            # older: stays
+    q.send(msg_fields(conv, bob, alice, 6, ts=6, body="new"))
+    q.flush()
+    eventually(lambda: q.backlog("persist") == 0, timeout=60, what="persisted")
+    for u in (alice, bob):
+        d = _conv_doc(db, u, conv)
+        assert d["last"]["seq"] == 6 and d["last"]["body"] == "new" and d["last_seq"] == 6 and d["ts"] == 6
