@@ -475,7 +475,7 @@ typedef struct {
     const char              *what;
     cw_heartbeat_t          *hb;                   /* kept alive through a long batch */
     uint64_t                *statements;
-    redisContext            *c;
+    cw_redis_t              *c;
 } chunker_t;
 
 static mongoc_bulk_operation_t *
@@ -498,7 +498,7 @@ chunk_flush(chunker_t *ch)
 
     ch->bulk = NULL;
     ch->n = 0;
-    if (ch->hb && ch->c && !ch->c->err) cw_heartbeat_tick(ch->hb, ch->c);    /* rate-limited itself */
+    if (ch->hb && ch->c && !cw_redis_err(ch->c)) cw_heartbeat_tick(ch->hb, ch->c);    /* rate-limited itself */
     return bulk ? run_bulk(bulk, ch->dup_ok, ch->what) : 0;
 }
 
