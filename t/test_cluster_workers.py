@@ -213,6 +213,8 @@ class Workers:
                     f"rest_listen = unix:{self.sock}\nclaim_idle_ms = 2000\n"
                     # an inbox append counts once a replica has it (the failover test)
                     "redis_replicas = 1\n"
+                    # push: a due notification stays due (no provider is configured)
+                    "push_delay_ms = 3600000\n"
                     "group_rate_limit = 0 0\ngroup_adds_limit = 0 0\n")
         self.procs = {}
 
@@ -236,7 +238,7 @@ class Workers:
             except subprocess.TimeoutExpired:
                 p.kill()
 
-    def rest(self, method, path, user, body=None):
+    def rest(self, method, path, user, body=None, device=None):
         sock = self.sock
 
         class Conn(http.client.HTTPConnection):
@@ -245,8 +247,10 @@ class Workers:
                 conn.sock.settimeout(10)
                 conn.sock.connect(sock)
         c = Conn("localhost", timeout=10)
-        c.request(method, path, body=json.dumps(body) if body is not None else None,
-                  headers={"X-Chat-User": user, "Content-Type": "application/json"})
+        hdrs = {"X-Chat-User": user, "Content-Type": "application/json"}
+        if device:
+            hdrs["X-Chat-Device"] = device
+        c.request(method, path, body=json.dumps(body) if body is not None else None, headers=hdrs)
         r = c.getresponse()
         raw = r.read()
         c.close()
@@ -310,11 +314,11 @@ def workers(stack, cluster, tmp_path_factory):
     if w.kind == "kafka":
         # the stack's own consumers of chat.in (same consumer groups) would
         # take partitions and write to the stack's Redis: they pause
-        for role in ("fanout", "persist"):
+        for role in ("fanout", "persist", "push"):
             stop_worker(stack, role)
             stopped.append(role)
     try:
-        for role in ("fanout", "persist", "rest"):
+        for role in ("fanout", "persist", "rest", "push"):
             w.start(role)
         eventually(lambda: os.path.exists(w.sock), timeout=30, what="rest socket")
         yield w
@@ -481,6 +485,31 @@ def test_settings_announce_on_the_users_sharded_presence_channel(cluster, worker
     sub.close()
 
 
+def test_push_due_on_the_owning_master(cluster, workers):
+    """The push role: a recipient with a registered device gets a due
+    notification in chat:{pq<b>}:due on that key's master; one without any
+    is skipped by the pipelined EXISTS pre-check."""
+    import zlib
+    a, b, c = uid("pa"), uid("pb"), uid("pc")
+    st, body = workers.rest("PUT", "/chat/devices/droid/push", b,
+                            {"provider": "fcm", "token": "fcm-token:" + "A" * 140}, device="droid")
+    assert st == 200, body
+    prod = Producer(cluster, workers)
+    prod.send(msg_fields(dconv(a, b), a, b, 1))
+    prod.send(msg_fields(dconv(a, c), a, c, 1))
+    prod.flush()
+
+    def due(user):
+        key = "chat:{pq%d}:due" % (zlib.crc32(user.encode()) % 16)
+        return [m for m in cluster.call(key, "ZRANGE", key, 0, -1) if m.startswith(user + "|")]
+    assert eventually(lambda: due(b), timeout=30, what="b's due notification") == [f"{b}|droid|{dconv(a, b)}"]
+    # c's message went through too (its inbox), and c has nothing due
+    eventually(lambda: len(cluster.inbox(c)) == 1, timeout=30, what="c's inbox")
+    time.sleep(1)
+    assert due(c) == []
+    assert workers.procs["push"].poll() is None, workers.log("push")[-2000:]
+
+
 def test_slot_moved_while_working(cluster, workers, mdb):
     convs = pairs(4)
     prod = Producer(cluster, workers)
@@ -512,7 +541,7 @@ def test_slot_moved_while_working(cluster, workers, mdb):
         assert cluster.owner(key) == dst
     # the fan-out was sent to the old owner and followed MOVED (or ASK)
     assert workers.log("fanout").count("moved to") > before, (moved, workers.log("fanout")[-3000:])
-    for role in ("fanout", "persist", "rest"):
+    for role in ("fanout", "persist", "rest", "push"):
         assert workers.procs[role].poll() is None, workers.log(role)[-2000:]
 
 
@@ -547,7 +576,7 @@ def test_master_killed_failover_nothing_enqueued_is_lost(cluster, workers, mdb):
     check_delivered(cluster, convs, n, timeout=90)
     check_persisted(mdb, convs, n, timeout=90)
     assert workers.log("fanout").count("reconnecting") > reconnects_before
-    for role in ("fanout", "persist", "rest"):
+    for role in ("fanout", "persist", "rest", "push"):
         assert workers.procs[role].poll() is None, workers.log(role)[-2000:]
     # the old master is a replica now: the cluster is whole again
     eventually(lambda: any(victim in reps for _, _, _, reps in cluster.slots()), timeout=30,

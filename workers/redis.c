@@ -663,6 +663,8 @@ cluster_connect(cw_redis_t *c, const cw_config_t *cf, char *err, size_t errlen)
         }
         nlearned = 0;
         for (unsigned j = 0; j < c->map.nnodes && nlearned < CW_SEEDS; j++) learned[nlearned++] = c->map.node[j];
+        cw_info("redis cluster map from %s:%d: %u masters, %u of %d slots owned", seeds[k].host, seeds[k].port,
+                c->map.nnodes, chat_cluster_map_covered(&c->map), CHAT_CLUSTER_SLOTS);
         /* keep the seed's connection when it is a master */
         i = chat_cluster_map_find(&c->map, seeds[k].host, seeds[k].port);
         if (i >= 0 && cw_lua_load_ctx(x) == 0) c->node[i] = x;
