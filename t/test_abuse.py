@@ -330,6 +330,7 @@ def test_a_replay_leaves_out_the_devices_own_sends_and_history_has_them(stack):
     replay (it has their acks); a device that lost its state (reinstalled)
     reads them from history. Over WebSocket and long-poll alike."""
     a, b = uid("ra"), uid("rb")
+    ws(stack, a, "laptop").close()       # known before the send: it gets a copy
     c = ws(stack, a, "phone")
     cid = uuid.uuid4().hex
     c.send_json({"type": "send", "client_id": cid, "to": b, "body": "mine"})

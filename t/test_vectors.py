@@ -109,6 +109,12 @@ def test_the_workers_judge_and_route_entries_as_the_vectors_say(stack):
     vs = golden.entries()
     ids = {}
     for v in vs:
+        # "user!" (an own copy) is appended while another device of the user
+        # is known (lua/inbox.lua): make one known
+        for u in v["rcpts"] if v["ok"] else []:
+            if u.endswith("!"):
+                r.hset(b"chat:{u:" + u.rstrip("!").encode() + sfx + b"}:acked", "other", 0)
+    for v in vs:
         fields = _rename(v, sfx)
         conv = dict(fields).get("conv", b"-")
         s = zlib.crc32(conv) % SHARDS
@@ -134,6 +140,8 @@ def test_the_workers_judge_and_route_entries_as_the_vectors_say(stack):
             continue
         f = dict(fields)
         ev = json.loads(f["ev"])
+        if f.get("t") == b"receipt" and f.get("st") == b"delivered":
+            continue                     # live only: no inbox copy (PROTOCOL 7)
         for u in v["rcpts"]:
             user = (u.rstrip("!").encode() + sfx).decode()
             found = eventually(lambda: [e for _, e in inbox(rd, user)
