@@ -993,6 +993,10 @@ cw_role_persist(const cw_config_t *cf)
             }
         }
         p.n_batches++;
+        /* a small batch: let entries gather before the next read, so that
+         * at low rates one read, one write and one ack cover many entries
+         * (persistence is asynchronous anyway) */
+        if (p.batch.n < cf->batch && cf->gather_ms > 0 && !cw_stop) cw_sleep_ms(cf->gather_ms);
 stats:
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {

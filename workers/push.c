@@ -893,6 +893,10 @@ cw_role_push(const cw_config_t *cf)
             }
         }
         if (claim_due() < 0) continue;
+        /* a small batch and nothing in flight: let entries gather (one
+         * read and one ack for many at low rates; notifications wait
+         * push_delay_ms anyway) */
+        if (!busy && n > 0 && n < cf->batch && cf->gather_ms > 0 && !cw_stop) cw_sleep_ms(cf->gather_ms);
         cw_http_poll(busy ? 5 : 0);
         stats_tick();
     }
