@@ -36,7 +36,7 @@ WORKER_SRCS := $(wildcard workers/*.c)
 WORKER_HDRS := $(wildcard workers/*.h)
 WORKER_PKGS := libmongoc-1.0 hiredis rdkafka jansson libcurl
 # the module's pure code the workers link: JWT signing for the dev sign-in
-WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c
+WORKER_PURE := libchat/chat_jwt.c libchat/chat_json.c libchat/chat_proto.c libchat/chat_shard.c libchat/chat_url.c libchat/chat_entry.c
 UNIT_TESTS := $(patsubst t/unit/%.c,$(BUILD)/unit/%,$(wildcard t/unit/test_*.c))
 FUZZERS    := $(patsubst t/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard t/fuzz/fuzz_*.c))
 

@@ -17,6 +17,7 @@
 #include "chat_proto.h"
 #include "chat_lua.h"
 #include "chat_shard.h"
+#include "chat_entry.h"
 
 
 #define NGX_CHAT_LOC_WEBSOCKET  1

@@ -5,10 +5,8 @@ a pub/sub listener (Channel), WebSocket clients, the stack's commands.
 Fixtures built on them (r, db, q, chan) are in conftest.py."""
 import json
 import os
-import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 import zlib
@@ -64,6 +62,14 @@ def msg_fields(conv, frm, to, seq, dev="d1", body=None, mid=None, ts=None, kind=
     if media:
         ev["media"] = media
     return {"t": "msg", "conv": conv, "from": frm, "dev": dev, "to": to, "seq": str(seq),
+            "ev": json.dumps(ev, separators=(",", ":"))}
+
+
+def group_msg_fields(group, frm, seq, dev="d1", body="hi", mid=None, ts=None):
+    conv = "g:" + group
+    ev = {"type": "msg", "id": mid or uid("m"), "conv": conv, "seq": seq, "from": frm, "group": group, "body": body,
+          "kind": "text", "ts": ts or int(time.time() * 1000)}
+    return {"t": "msg", "conv": conv, "from": frm, "dev": dev, "group": group, "seq": str(seq),
             "ev": json.dumps(ev, separators=(",", ":"))}
 
 
@@ -296,12 +302,8 @@ def ws(stack, user, device=None, cursor=None, path=None):
     return c
 
 
-def uniq(p):
-    return f"{p}{uuid.uuid4().hex[:10]}"
-
-
-def conv_of(a, b):
-    return f"d:{min(a, b)}:{max(a, b)}"
+uniq = uid          # the names some tests use
+conv_of = dconv
 
 
 def send(c, to, body, cid=None):

@@ -8,13 +8,12 @@ rebuild of Redis group state from MongoDB when the rest role starts.
 Group messages are enqueued the way the module's accept script does it
 (HINCRBY of the group's seq counter, then XADD or a Kafka record)."""
 import json
-import socket
 import time
 
 import pytest
 import redis
 
-from helpers import (SHARDS, eventually, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
+from helpers import (SHARDS, eventually, group_msg_fields, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
                           ukey)
 
 MAX_MEMBERS = 500          # group_max_members default
@@ -90,12 +89,8 @@ def queued(stack, r, group, n, timeout=15):
 def group_msg(r, group, frm, body="hi", dev="d1", ts=None):
     """Numbers and enqueues a group message as the module's accept script
     does; returns (queue fields, seq)."""
-    conv = "g:" + group
-    seq = r.hincrby(seqkey(group), conv, 1)
-    ev = {"type": "msg", "id": uid("m"), "conv": conv, "seq": seq, "from": frm, "group": group, "body": body,
-          "kind": "text", "ts": ts or int(time.time() * 1000)}
-    return {"t": "msg", "conv": conv, "from": frm, "dev": dev, "group": group, "seq": str(seq),
-            "ev": json.dumps(ev, separators=(",", ":"))}, seq
+    seq = r.hincrby(seqkey(group), "g:" + group, 1)
+    return group_msg_fields(group, frm, seq, dev=dev, body=body, ts=ts), seq
 
 
 def send_group_msgs(r, q, group, frm, n, ts=None):

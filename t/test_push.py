@@ -6,9 +6,7 @@ import json
 import time
 import uuid
 
-import pymongo
 import pytest
-import redis
 
 
 # ---- helpers ------------------------------------------------------------------
@@ -302,6 +300,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 
 from chatlib import ROOT  # noqa: E402
+from helpers import eventually  # noqa: E402
 from pushservers import PushServers  # noqa: E402
 from wsclient import WS  # noqa: E402
 
@@ -364,15 +363,6 @@ class PushWorker:
         return open(self.log, errors="replace").read()
 
 
-def eventually(pred, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.time() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def stack_cmd(stack, *args):

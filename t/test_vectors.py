@@ -1,6 +1,9 @@
 """Golden vectors shared by the C unit tests and these tests: the shard of
 a conversation (t/vectors/shards.txt) as the Python tests compute it, and
-as the running module puts a message on a shard's stream."""
+as the running module puts a message on a shard's stream; queue entries
+(t/vectors/entries.txt) as the Python tests build them and as the running
+workers judge and route them."""
+import json
 import os
 import uuid
 import zlib
@@ -8,7 +11,9 @@ import zlib
 import pytest
 import redis
 
+import golden
 from chatlib import ROOT
+from helpers import SHARDS, eventually, inbox, msg_fields, receipt_fields, uid
 
 
 def vectors():
@@ -47,3 +52,95 @@ def test_the_module_enqueues_on_the_vectors_shard(stack):
     assert r.xlen("chat:{s%d}:in" % s16) == before + 1 or any(
         e[1].get("ev", "").find(m["id"]) >= 0 for e in r.xrevrange("chat:{s%d}:in" % s16, count=50))
     c.close()
+
+
+# ---- queue entries ----------------------------------------------------------------
+
+def _fields(v):
+    """a vector's fields as the str dict the Python builders make; an empty
+    value is an absent field (libchat's rule)"""
+    return {k: b.decode() for k, b in v["fields"]}
+
+
+def _present(d):
+    return {k: x for k, x in d.items() if x != ""}
+
+
+def test_the_python_entry_builders_write_what_the_vectors_hold():
+    """t/helpers.py builds queue entries for many tests: they are the
+    vectors' entries, byte for byte (the C codec is held to the same)."""
+    checked = 0
+    for name in ("dm", "dm_back", "dm_max"):
+        f = _fields(golden.entry(name))
+        ev = json.loads(f["ev"])
+        built = msg_fields(f["conv"], f["from"], f["to"], int(f["seq"]), dev=f.get("dev", ""), body=ev["body"],
+                           mid=ev["id"], ts=ev["ts"])
+        assert _present(built) == f, name
+        checked += 1
+    for name in ("read", "delivered", "group_read"):
+        f = _fields(golden.entry(name))
+        ev = json.loads(f["ev"])
+        built = receipt_fields(f["conv"], f["from"], f["st"], int(f["seq"]), dev=f.get("dev", ""), ts=ev["ts"])
+        if "prev" in f:
+            built["prev"] = f["prev"]
+        assert _present(built) == f, name
+        checked += 1
+    assert checked == 6
+
+
+def _rename(v, sfx):
+    """the vector with its users and groups made unique to this run (the
+    relations between them, which the verdicts depend on, stay)"""
+    out = []
+    for k, b in v["fields"]:
+        for n in (b"alice", b"bob", b"carol", b"team1", b"team2"):
+            b = b.replace(n, n + sfx)
+        out.append((k, b))
+    return out
+
+
+@pytest.mark.queue("redis")
+def test_the_workers_judge_and_route_entries_as_the_vectors_say(stack):
+    """Every vector on a shard stream: a bad one reaches the fan-out's
+    dead-letter queue with the vector's why, a good one is not dead-lettered
+    and reaches each recipient's inbox (the positive control)."""
+    r = redis.Redis.from_url(stack.env["REDIS_URL"])
+    sfx = uid("v").encode()
+    vs = golden.entries()
+    ids = {}
+    for v in vs:
+        fields = _rename(v, sfx)
+        conv = dict(fields).get("conv", b"-")
+        s = zlib.crc32(conv) % SHARDS
+        ids[(str(s), r.xadd("chat:{s%d}:in" % s, dict(fields)).decode())] = (v, fields)
+
+    def dead():
+        got = {}
+        for _, f in r.xrange("chat:{dlq}:fanout"):
+            src = (f.get(b"dlq.shard", b"").decode(), f.get(b"dlq.src", b"").decode())   # ids repeat across streams
+            if src in ids:
+                got[src] = f[b"dlq.why"].decode()
+        return got
+    bad = {i for i, (v, _) in ids.items() if not v["ok"]}
+    got = eventually(lambda: (lambda d: d if set(d) >= bad else None)(dead()), timeout=30,
+                     what="every bad vector dead-lettered")
+    for i in bad:
+        assert got[i] == ids[i][0]["why"], ids[i][0]["name"]
+    # the good ones: in their recipients' inboxes, never dead-lettered
+    reached = 0
+    rd = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    for i, (v, fields) in ids.items():
+        if not v["ok"]:
+            continue
+        f = dict(fields)
+        ev = json.loads(f["ev"])
+        for u in v["rcpts"]:
+            user = (u.rstrip("!").encode() + sfx).decode()
+            found = eventually(lambda: [e for _, e in inbox(rd, user)
+                                        if {k: x for k, x in e.items() if k not in ("cursor", "!")} == ev],
+                               timeout=30, what=f"{v['name']} in {user}'s inbox")
+            # "user!": every device of the acting user but the acting one
+            assert found[0].get("!") == (f["dev"].decode() if u.endswith("!") else None), (v["name"], u)
+            reached += 1
+    assert reached >= 10
+    assert not set(dead()) - bad, "a good vector was dead-lettered"

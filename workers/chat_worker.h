@@ -16,6 +16,7 @@
 
 #include "chat_lua.h"    /* generated from lua/ (lua/gen.sh) */
 #include "chat_shard.h"  /* the pure code shared with the module */
+#include "chat_entry.h"  /* queue entries and delivery payloads */
 
 #define CW_STR 512
 
@@ -116,18 +117,20 @@ int  cw_backoff_ms(const cw_backoff_t *b);
 
 /* ---- queue entries (entry.c) --------------------------------------------- */
 
-#define CW_ID_MAX    64          /* user and group ids */
-#define CW_DEV_MAX   32
-#define CW_CONV_MAX  (2 + CW_ID_MAX + 1 + CW_ID_MAX)
+/* libchat's limits (chat_proto.h), under the workers' names */
+#define CW_ID_MAX    CHAT_ID_MAX         /* user and group ids */
+#define CW_DEV_MAX   CHAT_DEV_ID_MAX
+#define CW_CONV_MAX  CHAT_CONV_MAX
 #define CW_FIELD_MAX 256         /* a field of chat:{u:U}:last */
 
 /* The one integer range of seqs, cursors and pointers everywhere (module,
  * Lua scripts, workers, clients): 0 .. 2^53-1, JavaScript's safe integers,
  * so that no client loses precision. A queue entry with a number outside
  * it is not processed: it goes to the dead-letter queue. */
-#define CW_INT_MAX   9007199254740991LL
+#define CW_INT_MAX   CHAT_INT_MAX
 
-enum { CW_T_MSG = 1, CW_T_RECEIPT = 2, CW_T_GROUP = 3 };
+/* entry types: libchat's (chat_entry.h) */
+enum { CW_T_MSG = CHAT_ENTRY_MSG, CW_T_RECEIPT = CHAT_ENTRY_RECEIPT, CW_T_GROUP = CHAT_ENTRY_GROUP };
 
 typedef struct {
     char        qid[48];         /* stream entry id, or "<partition>@<offset>" */
@@ -144,12 +147,12 @@ typedef struct {
     char        dev[CW_DEV_MAX + 1];
     char        to[CW_ID_MAX + 1];
     char        group[CW_ID_MAX + 1];
-    char        st[16];          /* receipt status: delivered or read */
+    char        st[CHAT_ENTRY_WORD_MAX + 1];     /* receipt status: delivered or read */
     int64_t     seq;
     int64_t     prev;            /* receipt: the user's pointer before it (0 if absent) */
-    char        event[16];       /* group: created, added or removed */
-    char       *rcpt;            /* group: the users, each NUL-terminated, one after
-                                    the other (malloc'd; space-separated on the wire) */
+    char        event[CHAT_ENTRY_WORD_MAX + 1];  /* group: created, added or removed */
+    char       *rcpt;            /* group: the users as on the wire, space-separated (malloc'd) */
+    char       *rcpt_users;      /* the same, each NUL-terminated, one after the other */
     int         n_rcpt;          /* how many */
     char       *state;           /* group: the group after the change, JSON (malloc'd) */
     char       *ev;              /* event JSON without cursor (malloc'd) */
@@ -188,11 +191,8 @@ int  cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2]);
 
 /* Keeps a copy of what could not be parsed (for the dead-letter queue). */
 int  cw_entry_keep_raw(cw_entry_t *e, const char *const *v, const size_t *len, int n, int kafka);
-/* The entry's fields, rebuilt from what was parsed (names and values, at
- * most CW_ENTRY_FIELDS pairs); the values point into e or into buf. */
-#define CW_ENTRY_FIELDS 13
-int  cw_entry_fields(const cw_entry_t *e, const char *name[CW_ENTRY_FIELDS], const char *val[CW_ENTRY_FIELDS],
-                     size_t len[CW_ENTRY_FIELDS], char *buf, size_t buflen);
+/* The parsed entry as libchat's view (strings point into e). */
+void cw_entry_view(const cw_entry_t *e, chat_entry_t *v);
 
 cw_entry_t *cw_batch_add(cw_batch_t *b);
 void cw_batch_clear(cw_batch_t *b);

@@ -23,7 +23,6 @@
 
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
-#include <jansson.h>
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,9 +30,8 @@
 
 #define DLQ_MAXLEN "100000"
 
-/* seq, prev and the rebuilt rcpt of an entry (a group's members: 500 ids of
- * up to 64 bytes fit); one role per process, one thread */
-static char dlq_buf[80000];
+/* seq and prev of a re-written entry; one role per process, one thread */
+static char dlq_num[CHAT_ENTRY_NUMBUF];
 #define DLQ_TOPIC  "chat.dlq"
 
 struct cw_dlq_s {
@@ -118,25 +116,25 @@ dlq_producer(cw_dlq_t *d)
     return 0;
 }
 
-/* The parsed fields as a JSON object (Kafka: what cw_entry_from_json reads). */
+/* The parsed fields as a JSON object (Kafka: what cw_entry_from_json
+ * reads), libchat's encoder (the module's receipts are written by it too). */
 static char *
 fields_json(const cw_entry_t *e, size_t *len)
 {
-    const char *name[CW_ENTRY_FIELDS], *val[CW_ENTRY_FIELDS];
-    size_t      vlen[CW_ENTRY_FIELDS];
-    char       *s;
-    int         n = cw_entry_fields(e, name, val, vlen, dlq_buf, sizeof(dlq_buf));
-    json_t     *o = json_object();
+    chat_entry_t  v;
+    char         *s;
+    size_t        cap;
 
-    for (int i = 0; o && i < n; i++) {
-        json_t *v = json_stringn(val[i], vlen[i]);
-        /* a value that is not UTF-8 cannot be a JSON string: noted instead */
-        if (v == NULL) v = json_sprintf("<%zu bytes, not UTF-8>", vlen[i]);
-        json_object_set_new(o, name[i], v);
-    }
-    s = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    *len = s ? strlen(s) : 0;
+    cw_entry_view(e, &v);
+    /* each byte escapes to at most 6 */
+    cap = 64 + 6 * (v.conv.len + v.from.len + v.dev.len + v.to.len + v.group.len + v.st.len
+                    + v.event.len + v.rcpt.len + v.state.len + v.ev.len) + 2 * CHAT_ENTRY_NUMBUF
+          + 16 * CHAT_EF_N;
+    s = malloc(cap + 1);
+    if (s == NULL) return NULL;
+    *len = chat_entry_json(&v, s, cap);
+    if (*len == 0) { free(s); return NULL; }
+    s[*len] = '\0';
     return s;
 }
 
@@ -189,14 +187,18 @@ put_redis(cw_dlq_t *d, redisContext *c, const cw_entry_t *e, const char *why, co
 {
     const char **argv;
     size_t      *lens;
-    const char  *name[CW_ENTRY_FIELDS], *val[CW_ENTRY_FIELDS];
-    size_t       vlen[CW_ENTRY_FIELDS];
+    const char  *name[CHAT_EF_N], *val[CHAT_EF_N];
+    size_t       vlen[CHAT_EF_N];
+    chat_entry_t v;
     char         shard[16];
     int          n = 0, nf = 0, max, rc = 0;
     redisReply  *r;
 
     if (c == NULL) return -1;
-    if (!(e->raw && !e->raw_kafka)) nf = cw_entry_fields(e, name, val, vlen, dlq_buf, sizeof(dlq_buf));
+    if (!(e->raw && !e->raw_kafka)) {
+        cw_entry_view(e, &v);
+        nf = chat_entry_pairs(&v, name, val, vlen, dlq_num);
+    }
     max = 16 + (e->raw ? e->n_raw : 2 * nf);
     argv = malloc(sizeof(char *) * (size_t) max);
     lens = malloc(sizeof(size_t) * (size_t) max);

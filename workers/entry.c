@@ -48,6 +48,7 @@ cw_entry_reset(cw_entry_t *e)
 {
     free(e->ev);
     free(e->rcpt);
+    free(e->rcpt_users);
     free(e->state);
     for (int i = 0; i < e->n_raw; i++) free(e->raw[i]);
     free(e->raw);
@@ -82,58 +83,31 @@ fail:
     return -1;
 }
 
-int
-cw_entry_fields(const cw_entry_t *e, const char *name[CW_ENTRY_FIELDS], const char *val[CW_ENTRY_FIELDS],
-                size_t len[CW_ENTRY_FIELDS], char *buf, size_t buflen)
+static chat_entry_str_t
+view_str(const char *s)
 {
-    static const char *types[] = { "?", "msg", "receipt", "group" };
-    int                n = 0;
-    size_t             used = 0;
+    chat_entry_str_t v = { s, s ? strlen(s) : 0 };
+    return v;
+}
 
-#define F(nm, v, l) do { name[n] = (nm); val[n] = (v); len[n] = (l); n++; } while (0)
-#define S(nm, v) do { if ((v)[0]) F(nm, v, strlen(v)); } while (0)
-    F("t", types[e->type >= 1 && e->type <= 3 ? e->type : 0], strlen(types[e->type >= 1 && e->type <= 3 ? e->type : 0]));
-    S("conv", e->conv);
-    S("from", e->from);
-    S("dev", e->dev);
-    S("to", e->to);
-    S("group", e->group);
-    S("st", e->st);
-    S("event", e->event);
-    if (e->seq || e->prev) {
-        int k = snprintf(buf, buflen, "%lld", (long long) e->seq);
-        F("seq", buf, (size_t) k);
-        used = (size_t) k + 1;
-        if (e->prev && used < buflen) {
-            k = snprintf(buf + used, buflen - used, "%lld", (long long) e->prev);
-            F("prev", buf + used, (size_t) k);
-            used += (size_t) k + 1;
-        }
-    }
-    if (e->rcpt) {
-        /* split_users replaced the spaces by NULs: put them back in a copy */
-        size_t rl = 0;
-        const char *u = e->rcpt;
-        if (e->n_rcpt > 0) {
-            for (int k = 0; k < e->n_rcpt; k++) {
-                size_t ul = strlen(u);
-                while (ul == 0) { u++; ul = strlen(u); }     /* empty runs of spaces */
-                if (used + rl + ul + 1 >= buflen) break;
-                if (rl) buf[used + rl++] = ' ';
-                memcpy(buf + used + rl, u, ul);
-                rl += ul;
-                u += ul + 1;
-            }
-            F("rcpt", buf + used, rl);
-        } else {
-            F("rcpt", e->rcpt, strlen(e->rcpt));
-        }
-    }
-    if (e->state) F("state", e->state, strlen(e->state));
-    if (e->ev) F("ev", e->ev, e->ev_len);
-#undef S
-#undef F
-    return n;
+void
+cw_entry_view(const cw_entry_t *e, chat_entry_t *v)
+{
+    memset(v, 0, sizeof(*v));
+    v->type = (chat_entry_type_t) e->type;
+    v->conv = view_str(e->conv);
+    v->from = view_str(e->from);
+    v->dev = view_str(e->dev);
+    v->to = view_str(e->to);
+    v->group = view_str(e->group);
+    v->st = view_str(e->st);
+    v->event = view_str(e->event);
+    v->seq = e->seq;
+    v->prev = e->prev;
+    v->rcpt = view_str(e->rcpt);
+    v->state = view_str(e->state);
+    v->ev.p = e->ev;
+    v->ev.len = e->ev ? e->ev_len : 0;
 }
 
 static int
@@ -146,136 +120,84 @@ copy_field(char *dst, size_t cap, const char *v, size_t len)
 }
 
 static int
-copy_alloc(char **dst, const char *v, size_t len)
+copy_alloc(char **dst, size_t *dlen, const char *v, size_t len)
 {
     free(*dst);
     *dst = malloc(len + 1);
     if (*dst == NULL) return -1;
     memcpy(*dst, v, len);
     (*dst)[len] = '\0';
+    if (dlen) *dlen = len;
     return 0;
 }
 
-/* A decimal integer in 0 .. CW_INT_MAX (16 digits at most). */
-static int
-parse_num(int64_t *out, const char *val, size_t vlen)
-{
-    int64_t n = 0;
-    if (vlen == 0 || vlen > 16) return -1;
-    for (size_t i = 0; i < vlen; i++) {
-        if (val[i] < '0' || val[i] > '9') return -1;
-        n = n * 10 + (val[i] - '0');
-    }
-    if (n > CW_INT_MAX) return -1;
-    *out = n;
-    return 0;
-}
-
-/* Takes one field of the entry; unknown fields are ignored (forward
+/* Takes one field of the entry (libchat's names and rules, chat_entry.c)
+ * into the entry's own storage; unknown fields are ignored (forward
  * compatibility). Returns -1 when a value does not fit. */
 int
 cw_entry_field(cw_entry_t *e, const char *name, size_t nlen, const char *val, size_t vlen)
 {
-#define IS(s) (nlen == sizeof(s) - 1 && memcmp(name, s, nlen) == 0)
-    if (IS("t")) {
-        if (vlen == 3 && memcmp(val, "msg", 3) == 0) e->type = CW_T_MSG;
-        else if (vlen == 7 && memcmp(val, "receipt", 7) == 0) e->type = CW_T_RECEIPT;
-        else if (vlen == 5 && memcmp(val, "group", 5) == 0) e->type = CW_T_GROUP;
-        else e->type = -1;
-        return 0;
-    }
-    if (IS("conv")) return copy_field(e->conv, sizeof(e->conv), val, vlen);
-    if (IS("from")) return copy_field(e->from, sizeof(e->from), val, vlen);
-    if (IS("dev")) return copy_field(e->dev, sizeof(e->dev), val, vlen);
-    if (IS("to")) return copy_field(e->to, sizeof(e->to), val, vlen);
-    if (IS("group")) return copy_field(e->group, sizeof(e->group), val, vlen);
-    if (IS("st")) return copy_field(e->st, sizeof(e->st), val, vlen);
-    if (IS("event")) return copy_field(e->event, sizeof(e->event), val, vlen);
-    if (IS("seq") || IS("prev")) {
-        if (parse_num(IS("seq") ? &e->seq : &e->prev, val, vlen) == 0) return 0;
-        e->why = "seq or prev is not an integer in 0 .. 2^53-1";
+    chat_entry_t  v;
+    const char   *why = NULL;
+    int           f = chat_entry_field_lookup(name, nlen);
+
+    memset(&v, 0, sizeof(v));
+    if (chat_entry_set(&v, name, nlen, val, vlen, &why) != 0) {
+        e->why = why;
         return -1;
     }
-    if (IS("ev")) {
-        if (copy_alloc(&e->ev, val, vlen) != 0) return -1;
-        e->ev_len = vlen;
-        return 0;
+    switch (f) {
+    case CHAT_EF_T:     e->type = v.type; return 0;
+    case CHAT_EF_SEQ:   e->seq = v.seq; return 0;
+    case CHAT_EF_PREV:  e->prev = v.prev; return 0;
+    case CHAT_EF_CONV:  return copy_field(e->conv, sizeof(e->conv), val, vlen);
+    case CHAT_EF_FROM:  return copy_field(e->from, sizeof(e->from), val, vlen);
+    case CHAT_EF_DEV:   return copy_field(e->dev, sizeof(e->dev), val, vlen);
+    case CHAT_EF_TO:    return copy_field(e->to, sizeof(e->to), val, vlen);
+    case CHAT_EF_GROUP: return copy_field(e->group, sizeof(e->group), val, vlen);
+    case CHAT_EF_ST:    return copy_field(e->st, sizeof(e->st), val, vlen);
+    case CHAT_EF_EVENT: return copy_field(e->event, sizeof(e->event), val, vlen);
+    case CHAT_EF_EV:    return copy_alloc(&e->ev, &e->ev_len, val, vlen);
+    case CHAT_EF_RCPT:  return copy_alloc(&e->rcpt, NULL, val, vlen);
+    case CHAT_EF_STATE: return copy_alloc(&e->state, NULL, val, vlen);
+    default:            return 0;
     }
-    if (IS("rcpt")) return copy_alloc(&e->rcpt, val, vlen);
-    if (IS("state")) return copy_alloc(&e->state, val, vlen);
-#undef IS
-    return 0;
 }
 
-static const char *
-other(const cw_entry_t *e, const char *u)
-{
-    return strcmp(u, e->a) == 0 ? e->b : e->a;
-}
-
-/* "a b c" -> "a\0b\0c\0", each a valid id; once (a finished entry may be
- * finished again: n_rcpt says it was split already). */
-static int
-split_users(cw_entry_t *e)
-{
-    char *p = e->rcpt, *end;
-
-    if (e->n_rcpt > 0) return 0;
-    end = p + strlen(p);
-    while (p < end) {
-        char *sp = strchr(p, ' ');
-        if (sp == NULL) sp = end;
-        if (sp > p) {
-            if (!cw_valid_id(p, (size_t) (sp - p), CW_ID_MAX)) return -1;
-            e->n_rcpt++;
-        }
-        *sp = '\0';
-        p = sp + 1;
-    }
-    return 0;
-}
-
-/* Checks that the entry is complete and consistent; sets valid and why. */
+/* Checks that the entry is complete and consistent (chat_entry_check);
+ * sets valid and why, the conversation's parts and a group change's
+ * users (rcpt_users, once: a finished entry may be finished again). */
 void
 cw_entry_finish(cw_entry_t *e)
 {
+    chat_entry_t      v;
+    chat_conv_t       cv;
+    chat_entry_str_t  u;
+    unsigned          n = 0;
+    size_t            pos = 0, at = 0;
+
+    cw_entry_view(e, &v);
     e->valid = 0;
-    if (e->type != CW_T_MSG && e->type != CW_T_RECEIPT && e->type != CW_T_GROUP) {
-        e->why = "unknown type t";
-        return;
+    e->why = chat_entry_check(&v, &cv, &n);
+    if (e->why != NULL) return;
+    memcpy(e->a, cv.a, cv.alen);
+    e->a[cv.alen] = '\0';
+    e->b[0] = '\0';
+    if (cv.kind == 'd') {
+        memcpy(e->b, cv.b, cv.blen);
+        e->b[cv.blen] = '\0';
     }
-    if (cw_parse_conv(e->conv, e->a, e->b, &e->is_group) != 0) { e->why = "bad conv"; return; }
-    if (!cw_valid_id(e->from, strlen(e->from), CW_ID_MAX)) { e->why = "bad from"; return; }
-    if (e->dev[0] && !cw_valid_id(e->dev, strlen(e->dev), CW_DEV_MAX)) { e->why = "bad dev"; return; }
-    if (e->seq < 1) { e->why = "bad seq"; return; }
-    if (e->ev == NULL || e->ev_len < 2 || e->ev[0] != '{') { e->why = "bad ev"; return; }
-    if (e->type == CW_T_GROUP) {
-        if (!e->is_group || strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
-        if (strcmp(e->event, "created") != 0 && strcmp(e->event, "added") != 0
-            && strcmp(e->event, "removed") != 0)
-        {
-            e->why = "bad group event";
-            return;
+    e->is_group = (cv.kind == 'g');
+    if (e->type == CW_T_GROUP && e->rcpt_users == NULL) {
+        e->rcpt_users = malloc(v.rcpt.len + 1);
+        if (e->rcpt_users == NULL) { e->why = "out of memory"; return; }
+        while (chat_entry_rcpt_next(&v, &pos, &u)) {
+            memcpy(e->rcpt_users + at, u.p, u.len);
+            at += u.len;
+            e->rcpt_users[at++] = '\0';
         }
-        if (e->rcpt == NULL || e->state == NULL) { e->why = "group entry without rcpt or state"; return; }
-        if (split_users(e) != 0) { e->why = "bad rcpt"; return; }
-    } else if (e->is_group) {
-        if (e->type == CW_T_MSG && strcmp(e->group, e->a) != 0) { e->why = "group mismatch"; return; }
-    } else {
-        if (strcmp(e->from, e->a) != 0 && strcmp(e->from, e->b) != 0) {
-            e->why = "from is not a participant";
-            return;
-        }
-        if (e->type == CW_T_MSG && strcmp(e->to, other(e, e->from)) != 0) {
-            e->why = "to is not the other participant";
-            return;
-        }
+        e->n_rcpt = (int) n;
     }
-    if (e->type == CW_T_RECEIPT && strcmp(e->st, "delivered") != 0 && strcmp(e->st, "read") != 0) {
-        e->why = "bad receipt status st";
-        return;
-    }
-    e->why = NULL;
     e->valid = 1;
 }
 
@@ -326,37 +248,34 @@ cw_entry_from_json(cw_entry_t *e, const char *json, size_t len)
 void
 cw_entry_inbox_field(const cw_entry_t *e, char field[CW_FIELD_MAX])
 {
-    /* messages and membership changes share the conversation's seqs */
-    if (e->type == CW_T_RECEIPT) snprintf(field, CW_FIELD_MAX, "r:%s:%s:%s", e->st, e->conv, e->from);
-    else snprintf(field, CW_FIELD_MAX, "m:%s", e->conv);
+    chat_entry_t v;
+
+    cw_entry_view(e, &v);
+    if (chat_entry_inbox_field(&v, field, CW_FIELD_MAX) == 0) field[0] = '\0';
 }
 
 /*
- * Recipients of a valid direct entry (docs/PIPELINE.md, "Recipients"): at
- * most two users, with the device to skip for the acting user's own copy.
- * Group entries have theirs from Redis (the fan-out resolves them).
+ * Recipients of a valid direct entry (chat_entry_recipients): at most two
+ * users, with the device to skip for the acting user's own copy. Group
+ * entries have theirs from Redis (the fan-out resolves them).
  */
 int
 cw_recipients(const cw_entry_t *e, cw_rcpt_t out[2])
 {
-    int         n = 0, self = strcmp(e->a, e->b) == 0;
-    const char *peer;
+    chat_entry_t       v;
+    chat_conv_t        cv;
+    chat_entry_rcpt_t  r[2];
+    int                n;
 
     if (!e->valid || e->is_group) return 0;
-    peer = other(e, e->from);
-    if (e->type == CW_T_MSG || strcmp(e->st, "read") == 0) {
-        if (!self) {
-            out[n].user = peer;
-            out[n].skip_dev = NULL;
-            n++;
-        }
-        out[n].user = e->from;
-        out[n].skip_dev = e->dev[0] ? e->dev : NULL;
-        n++;
-    } else if (!self) {                     /* delivered */
-        out[n].user = peer;
-        out[n].skip_dev = NULL;
-        n++;
+    cw_entry_view(e, &v);
+    if (chat_entry_check(&v, &cv, NULL) != NULL) return 0;
+    n = chat_entry_recipients(&v, &cv, r);
+    for (int k = 0; k < n; k++) {
+        /* the views point into conv or from: name our NUL-terminated copies */
+        int sender = r[k].user.p == v.from.p;
+        out[k].user = sender ? e->from : (strcmp(e->from, e->a) == 0 ? e->b : e->a);
+        out[k].skip_dev = r[k].skip_dev ? e->dev : NULL;
     }
     return n;
 }

@@ -171,16 +171,17 @@ append_publishes(fanout_t *f, const cw_entry_t *e, const target_t *t, redisReply
         redisReply      *r = rep[k];
         long long        cursor = 0;
         size_t           first = 0;
-        char             tok[CW_ID_MAX + CW_DEV_MAX + 40];
-        int              toklen;
+        char             tok[CHAT_DELIVERY_TOKEN_MAX];
+        size_t           toklen;
 
         if (!t->pull) {
             if (r->element[1]->type != REDIS_REPLY_INTEGER || (cursor = r->element[1]->integer) <= 0) continue;
             first = 2;
         }
-        toklen = cursor ? snprintf(tok, sizeof(tok), "%s:%lld", rc->user, cursor)
-                        : snprintf(tok, sizeof(tok), "%s", rc->user);
-        if (rc->skip_dev) toklen += snprintf(tok + toklen, sizeof(tok) - (size_t) toklen, "!%s", rc->skip_dev);
+        /* the delivery payload's token (libchat: the module parses it) */
+        toklen = chat_delivery_token(tok, sizeof(tok), rc->user, strlen(rc->user), (uint64_t) cursor,
+                                     rc->skip_dev, rc->skip_dev ? strlen(rc->skip_dev) : 0);
+        if (toklen == 0) continue;
         for (size_t j = first; j < r->elements; j++) {
             const char *m = r->element[j]->str, *bar;
             chan_t     *ch;
@@ -194,7 +195,7 @@ append_publishes(fanout_t *f, const cw_entry_t *e, const target_t *t, redisReply
             if (ch == NULL) return -1;
             if (ch->last_rcpt == k) continue;     /* one token per user and channel */
             ch->last_rcpt = k;
-            if ((ch->toks.len && buf_put(&ch->toks, " ", 1) != 0) || buf_put(&ch->toks, tok, (size_t) toklen) != 0)
+            if ((ch->toks.len && buf_put(&ch->toks, " ", 1) != 0) || buf_put(&ch->toks, tok, toklen) != 0)
                 return -1;
         }
     }
@@ -359,7 +360,7 @@ build_targets(fanout_t *f)
                 if (rcpt_add(f, d[k].user, d[k].skip_dev) == NULL) return -1;
         } else if (e->type == CW_T_GROUP) {
             /* membership change: the users the entry names, every device */
-            const char *u = e->rcpt;
+            const char *u = e->rcpt_users;
             for (int k = 0; k < e->n_rcpt; k++, u += strlen(u) + 1)
                 if (rcpt_add(f, u, NULL) == NULL) return -1;
         } else if (e->type == CW_T_MSG) {

@@ -9,71 +9,50 @@
 
 
 /*
- * "<recipients>\n<json object>". Recipients are separated by spaces, each
- * "user[:cursor][!device]": with a cursor the frame becomes
- * {"cursor":N,...}; "!device" skips that device (the sender's own).
+ * "<recipients>\n<json object>" (libchat's chat_delivery_parse, the format
+ * the fan-out writes with chat_delivery_token). Recipients are separated
+ * by spaces, each "user[:cursor][!device]": with a cursor the frame
+ * becomes {"cursor":N,...}; "!device" skips that device (the sender's own).
  */
 void
 ngx_chat_deliver(u_char *p, size_t len)
 {
-    u_char              *nl, *last, *tok, *end, *colon, *bang, *uend,
-                         prefix[40];
-    size_t               plen;
-    uint64_t             cursor;
-    ngx_uint_t           eph;
-    ngx_queue_t         *q, *next;
-    ngx_chat_user_t     *u;
-    ngx_chat_shbuf_t    *b;
-    ngx_chat_session_t  *s;
+    u_char                prefix[40];
+    size_t                plen, pos;
+    ngx_uint_t            eph;
+    ngx_queue_t          *q, *next;
+    chat_entry_str_t      toks, ev;
+    ngx_chat_user_t      *u;
+    ngx_chat_shbuf_t     *b;
+    ngx_chat_session_t   *s;
+    chat_delivery_rcpt_t  r;
 
-    last = p + len;
-    nl = ngx_strlchr(p, last, '\n');
-
-    if (nl == NULL || last - nl < 3 || nl[1] != '{') {
+    if (chat_delivery_parse((char *) p, len, &toks, &ev) != 0) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: malformed delivery on the worker channel");
         return;
     }
 
-    b = ngx_chat_shbuf_alloc(last - nl - 2);
+    /* the event without its "{": each session's prefix opens it */
+    b = ngx_chat_shbuf_alloc(ev.len - 1);
     if (b == NULL) {
         return;
     }
 
-    ngx_memcpy(b->data, nl + 2, b->len);
+    ngx_memcpy(b->data, ev.p + 1, b->len);
 
     /* typing (the only ephemeral event on these channels) */
     eph = (b->len > 15 && ngx_strncmp(b->data, "\"type\":\"typing\"", 15) == 0);
 
-    for (tok = p; tok < nl; tok = end + 1) {
-        end = ngx_strlchr(tok, nl, ' ');
-        if (end == NULL) {
-            end = nl;
-        }
+    for (pos = 0; chat_delivery_next(&toks, &pos, &r); /* void */) {
 
-        if (end == tok) {
-            continue;
-        }
-
-        bang = ngx_strlchr(tok, end, '!');
-        colon = ngx_strlchr(tok, bang ? bang : end, ':');
-        uend = colon ? colon : (bang ? bang : end);
-
-        u = ngx_chat_user_find(tok, uend - tok);
+        u = ngx_chat_user_find((u_char *) r.user.p, r.user.len);
         if (u == NULL) {
             continue;
         }
 
-        cursor = 0;
-
-        if (colon) {
-            cursor = (uint64_t) ngx_atoof(colon + 1, (bang ? bang : end)
-                                                     - colon - 1);
-            if (cursor == (uint64_t) NGX_ERROR || cursor == 0) {
-                continue;
-            }
-
-            plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", cursor) - prefix;
+        if (r.cursor) {
+            plen = ngx_sprintf(prefix, "{\"cursor\":%uL,", r.cursor) - prefix;
 
         } else {
             prefix[0] = '{';
@@ -87,9 +66,9 @@ ngx_chat_deliver(u_char *p, size_t len)
             next = ngx_queue_next(q);
             s = ngx_queue_data(q, ngx_chat_session_t, user_link);
 
-            if (cursor) {
+            if (r.cursor) {
                 /* durable: exactly once per session, in cursor order */
-                if (cursor <= s->sent_cursor) {
+                if (r.cursor <= s->sent_cursor) {
                     continue;
                 }
 
@@ -98,7 +77,7 @@ ngx_chat_deliver(u_char *p, size_t len)
                     continue;
                 }
 
-                if (cursor != s->sent_cursor + 1 && s->sent_cursor) {
+                if (r.cursor != s->sent_cursor + 1 && s->sent_cursor) {
                     /* a gap (an event still on its way, or lost with a
                      * publish): fetch from the inbox in order instead */
                     s->missed = 0;
@@ -106,25 +85,25 @@ ngx_chat_deliver(u_char *p, size_t len)
                     continue;
                 }
 
-                s->sent_cursor = cursor;
+                s->sent_cursor = r.cursor;
             }
 
-            if (bang && (size_t) (end - bang - 1) == s->dev_len
-                && ngx_strncmp(bang + 1, s->device, s->dev_len) == 0)
+            if (r.dev.len && r.dev.len == s->dev_len
+                && ngx_strncmp(r.dev.p, s->device, s->dev_len) == 0)
             {
                 continue;   /* the device the event came from */
             }
 
-            if (eph && !cursor) {
+            if (eph && !r.cursor) {
                 (void) ngx_chat_session_send_ephemeral(s, b);
 
             } else {
                 (void) ngx_chat_session_send_shared(s, b, prefix, plen,
-                                                    cursor);
+                                                    r.cursor);
             }
 
             /* the send may have closed the last session and freed u */
-            if (ngx_chat_user_find(tok, uend - tok) != u) {
+            if (ngx_chat_user_find((u_char *) r.user.p, r.user.len) != u) {
                 break;
             }
         }

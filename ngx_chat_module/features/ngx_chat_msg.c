@@ -468,6 +468,17 @@ ngx_chat_msg_fingerprint(chat_proto_frame_t *f, u_char *conv, size_t clen,
 
     ngx_crc32_init(crc);
 
+    /* the decoded body, so that "\u0061" and "a" are the same message;
+     * without a backslash the raw form is the decoded one (no copy) */
+    dec = NULL;
+
+    if (ngx_strlchr((u_char *) f->body.p, (u_char *) f->body.p + f->body.len,
+                    '\\') == NULL)
+    {
+        ngx_crc32_update(&crc, (u_char *) f->body.p, f->body.len);
+        goto media;
+    }
+
     dec = ngx_alloc(f->body.len + 1, ngx_cycle->log);
     if (dec != NULL
         && chat_json_unescape(f->body.p, f->body.len, (char *) dec,
@@ -483,6 +494,8 @@ ngx_chat_msg_fingerprint(chat_proto_frame_t *f, u_char *conv, size_t clen,
     if (dec) {
         ngx_free(dec);
     }
+
+media:
 
     if (f->kind == CHAT_PROTO_MEDIA) {
         ngx_crc32_update(&crc, (u_char *) "\0", 1);
@@ -691,97 +704,78 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 
 /* --- receipts ------------------------------------------------------------------------ */
 
-/* The same fields as a stream entry, as one JSON object (Kafka record). */
-static void
-ngx_chat_receipt_produce(const char **argv, size_t *argl, ngx_uint_t shard,
-    u_char *conv, size_t clen)
-{
-    u_char      buf[2048], *p;
-    size_t      i, n;
-
-    p = buf;
-    *p++ = '{';
-
-    /* argv[3..18]: field, value pairs */
-    for (i = 3; i + 1 < 19; i += 2) {
-        n = chat_json_escape_len(argv[i + 1], argl[i + 1]);
-        if ((size_t) (p - buf) + argl[i] + n + 8 > sizeof(buf)) {
-            return;
-        }
-
-        if (i > 3) {
-            *p++ = ',';
-        }
-
-        *p++ = '"';
-        p = ngx_cpymem(p, argv[i], argl[i]);
-        *p++ = '"';
-        *p++ = ':';
-        *p++ = '"';
-        p += chat_json_escape((char *) p, buf + sizeof(buf) - p, argv[i + 1],
-                              argl[i + 1]);
-        *p++ = '"';
-    }
-
-    *p++ = '}';
-
-    if (ngx_chat_kafka_produce(shard, conv, clen, buf, p - buf, NULL, NULL)
-        != NGX_OK)
-    {
-        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "chat: receipt for %*s lost: kafka unavailable",
-                      clen, conv);
-    }
-}
-
-
+/*
+ * A receipt's queue entry (libchat's encoder, chat_entry.c, the format the
+ * workers decode): a stream entry's pairs with the Redis queue, the same
+ * fields as one JSON object with Kafka. Fire and forget: the pointer the
+ * receipt reports is already in Redis when this runs.
+ */
 static void
 ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
     u_char *conv, size_t clen, const char *status, u_char *seq, size_t seqlen,
     u_char *prev, size_t prevlen)
 {
-    u_char                 stream[32], ev[400];
-    const char            *argv[19];
-    size_t                 argl[19];
+    u_char                 stream[32], ev[400], rec[1024];
+    char                   num[CHAT_ENTRY_NUMBUF];
+    const char            *argv[3 + 2 * CHAT_EF_N], *name[CHAT_EF_N],
+                          *val[CHAT_EF_N];
+    size_t                 argl[3 + 2 * CHAT_EF_N], vlen[CHAT_EF_N], len;
+    ngx_int_t              n, i;
+    ngx_uint_t             shard;
+    chat_entry_t           e;
     ngx_chat_main_conf_t  *cmcf;
 
     cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
+    shard = ngx_chat_shard(cmcf, conv, clen);
+
+    ngx_memzero(&e, sizeof(chat_entry_t));
+    e.type = CHAT_ENTRY_RECEIPT;
+    e.conv.p = (char *) conv;
+    e.conv.len = clen;
+    e.from.p = (char *) by;
+    e.from.len = blen;
+    e.dev.p = (char *) dev;
+    e.dev.len = dlen;
+    e.st.p = status;
+    e.st.len = ngx_strlen(status);
+    e.seq = ngx_atoof(seq, seqlen);
+    e.prev = prevlen ? ngx_atoof(prev, prevlen) : 0;
+    e.ev.p = (char *) ev;
+    e.ev.len = ngx_sprintf(ev, "{\"type\":\"receipt\",\"conv\":\"%*s\","
+                           "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
+                           "\"ts\":%L}", clen, conv, status, blen, by,
+                           seqlen, seq, ngx_chat_now_ms()) - ev;
+
+    if (cmcf->kafka) {
+        len = chat_entry_json(&e, (char *) rec, sizeof(rec));
+
+        if (len == 0
+            || ngx_chat_kafka_produce(shard, conv, clen, rec, len, NULL, NULL)
+               != NGX_OK)
+        {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "chat: %s receipt for %*s lost: kafka unavailable",
+                          status, clen, conv);
+        }
+        return;
+    }
 
     argv[0] = "XADD";
     argl[0] = 4;
     argv[1] = (char *) stream;
-    argl[1] = ngx_sprintf(stream, "chat:{s%ui}:in",
-                          ngx_chat_shard(cmcf, conv, clen)) - stream;
+    argl[1] = ngx_sprintf(stream, "chat:{s%ui}:in", shard) - stream;
     argv[2] = "*";
     argl[2] = 1;
-    argv[3] = "t";              argl[3] = 1;
-    argv[4] = "receipt";        argl[4] = 7;
-    argv[5] = "conv";           argl[5] = 4;
-    argv[6] = (char *) conv;    argl[6] = clen;
-    argv[7] = "from";           argl[7] = 4;
-    argv[8] = (char *) by;      argl[8] = blen;
-    argv[9] = "dev";            argl[9] = 3;
-    argv[10] = (char *) dev;    argl[10] = dlen;
-    argv[11] = "st";            argl[11] = 2;
-    argv[12] = status;          argl[12] = ngx_strlen(status);
-    argv[13] = "seq";           argl[13] = 3;
-    argv[14] = (char *) seq;    argl[14] = seqlen;
-    argv[15] = "ev";            argl[15] = 2;
-    argv[16] = (char *) ev;
-    argl[16] = ngx_sprintf(ev, "{\"type\":\"receipt\",\"conv\":\"%*s\","
-                           "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
-                           "\"ts\":%L}", clen, conv, status, blen, by,
-                           seqlen, seq, ngx_chat_now_ms()) - ev;
-    argv[17] = "prev";          argl[17] = 4;
-    argv[18] = (char *) prev;   argl[18] = prevlen;
 
-    if (cmcf->kafka) {
-        ngx_chat_receipt_produce(argv, argl, ngx_chat_shard(cmcf, conv, clen),
-                                 conv, clen);
-        return;
+    n = chat_entry_pairs(&e, name, val, vlen, num);
+    for (i = 0; i < n; i++) {
+        argv[3 + 2 * i] = name[i];
+        argl[3 + 2 * i] = ngx_strlen(name[i]);
+        argv[4 + 2 * i] = val[i];
+        argl[4 + 2 * i] = vlen[i];
     }
 
-    if (ngx_chat_redis_commandv(NULL, NULL, 19, argv, argl) != NGX_OK) {
+    if (ngx_chat_redis_commandv(NULL, NULL, 3 + 2 * n, argv, argl) != NGX_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: %s receipt for %*s lost: redis unavailable",
                       status, clen, conv);

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -12,6 +13,8 @@ import pytest
 import redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# t/golden.py (the golden vectors); appended, so "conftest" stays this one
+sys.path.append(os.path.join(ROOT, "t"))
 
 
 def _c_unescape(lit):

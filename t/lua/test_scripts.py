@@ -11,6 +11,8 @@ import redis
 
 from conftest import ROOT, SCRIPTS
 
+import golden
+
 U = "chat:{u:alice}:"
 
 
@@ -149,6 +151,39 @@ def test_accept_numbers_enqueues_and_dedups(r, run):
     assert f["t"] == "msg" and f["conv"] == "d:alice:bob" and f["seq"] == "1" and f["to"] == "bob"
     assert json.loads(f["ev"])["seq"] == 1 and f["dev"] == "phone"
     assert 0 < r.ttl(S + "dd:alice:c1") <= 3600
+
+
+def _vector_accept_args(v):
+    """accept's ARGV for a message vector: the event split at its seq, as
+    the module splits it (features/ngx_chat_msg.c)"""
+    f = {k: b.decode() for k, b in v["fields"]}
+    pre, suf = f["ev"].split('"seq":%s' % f["seq"], 1)
+    tofield = "group" if "group" in f else "to"
+    return f, [f["conv"], json.loads(f["ev"])["id"], "1700000000000", 3600, pre + '"seq":', suf, f["from"],
+               f.get("dev", ""), tofield, f[tofield]]
+
+
+def test_accept_writes_the_golden_vectors_entries(r, run):
+    """The stream entry and the Kafka record accept and accept_k write are
+    t/vectors/entries.txt's (the workers' decoder, libchat, is held to the
+    same vectors); an absent dev is written empty, which reads as absent."""
+    for name in ("dm", "dm_back"):
+        f, args = _vector_accept_args(golden.entry(name))
+        r.flushall()
+        r.hset(S + "seq", f["conv"], int(f["seq"]) - 1)
+        run("accept", [S + "dd:x:" + name, S + "seq", S + "in"], args)
+        (_, got), = r.xrange(S + "in")
+        assert {k: x for k, x in got.items() if x != ""} == f, name
+        r.hset(S + "seq", f["conv"], int(f["seq"]) - 1)
+        rec = json.loads(run("accept_k", [S + "dd:k:" + name, S + "seq"], args)[2])
+        assert {k: x for k, x in rec.items() if x != ""} == f, name
+    f, args = _vector_accept_args(golden.entry("group_msg"))
+    r.flushall()
+    r.hset(S + "g:team1:mem", "alice", "1")
+    r.hset(S + "seq", f["conv"], int(f["seq"]) - 1)
+    run("accept", [S + "dd:x:g", S + "seq", S + "in", S + "g:team1:mem", S + "g:team1:snd"], args)
+    (_, got), = r.xrange(S + "in")
+    assert got == f
 
 
 def test_accept_checks_group_membership_without_consuming_a_seq(r, run):
