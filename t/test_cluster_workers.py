@@ -336,8 +336,10 @@ def mdb(workers):
     c.close()
 
 
-def pairs(n):
-    """n conversations whose streams are on n different shards (so on every master)"""
+def pairs(n, cl):
+    """n conversations whose streams are on n different shards (so on every
+    master); each sender has a second device the server has seen, so that
+    its own sends are copied to its inbox too (lua/inbox.lua, PROTOCOL 16.3)"""
     out, seen = [], set()
     while len(out) < n:
         a, b = uid("ca"), uid("cb")
@@ -345,6 +347,7 @@ def pairs(n):
         if s not in seen:
             seen.add(s)
             out.append((a, b))
+            cl.call(ukey(a, "acked"), "HSET", ukey(a, "acked"), "laptop", 0)
     return out
 
 
@@ -397,7 +400,7 @@ def test_config_and_check_on_the_cluster(stack, cluster, workers, tmp_path):
 
 
 def test_fanout_appends_on_the_owning_master_and_publishes_sharded(cluster, workers):
-    convs = pairs(6)
+    convs = pairs(6, cluster)
     masters = cluster.masters()
     # the recipient is online on a channel: the fan-out SPUBLISHes to its master
     chan = "chat:w:" + uid("ch")
@@ -437,7 +440,7 @@ def test_fanout_appends_on_the_owning_master_and_publishes_sharded(cluster, work
 
 
 def test_persist_writes_each_message_once(cluster, workers, mdb):
-    convs = pairs(5)
+    convs = pairs(5, cluster)
     prod = Producer(cluster, workers)
     for seq in range(1, 5):
         for a, b in convs:
@@ -511,7 +514,7 @@ def test_push_due_on_the_owning_master(cluster, workers):
 
 
 def test_slot_moved_while_working(cluster, workers, mdb):
-    convs = pairs(4)
+    convs = pairs(4, cluster)
     prod = Producer(cluster, workers)
     n = 40
     a0, b0 = convs[0]
@@ -546,7 +549,7 @@ def test_slot_moved_while_working(cluster, workers, mdb):
 
 
 def test_master_killed_failover_nothing_enqueued_is_lost(cluster, workers, mdb):
-    convs = pairs(6)
+    convs = pairs(6, cluster)
     prod = Producer(cluster, workers)
     n = 60
     # the victim: the master of the first recipient's inbox
