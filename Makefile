@@ -2,7 +2,7 @@
 #   make               module (build/ngx_chat_module.so) and worker (build/chat-worker)
 #   make test          scripts/setup if needed, C unit tests, short fuzz runs, pytest
 #   make test-asan     the same with AddressSanitizer + UBSan builds
-#   make test-cluster  t/test_cluster.py: the module on a Redis Cluster stack
+#   make test-cluster  only the Redis Cluster tests (module and workers; also in make test)
 #   make install       module into nginx's modules dir, worker into $(BINDIR)
 #   NGINX_SRC=<tree>   build the module against an upstream nginx source tree
 #                      instead of Debian's nginx-dev (/usr/share/nginx/src)
@@ -139,13 +139,14 @@ lua-test:
 	.venv/bin/pytest -q t/lua
 
 pytest:
-	.venv/bin/pytest -q t --ignore=t/lua --ignore=t/test_cluster.py $(PYTEST_ARGS)
+	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_ARGS)
 
-# the module on a 6-node Redis Cluster (t/test_cluster.py, its own stack,
-# both queues, about a minute each); needs workers that speak to a cluster
+# only the Redis Cluster tests (part of `make test` too): the module on a
+# 6-node cluster stack (t/test_cluster.py) and the worker roles on a
+# cluster of their own (t/test_cluster_workers.py), both queues
 test-cluster: setup
 	$(MAKE) all
-	.venv/bin/pytest -q t/test_cluster.py $(PYTEST_ARGS)
+	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_workers.py $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test
@@ -156,7 +157,7 @@ test-asan: setup
 	$(MAKE) SAN=1 BUILD=build/asan all unit
 	$(MAKE) loadgen
 	NGX_CHAT_SAN=1 NGX_CHAT_MODULE=$(CURDIR)/build/asan/ngx_chat_module.so \
-	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t --ignore=t/test_cluster.py $(PYTEST_ARGS)
+	  NGX_CHAT_WORKER=$(CURDIR)/build/asan/chat-worker .venv/bin/pytest -q t $(PYTEST_ARGS)
 
 install: all
 	install -d $(DESTDIR)$(MODULES_DIR) $(DESTDIR)$(BINDIR)
