@@ -37,6 +37,9 @@ typedef struct {
     ngx_array_t  *redis_urls;      /* chat_redis: ngx_str_t, one or the
                                       cluster's seeds */
     ngx_flag_t    redis_cluster;   /* chat_redis_cluster */
+    ngx_uint_t    redis_replicas;  /* chat_redis_replicas: WAIT before an
+                                      accept is acknowledged */
+    ngx_msec_t    redis_wait_timeout;  /* chat_redis_wait_timeout */
     ngx_str_t     jwt_secret;      /* chat_jwt_secret or chat_jwt_secret_file */
     time_t        jwt_leeway;      /* chat_jwt_leeway */
     time_t        registry_ttl;    /* chat_registry_ttl */
@@ -225,6 +228,12 @@ struct ngx_chat_session_s {
       "Redis Cluster redirects followed, by kind.")                          \
     X(redis_maps, "ngx_chat_redis_cluster_maps_total", "", "counter",         \
       "Redis Cluster slot maps that changed the routing.")                    \
+    X(redis_waits, "ngx_chat_redis_waits_total", "", "counter",               \
+      "WAITs sent for chat_redis_replicas (each covers a batch of accepts).") \
+    X(redis_waited, "ngx_chat_redis_durable_accepts_total", "", "counter",    \
+      "Accepts acknowledged only after a WAIT (chat_redis_replicas).")        \
+    X(redis_wait_short, "ngx_chat_redis_wait_short_total", "", "counter",     \
+      "WAITs that confirmed fewer replicas than chat_redis_replicas.")      \
     X(limited_send, "ngx_chat_limited_total", "{action=\"send\"}", "counter", \
       "Client actions refused by their budget (chat_limit).")                 \
     X(limited_typing, "ngx_chat_limited_total", "{action=\"typing\"}",        \
@@ -317,6 +326,9 @@ ngx_int_t ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data,
     const char *fmt, ...);
 ngx_int_t ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data,
     int argc, const char **argv, const size_t *argvlen);
+ngx_int_t ngx_chat_redis_script_durable(ngx_uint_t script,
+    ngx_chat_redis_cb cb, void *data, int nkeys, int argc, const char **argv,
+    const size_t *argvlen);
 ngx_int_t ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb,
     void *data, int nkeys, int argc, const char **argv, const size_t *argvlen);
 ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);

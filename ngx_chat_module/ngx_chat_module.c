@@ -258,6 +258,22 @@ static ngx_command_t  ngx_chat_commands[] = {
       offsetof(ngx_chat_main_conf_t, redis_cluster),
       NULL },
 
+    /* durability across failover: an accept is acknowledged once WAIT has
+     * seen it on this many replicas of its master (0: no WAIT) */
+    { ngx_string("chat_redis_replicas"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, redis_replicas),
+      NULL },
+
+    { ngx_string("chat_redis_wait_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_chat_main_conf_t, redis_wait_timeout),
+      NULL },
+
     { ngx_string("chat_jwt_secret"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_str_slot,
@@ -415,6 +431,8 @@ ngx_chat_create_main_conf(ngx_conf_t *cf)
     cmcf->kafka = NGX_CONF_UNSET;
     cmcf->redis_urls = NGX_CONF_UNSET_PTR;
     cmcf->redis_cluster = NGX_CONF_UNSET;
+    cmcf->redis_replicas = NGX_CONF_UNSET_UINT;
+    cmcf->redis_wait_timeout = NGX_CONF_UNSET_MSEC;
 
     return cmcf;
 }
@@ -448,6 +466,18 @@ ngx_chat_init_main_conf(ngx_conf_t *cf, void *conf)
     }
 
     ngx_conf_init_value(cmcf->redis_cluster, 0);
+    ngx_conf_init_uint_value(cmcf->redis_replicas, 0);
+    ngx_conf_init_msec_value(cmcf->redis_wait_timeout, 1000);
+
+    if (cmcf->redis_replicas > 16 || cmcf->redis_wait_timeout == 0
+        || cmcf->redis_wait_timeout > 60000)
+    {
+        /* WAIT 0 ms would block forever; a link's replies stop meanwhile */
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "chat_redis_replicas must be at most 16 and "
+                           "chat_redis_wait_timeout between 1ms and 60s");
+        return NGX_CONF_ERROR;
+    }
 
     if (ngx_chat_redis_check_urls(cmcf->redis_urls, cmcf->redis_cluster,
                                   cf->log) != NGX_OK)

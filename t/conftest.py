@@ -6,6 +6,8 @@ Environment:
   CHAT_TEST_PORT_BASE   its port base (default 17300, so a dev stack on 17100 can run too)
   CHAT_TEST_KEEP=1      leave the stack running after the session (for debugging)
   CHAT_TEST_QUEUES      queues to run the suite against (default "redis,kafka")
+  CHAT_TEST_DURABLE_CLUSTER_PORT  the same for the --replicas 1 cluster stack of
+                        t/test_cluster_durability.py (default port base + 70; its stack at + 60)
   CHAT_TEST_CLUSTER_PORT  first port of the Redis Cluster stack's 6 nodes (default port base + 30;
                         the cluster stack itself, t/test_cluster.py, uses port base + 20 and the
                         stack dir + "-cluster")
@@ -89,6 +91,19 @@ def cluster_stack(request):
     port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 20
     cport = os.environ.get("CHAT_TEST_CLUSTER_PORT", str(port_base + 10))
     yield from _run_stack(request.param, stack_dir, str(port_base), ["--cluster", "--cluster-port", cport])
+
+
+@pytest.fixture(scope="session", params=QUEUES)
+def durable_cluster_stack(request):
+    """The cluster stack with --replicas 1 (chat_redis_replicas 1 in nginx,
+    redis_replicas = 1 in the workers): t/test_cluster_durability.py. Its
+    own dir (stack dir + "-durable") and ports (port base + 60, cluster
+    nodes + 70..75, CHAT_TEST_DURABLE_CLUSTER_PORT)."""
+    stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test")) + "-durable"
+    port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 60
+    cport = os.environ.get("CHAT_TEST_DURABLE_CLUSTER_PORT", str(port_base + 10))
+    yield from _run_stack(request.param, stack_dir, str(port_base),
+                          ["--cluster", "--cluster-port", cport, "--replicas", "1"])
 
 
 def _run_stack(queue, stack_dir, port_base, extra):

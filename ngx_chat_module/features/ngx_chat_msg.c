@@ -444,8 +444,11 @@ ngx_chat_msg_claimed(void *rp, void *data)
         return;
     }
 
-    if (ngx_chat_redis_script(a->script, a->cb, ctx, a->nkeys, a->argc,
-                              a->argv, a->argl)
+    /* durable: with chat_redis_replicas the reply (and so the ack, or the
+     * Kafka produce) waits for WAIT on the master that ran it; none comes
+     * when too few replicas confirmed it, and the client retries */
+    if (ngx_chat_redis_script_durable(a->script, a->cb, ctx, a->nkeys,
+                                      a->argc, a->argv, a->argl)
         != NGX_OK)
     {
         ngx_free(a);

@@ -40,6 +40,7 @@
 #define NGX_CHAT_REDIS_REDIRECTS     16      /* MOVED/ASK/TRYAGAIN per request */
 #define NGX_CHAT_REDIS_REFRESH       10000   /* ms: slot map refresh, healthy */
 #define NGX_CHAT_REDIS_REFRESH_FAST  250     /* ms: ... while not */
+#define NGX_CHAT_REDIS_MAX_HELD      65536   /* accepts awaiting WAIT, a link */
 
 
 typedef struct ngx_chat_redis_node_s  ngx_chat_redis_node_t;
@@ -53,9 +54,14 @@ typedef struct {
     ngx_uint_t              pending;
     ngx_uint_t              loading;      /* script loads awaiting replies */
     ngx_chat_redis_node_t  *node;
+    ngx_queue_t             held;         /* durable replies: next WAIT */
+    ngx_queue_t             waited;       /* ... the WAIT in flight's */
+    ngx_uint_t              nheld;
+    ngx_event_t             wait_ev;      /* posted: WAIT after this turn */
     unsigned                ready:1;
     unsigned                sub:1;
     unsigned                connected:1;
+    unsigned                waiting:1;    /* a WAIT in flight */
 } ngx_chat_redis_link_t;
 
 
@@ -84,7 +90,17 @@ struct ngx_chat_redis_node_s {
 typedef struct {
     ngx_chat_redis_cb   cb;
     void               *data;
+    ngx_uint_t          durable;
 } ngx_chat_redis_req_t;
+
+
+/* a durable command's reply (a copy: hiredis frees its own), held for WAIT */
+typedef struct {
+    ngx_queue_t         queue;
+    ngx_chat_redis_cb   cb;
+    void               *data;
+    redisReply         *reply;
+} ngx_chat_redis_held_t;
 
 
 /* node[0] is the single node (or the first seed of a cluster) */
@@ -98,6 +114,8 @@ static ngx_connection_t       ngx_chat_watchdog_conn;
 static ngx_uint_t             ngx_chat_counted;   /* in the redis_up gauge */
 
 static int      ngx_chat_redis_db;
+static int      ngx_chat_redis_replicas;     /* chat_redis_replicas */
+static int      ngx_chat_redis_wait_ms;      /* chat_redis_wait_timeout */
 static u_char   ngx_chat_redis_pass[256];
 
 /* cluster state */
@@ -138,6 +156,10 @@ static void ngx_chat_redis_ssub_connect(ngx_chat_redis_node_t *n);
 static void ngx_chat_redis_ssub_close(ngx_chat_redis_node_t *n);
 static void ngx_chat_redis_resubscribe_all(void);
 static void ngx_chat_redis_dispatch(redisReply *ch, redisReply *payload);
+static void ngx_chat_redis_wait_handler(ngx_event_t *ev);
+static void ngx_chat_redis_hold(ngx_chat_redis_link_t *link,
+    ngx_chat_redis_cb cb, void *data, redisReply *reply);
+static void ngx_chat_redis_fail_held(ngx_chat_redis_link_t *link);
 static ngx_int_t ngx_chat_redis_ssubscribe(u_char *ch, size_t len,
     ngx_uint_t on);
 
@@ -568,6 +590,9 @@ ngx_chat_redis_on_disconnect(const redisAsyncContext *ac, int status)
     link->connected = 0;
     ngx_chat_redis_set_ready(link, 0);
 
+    /* what the master ran but no WAIT confirmed: not acknowledged */
+    ngx_chat_redis_fail_held(link);
+
     if (status != REDIS_OK) {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "chat: redis %s link to %s:%d lost: %s",
@@ -722,6 +747,12 @@ ngx_chat_redis_link_init(ngx_chat_redis_link_t *link, ngx_chat_redis_node_t *n,
     link->reconnect.data = link;
     link->reconnect.log = ngx_cycle->log;
     link->reconnect.cancelable = 1;
+    ngx_queue_init(&link->held);
+    ngx_queue_init(&link->waited);
+    link->wait_ev.handler = ngx_chat_redis_wait_handler;
+    link->wait_ev.data = link;
+    link->wait_ev.log = ngx_cycle->log;
+    link->wait_ev.cancelable = 1;
 }
 
 
@@ -1311,6 +1342,7 @@ typedef struct {
     int                 slot;         /* -1: any node */
     ngx_uint_t          tries;
     ngx_uint_t          asking;       /* ASKING first, once */
+    ngx_uint_t          durable;      /* answered after WAIT */
     ngx_event_t         retry;
 } ngx_chat_redis_creq_t;
 
@@ -1408,6 +1440,17 @@ ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
         link->last_reply = ngx_current_msec;
     }
 
+    /* also while exiting: an unconfirmed accept is never acknowledged */
+    if (q->durable && ngx_chat_redis_replicas && reply && link
+        && reply->type != REDIS_REPLY_ERROR)
+    {
+        /* ran on this master: answered after a WAIT on this link */
+        ngx_chat_redis_hold(link, q->cb, q->data, reply);
+        q->cb = NULL;
+        ngx_chat_redis_creq_done(q, NULL);
+        return;
+    }
+
     if (reply == NULL || reply->type != REDIS_REPLY_ERROR || link == NULL
         || ngx_exiting)
     {
@@ -1486,7 +1529,8 @@ ngx_chat_redis_creply(redisAsyncContext *ac, void *r, void *data)
 
 
 static ngx_int_t
-ngx_chat_redis_cissue(ngx_chat_redis_cb cb, void *data, char *cmd, int len)
+ngx_chat_redis_cissue(ngx_chat_redis_cb cb, void *data, char *cmd, int len,
+    ngx_uint_t durable)
 {
     int                     slot;
     ngx_chat_redis_creq_t  *q;
@@ -1513,6 +1557,7 @@ ngx_chat_redis_cissue(ngx_chat_redis_cb cb, void *data, char *cmd, int len)
     q->cmd = cmd;
     q->len = (size_t) len;
     q->slot = slot;
+    q->durable = durable;
 
     if (ngx_chat_redis_csend(q, NULL) != NGX_OK) {
         redisFreeCommand(cmd);
@@ -1577,7 +1622,12 @@ ngx_chat_redis_reply(redisAsyncContext *ac, void *r, void *data)
         ngx_chat_redis_load_scripts(&ngx_chat_cmd);
     }
 
-    if (req->cb) {
+    if (req->durable && ngx_chat_redis_replicas && reply
+        && reply->type != REDIS_REPLY_ERROR)
+    {
+        ngx_chat_redis_hold(&ngx_chat_cmd, req->cb, req->data, reply);
+
+    } else if (req->cb) {
         req->cb(reply, req->data);
     }
 
@@ -1601,6 +1651,7 @@ ngx_chat_redis_req(ngx_chat_redis_cb cb, void *data)
 
     req->cb = cb;
     req->data = data;
+    req->durable = 0;
 
     return req;
 }
@@ -1619,7 +1670,8 @@ ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data, const char *fmt, ...)
         rc = redisvFormatCommand(&cmd, fmt, ap);
         va_end(ap);
 
-        return rc <= 0 ? NGX_ERROR : ngx_chat_redis_cissue(cb, data, cmd, rc);
+        return rc <= 0 ? NGX_ERROR
+                       : ngx_chat_redis_cissue(cb, data, cmd, rc, 0);
     }
 
     req = ngx_chat_redis_req(cb, data);
@@ -1643,9 +1695,9 @@ ngx_chat_redis_command(ngx_chat_redis_cb cb, void *data, const char *fmt, ...)
 }
 
 
-ngx_int_t
-ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data, int argc,
-    const char **argv, const size_t *argvlen)
+static ngx_int_t
+ngx_chat_redis_commandv_x(ngx_chat_redis_cb cb, void *data, int argc,
+    const char **argv, const size_t *argvlen, ngx_uint_t durable)
 {
     int                    n;
     char                  *cmd;
@@ -1654,13 +1706,16 @@ ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data, int argc,
     if (ngx_chat_sharded) {
         n = redisFormatCommandArgv(&cmd, argc, argv, argvlen);
 
-        return n <= 0 ? NGX_ERROR : ngx_chat_redis_cissue(cb, data, cmd, n);
+        return n <= 0 ? NGX_ERROR
+                      : ngx_chat_redis_cissue(cb, data, cmd, n, durable);
     }
 
     req = ngx_chat_redis_req(cb, data);
     if (req == NULL) {
         return NGX_ERROR;
     }
+
+    req->durable = durable;
 
     if (redisAsyncCommandArgv(ngx_chat_cmd.ac, ngx_chat_redis_reply, req, argc,
                               argv, argvlen) != REDIS_OK)
@@ -1675,10 +1730,19 @@ ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data, int argc,
 }
 
 
-/* EVALSHA <sha> <nkeys> argv... */
 ngx_int_t
-ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
-    int nkeys, int argc, const char **argv, const size_t *argvlen)
+ngx_chat_redis_commandv(ngx_chat_redis_cb cb, void *data, int argc,
+    const char **argv, const size_t *argvlen)
+{
+    return ngx_chat_redis_commandv_x(cb, data, argc, argv, argvlen, 0);
+}
+
+
+/* EVALSHA <sha> <nkeys> argv... */
+static ngx_int_t
+ngx_chat_redis_script_x(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
+    int nkeys, int argc, const char **argv, const size_t *argvlen,
+    ngx_uint_t durable)
 {
     u_char       nk[NGX_INT_T_LEN];
     const char  *av[20];
@@ -1701,7 +1765,327 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
         al[3 + i] = argvlen[i];
     }
 
-    return ngx_chat_redis_commandv(cb, data, argc + 3, av, al);
+    return ngx_chat_redis_commandv_x(cb, data, argc + 3, av, al, durable);
+}
+
+
+ngx_int_t
+ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
+    int nkeys, int argc, const char **argv, const size_t *argvlen)
+{
+    return ngx_chat_redis_script_x(script, cb, data, nkeys, argc, argv,
+                                   argvlen, 0);
+}
+
+
+/*
+ * An accept: with chat_redis_replicas N the callback gets the reply only
+ * once a WAIT N on the master that ran it confirms N replicas have it (the
+ * write then survives that master's failover), else no reply (the caller
+ * answers `unavailable`; the client's retry with its client_id is
+ * deduplicated). Without it, as ngx_chat_redis_script.
+ */
+ngx_int_t
+ngx_chat_redis_script_durable(ngx_uint_t script, ngx_chat_redis_cb cb,
+    void *data, int nkeys, int argc, const char **argv,
+    const size_t *argvlen)
+{
+    return ngx_chat_redis_script_x(script, cb, data, nkeys, argc, argv,
+                                   argvlen, 1);
+}
+
+
+/*
+ * --- WAIT batching ---------------------------------------------------------
+ *
+ * A durable reply is held on the link it came from. One WAIT per link is in
+ * flight at a time: it is sent at the end of the event-loop turn in which
+ * the first reply was held (so a read's worth of replies share it), and it
+ * covers exactly the replies held before it was sent; the ones held while
+ * it is in flight wait for the next. WAIT runs after everything before it
+ * on the connection, so its count is for all of them: one round trip per
+ * batch, not per message. While a WAIT blocks, the commands behind it on
+ * that link wait too (Redis serves a connection in order).
+ */
+static void ngx_chat_redis_copy_free(redisReply *c);
+
+
+static redisReply *
+ngx_chat_redis_copy(redisReply *r)
+{
+    size_t       i;
+    redisReply  *c;
+
+    c = ngx_alloc(sizeof(redisReply), ngx_cycle->log);
+    if (c == NULL) {
+        return NULL;
+    }
+
+    ngx_memcpy(c, r, sizeof(redisReply));
+    c->str = NULL;
+    c->element = NULL;
+    c->elements = 0;
+
+    if (r->str) {
+        c->str = ngx_alloc(r->len + 1, ngx_cycle->log);
+        if (c->str == NULL) {
+            ngx_free(c);
+            return NULL;
+        }
+
+        ngx_memcpy(c->str, r->str, r->len);
+        c->str[r->len] = '\0';
+    }
+
+    if (r->type == REDIS_REPLY_ARRAY && r->elements) {
+        c->element = ngx_alloc(r->elements * sizeof(redisReply *),
+                               ngx_cycle->log);
+        if (c->element == NULL) {
+            goto failed;
+        }
+
+        for (i = 0; i < r->elements; i++) {
+            c->element[i] = ngx_chat_redis_copy(r->element[i]);
+            if (c->element[i] == NULL) {
+                goto failed;
+            }
+            c->elements = i + 1;
+        }
+    }
+
+    return c;
+
+failed:
+
+    ngx_chat_redis_copy_free(c);       /* what was copied so far */
+    return NULL;
+}
+
+
+static void
+ngx_chat_redis_copy_free(redisReply *c)
+{
+    size_t  i;
+
+    for (i = 0; i < c->elements; i++) {
+        ngx_chat_redis_copy_free(c->element[i]);
+    }
+
+    if (c->element) {
+        ngx_free(c->element);
+    }
+
+    if (c->str) {
+        ngx_free(c->str);
+    }
+
+    ngx_free(c);
+}
+
+
+/* answer the replies of q: with them (confirmed) or with none */
+static void
+ngx_chat_redis_answer(ngx_queue_t *q, ngx_uint_t ok)
+{
+    ngx_queue_t            *e;
+    ngx_chat_redis_held_t  *h;
+
+    while (!ngx_queue_empty(q)) {
+        e = ngx_queue_head(q);
+        ngx_queue_remove(e);
+        h = ngx_queue_data(e, ngx_chat_redis_held_t, queue);
+
+        if (h->cb) {
+            h->cb(ok ? h->reply : NULL, h->data);
+        }
+
+        ngx_chat_redis_copy_free(h->reply);
+        ngx_free(h);
+    }
+}
+
+
+static void
+ngx_chat_redis_fail_held(ngx_chat_redis_link_t *link)
+{
+    ngx_queue_t  q;
+
+    if (link->wait_ev.posted) {
+        ngx_delete_posted_event(&link->wait_ev);
+    }
+
+    if (link->held.next == NULL) {      /* never initialised */
+        return;
+    }
+
+    /* the callbacks may send again: take the lists off the link first */
+    ngx_queue_init(&q);
+
+    if (!ngx_queue_empty(&link->waited)) {
+        ngx_queue_add(&q, &link->waited);
+        ngx_queue_init(&link->waited);
+    }
+
+    if (!ngx_queue_empty(&link->held)) {
+        ngx_queue_add(&q, &link->held);
+        ngx_queue_init(&link->held);
+    }
+
+    if (!ngx_queue_empty(&q)) {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "chat: redis %s link gone, unconfirmed accepts fail",
+                       link->node->host);
+    }
+
+    link->nheld = 0;
+    link->waiting = 0;
+    ngx_chat_redis_answer(&q, 0);
+}
+
+
+static void ngx_chat_redis_wait_send(ngx_chat_redis_link_t *link);
+
+
+static void
+ngx_chat_redis_wait_reply(redisAsyncContext *ac, void *r, void *data)
+{
+    ngx_chat_redis_link_t  *link = data;
+    redisReply             *reply = r;
+    ngx_queue_t             q;
+    ngx_uint_t              ok;
+
+    (void) ac;
+
+    link->waiting = 0;
+
+    if (link->pending) {
+        link->pending--;
+        link->last_reply = ngx_current_msec;
+    }
+
+    ok = reply && reply->type == REDIS_REPLY_INTEGER
+         && reply->integer >= ngx_chat_redis_replicas;
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis %s:%d WAIT answered %i",
+                   link->node->host, link->node->port,
+                   reply && reply->type == REDIS_REPLY_INTEGER
+                   ? (ngx_int_t) reply->integer : (ngx_int_t) -1);
+
+    if (!ok && reply) {
+        ngx_chat_stat_inc(redis_wait_short);
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis %s:%d: WAIT confirmed %i of %d replicas "
+                      "in %d ms, its accepts answered unavailable",
+                      link->node->host, link->node->port,
+                      reply->type == REDIS_REPLY_INTEGER
+                      ? (ngx_int_t) reply->integer : (ngx_int_t) -1,
+                      ngx_chat_redis_replicas, ngx_chat_redis_wait_ms);
+    }
+
+    ngx_queue_init(&q);
+
+    if (!ngx_queue_empty(&link->waited)) {
+        ngx_queue_add(&q, &link->waited);
+        ngx_queue_init(&link->waited);
+    }
+
+    ngx_chat_redis_answer(&q, ok);
+
+    if (reply == NULL) {
+        /* the context is going: on_disconnect fails what is held */
+        return;
+    }
+
+    /* the replies held meanwhile: the next WAIT, now */
+    ngx_chat_redis_wait_send(link);
+}
+
+
+static void
+ngx_chat_redis_wait_send(ngx_chat_redis_link_t *link)
+{
+    ngx_queue_t  q;
+
+    if (link->waiting || ngx_queue_empty(&link->held)) {
+        return;
+    }
+
+    if (link->ac == NULL || !link->connected) {
+        ngx_chat_redis_fail_held(link);
+        return;
+    }
+
+    ngx_queue_add(&link->waited, &link->held);
+    ngx_queue_init(&link->held);
+    link->nheld = 0;
+
+    if (redisAsyncCommand(link->ac, ngx_chat_redis_wait_reply, link,
+                          "WAIT %d %d", ngx_chat_redis_replicas,
+                          ngx_chat_redis_wait_ms)
+        != REDIS_OK)
+    {
+        ngx_queue_init(&q);
+        ngx_queue_add(&q, &link->waited);
+        ngx_queue_init(&link->waited);
+        ngx_chat_redis_answer(&q, 0);
+        return;
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: redis %s:%d WAIT sent",
+                   link->node->host, link->node->port);
+
+    link->waiting = 1;
+    link->pending++;
+    ngx_chat_stat_inc(redis_waits);
+}
+
+
+static void
+ngx_chat_redis_wait_handler(ngx_event_t *ev)
+{
+    ngx_chat_redis_wait_send(ev->data);
+}
+
+
+static void
+ngx_chat_redis_hold(ngx_chat_redis_link_t *link, ngx_chat_redis_cb cb,
+    void *data, redisReply *reply)
+{
+    ngx_chat_redis_held_t  *h;
+
+    h = NULL;
+
+    if (link->nheld < NGX_CHAT_REDIS_MAX_HELD) {
+        h = ngx_alloc(sizeof(ngx_chat_redis_held_t), ngx_cycle->log);
+    }
+
+    if (h) {
+        h->reply = ngx_chat_redis_copy(reply);
+        if (h->reply == NULL) {
+            ngx_free(h);
+            h = NULL;
+        }
+    }
+
+    if (h == NULL) {
+        /* not confirmable: not acknowledged */
+        if (cb) {
+            cb(NULL, data);
+        }
+        return;
+    }
+
+    h->cb = cb;
+    h->data = data;
+    ngx_queue_insert_tail(&link->held, &h->queue);
+    link->nheld++;
+    ngx_chat_stat_inc(redis_waited);
+
+    if (!link->waiting && !link->wait_ev.posted) {
+        ngx_post_event(&link->wait_ev, &ngx_posted_events);
+    }
 }
 
 
@@ -1732,7 +2116,8 @@ ngx_chat_redis_watchdog_handler(ngx_event_t *ev)
         l = &ngx_chat_nodes[i].cmd;
 
         if (l->ac && l->pending
-            && ngx_current_msec - l->last_reply > NGX_CHAT_REDIS_STALL)
+            && ngx_current_msec - l->last_reply
+               > NGX_CHAT_REDIS_STALL + (ngx_msec_t) ngx_chat_redis_wait_ms)
         {
             ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                           "chat: redis %s:%d stopped answering (%ui pending), "
@@ -1826,6 +2211,8 @@ ngx_chat_redis_init_process(ngx_cycle_t *cycle)
     ngx_chat_worker_channel.len = p - ngx_chat_channel_buf;
 
     ngx_chat_sharded = cmcf->redis_cluster == 1;
+    ngx_chat_redis_replicas = (int) cmcf->redis_replicas;
+    ngx_chat_redis_wait_ms = (int) cmcf->redis_wait_timeout;
     chat_cluster_map_init(&ngx_chat_map);
     url = cmcf->redis_urls->elts;
 
@@ -1947,6 +2334,7 @@ ngx_chat_redis_exit_process(ngx_cycle_t *cycle)
         }
 
         ngx_chat_redis_ssub_close(n);
+        ngx_chat_redis_fail_held(&n->cmd);
     }
 
     if (ngx_chat_counted) {
