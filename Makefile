@@ -143,11 +143,13 @@ pytest:
 
 # only the Redis Cluster tests (part of `make test` too): the module on a
 # 6-node cluster stack (t/test_cluster.py) and the worker roles on a
-# cluster of their own (t/test_cluster_workers.py), and the failover
-# durability of chat_redis_replicas (t/test_cluster_durability.py), both queues
+# cluster of their own (t/test_cluster_workers.py), two nginx nodes and two
+# fan-out workers on the cluster stack (t/test_cluster_nodes.py), and the
+# failover durability of chat_redis_replicas (t/test_cluster_durability.py),
+# both queues
 test-cluster: setup
 	$(MAKE) all
-	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_workers.py t/test_cluster_durability.py $(PYTEST_ARGS)
+	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py t/test_cluster_durability.py $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test

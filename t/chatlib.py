@@ -117,7 +117,14 @@ class Stack:
         return open(p, errors="replace").read() if os.path.exists(p) else ""
 
     def nginx_crashes(self):
-        return [l for l in self.nginx_error_log().splitlines()
+        """Crashed worker processes of every nginx node of the stack
+        (scripts/stack up --nodes N: node i's prefix is CHAT_NGINX_PREFIX_<i>)."""
+        text = self.nginx_error_log()
+        for k, v in self.env.items():
+            if k.startswith("CHAT_NGINX_PREFIX_"):
+                p = os.path.join(v, "logs", "error.log")
+                text += open(p, errors="replace").read() if os.path.exists(p) else ""
+        return [l for l in text.splitlines()
                 if "exited on signal" in l or "[alert]" in l and "worker process" in l and "exited" in l]
 
     def run_worker(self, *args, env=None, timeout=60):

@@ -86,7 +86,9 @@ def stack(request):
 @pytest.fixture(scope="session", params=QUEUES)
 def cluster_stack(request):
     """The stack on a 6-node Redis Cluster (scripts/stack up --cluster), once
-    per queue, next to the single-node one (its own dir and ports)."""
+    per queue, next to the single-node one (its own dir and ports): two
+    nginx nodes (the stack's env: CHAT_WS_URL is node 1, CHAT_WS_URL_2 node
+    2) and two fan-out workers (t/test_cluster_nodes.py)."""
     stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test")) + "-cluster"
     port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 20
     cport = os.environ.get("CHAT_TEST_CLUSTER_PORT", str(port_base + 10))
@@ -124,7 +126,7 @@ def _run_stack(queue, stack_dir, port_base, extra):
         shutil.rmtree(os.path.join(stack_dir, d), ignore_errors=True)
     # Logs of an earlier run must not be read as this run's.
     for f in (glob.glob(os.path.join(stack_dir, "logs", "*"))
-              + glob.glob(os.path.join(stack_dir, "nginx", "logs", "*"))):
+              + glob.glob(os.path.join(stack_dir, "nginx*", "logs", "*"))):
         if os.path.isfile(f):
             os.unlink(f)
     # --test: the test-only locations (conf/test-locations.conf), which a
