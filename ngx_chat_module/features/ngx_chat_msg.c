@@ -987,11 +987,11 @@ ngx_chat_msg_acks_done(void *rp, void *data)
 static void
 ngx_chat_msg_acks_send(ngx_chat_ack_group_t *g)
 {
-    u_char        keys[NGX_CHAT_ACK_GROUP][4][96];
-    u_char        n[NGX_CHAT_ACK_GROUP][NGX_INT64_LEN];
-    const char   *argv[7 * NGX_CHAT_ACK_GROUP];
-    size_t        argl[7 * NGX_CHAT_ACK_GROUP];
-    ngx_uint_t    i, k, nk;
+    u_char               keys[NGX_CHAT_ACK_GROUP][4][96];
+    u_char               n[NGX_CHAT_ACK_GROUP][NGX_INT64_LEN];
+    size_t               argl[7 * NGX_CHAT_ACK_GROUP];
+    ngx_uint_t           i, k, nk;
+    const char          *argv[7 * NGX_CHAT_ACK_GROUP];
     ngx_chat_msg_ctx_t  *ctx;
 
     static const char  *suffix[] = { "acked", "inbox", "dlv", "cur" };
