@@ -943,141 +943,36 @@ ngx_chat_msg_acked(void *rp, void *data)
 }
 
 
-/*
- * Acks applied in groups: lua/ack.lua takes the acks of several users in
- * one call, so the acks a chat_ack_delay tick releases cost one script
- * call per NGX_CHAT_ACK_GROUP sessions, not one each (the script's fixed
- * cost and a round trip per ack were most of an ack's Redis time). On a
- * Redis Cluster the keys of a call must share a slot, and users rarely
- * do: each ack goes alone there.
- */
-#define NGX_CHAT_ACK_GROUP  16
-
-typedef struct {
-    ngx_uint_t           n;
-    ngx_chat_msg_ctx_t  *ctx[NGX_CHAT_ACK_GROUP];
-    int64_t              cursor[NGX_CHAT_ACK_GROUP];
-} ngx_chat_ack_group_t;
-
-
-/* One result per user, in the order of the call. */
-static void
-ngx_chat_msg_acks_done(void *rp, void *data)
-{
-    ngx_uint_t             i;
-    redisReply            *reply = rp, *el;
-    ngx_chat_ack_group_t  *g = data;
-
-    for (i = 0; i < g->n; i++) {
-        el = NULL;
-
-        if (reply != NULL && reply->type == REDIS_REPLY_ARRAY
-            && i < reply->elements)
-        {
-            el = reply->element[i];
-        }
-
-        ngx_chat_msg_acked(el, g->ctx[i]);
-    }
-
-    ngx_free(g);
-}
-
-
-static void
-ngx_chat_msg_acks_send(ngx_chat_ack_group_t *g)
-{
-    u_char               keys[NGX_CHAT_ACK_GROUP][4][96];
-    u_char               n[NGX_CHAT_ACK_GROUP][NGX_INT64_LEN];
-    size_t               argl[7 * NGX_CHAT_ACK_GROUP];
-    ngx_uint_t           i, k, nk;
-    const char          *argv[7 * NGX_CHAT_ACK_GROUP];
-    ngx_chat_msg_ctx_t  *ctx;
-
-    static const char  *suffix[] = { "acked", "inbox", "dlv", "cur" };
-
-    nk = 4 * g->n;
-
-    for (i = 0; i < g->n; i++) {
-        ctx = g->ctx[i];
-
-        for (k = 0; k < 4; k++) {
-            argv[4 * i + k] = (char *) keys[i][k];
-            argl[4 * i + k] = ngx_sprintf(keys[i][k], "chat:{u:%*s}:%s",
-                                          (size_t) ctx->ulen, ctx->user,
-                                          suffix[k])
-                              - keys[i][k];
-        }
-
-        argv[nk + 3 * i] = (char *) ctx->device;
-        argl[nk + 3 * i] = ctx->dlen;
-        argv[nk + 3 * i + 1] = (char *) n[i];
-        argl[nk + 3 * i + 1] = ngx_sprintf(n[i], "%L", g->cursor[i]) - n[i];
-        argv[nk + 3 * i + 2] = (char *) ctx->user;
-        argl[nk + 3 * i + 2] = ctx->ulen;
-    }
-
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
-                   "chat: ack script for %ui users", g->n);
-
-    if (ngx_chat_redis_script(CHAT_LUA_ACK, ngx_chat_msg_acks_done, g,
-                              (int) nk, (int) (7 * g->n), argv, argl)
-        != NGX_OK)
-    {
-        for (i = 0; i < g->n; i++) {
-            ngx_chat_msg_fail(g->ctx[i], "unavailable", "try again later", 0);
-        }
-
-        ngx_free(g);
-    }
-}
-
-
-/* Adds an ack to the group being built (a new one when *gp is NULL); sends
- * the group when it is full, or at once on a Redis Cluster. */
-static void
-ngx_chat_msg_ack_add(ngx_chat_ack_group_t **gp, ngx_chat_msg_ctx_t *ctx,
-    int64_t cursor)
-{
-    ngx_chat_ack_group_t  *g;
-    ngx_chat_main_conf_t  *cmcf;
-
-    g = *gp;
-
-    if (g == NULL) {
-        g = ngx_alloc(sizeof(ngx_chat_ack_group_t), ngx_cycle->log);
-        if (g == NULL) {
-            ngx_chat_msg_fail(ctx, "unavailable", "out of memory", 0);
-            return;
-        }
-
-        g->n = 0;
-        *gp = g;
-    }
-
-    g->ctx[g->n] = ctx;
-    g->cursor[g->n] = cursor;
-    g->n++;
-
-    cmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle, ngx_chat_module);
-
-    if (g->n == NGX_CHAT_ACK_GROUP || cmcf->redis_cluster == 1) {
-        *gp = NULL;
-        ngx_chat_msg_acks_send(g);
-    }
-}
-
-
-/* One ack by itself (an HTTP ack, a session's flush). */
 static void
 ngx_chat_msg_ack(ngx_chat_msg_ctx_t *ctx, int64_t cursor)
 {
-    ngx_chat_ack_group_t  *g = NULL;
+    u_char        acked[96], inbox[96], dlv[96], cur[96], n[NGX_INT64_LEN];
+    const char   *argv[7];
+    size_t        argl[7];
 
-    ngx_chat_msg_ack_add(&g, ctx, cursor);
+    argv[0] = (char *) acked;
+    argl[0] = ngx_sprintf(acked, "chat:{u:%*s}:acked", (size_t) ctx->ulen,
+                          ctx->user) - acked;
+    argv[1] = (char *) inbox;
+    argl[1] = ngx_sprintf(inbox, "chat:{u:%*s}:inbox", (size_t) ctx->ulen,
+                          ctx->user) - inbox;
+    argv[2] = (char *) dlv;
+    argl[2] = ngx_sprintf(dlv, "chat:{u:%*s}:dlv", (size_t) ctx->ulen,
+                          ctx->user) - dlv;
+    argv[3] = (char *) cur;
+    argl[3] = ngx_sprintf(cur, "chat:{u:%*s}:cur", (size_t) ctx->ulen,
+                          ctx->user) - cur;
+    argv[4] = (char *) ctx->device;
+    argl[4] = ctx->dlen;
+    argv[5] = (char *) n;
+    argl[5] = ngx_sprintf(n, "%L", cursor) - n;
+    argv[6] = (char *) ctx->user;
+    argl[6] = ctx->ulen;
 
-    if (g != NULL) {
-        ngx_chat_msg_acks_send(g);
+    if (ngx_chat_redis_script(CHAT_LUA_ACK, ngx_chat_msg_acked, ctx, 4,
+                              7, argv, argl) != NGX_OK)
+    {
+        ngx_chat_msg_fail(ctx, "unavailable", "try again later", 0);
     }
 }
 
@@ -1357,10 +1252,9 @@ static ngx_event_t        ngx_chat_ack_ev;
 static ngx_connection_t   ngx_chat_ack_conn;
 
 
-/* Takes the session's pending ack into the group *gp (sent when full);
- * returns 0 when none was pending. */
+/* Runs the session's pending ack script; returns 0 when none was pending. */
 static ngx_uint_t
-ngx_chat_ack_take(ngx_chat_session_t *s, ngx_chat_ack_group_t **gp)
+ngx_chat_ack_run(ngx_chat_session_t *s)
 {
     ngx_chat_msg_ctx_t  *ctx;
 
@@ -1374,27 +1268,10 @@ ngx_chat_ack_take(ngx_chat_session_t *s, ngx_chat_ack_group_t **gp)
     ctx = ngx_chat_msg_ctx(s, NULL, s->user->id, s->user->len, s->device,
                            s->dev_len, NULL);
     if (ctx != NULL) {
-        ngx_chat_msg_ack_add(gp, ctx, (int64_t) s->cursor);
+        ngx_chat_msg_ack(ctx, (int64_t) s->cursor);
     }
 
     return 1;
-}
-
-
-/* Runs the session's pending ack script; returns 0 when none was pending. */
-static ngx_uint_t
-ngx_chat_ack_run(ngx_chat_session_t *s)
-{
-    ngx_uint_t             rc;
-    ngx_chat_ack_group_t  *g = NULL;
-
-    rc = ngx_chat_ack_take(s, &g);
-
-    if (g != NULL) {
-        ngx_chat_msg_acks_send(g);
-    }
-
-    return rc;
 }
 
 
@@ -1417,23 +1294,16 @@ ngx_chat_msg_ack_flush(ngx_chat_session_t *s)
 static void
 ngx_chat_ack_timer(ngx_event_t *ev)
 {
-    ngx_queue_t           *q, *next;
-    ngx_chat_session_t    *s;
-    ngx_chat_ack_group_t  *g = NULL;
+    ngx_queue_t         *q, *next;
+    ngx_chat_session_t  *s;
 
-    /* the sessions' acks in groups, one script call each (written out in
-     * one go by the event loop) */
     for (q = ngx_queue_head(&ngx_chat_sessions);
          q != ngx_queue_sentinel(&ngx_chat_sessions) && ngx_chat_acks_pending;
          q = next)
     {
         next = ngx_queue_next(q);
         s = ngx_queue_data(q, ngx_chat_session_t, all_link);
-        (void) ngx_chat_ack_take(s, &g);
-    }
-
-    if (g != NULL) {
-        ngx_chat_msg_acks_send(g);
+        (void) ngx_chat_ack_run(s);   /* written out in one go by the event loop */
     }
 }
 

@@ -1681,12 +1681,11 @@ ngx_chat_redis_script(ngx_uint_t script, ngx_chat_redis_cb cb, void *data,
     int nkeys, int argc, const char **argv, const size_t *argvlen)
 {
     u_char       nk[NGX_INT_T_LEN];
-    const char  *av[120];
-    size_t       al[120];
+    const char  *av[20];
+    size_t       al[20];
     int          i;
 
-    /* the longest: lua/ack.lua for NGX_CHAT_ACK_GROUP (16) users */
-    if (argc > 117) {
+    if (argc > 17) {
         return NGX_ERROR;
     }
 

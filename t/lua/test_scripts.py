@@ -275,42 +275,14 @@ def test_ack_moves_forward_caps_emits_receipts_and_trims(r, run):
     inbox_add(r, 4, {"type": "receipt", "conv": "d:alice:carol", "seq": 2})
     keys = [U + "acked", U + "inbox", U + "dlv", U + "cur"]
     r.hset(U + "acked", mapping={"phone": 0, "laptop": 0})
-    assert run("ack", keys, ["phone", 99, "alice"]) == [["d:alice:bob", "5", "0"]]
+    assert run("ack", keys, ["phone", 99, "alice"]) == ["d:alice:bob", "5", "0"]
     assert r.hget(U + "acked", "phone") == "4"                        # capped at cur
-    assert run("ack", keys, ["phone", 2, "alice"]) == [[]]               # backwards: nothing
+    assert run("ack", keys, ["phone", 2, "alice"]) == []               # backwards: nothing
     assert r.zcard(U + "inbox") == 4                                   # laptop has not acked
-    assert run("ack", keys, ["laptop", 3, "alice"]) == [[]]              # dlv already 5
+    assert run("ack", keys, ["laptop", 3, "alice"]) == []              # dlv already 5
     assert r.zcard(U + "inbox") == 1                                   # min over devices: 3
     inbox_add(r, 5, {"type": "msg", "conv": "d:alice:bob", "seq": 7, "from": "bob"})
-    assert run("ack", keys, ["laptop", 5, "alice"]) == [["d:alice:bob", "7", "5"]]
-
-
-def test_ack_of_many_users_in_one_call_is_each_users_own_ack(r, run):
-    """The module groups the acks of one chat_ack_delay tick into one call:
-    each user's result is what a call of its own gives (control: the same
-    acks one call each, on a copy of the state)."""
-    def setup(p):
-        for i, (user, peer) in enumerate((("alice", "bob"), ("carol", "dave"))):
-            K = "%s{u:%s}:" % (p, user)
-            for c, seq, frm in ((1, 3, peer), (2, 4, user), (3, 5, peer)):
-                r.zadd(K + "inbox", {json.dumps({"type": "msg", "conv": "d:%s:%s" % (user, peer), "seq": seq,
-                                                 "from": frm}): c})
-            r.set(K + "cur", 3)
-            r.hset(K + "acked", mapping={"phone": 0})
-        return ["%s{u:%s}:%s" % (p, u, s) for u in ("alice", "carol") for s in ("acked", "inbox", "dlv", "cur")]
-    one = setup("one")
-    alone = [run("ack", one[0:4], ["phone", 2, "alice"]), run("ack", one[4:8], ["phone", 99, "carol"]),
-             run("ack", one[0:4], ["phone", 3, "alice"])]
-    many = setup("many")
-    together = run("ack", many, ["phone", 2, "alice", "phone", 99, "carol"])
-    assert together == [alone[0][0], alone[1][0]] == [["d:alice:bob", "3", "0"], ["d:carol:dave", "5", "0"]]
-    # the same user twice in one call (two devices, or a later cursor): in order
-    assert run("ack", many[0:4] + many[0:4], ["phone", 3, "alice", "phone", 1, "alice"]) == [alone[2][0], []]
-    for u in ("alice", "carol"):
-        for s in ("acked", "dlv"):
-            assert r.hgetall("one{u:%s}:%s" % (u, s)) == r.hgetall("many{u:%s}:%s" % (u, s))
-        assert r.zrange("one{u:%s}:inbox" % u, 0, -1) == r.zrange("many{u:%s}:inbox" % u, 0, -1)
-    assert r.zcard("many{u:carol}:inbox") == 0 and r.zcard("many{u:alice}:inbox") == 0
+    assert run("ack", keys, ["laptop", 5, "alice"]) == ["d:alice:bob", "7", "5"]
 
 
 def test_read_only_forward_and_never_past_the_conversation(r, run):
