@@ -174,6 +174,36 @@ def test_delivered_and_read_receipts(stack):
     a2.close()
 
 
+def test_acks_of_many_sessions_in_one_tick_each_apply(stack):
+    """The acks one chat_ack_delay tick releases for many sessions at once
+    (40 recipients ack in the same moment, across the nginx workers) each
+    apply to their own user only. Each sender gets the
+    delivered receipt of exactly its conversation and seq, and each
+    recipient's cursor is stored (a reconnect starts after it). Control: a
+    recipient that does not ack gets no receipt sent and keeps its cursor."""
+    n = 40
+    pairs = [(uniq("a"), uniq("b")) for _ in range(n + 1)]
+    senders = [ws(stack, a) for a, _ in pairs]
+    rcpts = [ws(stack, b, "phone") for _, b in pairs]
+    for i, (a, b) in enumerate(pairs):
+        for k in range(i % 3 + 1):
+            ack_of(senders[i], send(senders[i], b, f"{i}.{k}"))
+    got = [msgs(rcpts[i], i % 3 + 1) for i in range(n + 1)]
+    for i in range(n):                                     # the last one is the control
+        rcpts[i].send_json({"type": "ack", "cursor": got[i][-1]["cursor"]})
+    for i, (a, b) in enumerate(pairs[:n]):
+        r = senders[i].recv_type("receipt", timeout=10)
+        assert (r["status"], r["by"], r["conv"], r["seq"]) == ("delivered", b, conv_of(a, b), i % 3 + 1)
+    with pytest.raises(TimeoutError):
+        senders[n].recv_type("receipt", timeout=1)
+    for c in senders + rcpts:
+        c.close()
+    for i, (a, b) in enumerate(pairs):
+        again = ws(stack, b, "phone")
+        assert again.hello["cursor"] == (got[i][-1]["cursor"] if i < n else 0)
+        again.close()
+
+
 def test_notes_to_self(stack):
     a = uniq("self")
     a1, a2 = ws(stack, a, "phone"), ws(stack, a, "laptop")

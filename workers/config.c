@@ -40,6 +40,7 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "retention_days") == 0) return &cf->retention_days;
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
     if (strcmp(k, "gather_ms") == 0) return &cf->gather_ms;
+    if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
     if (strcmp(k, "batch") == 0) return &cf->batch;
     if (strcmp(k, "group_max_members") == 0) return &cf->group_max_members;
     if (strcmp(k, "group_push_limit") == 0) return &cf->group_push_limit;
@@ -76,6 +77,7 @@ static const struct int_env int_envs[] = {
     { "CHAT_RETENTION_DAYS", "retention_days" },
     { "CHAT_CLAIM_IDLE_MS", "claim_idle_ms" },
     { "CHAT_GATHER_MS", "gather_ms" },
+    { "CHAT_FANOUT_GATHER_MS", "fanout_gather_ms" },
     { "CHAT_BATCH", "batch" },
     { "CHAT_GROUP_MAX_MEMBERS", "group_max_members" },
     { "CHAT_GROUP_PUSH_LIMIT", "group_push_limit" },
@@ -129,6 +131,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->retention_days = 365;
     cf->claim_idle_ms = 5000;
     cf->gather_ms = 20;
+    cf->fanout_gather_ms = 2;
     cf->batch = 200;
     cf->group_max_members = 500;
     cf->group_push_limit = 500;
@@ -252,6 +255,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("retention_days", cf->retention_days, 1, 36500)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("gather_ms", cf->gather_ms, 0, 1000)
+        || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)
         || check_range("batch", cf->batch, 1, 10000)
         || check_range("group_max_members", cf->group_max_members, 1, 100000)
         || check_range("group_push_limit", cf->group_push_limit, 1, 100000)

@@ -704,6 +704,12 @@ cw_role_fanout(const cw_config_t *cf)
         }
         f.have_batch = 0;
         cw_backoff_reset(&bo);
+        /* a small batch means traffic at a low rate: wait a moment before
+         * the next read, so that one read, one round trip per step and one
+         * ack cover several entries instead of one each (Redis time per
+         * round trip is most of what is left per message); a delivery
+         * waits at most this much more */
+        if (f.batch.n < cf->batch && cf->fanout_gather_ms > 0 && !cw_stop) cw_sleep_ms(cf->fanout_gather_ms);
 stats:
         if (cw_mono_ms() >= f.next_stats) {
             if (f.n_entries) {
