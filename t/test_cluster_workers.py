@@ -31,7 +31,6 @@ import pymongo
 import pytest
 import redis
 
-from chatlib import ROOT
 from helpers import dconv, eventually, msg_fields, shard, stack_cmd, stop_worker, stream, ukey, uid
 
 BASE = int(os.environ.get("CHAT_TEST_WORKER_CLUSTER_PORT",
