@@ -13,13 +13,13 @@ import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 
+import golden
 from chatlib import ROOT
 from helpers import BULK, ack_of, conv_of, eventually, msgs, send, shard, uniq, ws
 
 
 def slot_of(key):
-    from test_vectors import key_slot
-    return key_slot(key.encode())
+    return golden.key_slot(key.encode())
 
 
 def seeds(stack):

@@ -31,6 +31,7 @@ import pymongo
 import pytest
 import redis
 
+import golden
 from helpers import dconv, eventually, msg_fields, shard, stack_cmd, stop_worker, stream, ukey, uid
 
 BASE = int(os.environ.get("CHAT_TEST_WORKER_CLUSTER_PORT",
@@ -41,23 +42,8 @@ SEEDS = ",".join(f"redis://127.0.0.1:{p}" for p in PORTS)
 
 # ---- the cluster ----------------------------------------------------------------
 
-def crc16(data):
-    crc = 0
-    for ch in data:
-        crc ^= ch << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
-    return crc
-
-
 def keyslot(key):
-    k = key.encode()
-    s = k.find(b"{")
-    if s >= 0:
-        e = k.find(b"}", s + 1)
-        if e > s + 1:
-            k = k[s + 1:e]
-    return crc16(k) % 16384
+    return golden.key_slot(key.encode())
 
 
 class Cluster:
