@@ -3,6 +3,7 @@ masters, 3 replicas). One-to-one messaging, presence and typing over
 sharded pub/sub; a slot moved under a running sender (MOVED and ASK); a
 master killed with kill -9 (its replica takes over, the module follows).
 Every test here runs on the cluster_stack fixture (t/conftest.py)."""
+import glob
 import os
 import subprocess
 import threading
@@ -201,7 +202,13 @@ def ws_retry(stack, user, device, timeout=60, **kw):
         try:
             return ws(stack, user, device, **kw)
         except HandshakeError as e:
-            assert "503" in str(e) and time.time() < deadline, e
+            assert "503" in str(e), e
+            if time.time() >= deadline:
+                # why the module refused: its own log line (ngx_chat_redis_ready)
+                why = []
+                for f in glob.glob(os.path.join(stack.dir, "nginx*", "logs", "error.log")):
+                    why += [ln.strip() for ln in open(f, errors="replace") if "not ready" in ln][-5:]
+                raise AssertionError(f"503 for {timeout} s: {e}\n" + "\n".join(why))
             time.sleep(0.2)
 
 

@@ -925,9 +925,13 @@ ngx_chat_redis_slots_reply(redisAsyncContext *ac, void *r, void *data)
                       "%ui slots owned", link->node->host, link->node->port,
                       (ngx_uint_t) ngx_chat_map_new.nnodes,
                       (ngx_uint_t) chat_cluster_map_covered(&ngx_chat_map_new));
-        ngx_memcpy(&ngx_chat_map, &ngx_chat_map_new, sizeof(ngx_chat_map));
         ngx_chat_stat_inc(redis_maps);
     }
+
+    /* the answer replaces the map even when every slot goes where it went:
+     * a MOVED may have added a master that owns nothing now (a dead one
+     * kept in the map would hold readiness back for good) */
+    ngx_memcpy(&ngx_chat_map, &ngx_chat_map_new, sizeof(ngx_chat_map));
 
     ngx_chat_redis_map_bind();
 
@@ -971,7 +975,8 @@ ngx_chat_redis_refresh_send(void)
 static void
 ngx_chat_redis_refresh_handler(ngx_event_t *ev)
 {
-    ngx_uint_t  i;
+    ngx_uint_t              i;
+    ngx_chat_redis_node_t  *n;
 
     if (ngx_exiting) {
         return;
@@ -990,6 +995,24 @@ ngx_chat_redis_refresh_handler(ngx_event_t *ev)
     }
 
     ngx_chat_redis_refresh_send();
+
+    /* the map is whole but our delivery channel not confirmed: dial its
+     * master's pub/sub link if nothing will, or ask again (SSUBSCRIBE of
+     * a held channel only confirms it once more) */
+    if (ngx_chat_map_ok && ngx_chat_wch_node == NULL) {
+        n = ngx_chat_redis_owner(chat_cluster_slot(
+                (const char *) ngx_chat_worker_channel.data,
+                ngx_chat_worker_channel.len));
+
+        if (n && n->ssub.rc == NULL && !n->ssub.reconnect.timer_set) {
+            n->mapped = 1;
+            ngx_chat_redis_ssub_connect(n);
+
+        } else {
+            (void) ngx_chat_redis_ssubscribe(ngx_chat_worker_channel.data,
+                                             ngx_chat_worker_channel.len, 1);
+        }
+    }
 
     ngx_add_timer(ev, ngx_chat_redis_ready_all() ? NGX_CHAT_REDIS_REFRESH
                                                  : NGX_CHAT_REDIS_REFRESH_FAST);
@@ -1589,15 +1612,94 @@ ngx_chat_redis_publish(u_char *ch, size_t clen, u_char *payload, size_t plen)
 
 /* --- commands ------------------------------------------------------------ */
 
+/* why this worker process is not ready, for the log line of a refusal:
+ * an operator must see which master or channel holds everything back */
+static void
+ngx_chat_redis_why(u_char *buf, size_t size)
+{
+    u_char                 *last = buf + size - 1;
+    ngx_uint_t              i;
+    ngx_chat_redis_node_t  *n;
+
+    *ngx_cpymem(buf, "?", 1) = '\0';
+
+    if (!ngx_chat_sharded) {
+        *ngx_slprintf(buf, last, "command link %s, pub/sub link %s, "
+                      "%ui commands pending",
+                      ngx_chat_cmd.ready ? "ready" : "not ready",
+                      ngx_chat_sub.ready ? "ready" : "not ready",
+                      ngx_chat_cmd.pending) = '\0';
+        return;
+    }
+
+    if (!ngx_chat_map_ok) {
+        *ngx_slprintf(buf, last, "slot map owns %ui of %d slots",
+                      (ngx_uint_t) chat_cluster_map_covered(&ngx_chat_map),
+                      CHAT_CLUSTER_SLOTS) = '\0';
+        return;
+    }
+
+    for (i = 0; i < ngx_chat_map.nnodes; i++) {
+        n = ngx_chat_map_node[i];
+
+        if (n == NULL) {
+            *ngx_slprintf(buf, last, "master %s:%d has no node (table full)",
+                          ngx_chat_map.node[i].host,
+                          ngx_chat_map.node[i].port) = '\0';
+            return;
+        }
+
+        if (!n->cmd.ready) {
+            *ngx_slprintf(buf, last, "master %s:%d command link %s",
+                          n->host, n->port,
+                          n->cmd.ac == NULL ? "not connected"
+                          : !n->cmd.connected ? "connecting"
+                          : "loading scripts") = '\0';
+            return;
+        }
+    }
+
+    if (ngx_chat_wch_node == NULL) {
+        n = ngx_chat_redis_owner(chat_cluster_slot(
+                (const char *) ngx_chat_worker_channel.data,
+                ngx_chat_worker_channel.len));
+
+        *ngx_slprintf(buf, last, "delivery channel \"%V\" not subscribed "
+                      "(its master %s:%d, pub/sub link %s)",
+                      &ngx_chat_worker_channel,
+                      n ? n->host : "?", n ? n->port : 0,
+                      n == NULL ? "none"
+                      : n->ssub.rc == NULL ? "not connected"
+                      : !n->ssub.connected ? "connecting"
+                      : "up") = '\0';
+    }
+}
+
+
 ngx_int_t
 ngx_chat_redis_ready(void)
 {
+    ngx_int_t          ok;
+    u_char             why[256];
+    static ngx_msec_t  logged;
+
     if (ngx_chat_sharded) {
-        return ngx_chat_redis_ready_all();
+        ok = ngx_chat_redis_ready_all();
+
+    } else {
+        ok = ngx_chat_cmd.ready && ngx_chat_sub.ready
+             && ngx_chat_cmd.pending < NGX_CHAT_REDIS_MAX_PENDING;
     }
 
-    return ngx_chat_cmd.ready && ngx_chat_sub.ready
-           && ngx_chat_cmd.pending < NGX_CHAT_REDIS_MAX_PENDING;
+    /* a refusal is logged once a second at most */
+    if (!ok && ngx_current_msec - logged >= 1000) {
+        logged = ngx_current_msec;
+        ngx_chat_redis_why(why, sizeof(why));
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: redis not ready, requests refused: %s", why);
+    }
+
+    return ok;
 }
 
 
