@@ -106,13 +106,16 @@ async function openConv(conv) {
 }
 
 await client.start();
+if (to) await openConv(directConv(client.user || user, to));
+else if (group) await openConv(`g:${group}`);
+else out("* /to USER to start talking (/help for commands)");
+// readline only now, with its line handler in the same turn: what was typed
+// while the history loaded waited in stdin (paused until a reader comes); a
+// line readline emits before its handler is attached would be lost
 rl = readline.createInterface({ input: process.stdin, output: tty ? process.stdout : undefined, prompt: "> " });
 if (process.stdin.isTTY) {
   process.stdin.on("keypress", () => { if (current) client.typing(target()).catch(() => {}); });
 }
-if (to) await openConv(directConv(client.user || user, to));
-else if (group) await openConv(`g:${group}`);
-else out("* /to USER to start talking (/help for commands)");
 if (tty) rl.prompt();
 
 rl.on("line", async (line) => {
