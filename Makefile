@@ -143,6 +143,9 @@ lua-test:
 # about 5 here; docs/SCALING.md "Known defects"). It stays in
 # make test-cluster; make test leaves it out until it is fixed.
 PYTEST_FLAKY := --deselect t/test_cluster.py::test_a_master_killed_fails_over_and_the_module_follows
+# The same for the cluster runs of a long-poll race (1 run of 3 on the
+# cluster, never on the single node; docs/SCALING.md "Known defects").
+PYTEST_FLAKY += $(foreach q,redis kafka,--deselect "t/test_messaging.py::test_a_device_connecting_while_messages_arrive_gets_each_once[$(q)-cluster]")
 
 pytest:
 	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_FLAKY) $(PYTEST_ARGS)
@@ -152,10 +155,13 @@ pytest:
 # cluster of their own (t/test_cluster_workers.py), two nginx nodes and two
 # fan-out workers on the cluster stack (t/test_cluster_nodes.py), and the
 # failover durability of chat_redis_replicas (t/test_cluster_durability.py),
-# both queues
+# and the messaging and groups suites on the cluster stack (the modules marked
+# topologies("single", "cluster"); `make pytest` runs them on both), both queues
+CLUSTER_SUITES := t/test_messaging.py t/test_groups.py t/test_groups_api.py
 test-cluster: setup
 	$(MAKE) all
-	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py t/test_cluster_durability.py $(PYTEST_ARGS)
+	CHAT_TEST_TOPOLOGIES=cluster .venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py \
+	  t/test_cluster_durability.py $(CLUSTER_SUITES) $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test
