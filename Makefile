@@ -143,9 +143,6 @@ lua-test:
 # about 5 here; docs/SCALING.md "Known defects"). It stays in
 # make test-cluster; make test leaves it out until it is fixed.
 PYTEST_FLAKY := --deselect t/test_cluster.py::test_a_master_killed_fails_over_and_the_module_follows
-# The same for the cluster runs of a long-poll race (1 run of 3 on the
-# cluster, never on the single node; docs/SCALING.md "Known defects").
-PYTEST_FLAKY += $(foreach q,redis kafka,--deselect "t/test_messaging.py::test_a_device_connecting_while_messages_arrive_gets_each_once[$(q)-cluster]")
 
 pytest:
 	.venv/bin/pytest -q t --ignore=t/lua $(PYTEST_FLAKY) $(PYTEST_ARGS)
