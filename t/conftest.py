@@ -11,6 +11,12 @@ Environment:
   CHAT_TEST_CLUSTER_PORT  first port of the Redis Cluster stack's 6 nodes (default port base + 30;
                         the cluster stack itself, t/test_cluster.py, uses port base + 20 and the
                         stack dir + "-cluster")
+  CHAT_TEST_TOPOLOGIES  topologies of the modules that run on both (default "single,cluster"):
+                        a module opts in with `pytestmark = pytest.mark.topologies("single",
+                        "cluster")` and its tests then run on the single-node stack ([redis],
+                        [kafka]) and on the cluster stack ([redis-cluster], [kafka-cluster]), the
+                        same one t/test_cluster.py uses (cluster_stack); a test that needs the
+                        single node is marked single_only(reason)
   NGX_CHAT_MODULE, NGX_CHAT_WORKER   binaries to test (make test-asan points them at the ASan build)
   NGX_CHAT_SAN=1        sanitizer run: nginx and workers get the ASan runtime; reports fail the session
 """
@@ -44,55 +50,104 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "queue(name): the test applies to that queue only")
     config.addinivalue_line("markers", "heavy: a load test; runs after the others of its stack, so the "
                                        "persistence backlog it leaves (FerretDB is slow) delays no other test")
+    config.addinivalue_line("markers", "topologies(*names): the module's tests run on these stack topologies "
+                                       "(single, cluster; default single only)")
+    config.addinivalue_line("markers", "single_only(reason): in a module that runs on both topologies, this "
+                                       "test needs the single-node stack (it is not collected for the cluster)")
+
+
+QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(",") if q]
+TOPOLOGIES = [t for t in os.environ.get("CHAT_TEST_TOPOLOGIES", "single,cluster").split(",") if t]
+# the order the stacks run in: one stack at a time (pytest stops a session
+# fixture's stack when the next parameter is asked for)
+STACKS = [q + ("" if t == "single" else "-" + t) for q in QUEUES for t in ("single", "cluster")]
+
+
+def pytest_generate_tests(metafunc):
+    """The stack a test runs on is one parameter, "<queue>" (single node) or
+    "<queue>-cluster": a test asking for cluster_stack gets the cluster
+    ones; a module marked topologies("single", "cluster") both (unless
+    CHAT_TEST_TOPOLOGIES leaves one out, or the test is single_only);
+    every other test the single-node ones."""
+    if "stack" not in metafunc.fixturenames:
+        return
+    if "cluster_stack" in metafunc.fixturenames:
+        tops = ["cluster"]
+    else:
+        m = metafunc.definition.get_closest_marker("topologies")
+        tops = list(m.args) if m else ["single"]
+        if m:
+            tops = [t for t in tops if t in TOPOLOGIES]
+        if metafunc.definition.get_closest_marker("single_only"):
+            tops = [t for t in tops if t == "single"]
+    params = [s for s in STACKS if _topology(s) in tops]
+    # none left (CHAT_TEST_TOPOLOGIES=cluster and a single_only test): one
+    # placeholder, deselected below, rather than pytest's skip of an empty set
+    metafunc.parametrize("stack", params or [NO_STACK], indirect=True, scope="session")
+
+
+NO_STACK = "none"
+
+
+def _queue(param):
+    return param.split("-")[0] if param else None
+
+
+def _topology(param):
+    return param.partition("-")[2] or "single"
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test marked queue("redis") runs only with the Redis stack: it is not
+    """A test marked queue("redis") runs only with the Redis stacks: it is not
     collected for the other queue (not skipped)."""
     keep, drop = [], []
     for item in items:
         m = item.get_closest_marker("queue")
-        param = getattr(getattr(item, "callspec", None), "params", {}).get("stack")
-        (drop if m and param and m.args[0] != param else keep).append(item)
+        param = _stack_of(item)
+        (drop if param == NO_STACK or m and param and m.args[0] != _queue(param) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
-    # heavy tests last within each queue's run (the stack is per queue)
-    heavy = [i for i in items if i.get_closest_marker("heavy")]
-    if heavy:
-        light = [i for i in items if not i.get_closest_marker("heavy")]
-        out = []
-        for q in QUEUES:
-            out += [i for i in light if _queue_of(i) == q] + [i for i in heavy if _queue_of(i) == q]
-        out += [i for i in light + heavy if _queue_of(i) not in QUEUES]
-        items[:] = out
+    # one stack after the other, heavy tests last within each stack's run
+    out = []
+    for s in STACKS:
+        mine = [i for i in items if _stack_of(i) == s]
+        out += [i for i in mine if not i.get_closest_marker("heavy")] + \
+               [i for i in mine if i.get_closest_marker("heavy")]
+    out += [i for i in items if _stack_of(i) not in STACKS]
+    items[:] = out
 
 
-def _queue_of(item):
+def _stack_of(item):
     return getattr(getattr(item, "callspec", None), "params", {}).get("stack")
 
 
-QUEUES = [q for q in os.environ.get("CHAT_TEST_QUEUES", "redis,kafka").split(",") if q]
-
-
-@pytest.fixture(scope="session", params=QUEUES)
+@pytest.fixture(scope="session")
 def stack(request):
-    """The whole suite runs once per queue (Redis Streams, Kafka)."""
-    stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test"))
-    port_base = os.environ.get("CHAT_TEST_PORT_BASE", "17300")
-    yield from _run_stack(request.param, stack_dir, port_base, [])
+    """The whole suite runs once per queue (Redis Streams, Kafka); modules
+    marked topologies("single", "cluster") on the cluster stack as well
+    (request.param "<queue>-cluster": the cluster_stack, node 1)."""
+    queue = _queue(request.param)
+    base = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test"))
+    port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300"))
+    if _topology(request.param) == "cluster":
+        cport = os.environ.get("CHAT_TEST_CLUSTER_PORT", str(port_base + 30))
+        yield from _run_stack(queue, base + "-cluster", str(port_base + 20),
+                              ["--cluster", "--cluster-port", cport])
+    else:
+        yield from _run_stack(queue, base, str(port_base), [])
 
 
-@pytest.fixture(scope="session", params=QUEUES)
-def cluster_stack(request):
+@pytest.fixture(scope="session")
+def cluster_stack(stack):
     """The stack on a 6-node Redis Cluster (scripts/stack up --cluster), once
-    per queue, next to the single-node one (its own dir and ports): two
-    nginx nodes (the stack's env: CHAT_WS_URL is node 1, CHAT_WS_URL_2 node
-    2) and two fan-out workers (t/test_cluster_nodes.py)."""
-    stack_dir = os.environ.get("CHAT_TEST_STACK_DIR", os.path.join(ROOT, ".stack-test")) + "-cluster"
-    port_base = int(os.environ.get("CHAT_TEST_PORT_BASE", "17300")) + 20
-    cport = os.environ.get("CHAT_TEST_CLUSTER_PORT", str(port_base + 10))
-    yield from _run_stack(request.param, stack_dir, str(port_base), ["--cluster", "--cluster-port", cport])
+    per queue, its own dir (stack dir + "-cluster") and ports (port base +
+    20, the cluster nodes + 30..35): two nginx nodes (the stack's env:
+    CHAT_WS_URL is node 1, CHAT_WS_URL_2 node 2) and two fan-out workers
+    (t/test_cluster_nodes.py). It is the `stack` of the "<queue>-cluster"
+    parameters: the modules that run on both topologies share it."""
+    assert stack.env["REDIS_CLUSTER"] == "on"
+    return stack
 
 
 @pytest.fixture(scope="session", params=QUEUES)
@@ -167,9 +222,10 @@ def _no_nginx_crash(request):
 
 @pytest.fixture(scope="module")
 def r(stack):
-    """The stack's Redis."""
-    import redis
-    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+    """The stack's Redis: on the cluster stack a cluster client (redis-py's
+    RedisCluster, routed by key slot)."""
+    from helpers import redis_client
+    c = redis_client(stack)
     yield c
     c.close()
 

@@ -86,6 +86,26 @@ def ping(c):
         return False
 
 
+def redis_client(stack):
+    """A client of the stack's Redis: on a cluster stack (REDIS_CLUSTER=on)
+    redis-py's RedisCluster from the seeds, which routes every command by
+    its key's slot (a pipeline across slots is split per node, never a
+    MULTI); else a plain client."""
+    if stack.env.get("REDIS_CLUSTER") == "on":
+        from redis.cluster import ClusterNode, RedisCluster
+        nodes = []
+        for u in stack.env["REDIS_SEEDS"].split(","):
+            host, port = u.split("//", 1)[1].rsplit(":", 1)
+            nodes.append(ClusterNode(host, int(port)))
+        return RedisCluster(startup_nodes=nodes, decode_responses=True)
+    return redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
+
+
+def is_cluster(r):
+    from redis.cluster import RedisCluster
+    return isinstance(r, RedisCluster)
+
+
 def stack_cmd(stack, *args):
     r = subprocess.run([os.path.join(ROOT, "scripts/stack"), *args, "--dir", stack.dir],
                        env=stack.proc_env, capture_output=True, text=True, timeout=300)
@@ -205,18 +225,33 @@ def backlog(r, group):
 
 class Channel:
     """A fake nginx worker: a delivery channel registered in users'
-    connection registries, and a subscriber collecting what is published."""
+    connection registries, and a subscriber collecting what is published.
+    On a cluster the fan-out SPUBLISHes delivery channels (docs/SCALING.md,
+    "pub/sub"): the subscriber SSUBSCRIBEs on the channel's master."""
 
     def __init__(self, r):
         self.r = r
         self.name = "chat:w:test-%s:1" % uuid.uuid4().hex[:8]
+        self.sharded = is_cluster(r)
         self.ps = r.pubsub()
-        self.ps.subscribe(self.name)
+        if self.sharded:
+            self.ps.ssubscribe(self.name)
+        else:
+            self.ps.subscribe(self.name)
         eventually(lambda: self._confirmed(), what="subscription")
         self.got = []
 
+    def _get(self, timeout):
+        if self.sharded:
+            # (with its node named, the read waits up to timeout)
+            m = self.ps.get_sharded_message(timeout=timeout, target_node=self.r.get_node_from_key(self.name))
+            if m is None:
+                return None
+            return dict(m, type={"smessage": "message", "ssubscribe": "subscribe"}.get(m["type"], m["type"]))
+        return self.ps.get_message(timeout=timeout)
+
     def _confirmed(self):
-        m = self.ps.get_message(timeout=0.2)
+        m = self._get(0.2)
         return m is not None and m["type"] == "subscribe"
 
     def register(self, user, device, ttl_ms=120000):
@@ -231,7 +266,7 @@ class Channel:
         while not until(self.got):
             if time.time() > deadline:
                 raise AssertionError(f"publishes so far on {self.name}: {self.got}")
-            m = self.ps.get_message(timeout=0.2)
+            m = self._get(0.2)
             if m and m["type"] == "message":
                 head, _, body = m["data"].partition("\n")
                 self.got.append((head.split(" "), json.loads(body)))
@@ -240,7 +275,7 @@ class Channel:
     def drain(self, seconds=0.5):
         end = time.time() + seconds
         while time.time() < end:
-            m = self.ps.get_message(timeout=0.1)
+            m = self._get(0.1)
             if m and m["type"] == "message":
                 head, _, body = m["data"].partition("\n")
                 self.got.append((head.split(" "), json.loads(body)))

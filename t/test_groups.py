@@ -12,10 +12,12 @@ import uuid
 import zlib
 
 import pytest
-import redis
 
 from chatlib import ROOT
 from helpers import BULK, auth, uniq, ws
+
+# on the single-node stack and on the cluster stack (t/conftest.py)
+pytestmark = pytest.mark.topologies("single", "cluster")
 
 
 def create(stack, owner, members, name="team"):
@@ -75,13 +77,6 @@ def gkey(stack, group, what):
     shards = int(os.environ.get("CHAT_SHARDS", "16"))
     s = zlib.crc32(f"g:{group}".encode()) % shards
     return f"chat:{{s{s}}}:g:{group}:{what}"
-
-
-@pytest.fixture(scope="module")
-def r(stack):
-    c = redis.Redis.from_url(stack.env["REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
 
 
 def inbox_ids(r, user):
@@ -303,6 +298,8 @@ def stack_cmd(stack, *args):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+@pytest.mark.single_only("replaces the stack's one fan-out worker by one with another push limit; on the "
+                         "cluster stack two fan-out workers share the shards and the other one would push")
 def test_pull_mode_above_the_push_limit(stack, r):
     """A fan-out worker with group_push_limit 3: a four-member group gets no
     inbox copies; online members get the message live (no cursor), offline
@@ -338,6 +335,8 @@ def test_pull_mode_above_the_push_limit(stack, r):
         stack_cmd(stack, "up")
 
 
+@pytest.mark.single_only("kills the stack's one fan-out worker; on the cluster stack the group's shard may be "
+                         "the second one's (a fan-out worker killed under load there: t/test_cluster_nodes.py)")
 def test_fanout_killed_halfway_through_a_500_member_group(stack, r):
     """kill -9 the fan-out worker while it appends 100 messages to the
     inboxes of a 500-member group; after the restart every member holds

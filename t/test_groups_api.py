@@ -16,6 +16,9 @@ import redis
 from helpers import (SHARDS, eventually, group_msg_fields, receipt_fields, rest_request, shard, stack_cmd, stream, uid,
                           ukey)
 
+# on the single-node stack and on the cluster stack (t/conftest.py)
+pytestmark = pytest.mark.topologies("single", "cluster")
+
 MAX_MEMBERS = 500          # group_max_members default
 
 
@@ -582,6 +585,8 @@ def test_rest_rebuilds_redis_group_state_from_mongodb(stack, r, q, db):
     assert st == 200 and [m["seq"] for m in b["messages"]][-1] == 2
 
 
+@pytest.mark.single_only("kills and restarts the one Redis server (on the cluster a master kill is "
+                         "t/test_cluster.py's and t/test_cluster_workers.py's)")
 def test_rest_survives_a_redis_restart(stack, r):
     alice, bob = uid("alice"), uid("bob")
     g = create(stack, alice, [bob])

@@ -12,6 +12,9 @@ from wsclient import WS
 
 from helpers import BULK, ack_of, auth, conv_of, msgs, send, uniq, ws  # noqa: F401
 
+# on the single-node stack and on the cluster stack (t/conftest.py)
+pytestmark = pytest.mark.topologies("single", "cluster")
+
 
 def test_online_delivery_with_sender_sync(stack):
     a, b = uniq("a"), uniq("b")

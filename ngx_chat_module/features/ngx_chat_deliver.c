@@ -77,9 +77,12 @@ ngx_chat_deliver(u_char *p, size_t len)
                     continue;
                 }
 
-                if (r.cursor != s->sent_cursor + 1 && s->sent_cursor) {
+                if (r.cursor != s->sent_cursor + 1) {
                     /* a gap (an event still on its way, or lost with a
-                     * publish): fetch from the inbox in order instead */
+                     * publish): fetch from the inbox in order instead.
+                     * Also at cursor 0: the user's events come from every
+                     * fan-out worker whose shards they touch, so the
+                     * first publish to arrive may not be the lowest */
                     s->missed = 0;
                     ngx_chat_replay_start(s);
                     continue;

@@ -1465,6 +1465,16 @@ ngx_chat_replay_reply(void *rp, void *data)
     }
 
     if (ngx_chat_tp(s)->one_page) {
+        if (s->missed && s->out_head == NULL) {
+            /* an event came live while this page was read, after it: the
+             * poll would hold without it (its publish is gone) until the
+             * timeout; read again (a page that had events answers now, and
+             * the next poll starts below the missed one) */
+            s->missed = 0;
+            ngx_chat_replay_page(s);
+            return;
+        }
+
         /* one page per poll; what is left comes with the next poll */
         s->replaying = 0;
         ngx_chat_tp(s)->replayed(s);
