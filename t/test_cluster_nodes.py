@@ -433,3 +433,59 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
     print(f"fan-out worker killed: all {total} delivered {took:.1f} s after the kill{extra}, "
           f"{dups} live re-deliveries of the same event")
     assert re.search(r"fanout worker-fanout2 +fanout_index 1 +running", stack_run(stack, "status").stdout)
+
+
+def test_a_paused_fanout_worker_loses_its_shards_and_stops_serving_them(cluster_stack):
+    """Redis queue, the fencing of the shard leases: worker-fanout2 is
+    stopped (SIGSTOP: a pause, a partition) longer than its lease while
+    messages flow; worker-fanout takes its shards over and delivers. When
+    worker-fanout2 goes on (SIGCONT) it finds its leases unsure or taken,
+    reads and acknowledges nothing of them, and gets its share back by the
+    normal give-back. Every message once in each inbox, in order; a live
+    repeat carries the same cursor."""
+    import pytest
+    import signal
+    stack = cluster_stack
+    if stack.env["CHAT_QUEUE"] == "kafka":
+        pytest.skip("shard leases are the Redis queue's (Kafka: the consumer group)")
+    pairs = pairs_on_fanout(stack, 1, 4)
+    readers = {}
+    for _, b in pairs:
+        readers[b] = Reader(ws(stack, b, "phone"))
+        readers[b].start()
+    senders = [Sender([stack], a, b, 80, gap=0.05) for a, b in pairs]
+    for s in senders:
+        s.start()
+    eventually(lambda: sum(len(s.acks) for s in senders) >= 40, timeout=60, what="40 acks before the pause")
+    pid = int(open(os.path.join(stack.dir, "pids", "worker-fanout2")).read())
+    rc = cluster_client(stack)
+    os.kill(pid, signal.SIGSTOP)
+    t_stop = time.time()
+    try:
+        eventually(lambda: set(lease_holders(rc).values()) == {"fanout-0"} and len(lease_holders(rc)) == 16,
+                   timeout=60, interval=0.1, what="worker-fanout holding every lease while worker-fanout2 is stopped")
+        took = time.time() - t_stop
+        time.sleep(1.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for s in senders:
+        s.finish()
+    eventually(lambda: all({x["id"] for x in s.acks.values()} <= {m["id"] for m in readers[s.b].got}
+                           for s in senders), timeout=120, what="every acknowledged message delivered")
+    # back: it gets its share again (the survivor gives back its surplus)
+    balanced(stack)
+    time.sleep(1.0)
+    for s in senders:
+        got, first = readers[s.b].got, {}
+        for m in got:
+            assert first.setdefault(m["id"], m["cursor"]) == m["cursor"], m
+        assert set(first) == {x["id"] for x in s.acks.values()}
+        assert [m["seq"] for m in got if first.pop(m["id"], None) is not None] == list(range(1, 81))
+        assert rc.zcard(f"chat:{{u:{s.b}}}:inbox") == 80
+    rc.close()
+    for r in readers.values():
+        r.c.close()
+    log = open(os.path.join(stack.dir, "logs", "worker-fanout2.log")).read() \
+        if os.path.exists(os.path.join(stack.dir, "logs", "worker-fanout2.log")) else ""
+    print(f"worker-fanout2 stopped: its leases taken over {took:.1f} s after the stop; "
+          f"its log says lost: {log.count('held by another worker')}, unsure at ack: {log.count('not sure any more')}")

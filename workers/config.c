@@ -259,7 +259,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("fanout_index", cf->fanout_index, 0, cf->fanout_workers - 1)
         || (cf->fanout_lease_ms != 0 && check_range("fanout_lease_ms", cf->fanout_lease_ms, 2000, 600000))
         || check_range("fanout_lease_renew_ms", cf->fanout_lease_renew_ms, 100,
-                       cf->fanout_lease_ms ? cf->fanout_lease_ms / 4 : 600000)
+                       cf->fanout_lease_ms ? cf->fanout_lease_ms / 5 : 600000)
         || check_range("inbox_max", cf->inbox_max, 1, 100000000)
         || check_range("retention_days", cf->retention_days, 1, 36500)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
