@@ -151,11 +151,13 @@ pytest:
 # 6-node cluster stack (t/test_cluster.py) and the worker roles on a
 # cluster of their own (t/test_cluster_workers.py), two nginx nodes and two
 # fan-out workers on the cluster stack (t/test_cluster_nodes.py), and the
-# failover durability of chat_redis_replicas (t/test_cluster_durability.py),
+# failover durability of chat_redis_replicas (t/test_cluster_durability.py)
+# and the combined fault run on it (t/test_cluster_faults.py),
 # both queues
 test-cluster: setup
 	$(MAKE) all
-	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py t/test_cluster_durability.py $(PYTEST_ARGS)
+	.venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py t/test_cluster_durability.py \
+	  t/test_cluster_faults.py $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test
