@@ -152,13 +152,14 @@ pytest:
 # cluster of their own (t/test_cluster_workers.py), two nginx nodes and two
 # fan-out workers on the cluster stack (t/test_cluster_nodes.py), and the
 # failover durability of chat_redis_replicas (t/test_cluster_durability.py),
-# and the messaging and groups suites on the cluster stack (the modules marked
+# the combined fault run on it (t/test_cluster_faults.py), and the messaging
+# and groups suites on the cluster stack (the modules marked
 # topologies("single", "cluster"); `make pytest` runs them on both), both queues
 CLUSTER_SUITES := t/test_messaging.py t/test_groups.py t/test_groups_api.py
 test-cluster: setup
 	$(MAKE) all
 	CHAT_TEST_TOPOLOGIES=cluster .venv/bin/pytest -q t/test_cluster.py t/test_cluster_nodes.py t/test_cluster_workers.py \
-	  t/test_cluster_durability.py $(CLUSTER_SUITES) $(PYTEST_ARGS)
+	  t/test_cluster_durability.py t/test_cluster_faults.py $(CLUSTER_SUITES) $(PYTEST_ARGS)
 
 test: setup
 	$(MAKE) lua-test

@@ -301,10 +301,37 @@ def kafka_assignment(stack):
             for tp in m.assignment.topic_partitions if tp.topic == "chat.in"}
 
 
+def lease_holders(rc, shards=16):
+    """shard -> the consumer name (fanout-<index>) of the fan-out worker
+    holding its lease (Redis queue; docs/PIPELINE.md chat:{s<s>}:lease)"""
+    out = {}
+    for s in range(shards):
+        v = rc.get(f"chat:{{s{s}}}:lease")
+        if v:
+            out[s] = v.split(":", 1)[0]
+    return out
+
+
+def balanced(stack):
+    """Redis queue: wait until both fan-out workers hold their share (8 of
+    the 16 shard leases each); returns the holders."""
+    rc = cluster_client(stack)
+    held = {}
+
+    def ok():
+        held.clear()
+        held.update(lease_holders(rc))
+        return len(held) == 16 and sorted(held.values()).count("fanout-1") == 8
+    eventually(ok, timeout=90, interval=0.5, what="the shard leases split 8/8 between the fan-out workers")
+    rc.close()
+    return dict(held)
+
+
 def pairs_on_fanout(stack, index, k):
     """k (sender, recipient) pairs whose conversation shard (Kafka: the
-    partition) belongs to fan-out worker `index`: Redis queue, shard mod 2;
-    Kafka, what the group assigned to client id fanout-<index>."""
+    partition) belongs to fan-out worker `index`: Redis queue, the shards
+    whose lease it holds; Kafka, what the group assigned to client id
+    fanout-<index>."""
     if stack.env["CHAT_QUEUE"] == "kafka":
         assignment = {}
 
@@ -315,7 +342,7 @@ def pairs_on_fanout(stack, index, k):
         eventually(both_members, timeout=90, interval=1, what="both fan-out workers in the Kafka group")
         mine = {p for p, cid in assignment.items() if cid == f"fanout-{index}"}
     else:
-        mine = {s for s in range(16) if s % 2 == index}
+        mine = {s for s, who in balanced(stack).items() if who == f"fanout-{index}"}
     out = []
     while len(out) < k:
         a, b = uniq("a"), uniq("b")
@@ -325,17 +352,20 @@ def pairs_on_fanout(stack, index, k):
 
 
 def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
-    """kill -9 of worker-fanout2 while messages flow. Kafka: the group
-    rebalances and worker-fanout takes its partitions over (from their last
-    committed offsets) while worker-fanout2 stays dead: every conversation
-    here is on a partition the group had given worker-fanout2. Redis Streams: the
-    shards are split by fanout_index, so worker-fanout2's shards wait for it:
-    `scripts/stack up` starts it again, it claims what it had pending and
-    goes on. Either way every acknowledged message reaches its recipient,
-    and the inbox holds it exactly once."""
+    """kill -9 of worker-fanout2 while messages flow; it stays dead until
+    every message was delivered. Kafka: the group rebalances and
+    worker-fanout takes its partitions over (from their last committed
+    offsets). Redis Streams: its shard leases expire (fanout_lease_ms) and
+    worker-fanout takes them, with what worker-fanout2 had pending
+    (workers/lease.c). Every conversation here is on a shard (partition)
+    worker-fanout2 served. Every acknowledged message reaches its
+    recipient once and in order (a re-processed entry may be published
+    again, with the same cursor), the inbox holds it exactly once; then
+    worker-fanout2 starts again and gets its share back."""
     stack = cluster_stack
     kafka = stack.env["CHAT_QUEUE"] == "kafka"
     pairs = pairs_on_fanout(stack, 1, 6)
+    mine = {shard(conv_of(a, b)) for a, b in pairs}
     readers = {}
     for _, b in pairs:
         readers[b] = Reader(ws(stack, b, "phone"))
@@ -344,11 +374,16 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
     for s in senders:
         s.start()
     eventually(lambda: sum(len(s.acks) for s in senders) >= 60, timeout=60, what="60 acks before the kill")
+    t_kill = time.time()                        # counted from the kill command, to be safe
     stack_run(stack, "kill", "worker-fanout2")
-    t_kill = time.time()
+    took_leases = None
     if not kafka:
-        time.sleep(2)
-        stack_run(stack, "up")
+        # the survivor takes the dead worker's leases once they expire
+        rc = cluster_client(stack)
+        eventually(lambda: set(lease_holders(rc).values()) == {"fanout-0"} and len(lease_holders(rc)) == 16,
+                   timeout=60, interval=0.1, what="worker-fanout holding every shard lease")
+        took_leases = time.time() - t_kill
+        rc.close()
     for s in senders:
         s.finish()
     total = sum(len(s.acks) for s in senders)
@@ -370,7 +405,8 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
             assert first.setdefault(m["id"], m["cursor"]) == m["cursor"], m
         dups += len(got) - len(first)
         assert set(first) == {x["id"] for x in s.acks.values()}
-        assert sorted(m["seq"] for m in got if first.pop(m["id"], None) is not None) == list(range(1, 61))
+        # in order: each message's first arrival in seq order
+        assert [m["seq"] for m in got if first.pop(m["id"], None) is not None] == list(range(1, 61))
         # the inbox holds each message once
         assert rc.zcard(f"chat:{{u:{s.b}}}:inbox") == 60
         # and a device replaying from 0 gets each once
@@ -382,10 +418,74 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
     for r in readers.values():
         r.c.close()
     status = stack_run(stack, "status", check=False).stdout
-    if kafka:
-        # nothing restarted it: worker-fanout did the work alone
-        assert re.search(r"fanout worker-fanout2 +fanout_index 1 +DEAD", status), status
-        stack_run(stack, "up")
-    print(f"fan-out worker killed: all {total} delivered {took:.1f} s after the kill, "
+    # nothing restarted it: worker-fanout did the work alone
+    assert re.search(r"fanout worker-fanout2 +fanout_index 1 +DEAD", status), status
+    stack_run(stack, "up")
+    extra = ""
+    if not kafka:
+        # the lease bound: fanout_lease_ms (5 s) for the leases and the
+        # dead worker's place among the living to expire, plus one
+        # renewal round (1 s); generous for a loaded machine
+        assert took_leases < 5.0 + 1.0 + 6.0, took_leases
+        extra = f", its 8 shards' leases (those of {len(mine)} conversations here among them) taken over {took_leases:.1f} s after the kill"
+        # started again, it gets its share back (the survivor gives back its surplus)
+        balanced(stack)
+    print(f"fan-out worker killed: all {total} delivered {took:.1f} s after the kill{extra}, "
           f"{dups} live re-deliveries of the same event")
     assert re.search(r"fanout worker-fanout2 +fanout_index 1 +running", stack_run(stack, "status").stdout)
+
+
+def test_a_paused_fanout_worker_loses_its_shards_and_stops_serving_them(cluster_stack):
+    """Redis queue, the fencing of the shard leases: worker-fanout2 is
+    stopped (SIGSTOP: a pause, a partition) longer than its lease while
+    messages flow; worker-fanout takes its shards over and delivers. When
+    worker-fanout2 goes on (SIGCONT) it finds its leases unsure or taken,
+    reads and acknowledges nothing of them, and gets its share back by the
+    normal give-back. Every message once in each inbox, in order; a live
+    repeat carries the same cursor."""
+    import pytest
+    import signal
+    stack = cluster_stack
+    if stack.env["CHAT_QUEUE"] == "kafka":
+        pytest.skip("shard leases are the Redis queue's (Kafka: the consumer group)")
+    pairs = pairs_on_fanout(stack, 1, 4)
+    readers = {}
+    for _, b in pairs:
+        readers[b] = Reader(ws(stack, b, "phone"))
+        readers[b].start()
+    senders = [Sender([stack], a, b, 80, gap=0.05) for a, b in pairs]
+    for s in senders:
+        s.start()
+    eventually(lambda: sum(len(s.acks) for s in senders) >= 40, timeout=60, what="40 acks before the pause")
+    pid = int(open(os.path.join(stack.dir, "pids", "worker-fanout2")).read())
+    rc = cluster_client(stack)
+    os.kill(pid, signal.SIGSTOP)
+    t_stop = time.time()
+    try:
+        eventually(lambda: set(lease_holders(rc).values()) == {"fanout-0"} and len(lease_holders(rc)) == 16,
+                   timeout=60, interval=0.1, what="worker-fanout holding every lease while worker-fanout2 is stopped")
+        took = time.time() - t_stop
+        time.sleep(1.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for s in senders:
+        s.finish()
+    eventually(lambda: all({x["id"] for x in s.acks.values()} <= {m["id"] for m in readers[s.b].got}
+                           for s in senders), timeout=120, what="every acknowledged message delivered")
+    # back: it gets its share again (the survivor gives back its surplus)
+    balanced(stack)
+    time.sleep(1.0)
+    for s in senders:
+        got, first = readers[s.b].got, {}
+        for m in got:
+            assert first.setdefault(m["id"], m["cursor"]) == m["cursor"], m
+        assert set(first) == {x["id"] for x in s.acks.values()}
+        assert [m["seq"] for m in got if first.pop(m["id"], None) is not None] == list(range(1, 81))
+        assert rc.zcard(f"chat:{{u:{s.b}}}:inbox") == 80
+    rc.close()
+    for r in readers.values():
+        r.c.close()
+    log = open(os.path.join(stack.dir, "logs", "worker-fanout2.log")).read() \
+        if os.path.exists(os.path.join(stack.dir, "logs", "worker-fanout2.log")) else ""
+    print(f"worker-fanout2 stopped: its leases taken over {took:.1f} s after the stop; "
+          f"its log says lost: {log.count('held by another worker')}, unsure at ack: {log.count('not sure any more')}")

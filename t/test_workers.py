@@ -64,6 +64,70 @@ def test_config_keys_and_env_overrides(stack, tmp_path):
     assert p.returncode == 2 and "fanout_index must be between 0 and 1" in p.stderr, p.stderr
 
 
+def test_shard_lease_settings_are_checked(stack, tmp_path):
+    """fanout_lease_ms: 0 (the static split) or at least 2 s; the renew
+    interval at most a fifth of it (the fencing margin). Positive control:
+    0 and a longer lease pass the check (a config error exits 2 before
+    anything connects; a good one keeps retrying a Redis that is not
+    there)."""
+    for text, msg in [("fanout_lease_ms = 1000\n", "fanout_lease_ms must be between 2000"),
+                      ("fanout_lease_ms = 5000\nfanout_lease_renew_ms = 2000\n",
+                       "fanout_lease_renew_ms must be between 100 and 1000")]:
+        bad = tmp_path / "bad.conf"
+        bad.write_text(text)
+        p = subprocess.run([stack.worker, "--config", str(bad), "--role", "fanout"], capture_output=True, text=True)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
+    for text in ("fanout_lease_ms = 0\nfanout_lease_renew_ms = 5000\n", "fanout_lease_ms = 10000\n"):
+        ok = tmp_path / "ok.conf"
+        ok.write_text(text + "redis_url = redis://127.0.0.1:1\n")
+        p = subprocess.Popen([stack.worker, "--config", str(ok), "--role", "fanout"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            p.wait(timeout=1.5)
+        except subprocess.TimeoutExpired:
+            pass                    # running (retrying Redis): the config passed
+        finally:
+            if p.poll() is None:
+                p.terminate()
+            _, err = p.communicate(timeout=20)
+        assert "must be" not in err, err
+
+
+@redis_only
+def test_static_split_without_leases(stack, r, q):
+    """fanout_lease_ms = 0: the split of before, shard s by the worker
+    with s mod fanout_workers == fanout_index, and no lease is taken. A
+    worker of our own as index 1 of 2 in place of the stack's: a
+    conversation on an odd shard is delivered (the positive control), one
+    on an even shard waits for the stack's worker."""
+    stop_worker(stack, "fanout")
+    assert not r.keys("chat:{s*}:lease")            # the stopped worker gave its leases back
+    log = open(os.path.join(stack.dir, "logs", "test-fanout-static.log"), "a")
+    own = subprocess.Popen([stack.worker, "--config", stack.env["CHAT_WORKER_CONF"], "--role", "fanout"],
+                           env=dict(stack.proc_env, CHAT_FANOUT_LEASE_MS="0", CHAT_FANOUT_WORKERS="2",
+                                    CHAT_FANOUT_INDEX="1"), stdout=log, stderr=log)
+    convs = {}
+    while len(convs) < 2:
+        a, b = uid("alice"), uid("bob")
+        convs.setdefault(shard(dconv(a, b)) % 2, (a, b))
+    try:
+        for parity in (1, 0):
+            a, b = convs[parity]
+            q.send(msg_fields(dconv(a, b), a, b, 1))
+        q.flush()
+        odd_b = convs[1][1]
+        eventually(lambda: r.get(ukey(odd_b, "cur")) == "1", timeout=30, what="the odd shard's message appended")
+        time.sleep(1.0)
+        assert r.get(ukey(convs[0][1], "cur")) is None      # the even shard is not ours
+        assert not r.keys("chat:{s*}:lease")
+    finally:
+        own.terminate()
+        own.wait(timeout=20)
+        stack_cmd(stack, "up")
+    even_b = convs[0][1]
+    eventually(lambda: r.get(ukey(even_b, "cur")) == "1", timeout=30, what="the stack's worker took the even shard")
+
+
 def test_heartbeat_keys(stack, r):
     keys = eventually(lambda: r.keys("chat:worker:*"), what="heartbeat keys")
     roles = {k.split(":")[2] for k in keys}

@@ -34,7 +34,9 @@ typedef struct {
     char  node_id[64];          /* names this process in Redis (heartbeat key) */
     int   shards;               /* conversation shards, equal to nginx's chat_shards */
     int   fanout_workers;       /* fan-out processes sharing the shards (Redis queue) */
-    int   fanout_index;         /* which of them this one is */
+    int   fanout_index;         /* which of them this one is (its consumer name) */
+    int   fanout_lease_ms;      /* Redis queue: a shard's lease lasts this long (0: static split) */
+    int   fanout_lease_renew_ms; /* ... renewed (and free shards claimed) this often */
     int   inbox_max;            /* events kept per user inbox */
     int   retention_days;       /* inbox TTL */
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
@@ -254,6 +256,42 @@ int  cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b);
 /* Redis mode: periodic claim of stale pending entries and stream trimming.
  * Returns -1 on a connection error. */
 int  cw_queue_maintain(cw_queue_t *q, cw_redis_t *c);
+
+/* Shard leases (Redis queue, the fanout role with fanout_lease_ms > 0):
+ * the queue reads only the shards workers/lease.c says we hold. s is a
+ * shard number. */
+int  cw_queue_leases(const cw_queue_t *q);
+/* 0: not ours, 1: served, 2: being given back (no new read) */
+int  cw_queue_shard_state(const cw_queue_t *q, int s);
+/* a blocking read of the shard is out (its reply not yet taken) */
+int  cw_queue_reading(const cw_queue_t *q, int s);
+/* our lease of s is sure until this monotonic time */
+void cw_queue_valid(cw_queue_t *q, int s, int64_t until);
+/* we hold s now: claim what others left pending on it; -1: connection error */
+int  cw_queue_take(cw_queue_t *q, cw_redis_t *c, int s, int64_t until);
+void cw_queue_drain(cw_queue_t *q, int s);
+void cw_queue_drop(cw_queue_t *q, int s);
+
+/* ---- the fan-out worker's shard leases (lease.c) ------------------------- */
+
+typedef struct {
+    const cw_config_t *cf;
+    cw_queue_t        *q;
+    char               owner[192];
+    int64_t            next;           /* monotonic ms of the next renewal */
+    int                alive;          /* fan-out workers alive at the last renewal */
+    int                held;           /* shards served */
+    int               *cand;           /* scratch: shards tried in one round */
+    uint64_t           n_taken, n_lost, n_given;
+} cw_lease_t;
+
+int  cw_lease_init(cw_lease_t *l, const cw_config_t *cf, cw_queue_t *q);
+/* Renews our leases, gives back a surplus, takes free shards up to our
+ * share; on its schedule (fanout_lease_renew_ms). -1: connection error. */
+int  cw_lease_tick(cw_lease_t *l, cw_redis_t *c);
+/* A clean stop: every lease given back, and we count as gone. */
+void cw_lease_release(cw_lease_t *l, cw_redis_t *c);
+void cw_lease_free(cw_lease_t *l);
 
 
 /* ---- the dead-letter queue (dlq.c) --------------------------------------- */

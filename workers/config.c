@@ -36,6 +36,8 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "shards") == 0) return &cf->shards;
     if (strcmp(k, "fanout_workers") == 0) return &cf->fanout_workers;
     if (strcmp(k, "fanout_index") == 0) return &cf->fanout_index;
+    if (strcmp(k, "fanout_lease_ms") == 0) return &cf->fanout_lease_ms;
+    if (strcmp(k, "fanout_lease_renew_ms") == 0) return &cf->fanout_lease_renew_ms;
     if (strcmp(k, "inbox_max") == 0) return &cf->inbox_max;
     if (strcmp(k, "retention_days") == 0) return &cf->retention_days;
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
@@ -73,6 +75,8 @@ static const struct int_env int_envs[] = {
     { "CHAT_SHARDS", "shards" },
     { "CHAT_FANOUT_WORKERS", "fanout_workers" },
     { "CHAT_FANOUT_INDEX", "fanout_index" },
+    { "CHAT_FANOUT_LEASE_MS", "fanout_lease_ms" },
+    { "CHAT_FANOUT_LEASE_RENEW_MS", "fanout_lease_renew_ms" },
     { "CHAT_INBOX_MAX", "inbox_max" },
     { "CHAT_RETENTION_DAYS", "retention_days" },
     { "CHAT_CLAIM_IDLE_MS", "claim_idle_ms" },
@@ -127,6 +131,8 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->shards = 16;
     cf->fanout_workers = 1;
     cf->fanout_index = 0;
+    cf->fanout_lease_ms = 5000;
+    cf->fanout_lease_renew_ms = 1000;
     cf->inbox_max = 100000;
     cf->retention_days = 365;
     cf->claim_idle_ms = 5000;
@@ -251,6 +257,9 @@ cw_config_load(cw_config_t *cf, const char *path)
     }
     if (check_range("shards", cf->shards, 1, 4096) || check_range("fanout_workers", cf->fanout_workers, 1, 4096)
         || check_range("fanout_index", cf->fanout_index, 0, cf->fanout_workers - 1)
+        || (cf->fanout_lease_ms != 0 && check_range("fanout_lease_ms", cf->fanout_lease_ms, 2000, 600000))
+        || check_range("fanout_lease_renew_ms", cf->fanout_lease_renew_ms, 100,
+                       cf->fanout_lease_ms ? cf->fanout_lease_ms / 5 : 600000)
         || check_range("inbox_max", cf->inbox_max, 1, 100000000)
         || check_range("retention_days", cf->retention_days, 1, 36500)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)

@@ -635,7 +635,8 @@ cw_role_fanout(const cw_config_t *cf)
     fanout_t        f;
     cw_heartbeat_t  hb;
     cw_backoff_t    bo;
-    int            *shards, nshards = 0;
+    cw_lease_t      lease;
+    int            *shards, nshards = 0, leases;
     char            err[256];
 
     memset(&f, 0, sizeof(f));
@@ -644,12 +645,16 @@ cw_role_fanout(const cw_config_t *cf)
     snprintf(f.ret_s, sizeof(f.ret_s), "%lld", (long long) cf->retention_days * 86400000LL);
     shards = malloc(sizeof(int) * (size_t) cf->shards);
     if (shards == NULL) return 1;
+    /* Redis queue with leases (fanout_lease_ms): any shard may become
+     * ours, the leases say which are (lease.c); without: the static split */
+    leases = strcmp(cf->queue, "kafka") != 0 && cf->fanout_lease_ms > 0;
     for (int s = 0; s < cf->shards; s++) {
-        if (s % cf->fanout_workers == cf->fanout_index) shards[nshards++] = s;
+        if (leases || s % cf->fanout_workers == cf->fanout_index) shards[nshards++] = s;
     }
     f.q = cw_queue_new(cf, "fanout", shards, nshards, 1);
     free(shards);
     if (f.q == NULL) return 1;
+    if (leases && cw_lease_init(&lease, cf, f.q) != 0) return 1;
     f.dlq = cw_dlq_new(cf, "fanout");
     if (f.dlq == NULL) return 1;
     cw_heartbeat_init(&hb, cf, "fanout");
@@ -657,6 +662,10 @@ cw_role_fanout(const cw_config_t *cf)
     if (cw_queue_is_kafka(f.q)) {
         cw_info("role fanout started (node %s, kafka topic chat.in, group chat-fanout, batch %d)",
                 cf->node_id, cf->batch);
+    } else if (leases) {
+        cw_info("role fanout started (node %s, consumer fanout-%d, shard leases of %d ms renewed every %d ms, "
+                "%d shards, batch %d)", cf->node_id, cf->fanout_index, cf->fanout_lease_ms,
+                cf->fanout_lease_renew_ms, cf->shards, cf->batch);
     } else {
         cw_info("role fanout started (node %s, consumer fanout-%d, %d of %d shards, batch %d)",
                 cf->node_id, cf->fanout_index, nshards, cf->shards, cf->batch);
@@ -679,7 +688,9 @@ cw_role_fanout(const cw_config_t *cf)
             cw_info("fanout: connected to redis %s", cf->redis_url);
             cw_backoff_reset(&bo);
         }
-        if (cw_heartbeat_tick(&hb, f.c) != 0 || cw_queue_maintain(f.q, f.c) != 0) {
+        if (cw_heartbeat_tick(&hb, f.c) != 0 || (leases && cw_lease_tick(&lease, f.c) != 0)
+            || cw_queue_maintain(f.q, f.c) != 0)
+        {
             drop(&f, &bo, "connection lost");
             continue;
         }
@@ -721,6 +732,11 @@ stats:
             f.n_entries = f.n_appends = f.n_publishes = f.n_invalid = 0;
             f.next_stats = cw_mono_ms() + 10000;
         }
+    }
+    if (leases) {
+        /* the others take our shards at once instead of after the lease */
+        cw_lease_release(&lease, f.c);
+        cw_lease_free(&lease);
     }
     cw_heartbeat_clear(&hb, f.c);
     if (f.c) cw_redis_free(f.c);

@@ -26,6 +26,9 @@
 #include <string.h>
 
 #define CW_TOPIC "chat.in"
+#define Q_NONE  0
+#define Q_SERVE 1
+#define Q_DRAIN 2
 #define KAFKA_LINGER_MS 5
 
 struct cw_queue_s {
@@ -40,6 +43,15 @@ struct cw_queue_s {
     char              **keys;            /* their stream keys */
     int                *idx_of;          /* shard number -> index in shards, or -1 */
     unsigned char      *pending;         /* still re-reading our pending entries */
+    /* Shard leases (the fanout role, fanout_lease_ms; workers/lease.c):
+     * which shards we serve now (Q_SERVE), are giving back (Q_DRAIN: no
+     * new read; its lease is given back once no read is out) or do not
+     * hold (Q_NONE), and until when (monotonic ms) our lease is surely
+     * still ours. Without leases every shard given is served forever. */
+    int                 leases;
+    unsigned char      *active;
+    int64_t            *valid_until;
+    int                 margin_ms;       /* a read must complete this long before the lease may end */
     int                 npending;
     int                 trim;
     int64_t             next_trim;
@@ -88,7 +100,15 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
     q->idx_of = malloc(sizeof(int) * (size_t) cf->shards);
     q->rd = calloc((size_t) nshards, sizeof(redisContext *));
     q->rd_out = calloc((size_t) nshards, 1);
-    if (!q->shards || !q->keys || !q->pending || !q->idx_of || !q->rd || !q->rd_out) goto fail;
+    q->active = calloc((size_t) nshards, 1);
+    q->valid_until = calloc((size_t) nshards, sizeof(int64_t));
+    if (!q->shards || !q->keys || !q->pending || !q->idx_of || !q->rd || !q->rd_out || !q->active
+        || !q->valid_until)
+    {
+        goto fail;
+    }
+    q->leases = strcmp(group, "fanout") == 0 && cf->fanout_lease_ms > 0;
+    q->margin_ms = cf->fanout_lease_ms / 5;
     for (int s = 0; s < cf->shards; s++) q->idx_of[s] = -1;
     for (int i = 0; i < nshards; i++) {
         q->shards[i] = shards[i];
@@ -96,6 +116,10 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
         q->keys[i] = malloc(32);
         if (q->keys[i] == NULL) goto fail;
         snprintf(q->keys[i], 32, "chat:{s%d}:in", shards[i]);
+        if (!q->leases) {
+            q->active[i] = Q_SERVE;
+            q->valid_until[i] = INT64_MAX;
+        }
     }
     return q;
 fail:
@@ -116,7 +140,20 @@ cw_queue_free(cw_queue_t *q)
     free(q->shards);
     free(q->pending);
     free(q->idx_of);
+    free(q->active);
+    free(q->valid_until);
     free(q);
+}
+
+/* May a blocking read of `block_ms` be sent on stream i? Only while our
+ * lease lasts until that read is surely over on the server (plus a margin
+ * for the time the command takes to get there): whatever a read hands us
+ * is then ours before the lease can pass to another worker, which claims
+ * it when it takes the shard (the fencing of workers/lease.c). */
+static int
+readable(const cw_queue_t *q, int i, int block_ms)
+{
+    return q->active[i] == Q_SERVE && q->valid_until[i] > cw_mono_ms() + block_ms + q->margin_ms;
 }
 
 
@@ -168,17 +205,25 @@ others_pending(const cw_queue_t *q, const redisReply *r)
  * whole stream when all is set.
  */
 static int
-claim(cw_queue_t *q, cw_redis_t *c, long long min_idle, int all)
+claim(cw_queue_t *q, cw_redis_t *c, long long min_idle, int all, int only)
 {
     char           idle[32], count[32];
     redisReply    *r;
     unsigned char *want;
-    int            rounds = 0, rc = 0;
+    int            rounds = 0, rc = 0, n = 0;
 
     want = calloc((size_t) q->nshards, 1);
     if (want == NULL) return 0;
-    for (int i = 0; i < q->nshards; i++) cw_redis_append(c, "XPENDING %s %s", q->keys[i], q->group);
+    /* the shards we serve (only: just that one) */
     for (int i = 0; i < q->nshards; i++) {
+        if (q->active[i] != Q_SERVE || (only >= 0 && i != only)) continue;
+        cw_redis_append(c, "XPENDING %s %s", q->keys[i], q->group);
+        want[i] = 2;
+        n++;
+    }
+    for (int i = 0; i < q->nshards && n > 0; i++) {
+        if (!want[i]) continue;
+        n--;
         if (cw_redis_get_reply(c, &r) != REDIS_OK) { free(want); return -1; }
         want[i] = (unsigned char) others_pending(q, r);
         freeReplyObject(r);
@@ -251,10 +296,14 @@ redis_setup(cw_queue_t *q, cw_redis_t *c)
     if (rc != 0) return -1;
 
     /* Only the owner of a shard reads it: whatever another consumer name
-     * left pending there is from a dead process or an older configuration. */
-    memset(q->pending, 1, (size_t) q->nshards);
-    q->npending = q->nshards;
-    if (claim(q, c, 0, 1) != 0) return -1;
+     * left pending there is from a dead process or an older configuration
+     * (with leases: from the worker that held the shard before us). */
+    q->npending = 0;
+    for (int i = 0; i < q->nshards; i++) {
+        q->pending[i] = q->active[i] == Q_SERVE;
+        q->npending += q->pending[i];
+    }
+    if (claim(q, c, 0, 1, -1) != 0) return -1;
     q->next_claim = cw_mono_ms() + q->cf->claim_idle_ms;
     q->next_trim = cw_mono_ms() + 1000;
     return 0;
@@ -375,11 +424,19 @@ redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms, int pendin
     argv[n++] = "STREAMS";
     argc = n;
     for (int i = 0; i < q->nshards; i++) {
-        if (pending_mode && !q->pending[i]) continue;
+        if (pending_mode ? !q->pending[i] : (q->pending[i] || !readable(q, i, block_ms))) continue;
         argv[n++] = q->keys[i];
     }
     {
         int nkeys = n - argc;                   /* one id per key */
+        if (nkeys == 0) {
+            /* no shard to read now (leases: none held, or none for long
+             * enough): the caller's loop renews and takes leases */
+            free(argv);
+            free(lens);
+            if (!pending_mode) cw_sleep_ms(block_ms < 100 ? block_ms : 100);
+            return 0;
+        }
         for (int i = 0; i < nkeys; i++) argv[n++] = pending_mode ? "0" : ">";
     }
     for (int i = 0; i < n; i++) lens[i] = strlen(argv[i]);
@@ -528,7 +585,8 @@ cluster_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
      * from the last fetch stay out), then whatever has come back within
      * block_ms; once something has, only what is back already */
     for (int i = 0; i < q->nshards; i++) {
-        if (!q->pending[i] && !q->rd_out[i] && reader_send(q, c, i, block_ms) != 0) return -1;
+        if (!q->pending[i] && !q->rd_out[i] && readable(q, i, block_ms) && reader_send(q, c, i, block_ms) != 0)
+            return -1;
     }
     pf = malloc(sizeof(*pf) * (size_t) q->nshards);
     who = malloc(sizeof(int) * (size_t) q->nshards);
@@ -544,7 +602,11 @@ cluster_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
             pf[n].revents = 0;
             who[n++] = i;
         }
-        if (n == 0) break;
+        if (n == 0) {
+            /* no stream to wait for (leases: none held now): not a busy loop */
+            if (b->n == 0) cw_sleep_ms(block_ms < 100 ? block_ms : 100);
+            break;
+        }
         ready = poll(pf, (nfds_t) n, b->n > 0 || left < 0 ? 0 : (int) left);
         if (ready < 0 && errno == EINTR) continue;
         if (ready <= 0) break;
@@ -850,6 +912,22 @@ cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b)
      * stream's entries together). */
     while (i < b->n) {
         int shard = b->e[i].shard, idx = q->idx_of[shard], argc = 0;
+        if (q->active[idx] == Q_NONE || q->valid_until[idx] <= cw_mono_ms()) {
+            /* Our lease may have passed to another worker while we worked
+             * (a pause longer than the lease): leave the entries pending.
+             * They were processed; whoever serves the shard next claims and
+             * processes them again, which the inbox script makes a
+             * re-publish with the same cursors (and so do we, if the
+             * lease is still ours after all). */
+            cw_warn("%s: lease of shard %d not sure any more; %s left pending", q->consumer, shard,
+                    b->e[i].qid);
+            if (q->active[idx] == Q_SERVE && !q->pending[idx]) {
+                q->pending[idx] = 1;
+                q->npending++;
+            }
+            while (i < b->n && b->e[i].shard == shard) i++;
+            continue;
+        }
         argv[argc++] = "XACK";
         argv[argc++] = q->keys[idx];
         argv[argc++] = q->group;
@@ -894,6 +972,7 @@ trim_streams(cw_queue_t *q, cw_redis_t *c)
 
     if (minid == NULL || ok == NULL) { free(minid); free(ok); return 0; }
     for (int i = 0; i < q->nshards; i++) {
+        if (q->leases && q->active[i] == Q_NONE) continue;   /* another worker trims it */
         cw_redis_append(c, "XINFO GROUPS %s", q->keys[i]);
         cw_redis_append(c, "XPENDING %s fanout", q->keys[i]);
         cw_redis_append(c, "XPENDING %s persist", q->keys[i]);
@@ -902,6 +981,7 @@ trim_streams(cw_queue_t *q, cw_redis_t *c)
     for (int i = 0; i < q->nshards; i++) {
         int   groups = 0, first = 1;
         sid_t m = { 0, 0 };
+        if (q->leases && q->active[i] == Q_NONE) continue;
         if (cw_redis_get_reply(c, &info) != REDIS_OK) { rc = -1; goto out; }
         if (cw_redis_get_reply(c, &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
         if (cw_redis_get_reply(c, &pp) != REDIS_OK) {
@@ -973,7 +1053,7 @@ cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
 
     if (q->kafka) return 0;
     if (now >= q->next_claim) {
-        if (claim(q, c, q->cf->claim_idle_ms, 0) != 0) return -1;
+        if (claim(q, c, q->cf->claim_idle_ms, 0, -1) != 0) return -1;
         q->next_claim = now + q->cf->claim_idle_ms;
     }
     if (q->trim && now >= q->next_trim) {
@@ -981,4 +1061,71 @@ cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
         q->next_trim = now + 5000;
     }
     return 0;
+}
+
+
+/* ---- shard leases (workers/lease.c decides, the queue obeys) -------------- */
+
+int
+cw_queue_leases(const cw_queue_t *q)
+{
+    return !q->kafka && q->leases;
+}
+
+int
+cw_queue_shard_state(const cw_queue_t *q, int s)
+{
+    return q->active[q->idx_of[s]];
+}
+
+int
+cw_queue_reading(const cw_queue_t *q, int s)
+{
+    return q->rd_out[q->idx_of[s]];
+}
+
+void
+cw_queue_valid(cw_queue_t *q, int s, int64_t until)
+{
+    q->valid_until[q->idx_of[s]] = until;
+}
+
+int
+cw_queue_take(cw_queue_t *q, cw_redis_t *c, int s, int64_t until)
+{
+    int i = q->idx_of[s];
+
+    q->active[i] = Q_SERVE;
+    q->valid_until[i] = until;
+    /* what the last holder read and did not acknowledge is ours now: taken
+     * over before anything new is read, and processed first, in stream
+     * order (with ours, if we held the shard before) */
+    if (!q->pending[i]) q->npending++;
+    q->pending[i] = 1;
+    return claim(q, c, 0, 1, i);
+}
+
+void
+cw_queue_drain(cw_queue_t *q, int s)
+{
+    int i = q->idx_of[s];
+
+    if (q->active[i] != Q_SERVE) return;
+    q->active[i] = Q_DRAIN;
+    if (q->pending[i]) q->npending--;
+    q->pending[i] = 0;           /* what is pending stays for the next holder */
+}
+
+void
+cw_queue_drop(cw_queue_t *q, int s)
+{
+    int i = q->idx_of[s];
+
+    if (q->pending[i]) q->npending--;
+    q->pending[i] = 0;
+    q->active[i] = Q_NONE;
+    q->valid_until[i] = 0;
+    /* a read still out was sent while the lease was sure, so what it hands
+     * us is pending under our name: the next holder claims it */
+    if (q->rd && q->rd[i]) reader_close(q, i);
 }

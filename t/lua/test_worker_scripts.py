@@ -249,3 +249,36 @@ def test_push_lease_done_and_dead(r, run):
     r.hset(P + "push", "phone", "old")
     assert run("push_dead", [P + "push"], ["phone", "other"]) == 0   # registered again meanwhile
     assert run("push_dead", [P + "push"], ["phone", "old"]) == 1 and not r.hexists(P + "push", "phone")
+
+
+def test_fanout_lease_take_renew_give_back(r, run):
+    """One holder per shard: taken when free, renewed only by its holder,
+    given back only by its holder, free again after its ttl."""
+    k = "chat:{s3}:lease"
+    assert run("fanout_lease", [k], ["w1", 5000]) == 2                 # free: taken
+    assert r.get(k) == "w1" and 4000 < r.pttl(k) <= 5000
+    assert run("fanout_lease", [k], ["w2", 5000]) == 0                 # held: not taken
+    assert run("fanout_lease", [k], ["w2", 0]) == 0                    # nor given back by another
+    assert r.get(k) == "w1"
+    r.pexpire(k, 100)
+    assert run("fanout_lease", [k], ["w1", 8000]) == 1                 # renewed by its holder
+    assert 7000 < r.pttl(k) <= 8000
+    assert run("fanout_lease", [k], ["w1", 0]) == 1                    # given back
+    assert r.exists(k) == 0
+    assert run("fanout_lease", [k], ["w2", 300]) == 2                  # and taken by another
+    time.sleep(0.4)
+    assert r.exists(k) == 0                                            # not renewed: free after its ttl
+    assert run("fanout_lease", [k], ["w1", 5000]) == 2
+
+
+def test_fanout_live_counts_workers_until_their_ttl(r, run):
+    k = "chat:{fanout}:live"
+    assert run("fanout_live", [k], ["w1", 5000]) == 1
+    assert run("fanout_live", [k], ["w2", 300]) == 2
+    assert run("fanout_live", [k], ["w1", 5000]) == 2                  # renewing does not count twice
+    assert r.pttl(k) > 0                                               # the set itself expires too
+    time.sleep(0.4)
+    assert run("fanout_live", [k], ["w1", 5000]) == 1                  # w2 stopped renewing
+    assert run("fanout_live", [k], ["w3", 5000]) == 2
+    assert run("fanout_live", [k], ["w3", 0]) == 1                     # a clean stop: gone at once
+    assert r.zrange(k, 0, -1) == ["w1"]
