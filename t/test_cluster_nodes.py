@@ -17,7 +17,7 @@ import uuid
 from redis.cluster import ClusterNode, RedisCluster
 
 from chatlib import ROOT
-from helpers import BULK, ack_of, conv_of, eventually, get, send, shard, uniq, ws
+from helpers import BULK, ack_of, conv_of, eventually, get, redis_only, send, shard, uniq, ws
 from wsclient import Closed, HandshakeError
 
 
@@ -435,6 +435,7 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
     assert re.search(r"fanout worker-fanout2 +fanout_index 1 +running", stack_run(stack, "status").stdout)
 
 
+@redis_only
 def test_a_paused_fanout_worker_loses_its_shards_and_stops_serving_them(cluster_stack):
     """Redis queue, the fencing of the shard leases: worker-fanout2 is
     stopped (SIGSTOP: a pause, a partition) longer than its lease while
@@ -443,11 +444,8 @@ def test_a_paused_fanout_worker_loses_its_shards_and_stops_serving_them(cluster_
     reads and acknowledges nothing of them, and gets its share back by the
     normal give-back. Every message once in each inbox, in order; a live
     repeat carries the same cursor."""
-    import pytest
     import signal
     stack = cluster_stack
-    if stack.env["CHAT_QUEUE"] == "kafka":
-        pytest.skip("shard leases are the Redis queue's (Kafka: the consumer group)")
     pairs = pairs_on_fanout(stack, 1, 4)
     readers = {}
     for _, b in pairs:
