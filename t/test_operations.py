@@ -306,3 +306,41 @@ def test_stop_with_redis_commands_in_flight(stack, tmp_path):
         except Exception:
             pass
         ngx.kill()
+
+
+def test_registry_refresh_is_spread_over_its_interval(stack, r):
+    """Each session's registry entry is renewed once per third of
+    chat_registry_ttl (the test stack: 30 s, so every 10 s), spread over
+    that interval, not in one burst per worker process (a burst put every
+    refresh script ahead of the sends at once, and past the link's pending
+    bound the rest of the list was never refreshed)."""
+    from helpers import uniq, ws
+    ttl_ms, interval = 30000, 10.0
+    users = [uniq("rf") for _ in range(120)]
+    t0 = time.time()
+    conns = [ws(stack, u, "d") for u in users]
+    opened = time.time()
+    assert opened - t0 < 8, "the connects took too long to tell a burst from a spread"
+    time.sleep(interval * 1.6)
+    now_ms = time.time() * 1000
+    by_channel = {}
+    for u in users:
+        members = r.zrange(f"chat:{{u:{u}}}:conns", 0, -1, withscores=True)
+        assert len(members) == 1, (u, members)
+        member, score = members[0]
+        channel = member.split("|", 1)[0]
+        refreshed_ms = score - ttl_ms
+        # every session was renewed within the last interval (and a tick):
+        # after it registered, and not starved
+        assert refreshed_ms >= now_ms - interval * 1000 - 1500, (u, now_ms - refreshed_ms)
+        by_channel.setdefault(channel, []).append(refreshed_ms)
+    for channel, times in by_channel.items():
+        if len(times) < 20:
+            continue            # too few sessions on this process to tell
+        spread = max(times) - min(times)
+        # a burst renews a process's sessions within a few ms; spread over
+        # the interval, 20+ sessions cover most of it
+        assert spread > interval * 1000 * 0.4, (channel, len(times), spread)
+    assert any(len(t) >= 20 for t in by_channel.values()), {c: len(t) for c, t in by_channel.items()}
+    for c in conns:
+        c.close()

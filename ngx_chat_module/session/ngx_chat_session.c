@@ -26,6 +26,8 @@ static uint64_t               ngx_chat_next_sid;
 static ngx_event_t            ngx_chat_tick;
 static ngx_connection_t       ngx_chat_tick_conn;
 static ngx_msec_t             ngx_chat_last_refresh;
+static ngx_uint_t             ngx_chat_nsessions;   /* in ngx_chat_sessions */
+static ngx_uint_t             ngx_chat_refresh_credit;  /* sessions x ms */
 static ngx_uint_t             ngx_chat_drained;
 
 
@@ -210,6 +212,7 @@ ngx_chat_session_create(ngx_connection_t *c, ngx_chat_loc_conf_t *conf,
     ngx_queue_init(&s->watches);
     ngx_queue_insert_tail(&u->sessions, &s->user_link);
     ngx_queue_insert_tail(&ngx_chat_sessions, &s->all_link);
+    ngx_chat_nsessions++;
 
     s->log = *c->log;
     s->log.handler = ngx_chat_session_log_handler;
@@ -520,6 +523,7 @@ ngx_chat_session_close(ngx_chat_session_t *s)
     u = s->user;
     ngx_queue_remove(&s->user_link);
     ngx_queue_remove(&s->all_link);
+    ngx_chat_nsessions--;
 
     if (ngx_queue_empty(&u->sessions)) {
         ngx_rbtree_delete(&ngx_chat_users, &u->node);
@@ -730,12 +734,22 @@ ngx_chat_session_limited(ngx_chat_session_t *s, const char *message,
 
 /* --- per-worker timer: registry refresh, graceful shutdown ----------------------- */
 
+/*
+ * Each session's registry entry is renewed once per third of the registry
+ * TTL, spread over that interval: every tick the sessions at the head of
+ * the list (the longest unrefreshed: a refreshed one goes to the tail, a
+ * new one starts there) get their share. One burst for the whole process
+ * would put tens of thousands of scripts ahead of every send at once, and
+ * beyond the link's pending bound (NGX_CHAT_REDIS_MAX_PENDING) the rest of
+ * the list would never be refreshed at all.
+ */
 static void
-ngx_chat_refresh_all(void)
+ngx_chat_refresh_some(ngx_uint_t n)
 {
     u_char                 member[160], conns[96], set[96], now[32], ttl[32];
     const char            *argv[7];
     size_t                 argl[7];
+    ngx_uint_t             i;
     ngx_queue_t           *q;
     ngx_chat_session_t    *s;
     ngx_chat_main_conf_t  *cmcf;
@@ -749,34 +763,34 @@ ngx_chat_refresh_all(void)
     argl[4] = ngx_sprintf(ttl, "%M", (ngx_msec_t) cmcf->registry_ttl * 1000)
               - ttl;
 
-    for (q = ngx_queue_head(&ngx_chat_sessions);
-         q != ngx_queue_sentinel(&ngx_chat_sessions);
-         q = ngx_queue_next(q))
-    {
+    for (i = 0; i < n && !ngx_queue_empty(&ngx_chat_sessions); i++) {
+        q = ngx_queue_head(&ngx_chat_sessions);
         s = ngx_queue_data(q, ngx_chat_session_t, all_link);
 
-        if (!s->registered) {
-            continue;
+        if (s->registered) {
+            argv[0] = (char *) conns;
+            argl[0] = ngx_chat_user_key(s->user, "conns", conns);
+            argv[1] = (char *) set;
+            argl[1] = ngx_chat_user_key(s->user, "set", set);
+            argv[2] = (char *) member;
+            argl[2] = ngx_chat_session_member(s, member);
+            argv[5] = (char *) s->user->id;
+            argl[5] = s->user->len;
+
+            argv[6] = "s";              /* cluster: SPUBLISH */
+            argl[6] = 1;
+
+            if (ngx_chat_redis_script(CHAT_LUA_REFRESH, NULL, NULL, 2,
+                                      ngx_chat_redis_sharded() ? 7 : 6,
+                                      argv, argl) != NGX_OK)
+            {
+                return;   /* Redis is away: it stays first for the next tick */
+            }
         }
 
-        argv[0] = (char *) conns;
-        argl[0] = ngx_chat_user_key(s->user, "conns", conns);
-        argv[1] = (char *) set;
-        argl[1] = ngx_chat_user_key(s->user, "set", set);
-        argv[2] = (char *) member;
-        argl[2] = ngx_chat_session_member(s, member);
-        argv[5] = (char *) s->user->id;
-        argl[5] = s->user->len;
-
-        argv[6] = "s";              /* cluster: SPUBLISH */
-        argl[6] = 1;
-
-        if (ngx_chat_redis_script(CHAT_LUA_REFRESH, NULL, NULL, 2,
-                                  ngx_chat_redis_sharded() ? 7 : 6,
-                                  argv, argl) != NGX_OK)
-        {
-            return;   /* Redis is away: the next tick tries again */
-        }
+        /* refreshed (or registering: its register script is fresh) */
+        ngx_queue_remove(q);
+        ngx_queue_insert_tail(&ngx_chat_sessions, q);
     }
 }
 
@@ -784,6 +798,8 @@ ngx_chat_refresh_all(void)
 static void
 ngx_chat_tick_handler(ngx_event_t *ev)
 {
+    ngx_uint_t             n;
+    ngx_msec_t             elapsed, interval;
     ngx_queue_t           *q, *next;
     ngx_chat_session_t    *s;
     ngx_chat_main_conf_t  *cmcf;
@@ -807,11 +823,21 @@ ngx_chat_tick_handler(ngx_event_t *ev)
         return;   /* no more ticks: let the worker exit */
     }
 
-    if (ngx_current_msec - ngx_chat_last_refresh
-        >= (ngx_msec_t) cmcf->registry_ttl * 1000 / 3)
-    {
-        ngx_chat_last_refresh = ngx_current_msec;
-        ngx_chat_refresh_all();
+    /* the share of this tick: every session once per refresh interval,
+     * counted from the last tick (a late tick does more); the remainder is
+     * carried, so a few sessions are not renewed on every tick */
+    elapsed = ngx_current_msec - ngx_chat_last_refresh;
+    ngx_chat_last_refresh = ngx_current_msec;
+    interval = (ngx_msec_t) cmcf->registry_ttl * 1000 / 3;
+
+    if (interval) {
+        ngx_chat_refresh_credit += ngx_chat_nsessions * elapsed;
+        n = ngx_chat_refresh_credit / interval;
+        ngx_chat_refresh_credit -= n * interval;
+
+        if (n) {
+            ngx_chat_refresh_some(n);
+        }
     }
 
     ngx_add_timer(ev, NGX_CHAT_TICK);
