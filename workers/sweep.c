@@ -324,64 +324,116 @@ acked_by(cw_redis_t *c, const char *user, const char *conv, int64_t seq)
 
 int cw_strip_last(mongoc_collection_t *coll, const char *docid, const char *id);
 
-/* Removes one message: MongoDB (document, `last`), every participant's
- * inbox, the sweeper's sets. 0, or -1 to try again later. */
+/* The `last` of the conversations (groups) documents that show one of
+ * ids loses its body: one query per round finds them (FerretDB reads the
+ * collection once for it, not once per message). */
 static int
-remove_item(cw_redis_t *c, mongoc_collection_t *messages, mongoc_collection_t *conversations,
-            mongoc_collection_t *groups, int shard, const item_t *it)
+strip_lasts(mongoc_collection_t *coll, const bson_t *ids)
 {
-    char          a[CW_ID_MAX + 1], b[CW_ID_MAX + 1], docid[CW_ID_MAX + CW_CONV_MAX + 2], ts_s[24];
-    int           is_group = 0, rc = 0;
-    redisReply   *mem = participants(c, shard, it->conv, a, b, &is_group), *r;
-    bson_t       *sel = BCON_NEW("_id", BCON_UTF8(it->id));
-    bson_error_t  error;
-    const char   *users[2] = { a, b };
-    size_t        nusers = is_group ? (mem && mem->type == REDIS_REPLY_ARRAY ? mem->elements : 0)
-                                    : (strcmp(a, b) == 0 ? 1 : 2);
+    bson_t           filter = BSON_INITIALIZER, in;
+    mongoc_cursor_t *cur;
+    const bson_t    *doc;
+    bson_error_t     error;
+    bson_iter_t      it, f;
+    int              rc = 0;
 
-    if (cw_parse_conv(it->conv, a, b, &is_group) != 0) {
-        bson_destroy(sel);
-        if (mem) freeReplyObject(mem);
-        return 0;                                   /* not ours to keep: dropped from the sets below */
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "last.id", &in);
+    BSON_APPEND_ARRAY(&in, "$in", ids);
+    bson_append_document_end(&filter, &in);
+    cur = mongoc_collection_find_with_opts(coll, &filter, NULL, NULL);
+    while (rc == 0 && mongoc_cursor_next(cur, &doc)) {
+        if (bson_iter_init_find(&it, doc, "_id") && BSON_ITER_HOLDS_UTF8(&it) && bson_iter_init(&f, doc)
+            && bson_iter_find_descendant(&f, "last.id", &f) && BSON_ITER_HOLDS_UTF8(&f))
+        {
+            rc = cw_strip_last(coll, bson_iter_utf8(&it, NULL), bson_iter_utf8(&f, NULL));
+        }
     }
-    if (!mongoc_collection_delete_one(messages, sel, NULL, NULL, &error)) {
-        cw_warn("persist: sweep: delete %s: %s", it->id, error.message);
+    if (rc == 0 && mongoc_cursor_error(cur, &error)) {
+        cw_warn("persist: sweep: conversations: %s", error.message);
         rc = -1;
     }
-    bson_destroy(sel);
-    if (rc == 0) {
-        if (is_group) rc = cw_strip_last(groups, a, it->id);
-        for (size_t k = 0; rc == 0 && !is_group && k < nusers; k++) {
-            snprintf(docid, sizeof(docid), "%s|%s", users[k], it->conv);
-            rc = cw_strip_last(conversations, docid, it->id);
-        }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(&filter);
+    return rc;
+}
+
+/* Removes a round's messages: MongoDB (one deleteMany by _id, the `last`
+ * that shows one of them), every participant's inbox (one lua/expire.lua
+ * call per participant and message), the sweeper's sets. 0, or -1 to try
+ * again next round (every step is idempotent). */
+static int
+remove_items(cw_redis_t *c, mongoc_collection_t *messages, mongoc_collection_t *conversations,
+             mongoc_collection_t *groups, int shard, item_t *it, int n)
+{
+    bson_t        ids = BSON_INITIALIZER, filter = BSON_INITIALIZER, in;
+    bson_error_t  error;
+    char          k[16];
+    int           rc = 0, ncmd = 0;
+    redisReply   *r;
+
+    if (n == 0) return 0;
+    for (int i = 0; i < n; i++) {
+        snprintf(k, sizeof(k), "%d", i);
+        BSON_APPEND_UTF8(&ids, k, it[i].id);
     }
-    snprintf(ts_s, sizeof(ts_s), "%" PRId64, it->ts);
-    for (size_t k = 0; rc == 0 && k < nusers; k++) {
-        const char *u = is_group ? mem->element[k]->str : users[k];
-        char        key[CW_ID_MAX + 24];
-        const char *argv[7];
-        size_t      lens[7];
-        snprintf(key, sizeof(key), "chat:{u:%s}:inbox", u);
-        argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_EXPIRE); argv[2] = "1"; argv[3] = key;
-        argv[4] = ts_s; argv[5] = EXPIRE_SLACK_MS; argv[6] = it->id;
-        for (int j = 0; j < 7; j++) lens[j] = strlen(argv[j]);
-        r = cw_redis_command_argv(c, 7, argv, lens);
-        if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-            if (r && strncmp(r->str, "NOSCRIPT", 8) == 0) cw_lua_load(c);
-            else cw_warn("persist: sweep: inbox of %s: %s", u, r ? r->str : "connection lost");
-            rc = -1;
-        }
-        if (r) freeReplyObject(r);
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
+    BSON_APPEND_ARRAY(&in, "$in", &ids);
+    bson_append_document_end(&filter, &in);
+    if (!mongoc_collection_delete_many(messages, &filter, NULL, NULL, &error)) {
+        cw_warn("persist: sweep: delete %d messages: %s", n, error.message);
+        rc = -1;
     }
-    if (mem) freeReplyObject(mem);
+    if (rc == 0) rc = strip_lasts(conversations, &ids);
+    if (rc == 0) rc = strip_lasts(groups, &ids);
+    bson_destroy(&filter);
+    bson_destroy(&ids);
     if (rc != 0) return -1;
-    r = cw_redis_command(c, "ZREM chat:{s%d}:exp %s", shard, it->member);
-    if (r) freeReplyObject(r);
-    r = cw_redis_command(c, "ZREM chat:{s%d}:eph %s", shard, it->member);
-    if (r == NULL) return -1;
-    freeReplyObject(r);
-    return 0;
+
+    /* the inboxes: direct participants, or the group's members (current or
+     * past: an inbox without the message costs one short scan) */
+    for (int i = 0; i < n; i++) {
+        char        a[CW_ID_MAX + 1], b[CW_ID_MAX + 1], ts_s[24];
+        int         is_group = 0;
+        redisReply *mem = NULL;
+        size_t      nu;
+
+        if (cw_parse_conv(it[i].conv, a, b, &is_group) != 0) continue;
+        if (is_group) {
+            mem = cw_redis_command(c, "HKEYS chat:{s%d}:g:%s:mem", shard, a);
+            if (mem == NULL) return -1;
+        }
+        nu = is_group ? (mem->type == REDIS_REPLY_ARRAY ? mem->elements : 0) : (strcmp(a, b) == 0 ? 1 : 2);
+        snprintf(ts_s, sizeof(ts_s), "%" PRId64, it[i].ts);
+        for (size_t u = 0; u < nu; u++) {
+            const char *user = is_group ? mem->element[u]->str : (u ? b : a);
+            char        key[CW_ID_MAX + 24];
+            const char *argv[7];
+            size_t      lens[7];
+            snprintf(key, sizeof(key), "chat:{u:%s}:inbox", user);
+            argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_EXPIRE); argv[2] = "1"; argv[3] = key;
+            argv[4] = ts_s; argv[5] = EXPIRE_SLACK_MS; argv[6] = it[i].id;
+            for (int j = 0; j < 7; j++) lens[j] = strlen(argv[j]);
+            cw_redis_append_argv(c, 7, argv, lens);
+            ncmd++;
+        }
+        if (mem) freeReplyObject(mem);
+        cw_redis_append(c, "ZREM chat:{s%d}:exp %s", shard, it[i].member);
+        cw_redis_append(c, "ZREM chat:{s%d}:eph %s", shard, it[i].member);
+        ncmd += 2;
+    }
+    for (int i = 0; i < ncmd; i++) {
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            if (strncmp(r->str, "NOSCRIPT", 8) == 0) rc = -2;
+            else {
+                if (rc == 0) cw_warn("persist: sweep: inbox: %s", r->str);
+                rc = -1;
+            }
+        }
+        freeReplyObject(r);
+    }
+    if (rc == -2) cw_lua_load(c);                   /* Redis lost its scripts: next round */
+    return rc ? -1 : 0;
 }
 
 /* Is every recipient device done with this ephemeral message? */
@@ -420,66 +472,79 @@ cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, mongoc_collection_t *messages, mongo
 {
     int64_t now = cw_mono_ms();
     int     budget;
+    item_t *items;
 
     if (c == NULL) return;
     s->tokens += (double) (now - s->t_tokens) * s->cf->sweep_rate / 1000.0;
     s->t_tokens = now;
     if (s->tokens > s->cf->sweep_batch) s->tokens = s->cf->sweep_batch;
     budget = (int) s->tokens;
+    if (budget < 1) return;
+    items = malloc(sizeof(item_t) * (size_t) budget);
+    if (items == NULL) return;
     for (int k = 0; k < s->cf->shards && budget > 0; k++) {
         int         shard = (s->next_shard + k) % s->cf->shards;
-        redisReply *r;
+        redisReply *r[2] = { NULL, NULL };
+        int         n = 0, failed = 0;
 
-        for (int set = 0; set < 2 && budget > 0; set++) {
+        for (int set = 0; set < 2 && budget > 0 && !failed; set++) {
             /* set 0: expired (days, or an ephemeral one never delivered);
              * set 1: ephemeral ones waiting for their acks, oldest first */
             if (set == 0)
-                r = cw_redis_command(c, "ZRANGEBYSCORE chat:{s%d}:exp -inf %lld LIMIT 0 %d", shard,
-                                     (long long) cw_now_ms(), budget);
+                r[0] = cw_redis_command(c, "ZRANGEBYSCORE chat:{s%d}:exp -inf %lld LIMIT 0 %d", shard,
+                                        (long long) cw_now_ms(), budget);
             else
-                r = cw_redis_command(c, "ZRANGE chat:{s%d}:eph %d %d", shard, s->eph_off[shard],
-                                     s->eph_off[shard] + budget - 1);
-            if (r == NULL) return;
+                r[1] = cw_redis_command(c, "ZRANGE chat:{s%d}:eph %d %d", shard, s->eph_off[shard],
+                                        s->eph_off[shard] + budget - 1);
+            if (r[set] == NULL) { failed = 1; break; }
             /* the ones still waiting are passed over next time, so that
              * an offline recipient's backlog does not hide newer ones */
             if (set == 1) {
-                if (r->type != REDIS_REPLY_ARRAY || (int) r->elements < budget) s->eph_off[shard] = 0;
+                if (r[1]->type != REDIS_REPLY_ARRAY || (int) r[1]->elements < budget) s->eph_off[shard] = 0;
                 else s->eph_off[shard] += budget;
             }
-            for (size_t j = 0; r->type == REDIS_REPLY_ARRAY && j < r->elements && budget > 0; j++) {
-                item_t it;
-                int    d;
-                if (r->element[j]->type != REDIS_REPLY_STRING) continue;
-                if (parse_item(r->element[j]->str, &it) != 0) {
+            for (size_t j = 0; r[set]->type == REDIS_REPLY_ARRAY && j < r[set]->elements && budget > 0; j++) {
+                int d;
+                if (r[set]->element[j]->type != REDIS_REPLY_STRING) continue;
+                if (parse_item(r[set]->element[j]->str, &items[n]) != 0) {
                     redisReply *x = cw_redis_command(c, "ZREM chat:{s%d}:%s %s", shard, set ? "eph" : "exp",
-                                                     r->element[j]->str);
+                                                     r[set]->element[j]->str);
                     if (x) freeReplyObject(x);
                     continue;
                 }
                 budget--;
                 s->tokens -= 1;
                 s->n_checked++;
-                if (set == 1 && (d = delivered_everywhere(c, shard, &it)) != 1) {
-                    if (d < 0) break;
-                    continue;
+                if (set == 1) {
+                    int dup = 0;
+                    for (int q = 0; q < n && !dup; q++) dup = strcmp(items[q].id, items[n].id) == 0;
+                    if (dup) continue;
+                    if ((d = delivered_everywhere(c, shard, &items[n])) != 1) {
+                        if (d < 0) failed = 1;
+                        if (d < 0) break;
+                        continue;
+                    }
                 }
-                if (remove_item(c, messages, conversations, groups, shard, &it) == 0) {
-                    s->n_removed++;
-                    if (set == 1 && s->eph_off[shard] > 0) s->eph_off[shard]--;
-                }
+                n++;
             }
-            freeReplyObject(r);
         }
+        if (!failed && remove_items(c, messages, conversations, groups, shard, items, n) == 0) {
+            s->n_removed += (uint64_t) n;
+            if (s->eph_off[shard] >= n) s->eph_off[shard] -= n;
+            else s->eph_off[shard] = 0;
+        }
+        for (int set = 0; set < 2; set++) if (r[set]) freeReplyObject(r[set]);
+        if (failed) break;
     }
+    free(items);
     s->next_shard = (s->next_shard + 1) % s->cf->shards;
     if (now >= s->next_stats) {
-        if (s->n_removed) cw_info("persist: sweep removed %" PRIu64 " messages (%" PRIu64 " checked) in the last 10 s",
+        if (s->n_removed) cw_info("persist: sweep removed %" PRIu64 " messages (%" PRIu64 " looked at) in the last 10 s",
                                   s->n_removed, s->n_checked);
         s->n_removed = s->n_checked = 0;
         s->next_stats = now + 10000;
     }
 }
-
 
 /* A TTL index on expire_at where the server has them (MongoDB), as a
  * second line behind the sweeper; FerretDB 1.24 has none (its buildInfo
