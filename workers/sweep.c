@@ -260,6 +260,7 @@ typedef struct {
     char     conv[CW_CONV_MAX + 1];
     char     from[CW_ID_MAX + 1];
     int64_t  seq, ts;
+    int64_t  due;               /* its expire_at (ms) when it came from exp, else 0 */
     const char *member;
 } item_t;
 
@@ -285,6 +286,7 @@ parse_item(const char *m, item_t *it)
     it->ts = strtoll(f[3], NULL, 10);
     snprintf(it->from, sizeof(it->from), "%s", f[4]);
     it->member = m;
+    it->due = 0;
     return 0;
 }
 
@@ -372,16 +374,41 @@ remove_items(cw_redis_t *c, mongoc_collection_t *messages, mongoc_collection_t *
     redisReply   *r;
 
     if (n == 0) return 0;
+    int64_t       due = 0;
+    int           nids = 0;
+
+    /* the due ones in one range statement (FerretDB runs a delete as a
+     * scan of the collection: one comparison per document, where an $in
+     * of 1,000 ids costs 1,000: 20 s against 0.3 s on 65,000 documents),
+     * the acknowledged ephemeral ones by id */
     for (int i = 0; i < n; i++) {
-        snprintf(k, sizeof(k), "%d", i);
+        if (it[i].due) {
+            if (it[i].due > due) due = it[i].due;
+            continue;
+        }
+        snprintf(k, sizeof(k), "%d", nids++);
         BSON_APPEND_UTF8(&ids, k, it[i].id);
+    }
+    if (due > 0) {
+        bson_t *f = BCON_NEW("expire_at", "{", "$lte", BCON_DATE_TIME(due), "}");
+        if (!mongoc_collection_delete_many(messages, f, NULL, NULL, &error)) {
+            cw_warn("persist: sweep: delete expired messages: %s", error.message);
+            rc = -1;
+        }
+        bson_destroy(f);
     }
     BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &in);
     BSON_APPEND_ARRAY(&in, "$in", &ids);
     bson_append_document_end(&filter, &in);
-    if (!mongoc_collection_delete_many(messages, &filter, NULL, NULL, &error)) {
-        cw_warn("persist: sweep: delete %d messages: %s", n, error.message);
+    if (rc == 0 && nids > 0 && !mongoc_collection_delete_many(messages, &filter, NULL, NULL, &error)) {
+        cw_warn("persist: sweep: delete %d messages: %s", nids, error.message);
         rc = -1;
+    }
+    /* every id for the `last` lookups */
+    bson_reinit(&ids);
+    for (int i = 0; i < n; i++) {
+        snprintf(k, sizeof(k), "%d", i);
+        BSON_APPEND_UTF8(&ids, k, it[i].id);
     }
     if (rc == 0) rc = strip_lasts(conversations, &ids);
     if (rc == 0) rc = strip_lasts(groups, &ids);
@@ -491,7 +518,7 @@ cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, mongoc_collection_t *messages, mongo
             /* set 0: expired (days, or an ephemeral one never delivered);
              * set 1: ephemeral ones waiting for their acks, oldest first */
             if (set == 0)
-                r[0] = cw_redis_command(c, "ZRANGEBYSCORE chat:{s%d}:exp -inf %lld LIMIT 0 %d", shard,
+                r[0] = cw_redis_command(c, "ZRANGEBYSCORE chat:{s%d}:exp -inf %lld WITHSCORES LIMIT 0 %d", shard,
                                         (long long) cw_now_ms(), budget);
             else
                 r[1] = cw_redis_command(c, "ZRANGE chat:{s%d}:eph %d %d", shard, s->eph_off[shard],
@@ -503,9 +530,13 @@ cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, mongoc_collection_t *messages, mongo
                 if (r[1]->type != REDIS_REPLY_ARRAY || (int) r[1]->elements < budget) s->eph_off[shard] = 0;
                 else s->eph_off[shard] += budget;
             }
-            for (size_t j = 0; r[set]->type == REDIS_REPLY_ARRAY && j < r[set]->elements && budget > 0; j++) {
+            for (size_t j = 0; r[set]->type == REDIS_REPLY_ARRAY && j < r[set]->elements && budget > 0;
+                 j += set == 0 ? 2 : 1)
+            {
                 int d;
-                if (r[set]->element[j]->type != REDIS_REPLY_STRING) continue;
+                if (r[set]->element[j]->type != REDIS_REPLY_STRING
+                    || (set == 0 && (j + 1 >= r[set]->elements || r[set]->element[j + 1]->type != REDIS_REPLY_STRING)))
+                    continue;
                 if (parse_item(r[set]->element[j]->str, &items[n]) != 0) {
                     redisReply *x = cw_redis_command(c, "ZREM chat:{s%d}:%s %s", shard, set ? "eph" : "exp",
                                                      r[set]->element[j]->str);
@@ -515,6 +546,7 @@ cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, mongoc_collection_t *messages, mongo
                 budget--;
                 s->tokens -= 1;
                 s->n_checked++;
+                if (set == 0) items[n].due = strtoll(r[0]->element[j + 1]->str, NULL, 10);
                 if (set == 1) {
                     int dup = 0;
                     for (int q = 0; q < n && !dup; q++) dup = strcmp(items[q].id, items[n].id) == 0;
