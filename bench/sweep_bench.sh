@@ -28,12 +28,13 @@ fi
 lg() { build/loadgen --label "$1" --target chat --env "$dir/env" --redis "$REDIS_URL" --scenario one2one \
          --pairs 200 --duration "$dur" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
 { echo "== sweeper benchmark: N=$n rate=$rate duration=${dur}s $(date -u)"; grep sweep_ "$dir/chat-worker.conf" || true; } | tee -a "$out"
-.venv/bin/python bench/sweep_seed.py seed --env "$dir/env" --n "$n" | tee -a "$out"
+base=$(date +%s%3N)
+.venv/bin/python bench/sweep_seed.py seed --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
 echo "== without the sweeper (nothing expired yet)" | tee -a "$out"
 lg no-sweep
 echo "== with the sweeper removing $n expired messages" | tee -a "$out"
-.venv/bin/python bench/sweep_seed.py arm --env "$dir/env" --n "$n" | tee -a "$out"
-.venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" >"$out.watch" 2>&1 &
+.venv/bin/python bench/sweep_seed.py arm --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
+.venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" >"$out.watch" 2>&1 &
 w=$!
 lg sweeping
 wait $w || true

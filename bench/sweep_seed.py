@@ -2,9 +2,10 @@
 messages straight into MongoDB and the sweeper's sets, then follows how
 fast the sweeper removes them.
 
-  sweep_seed.py seed  --env ENV --n N      documents only (no Redis yet)
-  sweep_seed.py arm   --env ENV --n N      the chat:{s<s>}:exp members: the sweep starts
-  sweep_seed.py watch --env ENV --n N      until every member is gone: prints the rate
+  sweep_seed.py seed  --env ENV --n N --base MS   documents only (no Redis yet)
+  sweep_seed.py arm   --env ENV --n N --base MS   the chat:{s<s>}:exp members: the sweep starts
+  sweep_seed.py watch --env ENV --n N --base MS   until every member is gone: prints the rate
+(the same --base for seed and arm: a member's score is its document's expire_at)
 """
 import argparse
 import datetime
@@ -32,14 +33,14 @@ def convs(n):
         yield i, f"d:{a}:{b}", a, b
 
 
-def seed(db, n):
-    old = int(time.time() * 1000) - 10 * 86400000
+def seed(db, n, base):
+    old = base - 10 * 86400000
     batch = []
     t0 = time.time()
     for i, conv, a, b in convs(n):
         batch.append({"_id": f"sw{i:09d}", "conv": conv, "seq": i // 1000 + 1, "from": a, "to": b,
                       "body": "expired " + "x" * 40, "kind": "text", "ts": old + i,
-                      "expire_at": datetime.datetime.fromtimestamp((old + 86400000) / 1000, datetime.timezone.utc)})
+                      "expire_at": datetime.datetime.fromtimestamp((old + 86400000 + i) / 1000, datetime.timezone.utc)})
         if len(batch) == 5000:
             db.messages.insert_many(batch, ordered=False)
             batch = []
@@ -48,12 +49,12 @@ def seed(db, n):
     print(f"seeded {n} documents in {time.time() - t0:.1f} s")
 
 
-def arm(r, n):
-    old = int(time.time() * 1000) - 10 * 86400000
+def arm(r, n, base):
+    old = base - 10 * 86400000
     p = r.pipeline(transaction=False)
     for i, conv, a, b in convs(n):
         s = zlib.crc32(conv.encode()) % SHARDS
-        p.zadd("chat:{s%d}:exp" % s, {f"sw{i:09d}|{conv}|{i // 1000 + 1}|{old + i}|{a}": old + 86400000})
+        p.zadd("chat:{s%d}:exp" % s, {f"sw{i:09d}|{conv}|{i // 1000 + 1}|{old + i}|{a}": old + 86400000 + i})
         if i % 10000 == 9999:
             p.execute()
     p.execute()
@@ -81,14 +82,15 @@ def main():
     ap.add_argument("what", choices=("seed", "arm", "watch"))
     ap.add_argument("--env", required=True)
     ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--base", type=int, required=True, help="ms: the same for seed and arm")
     a = ap.parse_args()
     env = env_of(a.env)
     r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
     db = pymongo.MongoClient(env["MONGO_URI"]).get_default_database()
     if a.what == "seed":
-        seed(db, a.n)
+        seed(db, a.n, a.base)
     elif a.what == "arm":
-        arm(r, a.n)
+        arm(r, a.n, a.base)
     else:
         watch(r, db, a.n)
 
