@@ -11,7 +11,7 @@ static const char *const chat_entry_names[CHAT_EF_N] = {
     "rcpt", "state", "ev"
 };
 
-static const char *const chat_entry_types[] = { "msg", "receipt", "group" };
+static const char *const chat_entry_types[] = { "msg", "receipt", "group", "del" };
 
 
 const char *
@@ -38,7 +38,7 @@ chat_entry_field_lookup(const char *name, size_t len)
 const char *
 chat_entry_type_name(chat_entry_type_t t)
 {
-    return t >= CHAT_ENTRY_MSG && t <= CHAT_ENTRY_GROUP
+    return t >= CHAT_ENTRY_MSG && t <= CHAT_ENTRY_DEL
            ? chat_entry_types[t - 1] : "?";
 }
 
@@ -46,7 +46,7 @@ chat_entry_type_name(chat_entry_type_t t)
 chat_entry_type_t
 chat_entry_type_lookup(const char *v, size_t len)
 {
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         if (strlen(chat_entry_types[i]) == len
             && memcmp(chat_entry_types[i], v, len) == 0)
         {
@@ -174,7 +174,7 @@ chat_entry_check(const chat_entry_t *e, chat_conv_t *cvp, unsigned *nrcpt)
     unsigned          n = 0;
     int               is_group;
 
-    if (e->type < CHAT_ENTRY_MSG || e->type > CHAT_ENTRY_GROUP) {
+    if (e->type < CHAT_ENTRY_MSG || e->type > CHAT_ENTRY_DEL) {
         return "unknown type t";
     }
     if (e->conv.len > CHAT_CONV_MAX
@@ -217,7 +217,7 @@ chat_entry_check(const chat_entry_t *e, chat_conv_t *cvp, unsigned *nrcpt)
             n++;
         }
     } else if (is_group) {
-        if (e->type == CHAT_ENTRY_MSG
+        if ((e->type == CHAT_ENTRY_MSG || e->type == CHAT_ENTRY_DEL)
             && !chat_entry_eq(&e->group, cv.a, cv.alen))
         {
             return "group mismatch";
@@ -229,12 +229,21 @@ chat_entry_check(const chat_entry_t *e, chat_conv_t *cvp, unsigned *nrcpt)
         if (!is_a && !is_b) {
             return "from is not a participant";
         }
-        if (e->type == CHAT_ENTRY_MSG
+        if ((e->type == CHAT_ENTRY_MSG || e->type == CHAT_ENTRY_DEL)
             && !(is_a ? chat_entry_eq(&e->to, cv.b, cv.blen)
                       : chat_entry_eq(&e->to, cv.a, cv.alen)))
         {
             return "to is not the other participant";
         }
+    }
+
+    /* a deletion names the message by its seq (the entry's seq) and the
+     * event JSON by its id; a whole conversation deleted for me (clear)
+     * names the last seq it covers */
+    if (e->type == CHAT_ENTRY_DEL && !chat_entry_is(&e->event, "everyone")
+        && !chat_entry_is(&e->event, "me") && !chat_entry_is(&e->event, "clear"))
+    {
+        return "bad deletion event";
     }
 
     if (e->type == CHAT_ENTRY_RECEIPT && !chat_entry_is(&e->st, "delivered")
@@ -272,9 +281,17 @@ chat_entry_recipients(const chat_entry_t *e, const chat_conv_t *cv,
         peer.len = cv->alen;
     }
 
-    /* a message and a read receipt go to both sides (the sender's other
-     * devices sync); a delivered receipt only to the other participant */
-    if (e->type == CHAT_ENTRY_MSG || chat_entry_is(&e->st, "read")) {
+    /* a message, a deletion for everyone and a read receipt go to both
+     * sides (the sender's other devices sync); a deletion for me only to
+     * the acting user's other devices; a delivered receipt only to the
+     * other participant */
+    if (e->type == CHAT_ENTRY_DEL && !chat_entry_is(&e->event, "everyone")) {
+        out[n].user = e->from;
+        out[n].skip_dev = (e->dev.len != 0);
+        n++;
+    } else if (e->type == CHAT_ENTRY_MSG || e->type == CHAT_ENTRY_DEL
+        || chat_entry_is(&e->st, "read"))
+    {
         if (!self) {
             out[n].user = peer;
             out[n].skip_dev = 0;
@@ -305,6 +322,20 @@ chat_entry_inbox_field(const chat_entry_t *e, char *buf, size_t cap)
         chat_json_w_raw(&w, e->conv.p, e->conv.len);
         chat_json_w_raw(&w, ":", 1);
         chat_json_w_raw(&w, e->from.p, e->from.len);
+    } else if (e->type == CHAT_ENTRY_DEL) {
+        char  num[20];
+
+        if (chat_entry_is(&e->event, "clear")) {
+            /* one per conversation: a later clear covers more seqs */
+            chat_json_w_raw(&w, "x:c:", 4);
+            chat_json_w_raw(&w, e->conv.p, e->conv.len);
+        } else {
+            chat_json_w_raw(&w, chat_entry_is(&e->event, "me") ? "x:m:"
+                                                               : "x:e:", 4);
+            chat_json_w_raw(&w, e->conv.p, e->conv.len);
+            chat_json_w_raw(&w, ":", 1);
+            chat_json_w_raw(&w, num, chat_json_fmt_int64(num, e->seq));
+        }
     } else {
         chat_json_w_raw(&w, "m:", 2);
         chat_json_w_raw(&w, e->conv.p, e->conv.len);
@@ -325,7 +356,7 @@ chat_entry_pairs(const chat_entry_t *e, const char *name[CHAT_EF_N],
 
     for (int f = 0; f < CHAT_EF_N; f++) {
         if (f == CHAT_EF_T) {
-            if (e->type < CHAT_ENTRY_MSG || e->type > CHAT_ENTRY_GROUP) {
+            if (e->type < CHAT_ENTRY_MSG || e->type > CHAT_ENTRY_DEL) {
                 continue;
             }
             name[n] = "t";

@@ -27,7 +27,9 @@ typedef enum {
     CHAT_ENTRY_NONE = 0,          /* no "t" */
     CHAT_ENTRY_MSG = 1,
     CHAT_ENTRY_RECEIPT = 2,
-    CHAT_ENTRY_GROUP = 3
+    CHAT_ENTRY_GROUP = 3,
+    CHAT_ENTRY_DEL = 4            /* a deletion: event "everyone", "me" or
+                                     "clear" (a conversation, for me) */
 } chat_entry_type_t;
 
 /* the fields, in the order the encoders write them */
@@ -61,7 +63,8 @@ typedef struct {
     chat_entry_str_t   to;        /* direct message: the other participant */
     chat_entry_str_t   group;     /* group message or change: the group id */
     chat_entry_str_t   st;        /* receipt: delivered or read */
-    chat_entry_str_t   event;     /* group change: created, added, removed */
+    chat_entry_str_t   event;     /* group change: created, added, removed;
+                                     deletion: everyone, me, clear */
     int64_t            seq;       /* 1 .. CHAT_INT_MAX; 0 absent */
     int64_t            prev;      /* receipt: the pointer before it; 0 absent */
     chat_entry_str_t   rcpt;      /* group change: users, space-separated */
@@ -116,7 +119,9 @@ int chat_entry_recipients(const chat_entry_t *e, const chat_conv_t *cv,
     chat_entry_rcpt_t out[2]);
 
 /* The recipients' inbox idempotency field: "m:<conv>" for messages and
- * group changes (they share the conversation's seqs), else
+ * group changes (they share the conversation's seqs), a deletion
+ * "x:<e or m>:<conv>:<seq>" (one per deleted message and kind; a
+ * conversation deleted for me "x:c:<conv>"), else
  * "r:<st>:<conv>:<from>". Returns its length, or 0 if cap is too small. */
 size_t chat_entry_inbox_field(const chat_entry_t *e, char *buf, size_t cap);
 

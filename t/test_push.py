@@ -41,7 +41,8 @@ def assert_error(st, b, status, code, text=None):
 
 # ---- settings -------------------------------------------------------------------
 
-DEFAULTS = {"last_seen": "everyone", "preview": False, "tz": "UTC", "quiet": None, "mute": {}, "notify": []}
+DEFAULTS = {"last_seen": "everyone", "preview": False, "tz": "UTC", "quiet": None, "mute": {}, "notify": [],
+            "history": "keep"}
 
 
 def test_settings_defaults_and_merge(stack, r, db):
@@ -58,7 +59,7 @@ def test_settings_defaults_and_merge(stack, r, db):
                 quiet={"from": "22:00", "to": "07:30"})
     assert st == 200 and b == want, b
     assert r.hgetall(ukey(u, "set")) == {"last_seen": "nobody", "preview": "1", "tz": "Europe/Berlin",
-                                         "quiet": "1320-450"}
+                                         "quiet": "1320-450", "history": "keep"}
     doc = db.settings.find_one({"_id": u})
     assert doc["last_seen"] == "nobody" and doc["preview"] is True and doc["tz"] == "Europe/Berlin"
     assert doc["quiet"] == {"from": "22:00", "to": "07:30"}

@@ -39,6 +39,10 @@ typedef struct {
     int   fanout_lease_renew_ms; /* ... renewed (and free shards claimed) this often */
     int   inbox_max;            /* events kept per user inbox */
     int   retention_days;       /* inbox TTL */
+    int   delete_window_s;
+    int   sweep_batch;          /* persist: messages the sweeper removes per round at most */
+    int   sweep_rate;           /* ... and per second at most */
+    int   sweep_day_ms;         /* the length of a day of the days:N policy (tests shorten it) */      /* rest: a sender may delete for everyone this long after sending */
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
     int   gather_ms;            /* persist, push: wait this long after a small batch */
     int   fanout_gather_ms;     /* fanout: the same, on the delivery path (short) */
@@ -160,7 +164,8 @@ int  cw_backoff_ms(const cw_backoff_t *b);
 #define CW_INT_MAX   CHAT_INT_MAX
 
 /* entry types: libchat's (chat_entry.h) */
-enum { CW_T_MSG = CHAT_ENTRY_MSG, CW_T_RECEIPT = CHAT_ENTRY_RECEIPT, CW_T_GROUP = CHAT_ENTRY_GROUP };
+enum { CW_T_MSG = CHAT_ENTRY_MSG, CW_T_RECEIPT = CHAT_ENTRY_RECEIPT, CW_T_GROUP = CHAT_ENTRY_GROUP,
+       CW_T_DEL = CHAT_ENTRY_DEL };
 
 typedef struct {
     char        qid[48];         /* stream entry id, or "<partition>@<offset>" */
@@ -353,6 +358,40 @@ int  cw_settings_request(const char *method, const char *path, const char *user,
 int  cw_devices_request(const char *method, const char *path, const char *user, const char *device,
                         const char *body, size_t body_len, struct _mongoc_client_t *client, const char *db,
                         struct json_t **out);
+
+/* ---- deletions (delete.c; docs/PROTOCOL.md "Retention and deletion") ---- */
+
+/* rest: DELETE /chat/messages/<id>?conv=C[&for=me] (queue entry t=del) */
+int  cw_delete_request(const cw_config_t *cf, const char *method, const char *path, const char *query,
+                       const char *user, const char *device, struct _mongoc_client_t *client, const char *db,
+                       struct json_t **out);
+/* rest: DELETE /chat/conversations/<conv> (for me, up to its last seq) */
+int  cw_clear_request(const cw_config_t *cf, const char *method, const char *path, const char *user,
+                      const char *device, struct json_t **out);
+/* fanout: appends recipient user's tombstone script for a deletion entry
+ * (1 command appended, 0 none) */
+int  cw_tombstone_append(cw_redis_t *c, const cw_entry_t *e, const char *user);
+/* persist: applies the batch's deletions to MongoDB (after its messages
+ * and conversations were written); 0, or -1 to retry the batch */
+struct _mongoc_collection_t;
+int  cw_persist_deletions(struct _mongoc_collection_t *messages, struct _mongoc_collection_t *conversations,
+                          struct _mongoc_collection_t *groups, const cw_batch_t *b);
+/* the `last` of a conversations/groups document loses its body when it is message id */
+int  cw_strip_last(struct _mongoc_collection_t *coll, const char *docid, const char *id);
+
+/* ---- expiry in the persist role (sweep.c) ---- */
+typedef struct cw_sweep_s cw_sweep_t;
+struct _mongoc_client_t;
+cw_sweep_t *cw_sweep_new(const cw_config_t *cf);
+void cw_sweep_free(cw_sweep_t *s);
+int  cw_sweep_plan(cw_sweep_t *s, cw_redis_t *c, const cw_batch_t *b, struct _bson_t **docs, const int64_t *ts);
+int  cw_sweep_commit(cw_sweep_t *s, cw_redis_t *c);
+void cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, struct _mongoc_collection_t *messages,
+                   struct _mongoc_collection_t *conversations, struct _mongoc_collection_t *groups);
+void cw_sweep_ttl_index(struct _mongoc_client_t *client, const char *db);
+
+/* rest (groups.c's producer): one record to chat.in partition s, waited for */
+int  cw_rest_produce(int s, const char *key, const char *val, size_t len);
 
 /* scripts.c: the Redis scripts of lua/ (chat_lua[]); cw_lua_load (redis.c)
  * loads them on every node of the client */

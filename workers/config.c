@@ -40,6 +40,10 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "fanout_lease_renew_ms") == 0) return &cf->fanout_lease_renew_ms;
     if (strcmp(k, "inbox_max") == 0) return &cf->inbox_max;
     if (strcmp(k, "retention_days") == 0) return &cf->retention_days;
+    if (strcmp(k, "delete_window_s") == 0) return &cf->delete_window_s;
+    if (strcmp(k, "sweep_batch") == 0) return &cf->sweep_batch;
+    if (strcmp(k, "sweep_rate") == 0) return &cf->sweep_rate;
+    if (strcmp(k, "sweep_day_ms") == 0) return &cf->sweep_day_ms;
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
     if (strcmp(k, "gather_ms") == 0) return &cf->gather_ms;
     if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
@@ -135,6 +139,10 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->fanout_lease_renew_ms = 1000;
     cf->inbox_max = 100000;
     cf->retention_days = 365;
+    cf->delete_window_s = 172800;       /* 48 h */
+    cf->sweep_batch = 1000;
+    cf->sweep_rate = 2000;
+    cf->sweep_day_ms = 86400000;
     cf->claim_idle_ms = 5000;
     cf->gather_ms = 20;
     cf->fanout_gather_ms = 2;
@@ -262,6 +270,10 @@ cw_config_load(cw_config_t *cf, const char *path)
                        cf->fanout_lease_ms ? cf->fanout_lease_ms / 5 : 600000)
         || check_range("inbox_max", cf->inbox_max, 1, 100000000)
         || check_range("retention_days", cf->retention_days, 1, 36500)
+        || check_range("delete_window_s", cf->delete_window_s, 1, 315360000)
+        || check_range("sweep_batch", cf->sweep_batch, 1, 100000)
+        || check_range("sweep_rate", cf->sweep_rate, 1, 1000000)
+        || check_range("sweep_day_ms", cf->sweep_day_ms, 1000, 86400000)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("gather_ms", cf->gather_ms, 0, 1000)
         || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)

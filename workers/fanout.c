@@ -279,7 +279,7 @@ static int
 has_own_copy(const cw_entry_t *e)
 {
     return e->valid && e->dev[0] && e->type != CW_T_GROUP
-           && (e->type == CW_T_MSG || strcmp(e->st, "read") == 0);
+           && (e->type == CW_T_MSG || e->type == CW_T_DEL || strcmp(e->st, "read") == 0);
 }
 
 /*
@@ -314,7 +314,7 @@ resolve_groups(fanout_t *f)
             n++;
         }
         if (!e->valid || !e->is_group || e->type == CW_T_GROUP) continue;
-        if (e->type == CW_T_MSG) {
+        if (e->type == CW_T_MSG || e->type == CW_T_DEL) {
             cw_redis_append(f->c, "HGETALL chat:{s%d}:g:%s:mem", e->shard, e->a);
         } else {
             static const char *what[] = { "dlv", "read", "snd" };
@@ -409,8 +409,12 @@ build_targets(fanout_t *f)
             const char *u = e->rcpt_users;
             for (int k = 0; k < e->n_rcpt; k++, u += strlen(u) + 1)
                 if (rcpt_add(f, u, NULL) == NULL) return -1;
-        } else if (e->type == CW_T_MSG) {
-            /* members at this seq; the sender's own copy skips its device */
+        } else if (e->type == CW_T_DEL && strcmp(e->event, "me") == 0) {
+            /* a deletion for me: the acting user's other devices */
+            if (!t->own_skip && rcpt_add(f, e->from, e->dev[0] ? e->dev : NULL) == NULL) return -1;
+        } else if (e->type == CW_T_MSG || e->type == CW_T_DEL) {
+            /* members at this seq (a deletion: the message's); the sender's
+             * own copy skips its device */
             int active = 0;
             for (size_t j = 0; j + 1 < g->elements; j += 2) {
                 const char *u = g->element[j]->str;
@@ -490,6 +494,37 @@ append_rcpt(fanout_t *f, const cw_entry_t *e, const target_t *t, const cw_rcpt_t
     return 0;
 }
 
+/*
+ * Deletions of the batch (delete.c): before the deletion events are
+ * appended, each recipient's inbox copies of the deleted message become a
+ * tombstone (lua/tombstone.lua), one pipelined round trip, only when the
+ * batch holds a deletion. Returns -1 when the connection must be dropped
+ * (the batch comes back; the script is idempotent).
+ */
+static int
+tombstones(fanout_t *f)
+{
+    cw_batch_t *b = &f->batch;
+    int         n = 0, rc = 0;
+    redisReply *r;
+
+    for (int oi = 0; oi < b->n; oi++) {
+        int         i = f->ord[oi];
+        cw_entry_t *e = &b->e[i];
+        if (!e->valid || e->type != CW_T_DEL || f->tg[i].pull) continue;
+        for (int k = 0; k < f->tg[i].n; k++) n += cw_tombstone_append(f->c, e, f->rc[f->tg[i].r0 + k].user);
+    }
+    while (n-- > 0) {
+        if (cw_redis_get_reply(f->c, &r) != REDIS_OK) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            cw_error("fanout: tombstone: %s", r->str);
+            rc = -1;
+        }
+        freeReplyObject(r);
+    }
+    return rc;
+}
+
 /* Returns 0 when the whole batch was delivered and acknowledged, -1 when
  * the connection must be dropped (nothing of the batch was acknowledged
  * unless all of it was done). */
@@ -512,7 +547,7 @@ process(fanout_t *f)
     order_batch(f);
 again:
     snprintf(now_s, sizeof(now_s), "%lld", (long long) cw_now_ms());
-    if (resolve_groups(f) != 0 || build_targets(f) != 0) {
+    if (resolve_groups(f) != 0 || build_targets(f) != 0 || tombstones(f) != 0) {
         free_groups(f);
         return -1;
     }

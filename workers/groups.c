@@ -256,6 +256,43 @@ kafka(void)
     return gr_rk;
 }
 
+/* One record (a deletion, delete.c) to chat.in partition s, waited for
+ * like a membership record; 0 when the broker has it. */
+int
+cw_rest_produce(int s, const char *key, const char *val, size_t len)
+{
+    rd_kafka_t *rk = kafka();
+    gr_dr_t    *st;
+    int64_t     deadline;
+
+    if (rk == NULL || (st = calloc(1, sizeof(*st))) == NULL) return -1;
+    if (rd_kafka_producev(rk, RD_KAFKA_V_TOPIC("chat.in"), RD_KAFKA_V_PARTITION(s),
+                          RD_KAFKA_V_KEY(key, strlen(key)), RD_KAFKA_V_VALUE((void *) val, len),
+                          RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_OPAQUE(st),
+                          RD_KAFKA_V_END) != RD_KAFKA_RESP_ERR_NO_ERROR)
+    {
+        cw_warn("rest: kafka produce refused: %s", rd_kafka_err2str(rd_kafka_last_error()));
+        free(st);
+        return -1;
+    }
+    deadline = cw_mono_ms() + GROUP_KAFKA_WAIT;
+    while (!st->done && cw_mono_ms() < deadline) rd_kafka_poll(rk, 50);
+    if (!st->done) {
+        rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        rd_kafka_flush(rk, 2000);
+        if (!st->done) {
+            cw_error("rest: kafka delivery report missing after purge; leaking its state");
+            return -1;
+        }
+    }
+    if (st->err) {
+        free(st);
+        return -1;
+    }
+    free(st);
+    return 0;
+}
+
 /*
  * Produces the records (chat.in, partition s, key g:G) and waits for every
  * delivery report (bounded by message.timeout.ms). Each delivered record

@@ -47,6 +47,7 @@ typedef struct {
     char                 db[128];
     mongoc_collection_t *messages, *conversations, *groups;
     int                  indexes_ok;
+    cw_sweep_t          *sweep;        /* expiry (sweep.c) */
     cw_redis_t        *c;
     cw_queue_t          *q;
     cw_dlq_t            *dlq;
@@ -376,6 +377,8 @@ prepare(persist_t *p)
                 op->state_entry = i;
             }
             p->n_groups++;
+        } else if (e->type == CW_T_DEL) {
+            continue;                           /* applied after the writes (write_batch) */
         } else {
             p->n_receipts++;
             /* a group's delivered pointers live in Redis (chat:{s}:g:G:dlv,
@@ -682,6 +685,9 @@ write_batch(persist_t *p)
         }
         if (chunk_flush(&ch) != 0) goto done;
     }
+    /* 4. deletions (delete.c), after the messages and the `last` they may
+     * remove the body of */
+    if (cw_persist_deletions(p->messages, p->conversations, p->groups, b) != 0) goto done;
     rc = 0;
     goto done;
 done_chunk:
@@ -888,6 +894,8 @@ cw_role_persist(const cw_config_t *cf)
     if (p.q == NULL) return 1;
     p.dlq = cw_dlq_new(cf, "persist");
     if (p.dlq == NULL) return 1;
+    p.sweep = cw_sweep_new(cf);
+    if (p.sweep == NULL) return 1;
     kafka = cw_queue_is_kafka(p.q);
     cw_heartbeat_init(&hb, cf, "persist");
     p.hb = &hb;
@@ -928,6 +936,7 @@ cw_role_persist(const cw_config_t *cf)
         if (!p.indexes_ok) {
             if (create_indexes(&p) != 0 || migrate_last(&p) != 0) { cw_backoff_wait(&mbo); continue; }
             p.indexes_ok = 1;
+            cw_sweep_ttl_index(p.client, p.db);
             cw_backoff_reset(&mbo);
         }
         if (!have_batch) {
@@ -959,6 +968,13 @@ cw_role_persist(const cw_config_t *cf)
                 cw_backoff_wait(&mbo);
                 continue;
             }
+            /* the history policy of the new messages (sweep.c) */
+            if (cw_sweep_plan(p.sweep, p.c, &p.batch, p.msg_doc, p.msg_ts) != 0) {
+                if (!kafka) { drop_redis(&p, &bo, "policy lookup failed"); continue; }
+                cw_redis_free(p.c);
+                p.c = NULL;
+                continue;
+            }
             prepared = 1;
         }
         if ((n = write_batch(&p)) == -3) {
@@ -973,6 +989,12 @@ cw_role_persist(const cw_config_t *cf)
             continue;
         }
         cw_backoff_reset(&mbo);
+        if (cw_sweep_commit(p.sweep, p.c) != 0) {
+            /* Redis queue: unacknowledged, written again (no-op) and
+             * committed again; Kafka: those messages are kept (logged) */
+            if (!kafka) { drop_redis(&p, &bo, "expiry sets not written"); have_batch = 0; prepared = 0; continue; }
+            cw_warn("persist: expiry of a batch's messages not recorded (redis); they are kept");
+        }
         have_batch = 0;
         prepared = 0;
         p.busy_ms += cw_mono_ms() - p.t_batch;
@@ -998,6 +1020,7 @@ cw_role_persist(const cw_config_t *cf)
          * (persistence is asynchronous anyway) */
         if (p.batch.n < cf->batch && cf->gather_ms > 0 && !cw_stop) cw_sleep_ms(cf->gather_ms);
 stats:
+        cw_sweep_tick(p.sweep, p.c, p.messages, p.conversations, p.groups);
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
                 /* entries per second of writing: what persistence can
@@ -1019,6 +1042,7 @@ stats:
     if (p.c) cw_redis_free(p.c);
     cw_queue_free(p.q);
     cw_dlq_free(p.dlq);
+    cw_sweep_free(p.sweep);
     free_batch_docs(&p);
     cw_batch_free(&p.batch);
     cw_batch_free(&p.more);

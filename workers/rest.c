@@ -253,6 +253,8 @@ history_item(const bson_t *doc)
 {
     json_t *m = cw_bson_to_json(doc), *kind = json_object_get(m, "kind"), *ev;
 
+    /* who hid it for themselves (delete for me) is nobody else's business */
+    json_object_del(m, "hidden");
     if (!json_is_string(kind) || strcmp(json_string_value(kind), "group") != 0) return m;
     ev = json_pack("{s:s, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?, s:O?}", "type", "group",
                    "id", json_object_get(m, "id"), "conv", json_object_get(m, "conv"),
@@ -263,12 +265,46 @@ history_item(const bson_t *doc)
     return ev;
 }
 
+/* qparam for the handlers of other files (delete.c) */
+int
+cw_qparam(const char *query, const char *name, char *out, size_t outlen)
+{
+    return qparam(query, name, out, outlen);
+}
+
+/* The seq up to which user deleted conv for themselves (0: never), -1 on
+ * a storage error. */
+static int64_t
+cleared_seq(const char *user, const char *conv)
+{
+    char             id[CW_ID_MAX + CW_CONV_MAX + 2];
+    bson_t          *filter;
+    mongoc_cursor_t *cur;
+    const bson_t    *doc;
+    bson_error_t     error;
+    bson_iter_t      it;
+    int64_t          n = 0;
+
+    snprintf(id, sizeof(id), "%s|%s", user, conv);
+    filter = BCON_NEW("_id", BCON_UTF8(id));
+    cur = mongoc_collection_find_with_opts(rest_conversations, filter, NULL, NULL);
+    if (mongoc_cursor_next(cur, &doc)) {
+        if (bson_iter_init_find(&it, doc, "cleared_seq") && BSON_ITER_HOLDS_NUMBER(&it)) n = bson_iter_as_int64(&it);
+    } else if (mongoc_cursor_error(cur, &error)) {
+        cw_warn("rest: history %s: %s", conv, error.message);
+        n = -1;
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(filter);
+    return n;
+}
+
 static void
 history(int fd, const rest_req_t *rq)
 {
     char             conv[CW_CONV_MAX + 1], a[CW_ID_MAX + 1], b[CW_ID_MAX + 1], num[32];
     int              is_group, rc, n = 0;
-    int64_t          limit = HISTORY_DEFAULT, before = 0, after = -1, since = 0, last_seq = 0;
+    int64_t          limit = HISTORY_DEFAULT, before = 0, after = -1, since = 0, last_seq = 0, cleared, lo;
     bson_t          *opts, filter = BSON_INITIALIZER, range;
     mongoc_cursor_t *cur;
     const bson_t    *doc;
@@ -323,13 +359,28 @@ history(int fd, const rest_req_t *rq)
         respond_error(fd, 503, "unavailable", "storage unavailable");
         return;
     }
-    /* a group member sees from the event that made it a member on */
+    /* a group member sees from the event that made it a member on;
+     * nobody sees what they deleted for themselves (a message: `hidden`;
+     * the conversation up to cleared_seq: DELETE /chat/conversations) */
+    cleared = cleared_seq(rq->user, conv);
+    if (cleared < 0) {
+        respond_error(fd, 503, "unavailable", "storage unavailable");
+        return;
+    }
+    lo = after;
+    if (since > 0 && since - 1 > lo) lo = since - 1;
+    if (cleared > lo) lo = cleared;
     BSON_APPEND_UTF8(&filter, "conv", conv);
-    if (before || after >= 0 || since > 0) {
+    {
+        bson_t ne;
+        BSON_APPEND_DOCUMENT_BEGIN(&filter, "hidden", &ne);
+        BSON_APPEND_UTF8(&ne, "$ne", rq->user);
+        bson_append_document_end(&filter, &ne);
+    }
+    if (before || lo >= 0) {
         BSON_APPEND_DOCUMENT_BEGIN(&filter, "seq", &range);
         if (before) BSON_APPEND_INT64(&range, "$lt", before);
-        if (after >= 0 && after >= since) BSON_APPEND_INT64(&range, "$gt", after);
-        else if (since > 0) BSON_APPEND_INT64(&range, "$gte", since);
+        if (lo >= 0) BSON_APPEND_INT64(&range, "$gt", lo);
         bson_append_document_end(&filter, &range);
     }
     opts = BCON_NEW("sort", "{", "seq", BCON_INT32(after >= 0 ? 1 : -1), "}", "limit", BCON_INT64(limit + 1));
@@ -492,15 +543,17 @@ direct_rows(const char *user, conv_rows_t *rows)
         /* last_seq is raised before `last` is written: the list shows
          * the conversation as far as its `last` (a conversation whose first
          * message has no `last` yet is not listed yet) */
-        int64_t      last_seq = shown_seq(doc), read_seq = get_int(doc, "read_seq"), unread = 0;
+        int64_t      last_seq = shown_seq(doc), read_seq = get_int(doc, "read_seq"), unread = 0,
+                     cleared = get_int(doc, "cleared_seq");
         json_t      *c;
 
         if (!bson_iter_init_find(&it, doc, "conv") || !BSON_ITER_HOLDS_UTF8(&it)) continue;
         conv = bson_iter_utf8(&it, NULL);
         if (conv[0] != 'd') continue;                 /* group pointers: see group_rows */
         if (last_seq == 0) continue;
-        if (last_seq > read_seq) {
-            unread = unread_count(conv, read_seq, last_seq, user, &error);
+        if (cleared >= last_seq) continue;            /* deleted for me, nothing newer */
+        if (last_seq > read_seq && last_seq > cleared) {
+            unread = unread_count(conv, read_seq > cleared ? read_seq : cleared, last_seq, user, &error);
             if (unread < 0) {
                 cw_warn("rest: unread count %s: %s", conv, error.message);
                 failed = 1;
@@ -525,7 +578,7 @@ direct_rows(const char *user, conv_rows_t *rows)
 /* The user's read pointers of the groups in convs (an array of "g:G"),
  * into ptrs: conv -> read_seq. */
 static int
-group_pointers(const char *user, const bson_t *convs, json_t *ptrs)
+group_pointers(const char *user, const bson_t *convs, json_t *ptrs, json_t *clr)
 {
     bson_t           filter = BSON_INITIALIZER, in;
     mongoc_cursor_t *cur;
@@ -542,6 +595,7 @@ group_pointers(const char *user, const bson_t *convs, json_t *ptrs)
         bson_iter_t it;
         if (bson_iter_init_find(&it, doc, "conv") && BSON_ITER_HOLDS_UTF8(&it)) {
             json_object_set_new(ptrs, bson_iter_utf8(&it, NULL), json_integer(get_int(doc, "read_seq")));
+            json_object_set_new(clr, bson_iter_utf8(&it, NULL), json_integer(get_int(doc, "cleared_seq")));
         }
     }
     if (mongoc_cursor_error(cur, &error)) {
@@ -585,9 +639,9 @@ group_rows(const char *user, conv_rows_t *rows)
     mongoc_cursor_t *cur;
     const bson_t    *doc;
     bson_error_t     error;
-    json_t          *ptrs = json_object();
+    json_t          *ptrs = json_object(), *clr = json_object();
     int              failed = 0, n = 0;
-    size_t           first = rows->n;
+    size_t           first = rows->n, kept;
 
     filter = BCON_NEW("members", BCON_UTF8(user));
     opts = BCON_NEW("sort", "{", "ts", BCON_INT32(-1), "}", "limit", BCON_INT64(CONVERSATIONS_MAX));
@@ -620,13 +674,22 @@ group_rows(const char *user, conv_rows_t *rows)
     mongoc_cursor_destroy(cur);
     bson_destroy(filter);
     bson_destroy(opts);
-    if (!failed && n > 0 && group_pointers(user, &convs, ptrs) != 0) failed = 1;
+    if (!failed && n > 0 && group_pointers(user, &convs, ptrs, clr) != 0) failed = 1;
+    kept = first;
     for (size_t i = first; !failed && i < rows->n; i++) {
         json_t     *c = rows->rows[i].obj;
         const char *conv = json_string_value(json_object_get(c, "conv"));
         int64_t     read_seq = json_integer_value(json_object_get(ptrs, conv));
+        int64_t     cleared = json_integer_value(json_object_get(clr, conv));
         int64_t     since = json_integer_value(json_object_get(c, "since"));
         int64_t     from = read_seq > since ? read_seq : since, unread = 0;
+
+        if (cleared > 0 && cleared >= json_integer_value(json_object_get(c, "last_seq"))) {
+            json_decref(c);                           /* deleted for me, nothing newer */
+            rows->rows[i].obj = NULL;
+            continue;
+        }
+        if (cleared > from) from = cleared;
 
         if (json_integer_value(json_object_get(c, "last_seq")) > from) {
             unread = unread_count(conv, from, json_integer_value(json_object_get(c, "last_seq")), user, &error);
@@ -640,8 +703,13 @@ group_rows(const char *user, conv_rows_t *rows)
         json_object_set_new(c, "unread", json_integer(unread));
         json_object_del(c, "since");
     }
+    for (size_t i = first; !failed && i < rows->n; i++) {
+        if (rows->rows[i].obj) rows->rows[kept++] = rows->rows[i];
+    }
+    if (!failed) rows->n = kept;
     bson_destroy(&convs);
     json_decref(ptrs);
+    json_decref(clr);
     return failed ? -1 : 0;
 }
 
@@ -792,6 +860,8 @@ route(int fd, const rest_req_t *rq)
     int is_groups = strncmp(rq->path, "/chat/groups", 12) == 0 && (rq->path[12] == '\0' || rq->path[12] == '/');
     int is_settings = strncmp(rq->path, "/chat/settings", 14) == 0 && (rq->path[14] == '\0' || rq->path[14] == '/');
     int is_devices = strncmp(rq->path, "/chat/devices", 13) == 0 && (rq->path[13] == '\0' || rq->path[13] == '/');
+    int is_messages = strncmp(rq->path, "/chat/messages/", 15) == 0;
+    int is_clear = strncmp(rq->path, "/chat/conversations/", 20) == 0;
 
     if (strcmp(rq->path, "/healthz") == 0) {
         respond(fd, 200, "{\"status\":\"ok\"}");
@@ -805,7 +875,8 @@ route(int fd, const rest_req_t *rq)
         dev_token(fd, rq);
         return;
     }
-    if (!is_history && !is_convs && !is_receipts && !is_groups && !is_settings && !is_devices) {
+    if (!is_history && !is_convs && !is_receipts && !is_groups && !is_settings && !is_devices && !is_messages
+        && !is_clear) {
         respond_error(fd, 404, "not_found", "no such endpoint");
         return;
     }
@@ -822,6 +893,19 @@ route(int fd, const rest_req_t *rq)
         else
             status = cw_devices_request(rq->method, rq->path, rq->user, rq->device, rq->body, rq->body_len,
                                         client, rest_db, &out);
+        respond_json(fd, status, out);
+        return;
+    }
+    if (is_clear) {                         /* delete.c: a conversation deleted for me */
+        json_t *out = NULL;
+        int     status = cw_clear_request(rest_cf, rq->method, rq->path, rq->user, rq->device, &out);
+        respond_json(fd, status, out);
+        return;
+    }
+    if (is_messages) {                      /* delete.c: deletions */
+        json_t *out = NULL;
+        int     status = cw_delete_request(rest_cf, rq->method, rq->path, rq->query, rq->user, rq->device,
+                                           mongo_ready() == 0 ? rest_client : NULL, rest_db, &out);
         respond_json(fd, status, out);
         return;
     }

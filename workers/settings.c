@@ -45,6 +45,7 @@ typedef struct {
     int        preview;
     char       tz[TZ_MAX];
     int        quiet_from, quiet_to;   /* minutes after local midnight; -1: none */
+    char       history[16];        /* keep, days:N or device (history_policy_valid) */
     st_mute_t *mute;
     int        nmute;
 } st_doc_t;
@@ -112,7 +113,20 @@ doc_defaults(st_doc_t *d)
 {
     memset(d, 0, sizeof(*d));
     strcpy(d->tz, "UTC");
+    strcpy(d->history, "keep");
     d->quiet_from = d->quiet_to = -1;
+}
+
+/* The history policy (PROTOCOL "Retention and deletion"): "keep",
+ * "device", or "days:N" with N from 1 to 3650, written without leading
+ * zeros so that the value is one spelling per policy. */
+static int
+history_policy_valid(const char *v)
+{
+    if (strcmp(v, "keep") == 0 || strcmp(v, "device") == 0) return 1;
+    if (strncmp(v, "days:", 5) != 0 || v[5] < '1' || v[5] > '9' || strlen(v) > 9) return 0;
+    for (const char *p = v + 5; *p; p++) if (*p < '0' || *p > '9') return 0;
+    return atoi(v + 5) <= 3650;
 }
 
 static void
@@ -188,8 +202,9 @@ doc_json(const st_doc_t *d, int64_t now)
         fmt_hhmm(t, d->quiet_to);
         quiet = json_pack("{s:s, s:s}", "from", f, "to", t);
     }
-    return json_pack("{s:s, s:b, s:s, s:o, s:o, s:o}", "last_seen", d->nobody ? "nobody" : "everyone",
-                     "preview", d->preview, "tz", d->tz, "quiet", quiet, "mute", mute, "notify", notify);
+    return json_pack("{s:s, s:b, s:s, s:o, s:o, s:o, s:s}", "last_seen", d->nobody ? "nobody" : "everyone",
+                     "preview", d->preview, "tz", d->tz, "quiet", quiet, "mute", mute, "notify", notify,
+                     "history", d->history);
 }
 
 
@@ -213,6 +228,9 @@ doc_load(mongoc_client_t *client, const char *db, const char *user, st_doc_t *d,
         if (bson_iter_init_find(&it, doc, "last_seen") && BSON_ITER_HOLDS_UTF8(&it))
             d->nobody = strcmp(bson_iter_utf8(&it, NULL), "nobody") == 0;
         if (bson_iter_init_find(&it, doc, "preview")) d->preview = bson_iter_as_bool(&it);
+        if (bson_iter_init_find(&it, doc, "history") && BSON_ITER_HOLDS_UTF8(&it)
+            && history_policy_valid(bson_iter_utf8(&it, NULL)))
+            snprintf(d->history, sizeof(d->history), "%s", bson_iter_utf8(&it, NULL));
         if (bson_iter_init_find(&it, doc, "tz") && BSON_ITER_HOLDS_UTF8(&it))
             snprintf(d->tz, sizeof(d->tz), "%s", bson_iter_utf8(&it, NULL));
         if (bson_iter_init_find(&it, doc, "quiet") && BSON_ITER_HOLDS_DOCUMENT(&it) && bson_iter_recurse(&it, &sub)) {
@@ -279,6 +297,7 @@ doc_store(mongoc_client_t *client, const char *db, const char *user, const st_do
     BSON_APPEND_UTF8(&doc, "last_seen", d->nobody ? "nobody" : "everyone");
     BSON_APPEND_BOOL(&doc, "preview", d->preview != 0);
     BSON_APPEND_UTF8(&doc, "tz", d->tz);
+    BSON_APPEND_UTF8(&doc, "history", d->history);
     if (d->quiet_from >= 0) {
         fmt_hhmm(f, d->quiet_from);
         fmt_hhmm(t, d->quiet_to);
@@ -338,11 +357,11 @@ doc_to_redis(const char *user, const st_doc_t *d, int64_t now)
     cw_redis_append(c, "MULTI"); n++;
     cw_redis_append(c, "DEL %s %s %s", kset, kmute, knotify); n++;
     if (d->quiet_from >= 0) {
-        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s quiet %s", kset,
-                           d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz, quiet);
+        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s history %s quiet %s", kset,
+                           d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz, d->history, quiet);
     } else {
-        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s", kset,
-                           d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz);
+        cw_redis_append(c, "HSET %s last_seen %s preview %d tz %s history %s", kset,
+                           d->nobody ? "nobody" : "everyone", d->preview ? 1 : 0, d->tz, d->history);
     }
     n++;
     for (int i = 0; i < d->nmute; i++) {
@@ -414,11 +433,15 @@ apply(st_doc_t *d, json_t *body)
             if (fm == tm) return "quiet from and to must differ";
             d->quiet_from = fm;
             d->quiet_to = tm;
+        } else if (strcmp(k, "history") == 0) {
+            if (!json_is_string(v) || !history_policy_valid(json_string_value(v)))
+                return "history must be \"keep\", \"device\" or \"days:N\" (N from 1 to 3650)";
+            snprintf(d->history, sizeof(d->history), "%s", json_string_value(v));
         } else if (strcmp(k, "mute") == 0) {
             return "mute a conversation with PUT /chat/settings/mute/<conv>";
         } else {
             static char msg[160];
-            snprintf(msg, sizeof(msg), "unknown setting \"%.64s\" (last_seen, preview, tz, quiet)", k);
+            snprintf(msg, sizeof(msg), "unknown setting \"%.64s\" (last_seen, preview, tz, quiet, history)", k);
             return msg;
         }
     }

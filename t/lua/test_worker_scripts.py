@@ -282,3 +282,51 @@ def test_fanout_live_counts_workers_until_their_ttl(r, run):
     assert run("fanout_live", [k], ["w3", 5000]) == 2
     assert run("fanout_live", [k], ["w3", 0]) == 1                     # a clean stop: gone at once
     assert r.zrange(k, 0, -1) == ["w1"]
+
+
+# ---- deletions (lua/tombstone.lua) -------------------------------------------
+
+def test_tombstone_replaces_the_copies_at_their_cursor_and_only_them(r, run):
+    """A deleted message's inbox copies become the tombstone at the same
+    cursor (own-copy prefix kept), other events stay, the deletion event is
+    never rewritten, and a second run changes nothing."""
+    now = int(time.time() * 1000)
+    m1 = json.dumps({"type": "msg", "id": "m1", "conv": "d:alice:bob", "seq": 1, "body": "secret", "ts": now},
+                    separators=(",", ":"))
+    m2 = json.dumps({"type": "msg", "id": "m2", "conv": "d:alice:bob", "seq": 2, "body": 'say "id":"m1"',
+                     "ts": now}, separators=(",", ":"))
+    own = '{"!":"phone",' + m1[1:]
+    r.zadd(U + "inbox", {m1: 1, m2: 2, own: 3})
+    dele = '{"type":"deleted","for":"everyone","id":"m1","conv":"d:alice:bob","seq":1,"by":"alice","ts":%d}' % now
+    assert run("tombstone", [U + "inbox"], ["m1", dele, now, 60000]) == 2
+    got = r.zrange(U + "inbox", 0, -1, withscores=True)
+    tomb = '{"type":"msg","deleted":true,"for":"everyone","id":"m1","conv":"d:alice:bob","seq":1,"by":"alice","ts":%d}' % now
+    assert got == [(tomb, 1.0), (m2, 2.0), ('{"!":"phone",' + tomb[1:], 3.0)]
+    assert "secret" not in json.dumps(got)
+    # the deletion event appended after it is left alone; a rerun is a no-op
+    r.zadd(U + "inbox", {dele: 4})
+    assert run("tombstone", [U + "inbox"], ["m1", dele, now, 60000]) == 2
+    assert r.zrange(U + "inbox", 0, -1, withscores=True) == got + [(dele, 4.0)]
+    # positive control of the scan bound: a copy older than ts - slack is not looked at
+    r.delete(U + "inbox")
+    old = m1.replace('"ts":%d' % now, '"ts":%d' % (now - 120000))
+    r.zadd(U + "inbox", {old: 1, m2.replace('"ts":%d' % now, '"ts":%d' % (now - 100000)): 2})
+    assert run("tombstone", [U + "inbox"], ["m1", dele, now, 60000]) == 0
+    assert run("tombstone", [U + "inbox"], ["m1", dele, now, 600000]) == 1
+
+
+def test_expire_removes_the_ids_copies_from_the_oldest_on(r, run):
+    """The expired messages' copies (own copy, tombstone) go; other events
+    stay at their cursors; the scan stops past the newest ts + slack."""
+    now = int(time.time() * 1000)
+
+    def m(mid, ts, pre=""):
+        return (pre or "{") + '"type":"msg","id":"%s","conv":"d:alice:bob","seq":1,"body":"b","ts":%d}' % (mid, ts)
+    r.zadd(U + "inbox", {m("e1", now - 5000): 1, m("k1", now - 4000): 2, m("e1", now - 5000, '{"!":"phone",'): 3,
+                         m("e2", now - 3000): 4, m("k2", now): 5, m("e3", now + 10 ** 6): 6})
+    assert run("expire", [U + "inbox"], [now - 3000, 1000, "e1", "e2", "e3"]) == 3
+    left = r.zrange(U + "inbox", 0, -1, withscores=True)
+    assert [(json.loads(x)["id"], s) for x, s in left] == [("k1", 2.0), ("k2", 5.0), ("e3", 6.0)]
+    # past the bound nothing is looked at: e3 (newer than ts + slack) stays until its time
+    assert run("expire", [U + "inbox"], [now + 10 ** 6, 0, "e3"]) == 1
+    assert run("expire", [U + "inbox"], [now, 0, "k1", "k2"]) == 2 and r.zcard(U + "inbox") == 0

@@ -7,7 +7,7 @@ import { Emitter } from "./emitter.js";
 import { Outbox, type OutboxEntry } from "./outbox.js";
 import {
   directConv, FINAL_SEND_ERRORS, peerOf,
-  type ConversationSummary, type ConvId, type ErrorFrame, type GroupEvent, type GroupInfo,
+  type ConversationSummary, type ConvId, type ErrorFrame, type DeletedEvent, type GroupEvent, type GroupInfo,
   type HelloFrame, type HistoryPage, type Media, type MsgEvent, type PollAnswer,
   type PresenceFrame, type ReceiptEvent, type ReceiptsAnswer, type SendAck, type ServerFrame,
 } from "./protocol.js";
@@ -85,6 +85,9 @@ export interface ChatEvents {
   presence: (p: Presence) => void;
   conversations: (list: ConversationSummary[]) => void;
   group: (e: GroupEvent) => void;
+  /** a message was deleted (for everyone, or for me on another device):
+   * drop its body and media from the app's own copies */
+  deleted: (e: DeletedEvent) => void;
   /** the device missed events beyond the server's retention: reload from history */
   behind: () => void;
   error: (e: ChatError) => void;
@@ -500,9 +503,19 @@ export class ChatClient extends Emitter<ChatEvents> {
         if (cur !== undefined) {
           if (cur <= this.cursor) return;            // replayed: processed already
         }
-        if (f.type === "msg") this.onMsg(f);
+        // a tombstone where a deleted message was (replay after the deletion)
+        if (f.type === "msg" && (f as any).deleted) this.emit("deleted", { ...(f as any), type: "deleted" } as DeletedEvent);
+        else if (f.type === "msg") this.onMsg(f);
         else if (f.type === "receipt") this.onReceipt(f);
         else this.onGroupEvent(f);
+        if (cur !== undefined) { this.cursor = cur; this.scheduleAck(); }
+        return;
+      }
+      case "deleted": {
+        // durable like a message: processed once, acknowledged
+        const cur = f.cursor;
+        if (cur !== undefined && cur <= this.cursor) return;
+        this.emit("deleted", f);
         if (cur !== undefined) { this.cursor = cur; this.scheduleAck(); }
         return;
       }

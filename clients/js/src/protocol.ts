@@ -79,6 +79,19 @@ export interface ReceiptEvent {
   ts: number;
 }
 
+/** A message deleted for everyone or for me (PROTOCOL 19.3); durable. */
+export interface DeletedEvent {
+  type: "deleted";
+  cursor?: number;
+  for: "everyone" | "me";
+  id: string;
+  conv: ConvId;
+  seq: number;
+  by: string;
+  sent: number;
+  ts: number;
+}
+
 export interface GroupEvent {
   type: "group";
   cursor?: number;
@@ -121,7 +134,7 @@ export interface PongFrame { type: "pong" }
 
 export type DurableEvent = MsgEvent | ReceiptEvent | GroupEvent;
 export type ServerFrame =
-  | HelloFrame | SendAck | MsgEvent | ReceiptEvent | GroupEvent | PresenceFrame
+  | HelloFrame | SendAck | MsgEvent | ReceiptEvent | GroupEvent | DeletedEvent | PresenceFrame
   | TypingEvent | ErrorFrame | ReconnectFrame | PongFrame;
 
 // ---- HTTP answers (PROTOCOL 11, 12, 17) -----------------------------------

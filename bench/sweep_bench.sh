@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The sweeper benchmark (docs/BENCHMARKS.md "Expiry sweeper"): delivery
+# p99 of one-to-one traffic at RATE msg/s without, then with the persist
+# role's sweeper removing N expired messages (seeded straight into MongoDB
+# and chat:{s<s>}:exp), and the sweeper's removal rate.
+#
+#   bench/sweep_bench.sh [N] [RATE] [DURATION_S]      (defaults 20000 1000 40)
+#   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+n=${1:-20000}; rate=${2:-1000}; dur=${3:-40}
+pb=${PORT_BASE:-17880}; dir=$top/.stack-sweep
+out=build/bench/sweep-$(date +%Y%m%d-%H%M%S).txt
+mkdir -p build/bench
+make -s loadgen worker
+# a fresh stack: the seeded documents of an earlier run would collide
+scripts/stack down --dir "$dir" >/dev/null 2>&1 || true
+rm -rf "$dir"
+scripts/stack up --bench --dir "$dir" --port-base "$pb" --queue redis >/dev/null
+trap 'scripts/stack down --dir "$dir" >/dev/null 2>&1 || true' EXIT
+# the sweeper's settings (workers/README.md); the stack's persist reads them at start
+if [ -n "${SWEEP_RATE:-}${SWEEP_BATCH:-}" ]; then
+  { [ -n "${SWEEP_RATE:-}" ] && echo "sweep_rate = $SWEEP_RATE"; [ -n "${SWEEP_BATCH:-}" ] && echo "sweep_batch = $SWEEP_BATCH"; } >>"$dir/chat-worker.conf"
+  scripts/stack up --bench --dir "$dir" --port-base "$pb" --queue redis >/dev/null
+fi
+. "$dir/env"
+lg() { build/loadgen --label "$1" --target chat --env "$dir/env" --redis "$REDIS_URL" --scenario one2one \
+         --pairs 200 --duration "$dur" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
+{ echo "== sweeper benchmark: N=$n rate=$rate duration=${dur}s $(date -u)"; grep sweep_ "$dir/chat-worker.conf" || true; } | tee -a "$out"
+base=$(date +%s%3N)
+.venv/bin/python bench/sweep_seed.py seed --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
+echo "== without the sweeper (nothing expired yet)" | tee -a "$out"
+lg no-sweep
+echo "== with the sweeper removing $n expired messages" | tee -a "$out"
+.venv/bin/python bench/sweep_seed.py arm --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
+.venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" >"$out.watch" 2>&1 &
+w=$!
+lg sweeping
+wait $w || true
+cat "$out.watch" | tee -a "$out" | tail -3
+echo "raw output: $out"
