@@ -354,3 +354,38 @@ def test_delete_a_whole_conversation_for_me(stack, r, db):
     assert st == 400, e
     for x in (a1, b1, b2):
         x.close()
+
+
+def test_deletions_have_a_budget_per_user(stack):
+    """Every client action has a budget: deletions (the rest role's
+    delete_rate_limit, 60 a minute and a burst of 30 by default, a token
+    bucket in Redis per user) answer 429 rate_limited with retry_after
+    beyond it; another user is not affected."""
+    a, b, c = uid("a"), uid("b"), uid("c")
+    conv = dconv(a, b)
+    t0, answers = time.time(), []
+    while len(answers) < 120:
+        st, e = delete(stack, a, "999999999", conv)
+        answers.append(st)
+        if st == 429:
+            assert e["code"] == "rate_limited" and e["retry_after"] >= 1, e
+            break
+        assert st == 404 and e["code"] == "not_found", e     # within the budget: looked up
+    took = time.time() - t0
+    assert answers[-1] == 429, answers
+    n = len(answers) - 1
+    # the burst went through, then at most the refill (1 a second) more
+    assert 30 <= n <= 30 + took + 2, (n, took)
+    # per user: someone else is answered as before
+    st, e = delete(stack, c, "999999999", dconv(c, b))
+    assert st == 404 and e["code"] == "not_found", e
+    # the conversation delete takes from the same budget (a token may have
+    # come back meanwhile: then the next one finds it spent)
+    sts = []
+    for _ in range(3):
+        st, e = api(stack, a, "DELETE", f"/conversations/{conv}")
+        sts.append(st)
+        if st == 429:
+            assert e["code"] == "rate_limited", e
+            break
+    assert sts[-1] == 429 and all(x == 200 for x in sts[:-1]), sts

@@ -53,6 +53,8 @@ typedef struct {
                                    per minute, burst (0 0: off) */
     int   group_adds[2];        /* times one user may be added to groups by others:
                                    per hour, per day (0 0: off) */
+    int   delete_rate[2];       /* deletions (DELETE /chat/messages, /chat/conversations)
+                                   per user: per minute, burst (0 0: off) */
     char  dev_token_secret_file[CW_STR]; /* rest: serve GET /dev/token (local dev stack only) */
     /* push role (workers/README.md, "push") */
     int   push_delay_ms;        /* a device that has not acked within this gets a notification */
@@ -340,6 +342,10 @@ int  cw_groups_request(const char *method, const char *path, const char *user,
 /* 1: user is an active member of group (since: its since seq), 0: not,
  * -1: Redis unavailable */
 int  cw_group_member(const char *group, const char *user, int64_t *since);
+/* one token of the user's rest budget bucket (chat:{u:U}:rl:<bucket>):
+ * 0, or 429 / 503 with the error in *out */
+int  cw_rest_budget(const char *user, const char *bucket, const int limit[2], const char *what,
+                    struct json_t **out);
 /* GET /chat/receipts for a parsed conversation (a, b as cw_parse_conv) */
 int  cw_receipts(const char *conv, const char *a, const char *b, int is_group, int64_t seq,
                  const char *user, struct json_t **out);

@@ -153,6 +153,8 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->group_rate[1] = 10;
     cf->group_adds[0] = 50;             /* an hour, and 200 a day */
     cf->group_adds[1] = 200;
+    cf->delete_rate[0] = 60;            /* a minute, and a burst of 30 */
+    cf->delete_rate[1] = 30;
     cf->push_delay_ms = 3000;
     cf->push_buckets = 16;
     cf->push_concurrency = 100;
@@ -203,8 +205,11 @@ cw_config_load(cw_config_t *cf, const char *path)
             else if (strcmp(k, "queue") == 0) set(cf->queue, sizeof(cf->queue), v);
             else if (strcmp(k, "rest_listen") == 0) set(cf->rest_listen, sizeof(cf->rest_listen), v);
             else if (strcmp(k, "node_id") == 0) set(cf->node_id, sizeof(cf->node_id), v);
-            else if (strcmp(k, "group_rate_limit") == 0 || strcmp(k, "group_adds_limit") == 0) {
-                int  *pair = strcmp(k, "group_rate_limit") == 0 ? cf->group_rate : cf->group_adds;
+            else if (strcmp(k, "group_rate_limit") == 0 || strcmp(k, "group_adds_limit") == 0
+                     || strcmp(k, "delete_rate_limit") == 0)
+            {
+                int  *pair = strcmp(k, "group_rate_limit") == 0 ? cf->group_rate
+                             : strcmp(k, "delete_rate_limit") == 0 ? cf->delete_rate : cf->group_adds;
                 long  a, b;
                 char *end, *end2;
                 a = strtol(v, &end, 10);
@@ -214,7 +219,7 @@ cw_config_load(cw_config_t *cf, const char *path)
                     || (a == 0) != (b == 0))
                 {
                     cw_error("%s:%d: %s must be two numbers (%s), or 0 0 for no limit, not \"%s\"", path, lineno, k,
-                             pair == cf->group_rate ? "per minute and burst" : "per hour and per day", v);
+                             pair == cf->group_adds ? "per hour and per day" : "per minute and burst", v);
                     fclose(f);
                     return -1;
                 }

@@ -125,6 +125,9 @@ cw_delete_request(const cw_config_t *cf, const char *method, const char *path, c
     if (strncmp(path, "/chat/messages/", 15) != 0 || !cw_valid_id(id, strlen(id), CW_ID_MAX))
         return fail(out, 404, "not_found", "no such endpoint (DELETE /chat/messages/<id>?conv=<conv>)");
     if (strcmp(method, "DELETE") != 0) return fail(out, 405, "bad_request", "only DELETE is allowed here");
+    /* every client action has a budget: a deletion costs MongoDB lookups */
+    if ((status = cw_rest_budget(user, "deletes", cf->delete_rate, "too many deletions", out)) != 0)
+        return status;
     rc = cw_qparam(query, "conv", conv, sizeof(conv));
     if (rc <= 0 || cw_parse_conv(conv, a, b, &is_group) != 0)
         return fail(out, 400, "bad_request", rc == 0 ? "conv is required" : "conv is not a conversation id");
@@ -231,6 +234,7 @@ cw_clear_request(const cw_config_t *cf, const char *method, const char *path, co
     chat_entry_t  v;
 
     if (strcmp(method, "DELETE") != 0) return fail(out, 405, "bad_request", "only DELETE is allowed here");
+    if ((rc = cw_rest_budget(user, "deletes", cf->delete_rate, "too many deletions", out)) != 0) return rc;
     if (strlen(conv) > CW_CONV_MAX || cw_parse_conv(conv, a, b, &is_group) != 0)
         return fail(out, 400, "bad_request", "not a conversation id");
     if (is_group) {

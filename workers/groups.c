@@ -557,20 +557,23 @@ limited(json_t **out, const char *code, const char *message, int64_t retry_ms, c
     return 429;
 }
 
-/* One token of the acting user's group budget: 0, or 429 / 503 in *out. */
-static int
-take_budget(const char *user, json_t **out)
+/* One token of user's budget named bucket (a token bucket in Redis,
+ * chat:{u:U}:rl:<bucket>, lua/group_budget.lua; limit: per minute and burst,
+ * 0 0 for none): 0, or 429 / 503 in *out. Shared by every rest process. */
+int
+cw_rest_budget(const char *user, const char *bucket, const int limit[2], const char *what,
+               json_t **out)
 {
-    char        key[CW_ID_MAX + 32], now[24], rate[16], burst[16];
+    char        key[CW_ID_MAX + 48], now[24], rate[16], burst[16];
     const char *keys[1] = { key }, *args[3] = { now, rate, burst };
     redisReply *r;
     long long   wait;
 
-    if (gr_cf->group_rate[0] == 0) return 0;
-    snprintf(key, sizeof(key), "chat:{u:%s}:rl:groups", user);
+    if (limit[0] == 0) return 0;
+    snprintf(key, sizeof(key), "chat:{u:%s}:rl:%s", user, bucket);
     snprintf(now, sizeof(now), "%lld", (long long) cw_now_ms());
-    snprintf(rate, sizeof(rate), "%d", gr_cf->group_rate[0]);
-    snprintf(burst, sizeof(burst), "%d", gr_cf->group_rate[1]);
+    snprintf(rate, sizeof(rate), "%d", limit[0]);
+    snprintf(burst, sizeof(burst), "%d", limit[1]);
     r = rdb_eval(CHAT_LUA_GROUP_BUDGET, 1, keys, 3, args);
     if (r == NULL || r->type != REDIS_REPLY_INTEGER) {
         if (r) freeReplyObject(r);
@@ -579,7 +582,14 @@ take_budget(const char *user, json_t **out)
     wait = r->integer;
     freeReplyObject(r);
     if (wait == 0) return 0;
-    return limited(out, "rate_limited", "too many group creations or membership changes", wait, NULL);
+    return limited(out, "rate_limited", what, wait, NULL);
+}
+
+static int
+take_budget(const char *user, json_t **out)
+{
+    return cw_rest_budget(user, "groups", gr_cf->group_rate,
+                          "too many group creations or membership changes", out);
 }
 
 /* Takes (give 0) or gives back (give 1) one add of each user of the JSON
