@@ -357,6 +357,68 @@ cw_strip_last(mongoc_collection_t *coll, const char *docid, const char *id)
     return rc;
 }
 
+/* Delete for me of the newest message of a direct conversation: the
+ * user's own conversations document (docid) shows the newest earlier
+ * message the user has not hidden as its `last` (the peer's is not
+ * touched); with none, the deleted one without its body. */
+static int
+hide_last(mongoc_collection_t *conversations, mongoc_collection_t *messages, const char *docid,
+          const char *conv, const char *id, const char *user)
+{
+    bson_t          *filter = BCON_NEW("_id", BCON_UTF8(docid)), *opts, last;
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(conversations, filter, NULL, NULL);
+    const bson_t    *doc;
+    bson_error_t     error;
+    bson_iter_t      it, f;
+    int64_t          seq = 0;
+    int              rc = 0, hit = 0, found = 0;
+
+    if (mongoc_cursor_next(cur, &doc)) {
+        hit = bson_iter_init(&it, doc) && bson_iter_find_descendant(&it, "last.id", &f) && BSON_ITER_HOLDS_UTF8(&f)
+              && strcmp(bson_iter_utf8(&f, NULL), id) == 0;
+        if (hit && bson_iter_init(&it, doc) && bson_iter_find_descendant(&it, "last.seq", &f)
+            && BSON_ITER_HOLDS_NUMBER(&f))
+            seq = bson_iter_as_int64(&f);
+    } else if (mongoc_cursor_error(cur, &error)) {
+        cw_warn("persist: read %s: %s", docid, error.message);
+        rc = -1;
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(filter);
+    if (!hit || rc != 0) return rc;
+
+    /* the newest earlier message not hidden for the user, as persist
+     * writes `last` (seq first: the $max of later messages still wins) */
+    filter = BCON_NEW("conv", BCON_UTF8(conv), "seq", "{", "$lt", BCON_INT64(seq), "}",
+                      "hidden", "{", "$ne", BCON_UTF8(user), "}");
+    opts = BCON_NEW("sort", "{", "seq", BCON_INT32(-1), "}", "limit", BCON_INT64(1));
+    cur = mongoc_collection_find_with_opts(messages, filter, opts, NULL);
+    bson_init(&last);
+    if (mongoc_cursor_next(cur, &doc)) {
+        static const char *keep[] = { "conv", "from", "to", "body", "kind", "media", "ts", "deleted" };
+        BSON_APPEND_INT64(&last, "seq", bson_iter_init_find(&it, doc, "seq") && BSON_ITER_HOLDS_NUMBER(&it)
+                                         ? bson_iter_as_int64(&it) : 0);
+        if (bson_iter_init_find(&it, doc, "_id") && BSON_ITER_HOLDS_UTF8(&it))
+            BSON_APPEND_UTF8(&last, "id", bson_iter_utf8(&it, NULL));
+        for (size_t k = 0; k < sizeof(keep) / sizeof(keep[0]); k++)
+            if (bson_iter_init_find(&it, doc, keep[k])) bson_append_iter(&last, keep[k], -1, &it);
+        found = 1;
+    } else if (mongoc_cursor_error(cur, &error)) {
+        cw_warn("persist: earlier messages of %s: %s", conv, error.message);
+        rc = -1;
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(filter);
+    bson_destroy(opts);
+    if (rc == 0 && found)
+        rc = update_one(conversations, BCON_NEW("_id", BCON_UTF8(docid)),
+                        BCON_NEW("$set", "{", "last", BCON_DOCUMENT(&last), "}"), 0, "the last message for me");
+    else if (rc == 0)
+        rc = cw_strip_last(conversations, docid, id);
+    bson_destroy(&last);
+    return rc;
+}
+
 int
 cw_persist_deletions(mongoc_collection_t *messages, mongoc_collection_t *conversations,
                      mongoc_collection_t *groups, const cw_batch_t *b)
@@ -393,6 +455,12 @@ cw_persist_deletions(mongoc_collection_t *messages, mongoc_collection_t *convers
         if (strcmp(e->event, "me") == 0) {
             rc = update_one(messages, BCON_NEW("_id", BCON_UTF8(mid)),
                             BCON_NEW("$addToSet", "{", "hidden", BCON_UTF8(e->from), "}"), 0, "hide a message");
+            /* my conversation list no longer shows it either (a group's
+             * `last` is one for every member: it stays, see PROTOCOL 19) */
+            if (rc == 0 && !e->is_group) {
+                snprintf(docid, sizeof(docid), "%s|%s", e->from, e->conv);
+                rc = hide_last(conversations, messages, docid, e->conv, mid, e->from);
+            }
         } else {
             rc = update_one(messages, BCON_NEW("_id", BCON_UTF8(mid)),
                             BCON_NEW("$unset", "{", "body", BCON_UTF8(""), "media", BCON_UTF8(""), "}",
