@@ -5,7 +5,8 @@
 # and chat:{s<s>}:exp), and the sweeper's removal rate.
 #
 #   bench/sweep_bench.sh [N] [RATE] [DURATION_S]      (defaults 20000 1000 40)
-#   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings
+#   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings,
+#   BASE_DURATION_S: the run without the sweeper (default DURATION_S)
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -26,17 +27,17 @@ if [ -n "${SWEEP_RATE:-}${SWEEP_BATCH:-}" ]; then
 fi
 . "$dir/env"
 lg() { build/loadgen --label "$1" --target chat --env "$dir/env" --redis "$REDIS_URL" --scenario one2one \
-         --pairs 200 --duration "$dur" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
+         --pairs 200 --duration "$2" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
 { echo "== sweeper benchmark: N=$n rate=$rate duration=${dur}s $(date -u)"; grep sweep_ "$dir/chat-worker.conf" || true; } | tee -a "$out"
 base=$(date +%s%3N)
 .venv/bin/python bench/sweep_seed.py seed --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
 echo "== without the sweeper (nothing expired yet)" | tee -a "$out"
-lg no-sweep
+lg no-sweep "${BASE_DURATION_S:-$dur}"
 echo "== with the sweeper removing $n expired messages" | tee -a "$out"
 .venv/bin/python bench/sweep_seed.py arm --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
 .venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" >"$out.watch" 2>&1 &
 w=$!
-lg sweeping
+lg sweeping "$dur"
 wait $w || true
 cat "$out.watch" | tee -a "$out" | tail -3
 echo "raw output: $out"
