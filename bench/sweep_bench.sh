@@ -18,13 +18,11 @@ make -s loadgen worker
 # a fresh stack: the seeded documents of an earlier run would collide
 scripts/stack down --dir "$dir" >/dev/null 2>&1 || true
 rm -rf "$dir"
+# the sweeper's settings (workers/README.md), in the worker config the stack writes
+CHAT_WORKER_CONF_EXTRA=$( [ -n "${SWEEP_RATE:-}" ] && echo "sweep_rate = $SWEEP_RATE"; [ -n "${SWEEP_BATCH:-}" ] && echo "sweep_batch = $SWEEP_BATCH"; true)
+export CHAT_WORKER_CONF_EXTRA
 scripts/stack up --bench --dir "$dir" --port-base "$pb" --queue redis >/dev/null
 trap 'scripts/stack down --dir "$dir" >/dev/null 2>&1 || true' EXIT
-# the sweeper's settings (workers/README.md); the stack's persist reads them at start
-if [ -n "${SWEEP_RATE:-}${SWEEP_BATCH:-}" ]; then
-  { [ -n "${SWEEP_RATE:-}" ] && echo "sweep_rate = $SWEEP_RATE"; [ -n "${SWEEP_BATCH:-}" ] && echo "sweep_batch = $SWEEP_BATCH"; } >>"$dir/chat-worker.conf"
-  scripts/stack up --bench --dir "$dir" --port-base "$pb" --queue redis >/dev/null
-fi
 . "$dir/env"
 lg() { build/loadgen --label "$1" --target chat --env "$dir/env" --redis "$REDIS_URL" --scenario one2one \
          --pairs 200 --duration "$2" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
