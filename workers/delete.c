@@ -107,6 +107,24 @@ enqueue(const cw_config_t *cf, const chat_entry_t *v, const char *conv)
     }
 }
 
+/* The t=del entry of a request by user (device: the acting one, which gets
+ * no copy) in conv (a, b as cw_parse_conv), event "everyone", "me" or
+ * "clear"; the caller sets ev and seq. */
+static void
+del_entry(chat_entry_t *v, const char *conv, const char *user, const char *device, int is_group,
+          const char *a, const char *b, const char *event)
+{
+    memset(v, 0, sizeof(*v));
+    v->type = CHAT_ENTRY_DEL;
+    v->conv.p = conv; v->conv.len = strlen(conv);
+    v->from.p = user; v->from.len = strlen(user);
+    if (device && cw_valid_id(device, strlen(device), CW_DEV_MAX)) { v->dev.p = device; v->dev.len = strlen(device); }
+    if (is_group) { v->group.p = a; v->group.len = strlen(a); }
+    else if (strcmp(user, a) == 0) { v->to.p = b; v->to.len = strlen(b); }
+    else { v->to.p = a; v->to.len = strlen(a); }
+    v->event.p = event; v->event.len = strlen(event);
+}
+
 int
 cw_delete_request(const cw_config_t *cf, const char *method, const char *path, const char *query,
                   const char *user, const char *device, mongoc_client_t *client, const char *db, json_t **out)
@@ -193,15 +211,7 @@ cw_delete_request(const cw_config_t *cf, const char *method, const char *path, c
      * (lua/tombstone.lua relies on both) */
     snprintf(ev, sizeof(ev), "{\"type\":\"deleted\",\"for\":\"%s\",\"id\":\"%s\",\"conv\":\"%s\",\"seq\":%" PRId64
              ",\"by\":\"%s\",\"sent\":%" PRId64 ",\"ts\":%" PRId64 "}", what, id, conv, seq, user, sent, now);
-    memset(&v, 0, sizeof(v));
-    v.type = CHAT_ENTRY_DEL;
-    v.conv.p = conv; v.conv.len = strlen(conv);
-    v.from.p = user; v.from.len = strlen(user);
-    if (device && cw_valid_id(device, strlen(device), CW_DEV_MAX)) { v.dev.p = device; v.dev.len = strlen(device); }
-    if (is_group) { v.group.p = a; v.group.len = strlen(a); }
-    else if (strcmp(user, a) == 0) { v.to.p = b; v.to.len = strlen(b); }
-    else { v.to.p = a; v.to.len = strlen(a); }
-    v.event.p = what; v.event.len = strlen(what);
+    del_entry(&v, conv, user, device, is_group, a, b, what);
     v.seq = seq;
     v.ev.p = ev; v.ev.len = strlen(ev);
     if (chat_entry_check(&v, NULL, NULL) != NULL || enqueue(cf, &v, conv) != 0) {
@@ -256,15 +266,7 @@ cw_clear_request(const cw_config_t *cf, const char *method, const char *path, co
     if (upto < 1) return fail(out, 404, "not_found", "this conversation has no messages");
     snprintf(ev, sizeof(ev), "{\"type\":\"deleted\",\"for\":\"me\",\"conv\":\"%s\",\"upto\":%" PRId64
              ",\"by\":\"%s\",\"ts\":%" PRId64 "}", conv, upto, user, now);
-    memset(&v, 0, sizeof(v));
-    v.type = CHAT_ENTRY_DEL;
-    v.conv.p = conv; v.conv.len = strlen(conv);
-    v.from.p = user; v.from.len = strlen(user);
-    if (device && cw_valid_id(device, strlen(device), CW_DEV_MAX)) { v.dev.p = device; v.dev.len = strlen(device); }
-    if (is_group) { v.group.p = a; v.group.len = strlen(a); }
-    else if (strcmp(user, a) == 0) { v.to.p = b; v.to.len = strlen(b); }
-    else { v.to.p = a; v.to.len = strlen(a); }
-    v.event.p = "clear"; v.event.len = 5;
+    del_entry(&v, conv, user, device, is_group, a, b, "clear");
     v.seq = upto;
     v.ev.p = ev; v.ev.len = strlen(ev);
     if (chat_entry_check(&v, NULL, NULL) != NULL || enqueue(cf, &v, conv) != 0)
