@@ -1,6 +1,7 @@
--- group_budget: a token bucket of group creations and membership changes
--- per acting user (the rest role; shared by every rest process).
--- KEYS:    1 chat:{u:U}:rl:groups (hash t = ms of the last take, n = tokens)
+-- group_budget: a token bucket per acting user of the rest role, shared by
+-- every rest process (cw_rest_budget): group creations and membership
+-- changes (chat:{u:U}:rl:groups), deletions (chat:{u:U}:rl:deletes).
+-- KEYS:    1 chat:{u:U}:rl:<bucket> (hash t = ms of the last take, n = tokens)
 -- ARGV:    1 now (ms)  2 per minute  3 burst
 -- returns: 0 when a token was taken, else the ms until one is there.
 -- guarantees: at most burst at once and the rate after that, across every
