@@ -6,11 +6,11 @@ reaches every device live and on replay, MongoDB (queried directly) holds
 no body, Redis inboxes (read directly) hold no copy of it, history shows
 the tombstone. The history policy setting itself is in t/test_push.py's
 settings tests and here."""
-import json
+import datetime
 import time
 import uuid
 
-from helpers import ack_of, auth, dconv, eventually, inbox, msgs, send, uid, ws
+from helpers import SHARDS, ack_of, auth, dconv, eventually, inbox, msgs, redis_only, send, shard, uid, ws
 
 WINDOW_S = 8
 
@@ -417,4 +417,52 @@ def test_delete_for_me_of_the_newest_message_leaves_my_conversation_list(stack, 
     assert last_of(a)["id"] == m2["id"] and last_of(a)["body"] == "second"      # the peer's: unchanged
     m3 = ack_of(a1, send(a1, b, "third"))
     eventually(lambda: (last_of(b) or {}).get("id") == m3["id"], what="a newer message is the newest again")
+    a1.close()
+
+
+@redis_only
+def test_a_long_sweep_does_not_hold_up_persistence(stack, r, db):
+    """The sweeper runs in its own thread with its own clients: a range
+    delete on FerretDB scans the whole collection (about 35 s at 1,000,000
+    documents), and persistence must go on meanwhile. 150,000 expired
+    documents are seeded straight into MongoDB and chat:{s<s>}:exp (one
+    round's delete then takes seconds); a message sent while that round is
+    in MongoDB is stored before the round ends (its members are still all
+    in the sets when the message's document is there). Then the sweeper
+    removes every seeded document. On the design before (the sweep between
+    persist batches) the message waited for the round."""
+    n = 150000
+    tag = uuid.uuid4().hex[:8]
+    old = int(time.time() * 1000) - 10 * 86400000
+    due = old + 86400000                            # the seeded scores: due .. due + n, ours alone
+    docs, members = [], {}
+    for i in range(n):
+        a, b = f"sw{tag}a{i % 100}", f"sw{tag}b{i % 100}"
+        conv, mid = dconv(a, b), f"sw{tag}{i:07d}"
+        docs.append({"_id": mid, "conv": conv, "seq": i // 100 + 1, "from": a, "to": b, "body": "expired",
+                     "kind": "text", "ts": old + i,
+                     "expire_at": datetime.datetime.fromtimestamp((due + i) / 1000, datetime.timezone.utc)})
+        members.setdefault(shard(conv), {})[f"{mid}|{conv}|{i // 100 + 1}|{old + i}|{a}"] = due + i
+    for k in range(0, n, 10000):
+        db.messages.insert_many(docs[k:k + 10000], ordered=False)
+    ours = lambda: sum(r.zcount("chat:{s%d}:exp" % s, due, due + n) for s in range(SHARDS))   # noqa: E731
+    p = r.pipeline(transaction=False)
+    for s, m in members.items():
+        m = list(m.items())
+        for k in range(0, len(m), 5000):
+            p.zadd("chat:{s%d}:exp" % s, dict(m[k:k + 5000]))
+    p.execute()
+    time.sleep(1.0)                                 # the round has read its members and is in MongoDB
+    a, b = uid("a"), uid("b")
+    a1 = ws(stack, a)
+    t0 = time.time()
+    m = ack_of(a1, send(a1, b, "stored while the sweep runs"))
+    stored(db, m["id"])
+    took, during = time.time() - t0, ours()
+    print(f"stored {took:.1f} s after the send; {n - during} of {n} seeded members gone by then")
+    # the sweep between persist batches (before) stored it only after the
+    # round, its ZREMs included: some members would be gone by then
+    assert during == n, "the round had ended before the message was stored"
+    eventually(lambda: ours() == 0, timeout=180, interval=1, what="the seeded messages swept")
+    assert db.messages.count_documents({"_id": {"$regex": f"^sw{tag}"}}) == 0
     a1.close()

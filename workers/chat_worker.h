@@ -39,10 +39,11 @@ typedef struct {
     int   fanout_lease_renew_ms; /* ... renewed (and free shards claimed) this often */
     int   inbox_max;            /* events kept per user inbox */
     int   retention_days;       /* inbox TTL */
-    int   delete_window_s;
+    int   delete_window_s;      /* rest: a sender may delete for everyone this long after sending */
     int   sweep_batch;          /* persist: messages the sweeper removes per round at most */
     int   sweep_rate;           /* ... and per second at most */
-    int   sweep_day_ms;         /* the length of a day of the days:N policy (tests shorten it) */      /* rest: a sender may delete for everyone this long after sending */
+    int   sweep_day_ms;         /* the length of a day of the days:N policy (tests shorten it) */
+    int   sweep_timeout_ms;     /* the sweeper's MongoDB socket timeout (a FerretDB range delete scans) */
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
     int   gather_ms;            /* persist, push: wait this long after a small batch */
     int   fanout_gather_ms;     /* fanout: the same, on the delivery path (short) */
@@ -320,6 +321,8 @@ struct _mongoc_client_t;
 struct _bson_t;
 struct json_t;
 void cw_mongo_log_init(void);
+struct _mongoc_client_t *cw_mongo_client_timeout(const cw_config_t *cf, const char *app, char *db, size_t dblen,
+                                                int socket_timeout_ms);
 struct _mongoc_client_t *cw_mongo_client(const cw_config_t *cf, const char *app,
                                          char *db, size_t dblen);
 /* A BSON document as a JSON value (strings, numbers, booleans, null,
@@ -392,8 +395,10 @@ cw_sweep_t *cw_sweep_new(const cw_config_t *cf);
 void cw_sweep_free(cw_sweep_t *s);
 int  cw_sweep_plan(cw_sweep_t *s, cw_redis_t *c, const cw_batch_t *b, struct _bson_t **docs, const int64_t *ts);
 int  cw_sweep_commit(cw_sweep_t *s, cw_redis_t *c);
-void cw_sweep_tick(cw_sweep_t *s, cw_redis_t *c, struct _mongoc_collection_t *messages,
-                   struct _mongoc_collection_t *conversations, struct _mongoc_collection_t *groups);
+/* the sweep in its own thread, with its own Redis and MongoDB clients:
+ * a FerretDB range delete scans the collection (tens of seconds at a
+ * million documents) and must not stall persistence */
+int  cw_sweep_start(cw_sweep_t *s);
 void cw_sweep_ttl_index(struct _mongoc_client_t *client, const char *db);
 
 /* rest (groups.c's producer): one record to chat.in partition s, waited for */

@@ -44,6 +44,7 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "sweep_batch") == 0) return &cf->sweep_batch;
     if (strcmp(k, "sweep_rate") == 0) return &cf->sweep_rate;
     if (strcmp(k, "sweep_day_ms") == 0) return &cf->sweep_day_ms;
+    if (strcmp(k, "sweep_timeout_ms") == 0) return &cf->sweep_timeout_ms;
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
     if (strcmp(k, "gather_ms") == 0) return &cf->gather_ms;
     if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
@@ -140,9 +141,10 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->inbox_max = 100000;
     cf->retention_days = 365;
     cf->delete_window_s = 172800;       /* 48 h */
-    cf->sweep_batch = 1000;
-    cf->sweep_rate = 2000;
+    cf->sweep_batch = 30000;
+    cf->sweep_rate = 5000;
     cf->sweep_day_ms = 86400000;
+    cf->sweep_timeout_ms = 600000;
     cf->claim_idle_ms = 5000;
     cf->gather_ms = 20;
     cf->fanout_gather_ms = 2;
@@ -279,6 +281,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("sweep_batch", cf->sweep_batch, 1, 100000)
         || check_range("sweep_rate", cf->sweep_rate, 1, 1000000)
         || check_range("sweep_day_ms", cf->sweep_day_ms, 1000, 86400000)
+        || check_range("sweep_timeout_ms", cf->sweep_timeout_ms, 1000, 3600000)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("gather_ms", cf->gather_ms, 0, 1000)
         || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)

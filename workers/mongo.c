@@ -23,10 +23,10 @@ cw_mongo_log_init(void)
     mongoc_log_set_handler(mongo_log, NULL);
 }
 
-/* A single-threaded client with bounded timeouts; db receives the URI's
- * database (default "chat"). */
+/* A single-threaded client with bounded timeouts (the socket's unless the
+ * URI names one); db receives the URI's database (default "chat"). */
 mongoc_client_t *
-cw_mongo_client(const cw_config_t *cf, const char *app, char *db, size_t dblen)
+cw_mongo_client_timeout(const cw_config_t *cf, const char *app, char *db, size_t dblen, int socket_timeout_ms)
 {
     mongoc_uri_t    *uri;
     mongoc_client_t *client;
@@ -47,7 +47,7 @@ cw_mongo_client(const cw_config_t *cf, const char *app, char *db, size_t dblen)
     if (!mongoc_uri_has_option(uri, MONGOC_URI_CONNECTTIMEOUTMS))
         mongoc_uri_set_option_as_int32(uri, MONGOC_URI_CONNECTTIMEOUTMS, 2000);
     if (!mongoc_uri_has_option(uri, MONGOC_URI_SOCKETTIMEOUTMS))
-        mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SOCKETTIMEOUTMS, 30000);
+        mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SOCKETTIMEOUTMS, socket_timeout_ms);
     d = mongoc_uri_get_database(uri);
     snprintf(db, dblen, "%s", d ? d : "chat");
     client = mongoc_client_new_from_uri(uri);
@@ -59,6 +59,12 @@ cw_mongo_client(const cw_config_t *cf, const char *app, char *db, size_t dblen)
     mongoc_client_set_appname(client, app);
     mongoc_client_set_error_api(client, MONGOC_ERROR_API_VERSION_2);
     return client;
+}
+
+mongoc_client_t *
+cw_mongo_client(const cw_config_t *cf, const char *app, char *db, size_t dblen)
+{
+    return cw_mongo_client_timeout(cf, app, db, dblen, 30000);
 }
 
 static json_t *

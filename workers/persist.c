@@ -937,6 +937,7 @@ cw_role_persist(const cw_config_t *cf)
             if (create_indexes(&p) != 0 || migrate_last(&p) != 0) { cw_backoff_wait(&mbo); continue; }
             p.indexes_ok = 1;
             cw_sweep_ttl_index(p.client, p.db);
+            if (cw_sweep_start(p.sweep) != 0) { p.indexes_ok = 0; cw_backoff_wait(&mbo); continue; }
             cw_backoff_reset(&mbo);
         }
         if (!have_batch) {
@@ -1020,7 +1021,6 @@ cw_role_persist(const cw_config_t *cf)
          * (persistence is asynchronous anyway) */
         if (p.batch.n < cf->batch && cf->gather_ms > 0 && !cw_stop) cw_sleep_ms(cf->gather_ms);
 stats:
-        cw_sweep_tick(p.sweep, p.c, p.messages, p.conversations, p.groups);
         if (cw_mono_ms() >= p.next_stats) {
             if (p.n_batches) {
                 /* entries per second of writing: what persistence can

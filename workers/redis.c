@@ -33,6 +33,7 @@
 #include "route.h"
 
 #include <hiredis/hiredis.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,9 +79,11 @@ struct cw_redis_s {
 };
 
 /* Seeds learned from the last slot map (masters), tried after the
- * configured ones when connecting again. */
+ * configured ones when connecting again; shared by the clients of every
+ * thread (persist's sweeper has its own), hence the lock. */
 static chat_cluster_node_t learned[CW_SEEDS];
 static int                 nlearned;
+static pthread_mutex_t     learned_lock = PTHREAD_MUTEX_INITIALIZER;
 
 
 static void
@@ -637,7 +640,9 @@ cluster_connect(cw_redis_t *c, const cw_config_t *cf, char *err, size_t errlen)
         snprintf(seeds[nseeds].host, sizeof(seeds[nseeds].host), "%s", host);
         seeds[nseeds++].port = port;
     }
-    for (int i = 0; i < nlearned; i++) seeds[nseeds++] = learned[i];
+    pthread_mutex_lock(&learned_lock);
+    for (int i = 0; i < nlearned && nseeds < (int) (sizeof(seeds) / sizeof(seeds[0])); i++) seeds[nseeds++] = learned[i];
+    pthread_mutex_unlock(&learned_lock);
     snprintf(err, errlen, "no seed node");
     for (int k = 0; k < nseeds; k++) {
         redisContext *x = dial(seeds[k].host, seeds[k].port, c->timeout_ms, c->password, err, errlen);
@@ -661,8 +666,10 @@ cluster_connect(cw_redis_t *c, const cw_config_t *cf, char *err, size_t errlen)
             if (c->map.node[j].host[0] == '\0')
                 memcpy(c->map.node[j].host, seeds[k].host, sizeof(c->map.node[j].host));
         }
+        pthread_mutex_lock(&learned_lock);
         nlearned = 0;
         for (unsigned j = 0; j < c->map.nnodes && nlearned < CW_SEEDS; j++) learned[nlearned++] = c->map.node[j];
+        pthread_mutex_unlock(&learned_lock);
         cw_info("redis cluster map from %s:%d: %u masters, %u of %d slots owned", seeds[k].host, seeds[k].port,
                 c->map.nnodes, chat_cluster_map_covered(&c->map), CHAT_CLUSTER_SLOTS);
         /* keep the seed's connection when it is a master */
