@@ -90,6 +90,7 @@ static struct opts {
     char   redis_host[64];        /* --redis: the server's Redis, for its cost */
     int    redis_port;
     double redis_monitor;         /* --redis-monitor: seconds of MONITOR mid-run */
+    const char *stop_file;        /* --stop-file: the sending stops when it exists */
     int    conns, procs, src_addrs, pairs, groups, group_size, messages, window;
     int    body_size, pub_conns, poll_timeout, max_inflight_hs, verbose, hist_dump;
     double ramp, hold, duration, max_time, ping_interval, rate, churn_rate, drain;
@@ -2200,6 +2201,7 @@ static int usage(int rc)
 "  --groups N --group-size K   fanout: groups of K members (one sender, K-1 receivers)\n"
 "  --rate R                    offered messages per second, all processes\n"
 "  --duration S                seconds of sending (one2one, fanout, churn)\n"
+"  --stop-file PATH            ... or less: until PATH exists (a benchmark's other part is done)\n"
 "  --messages M --window W     offline: messages waiting per user, sends in flight\n"
 "  --body-size B               message body bytes (default 100)\n"
 "  --transport ws|poll         chat: WebSocket, or long-poll receivers (GET /chat/poll) and\n"
@@ -2274,7 +2276,8 @@ int main(int argc, char **argv)
         { "max-time", 1, 0, 'M' }, { "run", 1, 0, 'N' }, { "label", 1, 0, 'L' },
         { "device", 1, 0, 'V' }, { "http-prefix", 1, 0, 'X' }, { "sub-prefix", 1, 0, 'S' },
         { "pub-prefix", 1, 0, 'B' }, { "poll-timeout", 1, 0, 'O' }, { "hist", 0, 0, 'z' },
-        { "settle", 1, 0, 'Z' }, { "redis", 1, 0, 'J' }, { "redis-monitor", 1, 0, 'K' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
+        { "settle", 1, 0, 'Z' }, { "redis", 1, 0, 'J' }, { "redis-monitor", 1, 0, 'K' }, { "offline-wait", 1, 0, 'y' }, { "progress", 1, 0, 'Q' },
+        { "stop-file", 1, 0, 'F' }, { "help", 0, 0, '?' }, { 0, 0, 0, 0 }
     };
     int opt;
 
@@ -2322,6 +2325,7 @@ int main(int argc, char **argv)
         case 'G': O.group_size = atoi(optarg); break;
         case 'R': O.rate = atof(optarg); break;
         case 'd': O.duration = atof(optarg); break;
+        case 'F': O.stop_file = optarg; break;
         case 'm': O.messages = atoi(optarg); break;
         case 'w': O.window = atoi(optarg); break;
         case 'b': O.body_size = atoi(optarg); break;
@@ -2514,7 +2518,10 @@ int main(int argc, char **argv)
                     set_phase(ph = PH_LATE);
                     t_phase = t;
                 }
-            } else if (in_phase >= O.duration) {
+            } else if (in_phase >= O.duration || (O.stop_file && access(O.stop_file, F_OK) == 0)) {
+                /* --stop-file: the sending ends early, and the rates are
+                 * of the time it lasted */
+                if (in_phase < O.duration) O.duration = in_phase;
                 set_phase(ph = PH_DRAIN);
                 t_phase = t;
             }

@@ -5,8 +5,10 @@
 # and chat:{s<s>}:exp), and the sweeper's removal rate.
 #
 #   bench/sweep_bench.sh [N] [RATE] [DURATION_S]      (defaults 20000 1000 40)
-#   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings,
-#   BASE_DURATION_S: the run without the sweeper (default DURATION_S)
+#   DURATION_S: the run without the sweeper (or BASE_DURATION_S);
+#   the run with the sweeper sends until every seeded message is removed
+#   (at most MAX_SWEEP_S, default 3600 s), so its p99 covers the removal
+#   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -24,8 +26,9 @@ export CHAT_WORKER_CONF_EXTRA
 scripts/stack up --bench --dir "$dir" --port-base "$pb" --queue redis >/dev/null
 trap 'scripts/stack down --dir "$dir" >/dev/null 2>&1 || true' EXIT
 . "$dir/env"
+stop=$dir/sweep-done
 lg() { build/loadgen --label "$1" --target chat --env "$dir/env" --redis "$REDIS_URL" --scenario one2one \
-         --pairs 200 --duration "$2" --rate "$rate" --drain 15 --progress 10 | tee -a "$out"; }
+         --pairs 200 --duration "$2" --rate "$rate" --drain 15 --progress 10 "${@:3}" | tee -a "$out"; }
 { echo "== sweeper benchmark: N=$n rate=$rate duration=${dur}s $(date -u)"; grep sweep_ "$dir/chat-worker.conf" || true; } | tee -a "$out"
 base=$(date +%s%3N)
 .venv/bin/python bench/sweep_seed.py seed --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
@@ -33,9 +36,10 @@ echo "== without the sweeper (nothing expired yet)" | tee -a "$out"
 lg no-sweep "${BASE_DURATION_S:-$dur}"
 echo "== with the sweeper removing $n expired messages" | tee -a "$out"
 .venv/bin/python bench/sweep_seed.py arm --env "$dir/env" --n "$n" --base "$base" | tee -a "$out"
-.venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" >"$out.watch" 2>&1 &
+rm -f "$stop"
+.venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" --stop-file "$stop" >"$out.watch" 2>&1 &
 w=$!
-lg sweeping "$dur"
+lg sweeping "${MAX_SWEEP_S:-3600}" --stop-file "$stop"
 wait $w || true
 cat "$out.watch" | tee -a "$out" | tail -3
 echo "raw output: $out"

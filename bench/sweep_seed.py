@@ -4,7 +4,8 @@ fast the sweeper removes them.
 
   sweep_seed.py seed  --env ENV --n N --base MS   documents only (no Redis yet)
   sweep_seed.py arm   --env ENV --n N --base MS   the chat:{s<s>}:exp members: the sweep starts
-  sweep_seed.py watch --env ENV --n N --base MS   until every member is gone: prints the rate
+  sweep_seed.py watch --env ENV --n N --base MS [--stop-file F]
+                                                  until every member is gone: prints the rate
 (the same --base for seed and arm: a member's score is its document's expire_at)
 """
 import argparse
@@ -61,7 +62,7 @@ def arm(r, n, base):
     print(f"armed {n} at {time.time():.3f}")
 
 
-def watch(r, db, n):
+def watch(r, db, n, stop_file):
     t0 = time.time()
     last = n
     while True:
@@ -73,6 +74,9 @@ def watch(r, db, n):
             break
         time.sleep(1)
     dt = time.time() - t0
+    if stop_file:
+        # the load generator stops sending: the run covers the removal
+        open(stop_file, "w").close()
     docs = db.messages.count_documents({"_id": {"$regex": "^sw"}})
     print(f"REMOVED {n} in {dt:.1f} s: {n / dt:.0f} messages/s; documents left {docs}")
 
@@ -83,6 +87,7 @@ def main():
     ap.add_argument("--env", required=True)
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--base", type=int, required=True, help="ms: the same for seed and arm")
+    ap.add_argument("--stop-file", help="watch: created when every member is gone")
     a = ap.parse_args()
     env = env_of(a.env)
     r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
@@ -92,7 +97,7 @@ def main():
     elif a.what == "arm":
         arm(r, a.n, a.base)
     else:
-        watch(r, db, a.n)
+        watch(r, db, a.n, a.stop_file)
 
 
 if __name__ == "__main__":
