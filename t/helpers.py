@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import uuid
 import zlib
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from chatlib import ROOT
-from wsclient import WS
+from wsclient import WS, Closed
 
 
 SHARDS = 16
@@ -390,3 +391,72 @@ def example_conf(tmp_path, module):
 
 def module_path():
     return os.environ.get("NGX_CHAT_MODULE", os.path.join(ROOT, "build/ngx_chat_module.so"))
+
+
+class RetrySender:
+    """Sends n messages to b in a thread, one at a time, `gap` s apart, on
+    the connection connect() returns. An `unavailable` answer means the
+    same client_id again after `pause` s (the contract, PROTOCOL section 8:
+    a retry of a client_id is idempotent, and nothing unacknowledged
+    counts); with `reconnect`, so does a lost connection, on the connection
+    reconnect() returns (the next node, say). Without it a lost connection
+    is the test's failure. cid(i) names the i-th message's client_id
+    (default: a fresh one); `deadline` s without an ack of one message
+    fails. acks: client_id -> its ack; retries, reconnects: counts; stop:
+    set, no new message is sent. start() returns self; join() raises what
+    failed in the thread."""
+
+    def __init__(self, connect, b, n, gap=0.0, reconnect=None, cid=None, deadline=90, pause=0.1):
+        self.connect, self.b, self.n, self.gap = connect, b, n, gap
+        self.reconnect, self.cid, self.deadline, self.pause = reconnect, cid, deadline, pause
+        self.acks, self.retries, self.reconnects, self.error = {}, 0, 0, None
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def answer(self, c, cid, body):
+        c.send_json({"type": "send", "client_id": cid, "to": self.b, "body": body})
+        m = c.recv(30)
+        while m.get("client_id") != cid:
+            m = c.recv(30)
+        return m
+
+    def run(self):
+        try:
+            c = self.connect()
+            for i in range(self.n):
+                if self.stop.is_set():
+                    break
+                cid = self.cid(i) if self.cid else uuid.uuid4().hex
+                deadline = time.time() + self.deadline
+                while True:
+                    assert time.time() < deadline, f"no ack for {cid} in {self.deadline} s"
+                    try:
+                        m = self.answer(c, cid, f"n{i}")
+                    except (Closed, OSError):
+                        if self.reconnect is None:
+                            raise
+                        self.reconnects += 1
+                        time.sleep(0.2)
+                        c = self.reconnect()
+                        continue
+                    if m["type"] == "ack":
+                        self.acks[cid] = m
+                        break
+                    assert m["type"] == "error" and m["code"] == "unavailable", m
+                    self.retries += 1
+                    time.sleep(self.pause)
+                time.sleep(self.gap)
+            c.close()
+        except Exception as e:          # reported by join()
+            self.error = e
+
+    def start(self):
+        self.t.start()
+        return self
+
+    def join(self, timeout=300):
+        self.t.join(timeout)
+        assert not self.t.is_alive(), "sender stuck"
+        if self.error:
+            raise self.error
+        return self

@@ -6,7 +6,6 @@ Every test here runs on the cluster_stack fixture (t/conftest.py)."""
 import glob
 import os
 import subprocess
-import threading
 import time
 import uuid
 
@@ -16,7 +15,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 import golden
 from chatlib import ROOT
-from helpers import BULK, ack_of, conv_of, eventually, msgs, send, shard, uniq, ws
+from helpers import BULK, RetrySender, ack_of, conv_of, eventually, msgs, send, shard, uniq, ws
 
 
 def slot_of(key):
@@ -212,51 +211,11 @@ def ws_retry(stack, user, device, timeout=60, **kw):
             time.sleep(0.2)
 
 
-class Sender:
-    """Sends n messages (or until stop) from a to b in a thread, resending a message with
-    its client_id while the answer is unavailable (that is the contract:
-    a retry of a client_id is idempotent)."""
-
-    def __init__(self, stack, a, b, n, gap=0.01):
-        self.stack, self.a, self.b, self.n, self.gap = stack, a, b, n, gap
-        self.acks, self.retries, self.error = {}, 0, None
-        self.stop = threading.Event()       # set: no new message after this one
-        self.t = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        try:
-            c = ws_retry(self.stack, self.a, "s", path=BULK)
-            for i in range(self.n):
-                if self.stop.is_set():
-                    break
-                cid = uuid.uuid4().hex
-                deadline = time.time() + 60
-                while True:
-                    c.send_json({"type": "send", "client_id": cid, "to": self.b, "body": f"n{i}"})
-                    m = c.recv(30)
-                    while m.get("client_id") != cid:
-                        m = c.recv(30)
-                    if m["type"] == "ack":
-                        self.acks[cid] = m
-                        break
-                    assert m["type"] == "error" and m["code"] == "unavailable", m
-                    assert time.time() < deadline, "unavailable for 60 s"
-                    self.retries += 1
-                    time.sleep(0.2)
-                time.sleep(self.gap)
-            c.close()
-        except Exception as e:          # reported by the test
-            self.error = e
-
-    def start(self):
-        self.t.start()
-        return self
-
-    def join(self):
-        self.t.join(180)
-        assert not self.t.is_alive(), "sender stuck"
-        if self.error:
-            raise self.error
+def Sender(stack, a, b, n, gap=0.01):
+    """n messages (or until stop) from a to b, an `unavailable` answer
+    retried with its client_id (helpers.RetrySender); a lost connection
+    fails."""
+    return RetrySender(lambda: ws_retry(stack, a, "s", path=BULK), b, n, gap=gap, deadline=60, pause=0.2)
 
 
 def received(c, want, timeout=60):

@@ -12,70 +12,23 @@ Every test here runs on the durable_cluster_stack fixture (t/conftest.py)."""
 import os
 import re
 import subprocess
-import threading
 import time
 
 import pymongo
 import pytest
 
 from chatlib import ROOT
-from helpers import BULK, conv_of, eventually, shard, uniq
+from helpers import BULK, RetrySender, conv_of, eventually, shard, uniq
 from test_cluster import owner_of, received, slot_of, status_metric, ws_retry
-from wsclient import Closed
 
 
-class Sender:
-    """Sends n messages from a to b in a thread, one at a time; an
-    `unavailable` answer, or the connection lost, means: again with the
-    same client_id (the contract: a retry of a client_id is idempotent,
-    and nothing unacknowledged counts)."""
-
-    def __init__(self, stack, a, b, n):
-        self.stack, self.a, self.b, self.n = stack, a, b, n
-        self.acks, self.retries, self.reconnects, self.error = {}, 0, 0, None
-        self.t = threading.Thread(target=self.run, daemon=True)
-
-    def answer(self, c, cid, body):
-        c.send_json({"type": "send", "client_id": cid, "to": self.b, "body": body})
-        m = c.recv(30)
-        while m.get("client_id") != cid:
-            m = c.recv(30)
-        return m
-
-    def run(self):
-        try:
-            c = ws_retry(self.stack, self.a, "s", path=BULK)
-            for i in range(self.n):
-                cid = f"{self.a}-{i}"
-                deadline = time.time() + 90
-                while True:
-                    assert time.time() < deadline, f"no ack for {cid} in 90 s"
-                    try:
-                        m = self.answer(c, cid, f"n{i}")
-                    except (Closed, OSError, TimeoutError):
-                        self.reconnects += 1
-                        time.sleep(0.2)
-                        c = ws_retry(self.stack, self.a, "s", path=BULK)
-                        continue
-                    if m["type"] == "ack":
-                        self.acks[cid] = m
-                        break
-                    assert m["type"] == "error" and m["code"] == "unavailable", m
-                    self.retries += 1
-                    time.sleep(0.1)
-            c.close()
-        except Exception as e:          # reported by the test
-            self.error = e
-
-    def start(self):
-        self.t.start()
-        return self
-
-    def join(self):
-        self.t.join(300)
-        assert not self.t.is_alive(), "sender stuck"
-        if self.error:
-            raise self.error
+def Sender(stack, a, b, n):
+    """n messages from a to b, one at a time; an `unavailable` answer, or
+    the connection lost, means: again with the same client_id
+    (helpers.RetrySender)."""
+    def conn():
+        return ws_retry(stack, a, "s", path=BULK)
+    return RetrySender(conn, b, n, reconnect=conn, cid=lambda i: f"{a}-{i}", deadline=90)
 
 
 def nginx_workers(stack):

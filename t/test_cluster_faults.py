@@ -15,7 +15,6 @@ a --replicas 0 stack (docs/SCALING.md). Runs on the durable_cluster_stack
 fixture (t/conftest.py), once per queue."""
 import os
 import subprocess
-import threading
 import time
 import urllib.request
 
@@ -23,7 +22,7 @@ import pymongo
 import pytest
 
 from chatlib import ROOT
-from helpers import BULK, conv_of, eventually, shard, uniq, ws
+from helpers import BULK, RetrySender, conv_of, eventually, shard, uniq, ws
 from test_cluster import cluster_nodes, owner_of, received, slot_of
 from test_cluster_nodes import on_node
 from wsclient import Closed, HandshakeError
@@ -66,45 +65,16 @@ def connect(nodes, user, device, state, timeout=120, **kw):
         time.sleep(0.2)
 
 
-class Sender:
+def Sender(nodes, a, b, n, gap):
     """n messages from a to b, one at a time, `gap` s apart, through nodes
     (its own first): `unavailable` or a lost connection means the same
-    client_id again (on the next node if its node died)."""
+    client_id again, on the next node if its node died
+    (helpers.RetrySender)."""
+    state = {"node": 0}
 
-    def __init__(self, nodes, a, b, n, gap):
-        self.nodes, self.a, self.b, self.n, self.gap = nodes, a, b, n, gap
-        self.acks, self.retries, self.reconnects, self.error = {}, 0, 0, None
-        self.state = {"node": 0}
-        self.t = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        try:
-            c = connect(self.nodes, self.a, "s", self.state, path=BULK)
-            for i in range(self.n):
-                cid = f"{self.a}-{i}"
-                deadline = time.time() + 180
-                while True:
-                    assert time.time() < deadline, f"no ack for {cid} in 180 s"
-                    try:
-                        c.send_json({"type": "send", "client_id": cid, "to": self.b, "body": f"n{i}"})
-                        m = c.recv(30)
-                        while m.get("client_id") != cid:
-                            m = c.recv(30)
-                    except (Closed, OSError, TimeoutError):
-                        self.reconnects += 1
-                        time.sleep(0.2)
-                        c = connect(self.nodes, self.a, "s", self.state, path=BULK)
-                        continue
-                    if m["type"] == "ack":
-                        self.acks[cid] = m
-                        break
-                    assert m["type"] == "error" and m["code"] == "unavailable", m
-                    self.retries += 1
-                    time.sleep(0.1)
-                time.sleep(self.gap)
-            c.close()
-        except Exception as e:          # reported by the run
-            self.error = e
+    def conn():
+        return connect(nodes, a, "s", state, path=BULK)
+    return RetrySender(conn, b, n, gap=gap, reconnect=conn, cid=lambda i: f"{a}-{i}", deadline=180)
 
 
 def masters(stack):
@@ -126,7 +96,6 @@ def plan(stack, n_pairs, n_moved):
     in those slots, so the reshard moves keys the run uses."""
     ms = masters(stack)
     src_id = sorted(ms, key=lambda i: ms[i]["port"])[0]
-    dst_id = sorted(ms, key=lambda i: ms[i]["port"])[1]
     src_slots = sorted(s for a, b in ms[src_id]["slots"] for s in range(a, b + 1))
     moving = set(src_slots[:n_moved])
     prs = []

@@ -12,12 +12,11 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 
 from redis.cluster import ClusterNode, RedisCluster
 
 from chatlib import ROOT
-from helpers import BULK, ack_of, conv_of, eventually, get, redis_only, send, shard, uniq, ws
+from helpers import BULK, RetrySender, ack_of, conv_of, eventually, get, redis_only, send, shard, uniq, ws
 from wsclient import Closed, HandshakeError
 
 
@@ -80,59 +79,26 @@ def received(c, want, timeout=60, tail=1.0):
     return got
 
 
-class Sender(threading.Thread):
-    """Sends n messages from a to b through the nodes in order: when its
-    node goes away it connects to the next and resends the unacknowledged
-    message with its client_id (the contract: a retry is idempotent)."""
+def Sender(nodes, a, b, n, gap=0.01):
+    """n messages from a to b through the nodes in order: when its node
+    goes away it connects to the next and resends the unacknowledged
+    message with its client_id (helpers.RetrySender)."""
+    state = {"node": 0}
 
-    def __init__(self, nodes, a, b, n, gap=0.01):
-        super().__init__(daemon=True)
-        self.nodes, self.a, self.b, self.n, self.gap = nodes, a, b, n, gap
-        self.acks, self.reconnects, self.error = {}, 0, None
-        self.node = 0
-
-    def connect(self):
+    def conn():
         deadline = time.time() + 60
         while True:
             try:
-                return ws(self.nodes[self.node], self.a, "s", path=BULK)
+                return ws(nodes[state["node"]], a, "s", path=BULK)
             except (OSError, HandshakeError, Closed):
                 assert time.time() < deadline, "no node to send to for 60 s"
-                self.node = min(self.node + 1, len(self.nodes) - 1)
+                state["node"] = min(state["node"] + 1, len(nodes) - 1)
                 time.sleep(0.2)
 
-    def run(self):
-        try:
-            c = self.connect()
-            for i in range(self.n):
-                cid = uuid.uuid4().hex
-                while cid not in self.acks:
-                    try:
-                        c.send_json({"type": "send", "client_id": cid, "to": self.b, "body": f"n{i}"})
-                        m = c.recv(30)
-                        while m.get("client_id") != cid:
-                            m = c.recv(30)
-                    except (OSError, Closed):
-                        self.reconnects += 1
-                        self.node = min(self.node + 1, len(self.nodes) - 1)
-                        c = self.connect()
-                        continue
-                    if m["type"] == "ack":
-                        self.acks[cid] = m
-                    else:
-                        assert m["type"] == "error" and m["code"] == "unavailable", m
-                        time.sleep(0.2)
-                time.sleep(self.gap)
-            c.close()
-        except Exception as e:          # reported by the test
-            self.error = e
-
-    def finish(self, timeout=240):
-        self.join(timeout)
-        assert not self.is_alive(), "sender stuck"
-        if self.error:
-            raise self.error
-        return self
+    def next_node():
+        state["node"] = min(state["node"] + 1, len(nodes) - 1)
+        return conn()
+    return RetrySender(conn, b, n, gap=gap, reconnect=next_node, deadline=240, pause=0.2)
 
 
 class Reader(threading.Thread):
@@ -266,7 +232,7 @@ def test_an_nginx_node_killed_while_messages_flow(cluster_stack):
     before = list(phone.got)
     cursor = max((m["cursor"] for m in before), default=0)
     b_phone2 = ws(n1, b, "phone", cursor=cursor)
-    s.finish()
+    s.join()
     n = len(s.acks)
     assert n == 300 and s.reconnects >= 1
     seqs = sorted(x["seq"] for x in s.acks.values())
@@ -385,7 +351,7 @@ def test_a_fanout_worker_killed_while_messages_flow(cluster_stack):
         took_leases = time.time() - t_kill
         rc.close()
     for s in senders:
-        s.finish()
+        s.join()
     total = sum(len(s.acks) for s in senders)
     assert total == 60 * len(pairs)
 
@@ -467,7 +433,7 @@ def test_a_paused_fanout_worker_loses_its_shards_and_stops_serving_them(cluster_
     finally:
         os.kill(pid, signal.SIGCONT)
     for s in senders:
-        s.finish()
+        s.join()
     eventually(lambda: all({x["id"] for x in s.acks.values()} <= {m["id"] for m in readers[s.b].got}
                            for s in senders), timeout=120, what="every acknowledged message delivered")
     # back: it gets its share again (the survivor gives back its surplus)
