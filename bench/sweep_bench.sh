@@ -7,7 +7,7 @@
 #   bench/sweep_bench.sh [N] [RATE] [DURATION_S]      (defaults 20000 1000 40)
 #   DURATION_S: the run without the sweeper (or BASE_DURATION_S);
 #   the run with the sweeper sends until every seeded message is removed
-#   (at most MAX_SWEEP_S, default 3600 s), so its p99 covers the removal
+#   (at most MAX_SWEEP_S, default 10800 s), so its p99 covers the removal
 #   PORT_BASE=17880 (stack ports), SWEEP_RATE / SWEEP_BATCH: the sweeper's settings
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,7 +39,7 @@ echo "== with the sweeper removing $n expired messages" | tee -a "$out"
 rm -f "$stop"
 .venv/bin/python bench/sweep_seed.py watch --env "$dir/env" --n "$n" --base "$base" --stop-file "$stop" >"$out.watch" 2>&1 &
 w=$!
-lg sweeping "${MAX_SWEEP_S:-3600}" --stop-file "$stop"
+lg sweeping "${MAX_SWEEP_S:-10800}" --stop-file "$stop"
 wait $w || true
 cat "$out.watch" | tee -a "$out" | tail -3
 echo "raw output: $out"
