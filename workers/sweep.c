@@ -397,7 +397,6 @@ delivered_everywhere(cw_redis_t *c, const item_t *it)
     return rc;
 }
 
-int cw_strip_last(mongoc_collection_t *coll, const char *docid, const char *id);
 
 /* The `last` of the conversations (groups) documents that show one of
  * ids loses its body: one query per round finds them (FerretDB reads the
