@@ -401,6 +401,10 @@ def test_conversation_list_and_unread(stack):
     for i in range(3):
         ack_of(a1, send(a1, b, f"ab{i}"))
     ack_of(b1, send(b1, a, "reply"))
+    # a message's ts has millisecond resolution, and the list orders by it:
+    # "to c" goes out in a later millisecond than the reply (within the same
+    # one, the order of two conversations is the message ids')
+    time.sleep(0.005)
     ack_of(a1, send(a1, c, "to c"))
     b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 2})
 
