@@ -337,6 +337,8 @@ ngx_int_t ngx_chat_redis_subscribe(ngx_str_t *channel, ngx_uint_t on);
 ngx_uint_t ngx_chat_redis_sharded(void);
 ngx_int_t ngx_chat_redis_publish(u_char *ch, size_t clen, u_char *payload,
     size_t plen);
+ngx_int_t ngx_chat_redis_relay(u_char *user, size_t ulen, u_char *json,
+    size_t jlen);
 typedef void (*ngx_chat_redis_msg_handler)(u_char *payload, size_t len);
 ngx_int_t ngx_chat_redis_on_channel(ngx_str_t *name, ngx_uint_t prefix,
     ngx_chat_redis_msg_handler handler);

@@ -10,7 +10,7 @@ import pytest
 from wsclient import WS
 
 
-from helpers import BULK, ack_of, auth, conv_of, msgs, send, uniq, ws  # noqa: F401
+from helpers import BULK, ack_of, auth, conv_of, msgs, redis_client, send, stream, uniq, ws  # noqa: F401
 
 # on the single-node stack and on the cluster stack (t/conftest.py)
 pytestmark = pytest.mark.topologies("single", "cluster")
@@ -144,6 +144,14 @@ def test_delivered_and_read_receipts(stack):
     r = a1.recv_type("receipt", timeout=10)
     assert r["status"] == "delivered" and r["by"] == b and r["seq"] == 3 and r["conv"] == conv_of(a, b)
     assert "cursor" not in r                             # live only: its pointer is read on reconnect
+    if stack.env["CHAT_QUEUE"] == "redis":
+        # relayed to the sender's connections, not queued: the conversation's
+        # stream holds its three messages (trimming removes a prefix, so a
+        # receipt queued after them would still be there) and no receipt
+        rc = redis_client(stack)
+        ents = [f for _, f in rc.xrange(stream(conv_of(a, b))) if f.get("conv") == conv_of(a, b)]
+        rc.close()
+        assert [f["t"] for f in ents] == ["msg"] * 3, ents
     # one receipt for many messages, and no second one for the other device
     b2.send_json({"type": "ack", "cursor": got[-1]["cursor"]})
     b1.send_json({"type": "read", "conv": conv_of(a, b), "seq": 2})

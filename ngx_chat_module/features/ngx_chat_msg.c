@@ -787,6 +787,62 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
 
 
 /*
+ * A delivered receipt goes out: a direct conversation's is relayed straight
+ * to the sender's connections (lua/relay.lua), with no queue entry: it is
+ * live only (PROTOCOL 7), the pointer it reports is in Redis already (the
+ * ack script) and GET /chat/receipts reads it there, so a queue entry would
+ * cost an XADD, the fan-out's read and registry lookup and three consumer
+ * groups' XACKs for the same PUBLISH. A group's goes through the queue:
+ * the fan-out's group_receipt.lua finds the senders it tells something.
+ */
+static void
+ngx_chat_dlv_send(u_char *by, size_t blen, u_char *dev, size_t dlen,
+    u_char *conv, size_t clen, u_char *seq, size_t seqlen, u_char *prev,
+    size_t prevlen)
+{
+    u_char       ev[400];
+    chat_conv_t  cv;
+    u_char      *peer;
+    size_t       plen;
+
+    if (chat_conv_parse((char *) conv, clen, &cv) != 0 || cv.kind != 'd') {
+        ngx_chat_receipt_enqueue(by, blen, dev, dlen, conv, clen, "delivered",
+                                 seq, seqlen, prev, prevlen);
+        return;
+    }
+
+    if (cv.alen == blen && ngx_memcmp(cv.a, by, blen) == 0) {
+        peer = (u_char *) cv.b;
+        plen = cv.blen;
+    } else {
+        peer = (u_char *) cv.a;
+        plen = cv.alen;
+    }
+
+    if (plen == blen && ngx_memcmp(peer, by, blen) == 0) {
+        return;                     /* a conversation with oneself: nobody */
+    }
+
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "chat: delivered receipt %*s relayed to %*s",
+                   clen, conv, plen, peer);
+
+    if (ngx_chat_redis_relay(peer, plen, ev,
+            ngx_snprintf(ev, sizeof(ev), "{\"type\":\"receipt\","
+                         "\"conv\":\"%*s\",\"status\":\"delivered\","
+                         "\"by\":\"%*s\",\"seq\":%*s,\"ts\":%L}",
+                         clen, conv, blen, by, seqlen, seq, ngx_chat_now_ms())
+            - ev)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "chat: delivered receipt for %*s not relayed: "
+                      "redis unavailable (the pointer is stored)", clen, conv);
+    }
+}
+
+
+/*
  * Delivered receipts, coalesced: an ack moves the user's delivered pointer
  * in Redis at once, but the receipt for the senders waits up to
  * chat_receipt_delay in this worker, so that a device acknowledging every
@@ -826,11 +882,10 @@ ngx_chat_dlv_flush(ngx_event_t *ev)
         node = ngx_rbtree_min(ngx_chat_dlv_tree.root, &ngx_chat_dlv_sentinel);
         d = (ngx_chat_dlv_t *) node;
 
-        ngx_chat_receipt_enqueue(d->key, d->ulen, d->device, d->dlen,
-                                 d->key + d->ulen + 1,
-                                 d->sn.str.len - d->ulen - 1, "delivered",
-                                 seq, ngx_sprintf(seq, "%L", d->seq) - seq,
-                                 prev, ngx_sprintf(prev, "%L", d->prev) - prev);
+        ngx_chat_dlv_send(d->key, d->ulen, d->device, d->dlen,
+                          d->key + d->ulen + 1, d->sn.str.len - d->ulen - 1,
+                          seq, ngx_sprintf(seq, "%L", d->seq) - seq,
+                          prev, ngx_sprintf(prev, "%L", d->prev) - prev);
 
         ngx_rbtree_delete(&ngx_chat_dlv_tree, node);
         ngx_free(d);
@@ -857,9 +912,8 @@ ngx_chat_dlv_add(ngx_chat_msg_ctx_t *ctx, u_char *conv, size_t clen,
     p = ngx_atoof(prev, prevlen);
 
     if (cmcf->receipt_delay == 0 || clen > CHAT_CONV_MAX || n < 0 || p < 0) {
-        ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
-                                 conv, clen, "delivered", seq, seqlen, prev,
-                                 prevlen);
+        ngx_chat_dlv_send(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
+                          conv, clen, seq, seqlen, prev, prevlen);
         return;
     }
 
@@ -886,9 +940,8 @@ ngx_chat_dlv_add(ngx_chat_msg_ctx_t *ctx, u_char *conv, size_t clen,
 
     d = ngx_alloc(sizeof(ngx_chat_dlv_t), ngx_cycle->log);
     if (d == NULL) {
-        ngx_chat_receipt_enqueue(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
-                                 conv, clen, "delivered", seq, seqlen, prev,
-                                 prevlen);
+        ngx_chat_dlv_send(ctx->user, ctx->ulen, ctx->device, ctx->dlen,
+                          conv, clen, seq, seqlen, prev, prevlen);
         return;
     }
 

@@ -1,71 +1,12 @@
 /*
  * Typing, a feature: relayed, never stored, budgeted (chat_limit typing,
  * chat_typing_interval); a direct indicator with one script on the
- * recipient's registry, a group's with one publish on the broadcast
- * channel for all its members.
+ * recipient's registry (ngx_chat_redis_relay), a group's with one publish
+ * on the broadcast channel for all its members.
  */
 #include "ngx_chat.h"
 
 #include <hiredis/hiredis.h>
-
-
-/* Cluster: the script cannot SPUBLISH to channels of other slots, so it
- * returns {payload, channel...} and the indicator goes out from here, each
- * on its channel's master. */
-static void
-ngx_chat_typing_channels(void *r, void *data)
-{
-    size_t       i;
-    redisReply  *reply = r;
-
-    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
-        || reply->elements < 1
-        || reply->element[0]->type != REDIS_REPLY_STRING)
-    {
-        return;
-    }
-
-    for (i = 1; i < reply->elements; i++) {
-        if (reply->element[i]->type == REDIS_REPLY_STRING) {
-            (void) ngx_chat_redis_publish(
-                       (u_char *) reply->element[i]->str,
-                       reply->element[i]->len,
-                       (u_char *) reply->element[0]->str,
-                       reply->element[0]->len);
-        }
-    }
-}
-
-
-/* One recipient of a typing indicator: one PUBLISH per worker process that
- * holds a connection of it, straight from its registry. */
-static ngx_int_t
-ngx_chat_typing_to(u_char *user, size_t ulen, u_char *json, size_t jlen)
-{
-    u_char        conns[96], now[32];
-    const char   *argv[5];
-    size_t        argl[5];
-
-    argv[0] = (char *) conns;
-    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", ulen, user) - conns;
-    argv[1] = (char *) now;
-    argl[1] = ngx_sprintf(now, "%L", ngx_chat_now_ms()) - now;
-    argv[2] = (char *) user;
-    argl[2] = ulen;
-    argv[3] = (char *) json;
-    argl[3] = jlen;
-
-    if (ngx_chat_redis_sharded()) {
-        argv[4] = "s";
-        argl[4] = 1;
-
-        return ngx_chat_redis_script(CHAT_LUA_TYPING, ngx_chat_typing_channels,
-                                     NULL, 1, 5, argv, argl);
-    }
-
-    return ngx_chat_redis_script(CHAT_LUA_TYPING, NULL, NULL, 1, 4,
-                                 argv, argl);
-}
 
 
 typedef struct {
@@ -209,10 +150,10 @@ ngx_chat_typing(ngx_chat_loc_conf_t *conf, u_char *from, size_t flen,
     }
 
     if (f->target != CHAT_PROTO_TARGET_GROUP) {
-        return ngx_chat_typing_to((u_char *) f->target_id, f->target_len, json,
-                                  ngx_sprintf(json, "{\"type\":\"typing\","
-                                              "\"conv\":\"%*s\",\"from\":\"%*s\"}",
-                                              clen, conv, flen, from) - json);
+        return ngx_chat_redis_relay((u_char *) f->target_id, f->target_len,
+                   json, ngx_sprintf(json, "{\"type\":\"typing\","
+                                     "\"conv\":\"%*s\",\"from\":\"%*s\"}",
+                                     clen, conv, flen, from) - json);
     }
 
     t = ngx_alloc(sizeof(ngx_chat_typing_ctx_t), ngx_cycle->log);

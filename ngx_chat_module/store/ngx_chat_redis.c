@@ -1610,6 +1610,69 @@ ngx_chat_redis_publish(u_char *ch, size_t clen, u_char *payload, size_t plen)
 }
 
 
+/* Cluster: lua/relay.lua cannot SPUBLISH to channels of other slots, so it
+ * returns {payload, channel...} and the event goes out from here, each on
+ * its channel's master. */
+static void
+ngx_chat_redis_relay_channels(void *r, void *data)
+{
+    size_t       i;
+    redisReply  *reply = r;
+
+    if (reply == NULL || reply->type != REDIS_REPLY_ARRAY
+        || reply->elements < 1
+        || reply->element[0]->type != REDIS_REPLY_STRING)
+    {
+        return;
+    }
+
+    for (i = 1; i < reply->elements; i++) {
+        if (reply->element[i]->type == REDIS_REPLY_STRING) {
+            (void) ngx_chat_redis_publish(
+                       (u_char *) reply->element[i]->str,
+                       reply->element[i]->len,
+                       (u_char *) reply->element[0]->str,
+                       reply->element[0]->len);
+        }
+    }
+}
+
+
+/*
+ * An ephemeral event to every worker process holding a connection of user:
+ * one script on the user's registry, one PUBLISH per process, nothing
+ * stored, no queue entry (typing, a direct delivered receipt). The
+ * sessions deliver it as they do the fan-out's live-only events.
+ */
+ngx_int_t
+ngx_chat_redis_relay(u_char *user, size_t ulen, u_char *json, size_t jlen)
+{
+    u_char        conns[96], now[32];
+    const char   *argv[5];
+    size_t        argl[5];
+
+    argv[0] = (char *) conns;
+    argl[0] = ngx_sprintf(conns, "chat:{u:%*s}:conns", ulen, user) - conns;
+    argv[1] = (char *) now;
+    argl[1] = ngx_sprintf(now, "%L", ngx_chat_now_ms()) - now;
+    argv[2] = (char *) user;
+    argl[2] = ulen;
+    argv[3] = (char *) json;
+    argl[3] = jlen;
+
+    if (ngx_chat_sharded) {
+        argv[4] = "s";
+        argl[4] = 1;
+
+        return ngx_chat_redis_script(CHAT_LUA_RELAY,
+                                     ngx_chat_redis_relay_channels, NULL, 1, 5,
+                                     argv, argl);
+    }
+
+    return ngx_chat_redis_script(CHAT_LUA_RELAY, NULL, NULL, 1, 4, argv, argl);
+}
+
+
 /* --- commands ------------------------------------------------------------ */
 
 /* why this worker process is not ready, for the log line of a refusal:

@@ -84,7 +84,7 @@ def test_sharded_presence_goes_to_the_users_slot_channel(r, run):
     assert [m for m in iter(lambda: sp.get_sharded_message(timeout=0.2), None) if m["type"] == "smessage"] == []
 
 
-def test_sharded_typing_returns_the_channels_unpublished(r, run):
+def test_sharded_relay_returns_the_channels_unpublished(r, run):
     now = int(time.time() * 1000)
     r.zadd(U + "conns", {"chat:w:h:1|phone|1": now + 30000, "chat:w:h:1|tab|2": now + 30000,
                          "chat:w:h:2|web|3": now + 30000, "chat:w:h:3|old|4": now - 1})
@@ -92,11 +92,11 @@ def test_sharded_typing_returns_the_channels_unpublished(r, run):
     p.subscribe("chat:w:h:1", "chat:w:h:2")
     for _ in range(2):
         p.get_message(timeout=1)
-    out = run("typing", [U + "conns"], [now, "alice", '{"type":"typing"}', "s"])
+    out = run("relay", [U + "conns"], [now, "alice", '{"type":"typing"}', "s"])
     assert out[0] == 'alice\n{"type":"typing"}' and sorted(out[1:]) == ["chat:w:h:1", "chat:w:h:2"]
     assert [m for m in iter(lambda: p.get_message(timeout=0.2), None) if m["type"] == "message"] == []
     # without the flag: published, one per worker channel (positive control)
-    assert run("typing", [U + "conns"], [now, "alice", '{"type":"typing"}']) == 2
+    assert run("relay", [U + "conns"], [now, "alice", '{"type":"typing"}']) == 2
     assert sorted(m["channel"] for m in iter(lambda: p.get_message(timeout=0.2), None)
                   if m["type"] == "message") == ["chat:w:h:1", "chat:w:h:2"]
 
@@ -161,7 +161,7 @@ def test_unregister_announces_only_the_last_close_and_refresh_revives(r, run):
     assert [(g["online"], g["last_seen"]) for g in got] == [(True, None), (False, now + 4), (True, None)]
 
 
-def test_typing_publishes_once_per_worker_channel_of_live_entries(r, run):
+def test_relay_publishes_once_per_worker_channel_of_live_entries(r, run):
     p = r.pubsub()
     p.subscribe("chat:w:a", "chat:w:b", "chat:w:c")
     for _ in range(3):
@@ -169,10 +169,17 @@ def test_typing_publishes_once_per_worker_channel_of_live_entries(r, run):
     now = int(time.time() * 1000)
     r.zadd("chat:{u:bob}:conns", {"chat:w:a|phone|1": now + 1000, "chat:w:a|web|2": now + 1000,
                                   "chat:w:b|tab|3": now + 1000, "chat:w:c|old|4": now - 1})
-    assert run("typing", ["chat:{u:bob}:conns"], [now, "bob", '{"type":"typing"}']) == 2
+    assert run("relay", ["chat:{u:bob}:conns"], [now, "bob", '{"type":"typing"}']) == 2
     got = sorted((m["channel"], m["data"]) for m in iter(lambda: p.get_message(timeout=0.2), None)
                  if m["type"] == "message")
     assert got == [("chat:w:a", 'bob\n{"type":"typing"}'), ("chat:w:b", 'bob\n{"type":"typing"}')]
+    # any event, as it was given: a delivered receipt the same way
+    rc = '{"type":"receipt","conv":"d:alice:bob","status":"delivered","by":"alice","seq":3,"ts":1}'
+    assert run("relay", ["chat:{u:bob}:conns"], [now, "bob", rc]) == 2
+    got = sorted((m["channel"], m["data"]) for m in iter(lambda: p.get_message(timeout=0.2), None)
+                 if m["type"] == "message")
+    assert got == [("chat:w:a", "bob\n" + rc), ("chat:w:b", "bob\n" + rc)]
+    assert r.zcard("chat:{u:bob}:conns") == 4            # nothing stored, nothing removed
 
 
 # --- accept ----------------------------------------------------------------

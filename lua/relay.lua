@@ -1,5 +1,6 @@
--- typing: relay an indicator to the worker processes holding a
--- connection of the recipient.
+-- relay: an ephemeral event to the worker processes holding a connection
+-- of the recipient (a typing indicator; a direct conversation's delivered
+-- receipt, live only, PROTOCOL 7).
 -- KEYS:    1 chat:{u:R}:conns
 -- ARGV:    1 now (ms)  2 recipient  3 the typing event JSON
 --          4 "s" on a Redis Cluster, else absent
