@@ -707,6 +707,19 @@ ngx_chat_msg_send(ngx_chat_msg_ctx_t *ctx, chat_proto_frame_t *f)
 
 /* --- receipts ------------------------------------------------------------------------ */
 
+/* A receipt event as sessions get it: the same JSON whether the fan-out
+ * publishes it (queued) or the module relays it (a direct delivered one). */
+static size_t
+ngx_chat_receipt_json(u_char *ev, size_t size, u_char *conv, size_t clen,
+    const char *status, u_char *by, size_t blen, u_char *seq, size_t seqlen)
+{
+    return ngx_snprintf(ev, size, "{\"type\":\"receipt\",\"conv\":\"%*s\","
+                        "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
+                        "\"ts\":%L}", clen, conv, status, blen, by,
+                        seqlen, seq, ngx_chat_now_ms()) - ev;
+}
+
+
 /*
  * A receipt's queue entry (libchat's encoder, chat_entry.c, the format the
  * workers decode): a stream entry's pairs with the Redis queue, the same
@@ -744,10 +757,8 @@ ngx_chat_receipt_enqueue(u_char *by, size_t blen, u_char *dev, size_t dlen,
     e.seq = ngx_atoof(seq, seqlen);
     e.prev = prevlen ? ngx_atoof(prev, prevlen) : 0;
     e.ev.p = (char *) ev;
-    e.ev.len = ngx_sprintf(ev, "{\"type\":\"receipt\",\"conv\":\"%*s\","
-                           "\"status\":\"%s\",\"by\":\"%*s\",\"seq\":%*s,"
-                           "\"ts\":%L}", clen, conv, status, blen, by,
-                           seqlen, seq, ngx_chat_now_ms()) - ev;
+    e.ev.len = ngx_chat_receipt_json(ev, sizeof(ev), conv, clen, status, by,
+                                     blen, seq, seqlen);
 
     if (cmcf->kafka) {
         len = chat_entry_json(&e, (char *) rec, sizeof(rec));
@@ -828,11 +839,8 @@ ngx_chat_dlv_send(u_char *by, size_t blen, u_char *dev, size_t dlen,
                    clen, conv, plen, peer);
 
     if (ngx_chat_redis_relay(peer, plen, ev,
-            ngx_snprintf(ev, sizeof(ev), "{\"type\":\"receipt\","
-                         "\"conv\":\"%*s\",\"status\":\"delivered\","
-                         "\"by\":\"%*s\",\"seq\":%*s,\"ts\":%L}",
-                         clen, conv, blen, by, seqlen, seq, ngx_chat_now_ms())
-            - ev)
+            ngx_chat_receipt_json(ev, sizeof(ev), conv, clen, "delivered",
+                                  by, blen, seq, seqlen))
         != NGX_OK)
     {
         ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
