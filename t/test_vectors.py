@@ -193,21 +193,30 @@ def test_the_vectors_match_a_real_cluster_server(tmp_path):
     import time
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (scripts/setup)")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                          "--cluster-config-file", str(tmp_path / "nodes.conf"), "--dir", str(tmp_path),
-                          "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
+    # a free port, then the server on it: another process may take the
+    # port in between (it exits at once: "address already in use"), so a
+    # few tries, each waiting for PING or for the server to exit
+    p = r = None
+    for attempt in range(5):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                              "--cluster-config-file", str(tmp_path / f"nodes-{attempt}.conf"), "--dir", str(tmp_path),
+                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        deadline = time.time() + 30
+        while p.poll() is None and time.time() < deadline:
             try:
                 r.ping()
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
+        if p.poll() is None:
+            break
+    assert p.poll() is None, "redis-server did not stay up on any of 5 ports"
+    try:
         for kb, slot, _ in slot_vectors():
             assert r.execute_command("CLUSTER", "KEYSLOT", kb) == slot, kb
     finally:
