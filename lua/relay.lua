@@ -2,7 +2,7 @@
 -- of the recipient (a typing indicator; a direct conversation's delivered
 -- receipt, live only, PROTOCOL 7).
 -- KEYS:    1 chat:{u:R}:conns
--- ARGV:    1 now (ms)  2 recipient  3 the typing event JSON
+-- ARGV:    1 now (ms)  2 recipient  3 the event JSON
 --          4 "s" on a Redis Cluster, else absent
 -- returns: the number of worker channels published to; with "s" instead
 --          {payload, channel...} unpublished: a script may SPUBLISH only
