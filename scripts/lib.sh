@@ -15,7 +15,7 @@ setup_done() {
   [ -n "${KAFKA_BROKERS:-}" ] || [ -f "$KAFKA_HOME/.complete" ] || return 1
   [ -n "${MONGO_URI:-}" ] || [ -x "$FERRETDB_BIN" ] || return 1
   local c
-  for c in nginx redis-server cc clang pkg-config; do command -v $c >/dev/null 2>&1 || return 1; done
+  for c in nginx redis-server cc clang pkg-config sqlite3; do command -v $c >/dev/null 2>&1 || return 1; done
   [ -d /usr/share/nginx/src ] && [ -f /usr/include/hiredis/async.h ] && [ -f /usr/include/librdkafka/rdkafka.h ] \
     && [ -f /usr/include/cmocka.h ] && [ -d /usr/include/libmongoc-1.0 ] || return 1
   [ -d /usr/lib/nginx/modules ] && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || return 1

@@ -140,3 +140,32 @@ def test_a_stored_last_of_the_old_layout_is_rewritten_and_moves_on(stack, r, q, 
     for u in (alice, bob):
         d = _conv_doc(db, u, conv)
         assert d["last"]["seq"] == 6 and d["last"]["body"] == "new" and d["last_seq"] == 6 and d["ts"] == 6
+
+
+def test_the_stacks_ferretdb_finds_a_document_by_id_through_an_index(stack, db):
+    """FerretDB 1.24 (SQLite) filters by `_ferretdb_sjson->'$._id'` while its
+    own _id index is on `_ferretdb_sjson->"_id"`, so without the index
+    scripts/stack adds, every update by _id scans the table (the persist
+    worker's upserts: docs/BENCHMARKS.md, "FerretDB finds by _id"). The
+    query plan of exactly that statement must search an index, for every
+    collection the workers write by _id, and the database must run without
+    an fsync per statement (synchronous=NORMAL in WAL mode)."""
+    import sqlite3
+    path = os.path.join(stack.dir, "ferretdb", "data", "chat.sqlite")
+    assert os.path.exists(path), "the stack runs its own FerretDB with the SQLite backend"
+    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        tables = dict(c.execute("SELECT name, table_name FROM _ferretdb_collections"))
+        for coll in ("messages", "conversations", "groups"):
+            assert coll in tables, f"persist created {coll}"
+            plan = " ".join(str(row[-1]) for row in c.execute(
+                f"EXPLAIN QUERY PLAN SELECT _ferretdb_sjson FROM \"{tables[coll]}\" "
+                "WHERE _ferretdb_sjson->'$._id' = ?", ("x",)))
+            assert "USING INDEX" in plan and "SCAN" not in plan, f"{coll}: {plan}"
+    finally:
+        c.close()
+    with open(os.path.join(stack.dir, "pids", "ferretdb")) as f:
+        pid = int(f.read().strip())
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    assert any(a.startswith("--sqlite-url=") and "_pragma=synchronous(normal)" in a for a in args), args
