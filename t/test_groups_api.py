@@ -637,3 +637,32 @@ def test_kafka_outage_answers_503_and_the_change_is_queued_later(stack, r, q, db
     # and the next change goes straight through again
     assert change(stack, alice, g, remove=[bob])[0] == 200
     persisted(db, g, 2, timeout=90)                 # consumers may still be rejoining after the restart
+
+
+def test_many_new_groups_in_one_batch_and_a_state_after_a_message_document(stack, r, q, db):
+    """Group states are inserted as new documents first (one insert for a
+    whole batch: FerretDB cannot find {_id, ver: {$lt}} by _id, so one
+    conditional upsert per new group read the whole collection); where the
+    document exists already, the conditional upsert keeps the newest state.
+    Here: 40 groups created while persist is stopped all land with their
+    fields, and a first state arriving after a message's ver-0 document
+    still sets the state without losing that document's last_seq."""
+    from helpers import stop_worker
+    owner, bob = uid("own"), uid("bob")
+    stop_worker(stack, "persist")
+    try:
+        gs = [create(stack, owner if i == 0 else uid("own"), [bob], name=f"n{i}") for i in range(40)]
+    finally:
+        stack_cmd(stack, "up")
+    for i, g in enumerate(gs):
+        d = persisted(db, g, 1, timeout=60)
+        assert d["name"] == f"n{i}" and sorted(d["members"]) == sorted([d["owner"], bob])
+        assert d["last_seq"] == 0 and d["ts"] == d["created"] and d["created"] > 0
+    # a document a group message left before the group's first state
+    g = gs[0]
+    db.groups.delete_one({"_id": g})
+    db.groups.insert_one({"_id": g, "ver": 0, "last_seq": 5, "ts": 1})
+    q.send(queued(stack, r, g, 1)[0])
+    q.flush()
+    d = persisted(db, g, 1)
+    assert d["name"] == "n0" and d["owner"] == owner and d["last_seq"] == 5

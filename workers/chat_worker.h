@@ -47,6 +47,7 @@ typedef struct {
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
     int   gather_ms;            /* persist, push: wait this long after a small batch */
     int   fanout_gather_ms;     /* fanout: the same, on the delivery path (short) */
+    int   persist_window_ms;    /* persist: a batch is what arrives in this window */
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
     int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */

@@ -48,6 +48,7 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
     if (strcmp(k, "gather_ms") == 0) return &cf->gather_ms;
     if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
+    if (strcmp(k, "persist_window_ms") == 0) return &cf->persist_window_ms;
     if (strcmp(k, "batch") == 0) return &cf->batch;
     if (strcmp(k, "group_max_members") == 0) return &cf->group_max_members;
     if (strcmp(k, "group_push_limit") == 0) return &cf->group_push_limit;
@@ -87,6 +88,7 @@ static const struct int_env int_envs[] = {
     { "CHAT_CLAIM_IDLE_MS", "claim_idle_ms" },
     { "CHAT_GATHER_MS", "gather_ms" },
     { "CHAT_FANOUT_GATHER_MS", "fanout_gather_ms" },
+    { "CHAT_PERSIST_WINDOW_MS", "persist_window_ms" },
     { "CHAT_BATCH", "batch" },
     { "CHAT_GROUP_MAX_MEMBERS", "group_max_members" },
     { "CHAT_GROUP_PUSH_LIMIT", "group_push_limit" },
@@ -148,6 +150,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->claim_idle_ms = 5000;
     cf->gather_ms = 20;
     cf->fanout_gather_ms = 2;
+    cf->persist_window_ms = 250;
     cf->batch = 200;
     cf->group_max_members = 500;
     cf->group_push_limit = 500;
@@ -285,6 +288,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("gather_ms", cf->gather_ms, 0, 1000)
         || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)
+        || check_range("persist_window_ms", cf->persist_window_ms, 10, 10000)
         || check_range("batch", cf->batch, 1, 10000)
         || check_range("group_max_members", cf->group_max_members, 1, 100000)
         || check_range("group_push_limit", cf->group_push_limit, 1, 100000)

@@ -39,6 +39,7 @@ typedef struct {
     int         last_msg;                              /* index of the newest msg, or -1 */
     int64_t     state_seq;                             /* group: newest membership entry */
     int         state_entry;                           /* ... its index, or -1 */
+    int         state_stored;                          /* inserted as a new document */
 } convop_t;
 
 typedef struct {
@@ -579,6 +580,69 @@ insert_messages(persist_t *p, mongoc_bulk_operation_t *bulk)
     return refused > 0 && !other ? -3 : -1;
 }
 
+/*
+ * Step 2a: each group state as a new document first, all in one unordered
+ * insert. Most states are a group's creation, whose document does not
+ * exist yet; the insert is one statement for all of them, where the
+ * conditional upsert below (filter {_id, ver: {$lt}}) is one statement per
+ * group that FerretDB 1.24 cannot look up by _id: it reads and decodes the
+ * whole groups collection for each (a thousand groups created at once
+ * held persistence up for minutes). A duplicate key means the document is
+ * there (an earlier state, a message's ver 0 document, or this state
+ * written before): that group takes the conditional upsert, which keeps
+ * the newest state. Returns 0, or -1 on any other failure (retried).
+ */
+static int
+insert_group_states(persist_t *p)
+{
+    mongoc_bulk_operation_t *bulk = NULL;
+    bson_t                   reply;
+    bson_error_t             error;
+    bson_iter_t              it, arr, doc;
+    int                      n = 0, ok, rc = 0, k = 0;
+
+    for (int i = 0; i < p->nops; i++) {
+        convop_t *op = &p->ops[i];
+        bson_t    d = BSON_INITIALIZER;
+        op->state_stored = 0;
+        if (op->state_entry < 0) continue;
+        if (bulk == NULL) bulk = new_bulk(p->groups);
+        BSON_APPEND_UTF8(&d, "_id", op->group);
+        bson_concat(&d, p->state_set[op->state_entry]);
+        BSON_APPEND_INT64(&d, "last_seq", 0);
+        BSON_APPEND_INT64(&d, "ts", get_created(p->state_set[op->state_entry]));
+        mongoc_bulk_operation_insert_with_opts(bulk, &d, NULL, &error);
+        bson_destroy(&d);
+        op->state_stored = 1;               /* until the reply says otherwise */
+        n++;
+    }
+    if (n == 0) return 0;
+    p->n_statements++;
+    ok = (int) mongoc_bulk_operation_execute(bulk, &reply, &error);
+    mongoc_bulk_operation_destroy(bulk);
+    if (!ok && !(error.domain == MONGOC_ERROR_SERVER && only_duplicates(&reply))) {
+        cw_warn("persist: insert group states: %s (domain %u, code %u)", error.message, error.domain, error.code);
+        rc = -1;
+    } else if (!ok && bson_iter_init_find(&it, &reply, "writeErrors") && BSON_ITER_HOLDS_ARRAY(&it)
+               && bson_iter_recurse(&it, &arr))
+    {
+        /* the index-th state op's document exists: it takes the upsert */
+        while (bson_iter_next(&arr)) {
+            int64_t index = -1;
+            if (BSON_ITER_HOLDS_DOCUMENT(&arr) && bson_iter_recurse(&arr, &doc) && bson_iter_find(&doc, "index"))
+                index = bson_iter_as_int64(&doc);
+            k = 0;
+            for (int i = 0; i < p->nops; i++) {
+                if (p->ops[i].state_entry < 0) continue;
+                if (k++ == index) { p->ops[i].state_stored = 0; break; }
+            }
+            if (index < 0) rc = -1;
+        }
+    }
+    bson_destroy(&reply);
+    return rc;
+}
+
 /* Writes the prepared batch; 0 when all of it is durably in MongoDB; -3
  * when documents were refused for good (prepare the batch again). */
 static int
@@ -617,11 +681,12 @@ write_batch(persist_t *p)
     ch.what = "update group states";
     ch.dup_ok = 1;
     ch.max = 1;
+    if (insert_group_states(p) != 0) goto done;
     for (int i = 0; i < p->nops; i++) {
         convop_t *op = &p->ops[i];
         bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, lt, soi;
         int       r;
-        if (op->state_entry < 0) continue;
+        if (op->state_entry < 0 || op->state_stored) continue;
         BSON_APPEND_UTF8(&sel, "_id", op->group);
         BSON_APPEND_DOCUMENT_BEGIN(&sel, "ver", &lt);
         BSON_APPEND_INT64(&lt, "$lt", op->state_seq);
@@ -734,7 +799,7 @@ create_indexes(persist_t *p)
 
 /*
  * The coalescing window: after a fetch, more entries are read for up to
- * WINDOW_MS (or until WINDOW_MAX entries) and written as one batch, so a
+ * persist_window_ms (or until WINDOW_MAX entries) and written as one batch, so a
  * conversation that changes many times in the window costs one update.
  * On FerretDB 1.24 (SQLite) each modifying update statement reads the
  * whole collection (its _id index is on `sjson->"_id"`, its statements
@@ -744,13 +809,12 @@ create_indexes(persist_t *p)
  * WINDOW_MAX. Nothing is acknowledged before the whole batch is written.
  * Memory: at most WINDOW_MAX entries (plus one fetch).
  */
-#define WINDOW_MS  250
 #define WINDOW_MAX 20000
 
 static void
 collect_window(persist_t *p)
 {
-    int64_t end = cw_mono_ms() + WINDOW_MS;
+    int64_t end = cw_mono_ms() + p->cf->persist_window_ms;
 
     while (!cw_stop && p->batch.n < WINDOW_MAX) {
         int64_t left = end - cw_mono_ms();
@@ -901,9 +965,9 @@ cw_role_persist(const cw_config_t *cf)
     p.hb = &hb;
     cw_backoff_reset(&bo);
     cw_backoff_reset(&mbo);
-    cw_info("role persist started (node %s, %s, database %s, batch %d)", cf->node_id,
+    cw_info("role persist started (node %s, %s, database %s, batch %d, window %d ms)", cf->node_id,
             kafka ? "kafka topic chat.in, group chat-persist" : "consumer persist-0 on every shard",
-            p.db, cf->batch);
+            p.db, cf->batch, cf->persist_window_ms);
     p.next_stats = cw_mono_ms() + 10000;
 
     while (!cw_stop) {
