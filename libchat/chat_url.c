@@ -27,29 +27,77 @@ number(const char *p, const char *end, int lo, int hi)
     return (v < lo || v > hi) ? -1 : v;
 }
 
+/* [[user]:password@]: the password into out; returns what follows */
+static const char *
+credentials(const char *p, const char *end, chat_redis_url_t *out)
+{
+    const char *at, *colon;
+
+    at = find(p, end, '@');
+    if (at == NULL) {
+        return p;
+    }
+    colon = find(p, at, ':');
+    colon = colon ? colon + 1 : p;
+    if ((size_t) (at - colon) >= sizeof(out->password)) {
+        return NULL;
+    }
+    memcpy(out->password, colon, (size_t) (at - colon));
+    return at + 1;
+}
+
+/* unix://[[user]:password@]/absolute/path[?db=N]: port 0, host the path
+ * (shorter than sun_path, 108 bytes) */
+static int
+unix_url(const char *p, const char *end, chat_redis_url_t *out)
+{
+    const char *q;
+
+    out->port = 0;
+    p = credentials(p, end, out);
+    if (p == NULL) {
+        return -1;
+    }
+    q = find(p, end, '?');
+    if (q) {
+        if (end - q < 5 || memcmp(q, "?db=", 4) != 0) {
+            return -1;
+        }
+        out->db = number(q + 4, end, 0, 15);
+        if (out->db < 0) {
+            return -1;
+        }
+        end = q;
+    }
+    if (end - p < 2 || *p != '/' || end[-1] == '/' || end - p >= CHAT_REDIS_UNIX_PATH_MAX
+        || find(p, end, '\0') != NULL)
+    {
+        return -1;
+    }
+    memcpy(out->host, p, (size_t) (end - p));
+    return 0;
+}
+
 int
 chat_redis_url_parse(const char *url, size_t len, chat_redis_url_t *out)
 {
-    const char *p, *end, *at, *colon, *slash;
+    const char *p, *end, *colon, *slash;
 
     memset(out, 0, sizeof(*out));
     out->port = 6379;
 
+    if (len >= 7 && memcmp(url, "unix://", 7) == 0) {
+        return unix_url(url + 7, url + len, out);
+    }
     if (len < 8 || memcmp(url, "redis://", 8) != 0) {
         return -1;
     }
     p = url + 8;
     end = url + len;
 
-    at = find(p, end, '@');
-    if (at) {
-        colon = find(p, at, ':');
-        colon = colon ? colon + 1 : p;
-        if ((size_t) (at - colon) >= sizeof(out->password)) {
-            return -1;
-        }
-        memcpy(out->password, colon, (size_t) (at - colon));
-        p = at + 1;
+    p = credentials(p, end, out);
+    if (p == NULL) {
+        return -1;
     }
 
     slash = find(p, end, '/');

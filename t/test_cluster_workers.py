@@ -385,6 +385,8 @@ def test_config_and_check_on_the_cluster(stack, cluster, workers, tmp_path):
                       (f"redis_url = {SEEDS}\nredis_cluster = off\n", "redis_cluster is off"),
                       (f"redis_url = redis://127.0.0.1:{BASE},redis://127.0.0.1:{BASE + 1}/2\n", "database 0 only"),
                       ("redis_url = redis://127.0.0.1:1,nonsense\n", "bad url"),
+                      ("redis_url = unix:///tmp/r.sock\nredis_cluster = on\n", "over TCP, not a unix socket"),
+                      ("redis_url = unix://relative.sock\n", "bad url"),
                       ("redis_replicas = 17\n", "redis_replicas must be between")]:
         bad = tmp_path / "bad.conf"
         bad.write_text(text)

@@ -334,6 +334,11 @@ cw_config_load(cw_config_t *cf, const char *path)
                 cw_error("redis_url: a Redis Cluster has database 0 only (\"%s\")", u);
                 return -1;
             }
+            if (cf->redis_cluster && port == 0) {
+                /* nodes announce host:port in CLUSTER SLOTS and redirects */
+                cw_error("redis_url: a Redis Cluster is reached over TCP, not a unix socket (\"%s\")", u);
+                return -1;
+            }
         }
     }
     if (cf->push_lease_ms <= cf->push_timeout_ms) {

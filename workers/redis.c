@@ -128,12 +128,13 @@ cw_redis_redirects(const cw_redis_t *c)
     return c->redirects;
 }
 
-/* A connection to host:port with the timeout and AUTH; NULL and err set. */
+/* A connection to host:port (port 0: host is a unix socket's path) with
+ * the timeout and AUTH; NULL and err set. */
 static redisContext *
 dial(const char *host, int port, int timeout_ms, const char *password, char *err, size_t errlen)
 {
     struct timeval  tv = { timeout_ms / 1000, (timeout_ms % 1000) * 1000 };
-    redisContext   *x = redisConnectWithTimeout(host, port, tv);
+    redisContext   *x = port == 0 ? redisConnectUnixWithTimeout(host, tv) : redisConnectWithTimeout(host, port, tv);
     redisReply     *r;
 
     if (x == NULL || x->err) {

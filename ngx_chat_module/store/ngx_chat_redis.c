@@ -409,7 +409,11 @@ ngx_chat_redis_connect(ngx_chat_redis_link_t *link)
     ngx_connection_t   *c;
     redisAsyncContext  *ac;
 
-    ac = redisAsyncConnect(link->node->host, link->node->port);
+    /* port 0: the node is a unix socket (chat_redis unix://...): no TCP
+     * stack on either side */
+    ac = link->node->port == 0 ? redisAsyncConnectUnix(link->node->host)
+                               : redisAsyncConnect(link->node->host,
+                                                   link->node->port);
     if (ac == NULL) {
         ngx_chat_redis_schedule(link);
         return;
@@ -1253,7 +1257,8 @@ ngx_chat_redis_ssub_connect(ngx_chat_redis_node_t *n)
     redisContext      *rc;
     ngx_connection_t  *c;
 
-    rc = redisConnectNonBlock(n->host, n->port);
+    rc = n->port == 0 ? redisConnectUnixNonBlock(n->host)
+                      : redisConnectNonBlock(n->host, n->port);
 
     if (rc == NULL || rc->err) {
         if (rc) {
@@ -2333,7 +2338,8 @@ ngx_chat_redis_check_urls(ngx_array_t *urls, ngx_flag_t cluster, ngx_log_t *log)
         {
             ngx_log_error(NGX_LOG_EMERG, log, 0,
                           "chat_redis \"%V\" is not redis://[:password@]"
-                          "host[:port][/db]", &url[i]);
+                          "host[:port][/db] or unix://[:password@]/path"
+                          "[?db=N]", &url[i]);
             return NGX_ERROR;
         }
 
@@ -2341,6 +2347,14 @@ ngx_chat_redis_check_urls(ngx_array_t *urls, ngx_flag_t cluster, ngx_log_t *log)
             ngx_log_error(NGX_LOG_EMERG, log, 0,
                           "chat_redis \"%V\": a cluster has database 0 only",
                           &url[i]);
+            return NGX_ERROR;
+        }
+
+        if (cluster && u.port == 0) {
+            /* nodes announce host:port in CLUSTER SLOTS and redirects */
+            ngx_log_error(NGX_LOG_EMERG, log, 0,
+                          "chat_redis \"%V\": a cluster is reached over TCP, "
+                          "not a unix socket", &url[i]);
             return NGX_ERROR;
         }
     }

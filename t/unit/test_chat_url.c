@@ -33,11 +33,39 @@ test_valid(void **state)
 }
 
 static void
+test_unix(void **state)
+{
+    chat_redis_url_t u;
+    char             longp[160];
+
+    (void) state;
+    assert_int_equal(chat_redis_url_parse("unix:///run/redis/redis.sock", 28, &u), 0);
+    assert_string_equal(u.host, "/run/redis/redis.sock");
+    assert_int_equal(u.port, 0);
+    assert_int_equal(u.db, 0);
+    assert_string_equal(u.password, "");
+    assert_int_equal(chat_redis_url_parse("unix://:pw@/tmp/r.sock?db=3", 27, &u), 0);
+    assert_string_equal(u.host, "/tmp/r.sock");
+    assert_string_equal(u.password, "pw");
+    assert_int_equal(u.db, 3);
+    /* a path of 107 bytes fits sun_path with its NUL, 108 does not */
+    memcpy(longp, "unix://", 7);
+    longp[7] = '/';
+    memset(longp + 8, 'a', 106);
+    assert_int_equal(chat_redis_url_parse(longp, 7 + 107, &u), 0);
+    assert_int_equal((int) strlen(u.host), 107);
+    longp[7 + 107] = 'a';
+    assert_int_not_equal(chat_redis_url_parse(longp, 7 + 108, &u), 0);
+}
+
+static void
 test_invalid(void **state)
 {
     static const char *bad[] = {
         "", "redis:/h", "http://h", "redis://", "redis://:6379", "redis://h:0", "redis://h:65536",
         "redis://h:12x", "redis://h/16", "redis://h/-1", "redis://h/1a", "redis://h:", "redis://@",
+        "unix://", "unix://relative.sock", "unix:///", "unix:///tmp/", "unix:///tmp/r.sock?db=16",
+        "unix:///tmp/r.sock?db=", "unix:///tmp/r.sock?x=1", "unix:/tmp/r.sock", "unix://:pw@",
     };
     chat_redis_url_t u;
 
@@ -54,6 +82,7 @@ main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_valid),
+        cmocka_unit_test(test_unix),
         cmocka_unit_test(test_invalid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
