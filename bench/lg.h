@@ -93,11 +93,15 @@ struct lg_redis_cmd { char name[48]; uint64_t calls, usec; };
 struct lg_redis {
     int    ok, n;
     double cpu_us;
+    double child_us;               /* used_cpu_*_children: AOF rewrites (forks reaped so far) */
+    uint64_t forks;                /* total_forks (INFO stats) */
     struct lg_redis_cmd c[LG_REDIS_MAX];
 };
 struct lg_redis_cost {
     int      ok, n;
     double   cpu_us;
+    double   child_us;             /* of the forked children (AOF rewrites) reaped in the window */
+    uint64_t forks;
     uint64_t calls;                /* every command run, inner ones included */
     uint64_t scripts, script_usec; /* EVAL, EVALSHA, FCALL (and _ro) */
     struct lg_redis_cmd top[LG_REDIS_TOP];

@@ -473,6 +473,15 @@ int lg_redis_snap(const char *host, int port, struct lg_redis *r)
     for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
         if (!strncmp(line, "used_cpu_sys:", 13)) r->cpu_us += strtod(line + 13, NULL) * 1e6;
         else if (!strncmp(line, "used_cpu_user:", 14)) r->cpu_us += strtod(line + 14, NULL) * 1e6;
+        else if (!strncmp(line, "used_cpu_sys_children:", 22)) r->child_us += strtod(line + 22, NULL) * 1e6;
+        else if (!strncmp(line, "used_cpu_user_children:", 23)) r->child_us += strtod(line + 23, NULL) * 1e6;
+    }
+    /* the AOF rewrites' forks: their CPU is on the same cores (counted
+     * once the child is reaped) */
+    if ((len = redis_info_section(fd, "stats", buf, sizeof(buf))) < 0) { close(fd); return -1; }
+    save = NULL;
+    for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        if (!strncmp(line, "total_forks:", 12)) r->forks = strtoull(line + 12, NULL, 10);
     }
     if ((len = redis_info_section(fd, "commandstats", buf, sizeof(buf))) < 0) { close(fd); return -1; }
     close(fd);
@@ -499,6 +508,8 @@ void lg_redis_diff(const struct lg_redis *a, const struct lg_redis *b, struct lg
     if (!a->ok || !b->ok) return;
     d->ok = 1;
     d->cpu_us = b->cpu_us - a->cpu_us;
+    d->child_us = b->child_us - a->child_us;
+    d->forks = b->forks - a->forks;
     for (int i = 0; i < b->n; i++) {
         const struct lg_redis_cmd *c = &b->c[i];
         uint64_t calls = c->calls, usec = c->usec;

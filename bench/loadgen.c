@@ -2698,6 +2698,8 @@ int main(int argc, char **argv)
             if (ak && ak != dl)
                 printf("  per sent message (%" PRIu64 " acknowledged): %.2f commands, %.2f scripts, %.1f us CPU\n",
                        ak, (double)rc.calls / ak, (double)rc.scripts / ak, rc.cpu_us / ak);
+            printf("  and %.1f us CPU per delivered message in forked children (%" PRIu64
+                   " forks in the window: AOF rewrites), not in the figures above\n", rc.child_us * per, rc.forks);
             printf("  most run, per delivered message:");
             for (int k = 0; k < rc.n; k++) printf(" %s %.2f", rc.top[k].name, rc.top[k].calls * per);
             printf("\n");
@@ -2771,8 +2773,9 @@ int main(int argc, char **argv)
         printf(" redis_secs=%.1f redis_calls=%" PRIu64 " redis_scripts=%" PRIu64 " redis_script_us=%" PRIu64
                " redis_cpu_us=%.0f", (double)(redis_tb - redis_ta) / 1e9, rc.calls, rc.scripts, rc.script_usec, rc.cpu_us);
         if (per > 0)
-            printf(" redis_calls_per_msg=%.2f redis_scripts_per_msg=%.2f redis_cpu_us_per_msg=%.1f redis_script_us_per_msg=%.1f",
-                   rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per);
+            printf(" redis_calls_per_msg=%.2f redis_scripts_per_msg=%.2f redis_cpu_us_per_msg=%.1f redis_script_us_per_msg=%.1f"
+                   " redis_child_cpu_us_per_msg=%.1f redis_forks=%" PRIu64,
+                   rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per, rc.child_us * per, rc.forks);
     }
     if (mon_per > 0)
         printf(" redis_mon_client_per_msg=%.2f redis_mon_scripts_per_msg=%.2f redis_mon_lua_per_msg=%.2f",

@@ -8,6 +8,7 @@ import socket
 import subprocess
 
 import pytest
+import redis
 
 from chatlib import ROOT, make_jwt, nginx_argv
 
@@ -79,9 +80,13 @@ def test_redis_runs_with_aof(stack):
     import redis
     r = redis.Redis.from_url(stack.env["REDIS_URL"])
     assert r.config_get("appendonly")["appendonly"] == "yes"
+    assert r.config_get("appendfsync")["appendfsync"] == "everysec"
+    # rewrites at 400 % growth (a fork and the whole dataset each time)
+    assert r.config_get("auto-aof-rewrite-percentage")["auto-aof-rewrite-percentage"] == "400"
 
 
 from helpers import example_conf as _example_conf, module_path as _module  # noqa: F401
+from helpers import ack_of, msgs, send, uniq, ws  # noqa: E402
 
 
 def test_nginx_accepts_the_shipped_example_conf(tmp_path):
@@ -116,6 +121,10 @@ def test_nginx_rejects_bad_directives(tmp_path, bad, complaint):
     ("chat_redis redis://127.0.0.1:7000/2 redis://127.0.0.1:7001; chat_redis_cluster on;", "database 0"),
     ("chat_redis redis://127.0.0.1:7000 http://x; chat_redis_cluster on;", "is not redis://"),
     ("chat_redis redis://127.0.0.1:7000; chat_redis_cluster maybe;", "invalid value"),
+    ("chat_redis unix:///run/redis/redis.sock;", None),                          # a single node's socket
+    ("chat_redis unix://:pw@/run/redis/redis.sock?db=2;", None),
+    ("chat_redis unix://run/redis.sock;", "is not redis://"),                    # the path must be absolute
+    ("chat_redis unix:///run/redis/redis.sock; chat_redis_cluster on;", "over TCP, not a unix socket"),
 ])
 def test_chat_redis_seeds_need_the_cluster_flag(tmp_path, line, complaint):
     """Several chat_redis URLs are a cluster's seeds (chat_redis_cluster on),
@@ -129,6 +138,45 @@ def test_chat_redis_seeds_need_the_cluster_flag(tmp_path, line, complaint):
         assert r.returncode == 0 and "test is successful" in r.stderr, r.stderr
     else:
         assert r.returncode != 0 and complaint in r.stderr, r.stderr
+
+
+def test_the_stacks_nginx_and_workers_reach_redis_over_its_unix_socket(stack):
+    """scripts/stack gives its own Redis a unix socket (mode 700) and points
+    nginx and the workers at it (only the stack's user reaches the servers'
+    Redis; no TCP stack per round trip); the TCP port stays for tools and tests.
+    Every connection from the module and the workers is on the socket, and
+    the stack serves a message through it."""
+    env = stack.env
+    if env.get("REDIS_CLUSTER") == "on":
+        pytest.fail("this test runs on the single-node stack (the cluster is TCP only)")
+    sock = os.path.join(stack.dir, "redis", "redis.sock")
+    if len(sock) > 100:
+        # longer than sun_path allows with room to spare: the stack says TCP
+        assert env["CHAT_SERVERS_REDIS_URL"] == env["REDIS_URL"], env
+        return
+    assert env["CHAT_SERVERS_REDIS_URL"] == "unix://" + sock, env.get("CHAT_SERVERS_REDIS_URL")
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o700"
+    assert f"chat_redis unix://{sock};" in open(env["CHAT_NGINX_CONF"]).read()
+    assert f"redis_url = unix://{sock}" in open(env["CHAT_WORKER_CONF"]).read()
+    r = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True)
+    clients = r.client_list()
+    on_socket = [c for c in clients if c["addr"].startswith(sock)]
+    # each nginx worker process subscribes to its delivery channel
+    # chat:w:<host>:<pid>: every such subscriber is on the socket
+    channels = [ch for ch in r.pubsub_channels("chat:w:*") if ch != "chat:w:all"]
+    assert channels, "no nginx worker subscribed"
+    subscribers = [c for c in clients if int(c.get("sub", 0)) > 0]
+    assert len(subscribers) >= len(channels) and all(c in on_socket for c in subscribers), subscribers
+    # and the workers' roles: the queue's consumers read the streams over it
+    assert len(on_socket) >= len(channels) * 2 + 3, on_socket
+    a, b = uniq("a"), uniq("b")
+    a1, b1 = ws(stack, a), ws(stack, b)
+    cid = send(a1, b, "over the socket")
+    ack = ack_of(a1, cid)
+    got = msgs(b1, 1)[0]
+    assert got["id"] == ack["id"] and got["body"] == "over the socket"
+    a1.close()
+    b1.close()
 
 
 def test_module_is_loaded_and_answers(stack):
