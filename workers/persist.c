@@ -599,14 +599,20 @@ insert_group_states(persist_t *p)
     bson_t                   reply;
     bson_error_t             error;
     bson_iter_t              it, arr, doc;
-    int                      n = 0, ok, rc = 0, k = 0;
+    int                      n = 0, ok, rc = 0;
+    int                     *op_of = NULL;        /* the n-th insert's op: a reply's index -> op */
 
     for (int i = 0; i < p->nops; i++) {
         convop_t *op = &p->ops[i];
         bson_t    d = BSON_INITIALIZER;
         op->state_stored = 0;
         if (op->state_entry < 0) continue;
-        if (bulk == NULL) bulk = new_bulk(p->groups);
+        if (bulk == NULL) {
+            op_of = malloc(sizeof(int) * (size_t) p->nops);
+            if (op_of == NULL) return -1;
+            bulk = new_bulk(p->groups);
+        }
+        op_of[n] = i;
         BSON_APPEND_UTF8(&d, "_id", op->group);
         bson_concat(&d, p->state_set[op->state_entry]);
         BSON_APPEND_INT64(&d, "last_seq", 0);
@@ -631,15 +637,12 @@ insert_group_states(persist_t *p)
             int64_t index = -1;
             if (BSON_ITER_HOLDS_DOCUMENT(&arr) && bson_iter_recurse(&arr, &doc) && bson_iter_find(&doc, "index"))
                 index = bson_iter_as_int64(&doc);
-            k = 0;
-            for (int i = 0; i < p->nops; i++) {
-                if (p->ops[i].state_entry < 0) continue;
-                if (k++ == index) { p->ops[i].state_stored = 0; break; }
-            }
-            if (index < 0) rc = -1;
+            if (index >= 0 && index < n) p->ops[op_of[index]].state_stored = 0;
+            else rc = -1;
         }
     }
     bson_destroy(&reply);
+    free(op_of);
     return rc;
 }
 
