@@ -23,3 +23,18 @@ setup_done() {
   cmp -s clients/js/package-lock.json clients/js/node_modules/.ngx-chat-lock 2>/dev/null || return 1
   return 0
 }
+
+# A stack Redis as both scripts run it (scripts/stack's, and the bench's
+# Centrifugo Redis, so that the peers' Redis is configured alike): AOF
+# fsynced every second, rewritten at 400 % growth (each rewrite forks and
+# re-serialises the whole dataset; docs/BENCHMARKS.md, "AOF rewrites").
+redis_aof_args=(--appendonly yes --appendfsync everysec --save '' --auto-aof-rewrite-percentage 400)
+
+# redis_socket <path>: sets redis_sock_args for a unix socket only this
+# user may open, or leaves it empty and fails (TCP only) with
+# CHAT_REDIS_TCP=1 or a path too long for sun_path.
+redis_socket() {
+  redis_sock_args=()
+  [ "${CHAT_REDIS_TCP:-0}" != 1 ] && [ ${#1} -le 100 ] || return 1
+  redis_sock_args=(--unixsocket "$1" --unixsocketperm 700)
+}
