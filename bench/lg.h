@@ -95,6 +95,7 @@ struct lg_redis {
     double cpu_us;
     double child_us;               /* used_cpu_*_children: AOF rewrites (forks reaped so far) */
     uint64_t forks;                /* total_forks (INFO stats) */
+    uint64_t aof_bytes;            /* aof_current_size (INFO persistence): what is written per message */
     struct lg_redis_cmd c[LG_REDIS_MAX];
 };
 struct lg_redis_cost {
@@ -102,6 +103,7 @@ struct lg_redis_cost {
     double   cpu_us;
     double   child_us;             /* of the forked children (AOF rewrites) reaped in the window */
     uint64_t forks;
+    int64_t  aof_bytes;            /* AOF growth; a rewrite in the window (forks) makes it meaningless */
     uint64_t calls;                /* every command run, inner ones included */
     uint64_t scripts, script_usec; /* EVAL, EVALSHA, FCALL (and _ro) */
     struct lg_redis_cmd top[LG_REDIS_TOP];

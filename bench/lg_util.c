@@ -483,6 +483,11 @@ int lg_redis_snap(const char *host, int port, struct lg_redis *r)
     for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
         if (!strncmp(line, "total_forks:", 12)) r->forks = strtoull(line + 12, NULL, 10);
     }
+    if ((len = redis_info_section(fd, "persistence", buf, sizeof(buf))) < 0) { close(fd); return -1; }
+    save = NULL;
+    for (line = strtok_r(buf, "\r\n", &save); line; line = strtok_r(NULL, "\r\n", &save)) {
+        if (!strncmp(line, "aof_current_size:", 17)) r->aof_bytes = strtoull(line + 17, NULL, 10);
+    }
     if ((len = redis_info_section(fd, "commandstats", buf, sizeof(buf))) < 0) { close(fd); return -1; }
     close(fd);
     save = NULL;
@@ -510,6 +515,7 @@ void lg_redis_diff(const struct lg_redis *a, const struct lg_redis *b, struct lg
     d->cpu_us = b->cpu_us - a->cpu_us;
     d->child_us = b->child_us - a->child_us;
     d->forks = b->forks - a->forks;
+    d->aof_bytes = (int64_t)b->aof_bytes - (int64_t)a->aof_bytes;
     for (int i = 0; i < b->n; i++) {
         const struct lg_redis_cmd *c = &b->c[i];
         uint64_t calls = c->calls, usec = c->usec;

@@ -2700,6 +2700,8 @@ int main(int argc, char **argv)
                        ak, (double)rc.calls / ak, (double)rc.scripts / ak, rc.cpu_us / ak);
             printf("  and %.1f us CPU per delivered message in forked children (%" PRIu64
                    " forks in the window: AOF rewrites), not in the figures above\n", rc.child_us * per, rc.forks);
+            if (rc.forks == 0)
+                printf("  and %.0f bytes of AOF per delivered message\n", (double)rc.aof_bytes * per);
             printf("  most run, per delivered message:");
             for (int k = 0; k < rc.n; k++) printf(" %s %.2f", rc.top[k].name, rc.top[k].calls * per);
             printf("\n");
@@ -2774,8 +2776,9 @@ int main(int argc, char **argv)
                " redis_cpu_us=%.0f", (double)(redis_tb - redis_ta) / 1e9, rc.calls, rc.scripts, rc.script_usec, rc.cpu_us);
         if (per > 0)
             printf(" redis_calls_per_msg=%.2f redis_scripts_per_msg=%.2f redis_cpu_us_per_msg=%.1f redis_script_us_per_msg=%.1f"
-                   " redis_child_cpu_us_per_msg=%.1f redis_forks=%" PRIu64,
-                   rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per, rc.child_us * per, rc.forks);
+                   " redis_child_cpu_us_per_msg=%.1f redis_forks=%" PRIu64 " redis_aof_bytes_per_msg=%.0f",
+                   rc.calls * per, rc.scripts * per, rc.cpu_us * per, rc.script_usec * per, rc.child_us * per, rc.forks,
+                   rc.forks ? -1.0 : (double)rc.aof_bytes * per);
     }
     if (mon_per > 0)
         printf(" redis_mon_client_per_msg=%.2f redis_mon_scripts_per_msg=%.2f redis_mon_lua_per_msg=%.2f",

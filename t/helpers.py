@@ -204,23 +204,14 @@ def inbox(r, user):
 
 
 def backlog(r, group):
-    """entries of every shard stream not yet acknowledged by group"""
+    """entries of every shard stream the role (fanout, persist, push) has not
+    committed: after its position chat:{s<s>}:pos:<role> (workers/queue.c),
+    the whole stream while it has none"""
     n = 0
     for s in range(SHARDS):
         key = "chat:{s%d}:in" % s
-        try:
-            info = {g["name"]: g for g in r.xinfo_groups(key)}
-        except redis.ResponseError:
-            continue
-        g = info.get(group)
-        if g is None:
-            n += r.xlen(key)
-            continue
-        n += g["pending"]
-        last = r.xinfo_stream(key)["last-generated-id"]
-        ld = g["last-delivered-id"]
-        if tuple(map(int, ld.split("-"))) < tuple(map(int, last.split("-"))):
-            n += len(r.xrange(key, "(" + ld, "+"))
+        pos = r.get("chat:{s%d}:pos:%s" % (s, group))
+        n += r.xlen(key) if pos is None else len(r.xrange(key, "(" + pos, "+"))
     return n
 
 

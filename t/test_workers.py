@@ -51,7 +51,7 @@ from helpers import auth, kafka_only, redis_only  # noqa: F401
 def test_config_keys_and_env_overrides(stack, tmp_path):
     conf = tmp_path / "w.conf"
     conf.write_text("shards = 8\nfanout_workers = 2\nfanout_index = 1\ninbox_max = 10\n"
-                    "retention_days = 30\nclaim_idle_ms = 1000\nbatch = 50\n")
+                    "retention_days = 30\nbatch = 50\n")
     for text, msg in [("shards = 0\n", "shards must be between"),
                       ("batch = lots\n", "batch must be an integer"),
                       ("fanout_workers = 2\nfanout_index = 2\n", "fanout_index must be between"),
@@ -414,45 +414,50 @@ def test_streams_are_trimmed_but_keep_what_a_group_needs(stack, r, q):
 
 
 @redis_only
-def test_pending_entries_of_a_dead_consumer_are_taken_over_at_start(stack, r, q, chan):
-    """Entries another consumer read and never acknowledged (here a fake
-    one) are taken over when the fan-out worker starts."""
+def test_each_role_commits_its_position_after_a_batch(stack, r, q, chan):
+    """The fan-out and persist roles read the streams from positions of
+    their own (chat:{s<s>}:pos:<role>, workers/queue.c), committed once a
+    batch is processed: no consumer group, nothing pending per entry."""
     alice, bob = uid("alice"), uid("bob")
     conv = dconv(alice, bob)
     key = stream(conv)
     chan.register(bob, "phone")
+    eid = q.send(msg_fields(conv, alice, bob, 1))
+    chan.collect(lambda g: len(g) >= 1, timeout=20)
+
+    def at_or_past(role):
+        pos = r.get("chat:{s%d}:pos:%s" % (shard(conv), role))
+        return pos is not None and tuple(map(int, pos.split("-"))) >= tuple(map(int, eid.split("-")))
+    eventually(lambda: at_or_past("fanout"), what="the fan-out's position past the entry")
+    eventually(lambda: at_or_past("persist"), timeout=30, what="persist's position past the entry")
+    assert r.xinfo_groups(key) == []
+
+
+@redis_only
+def test_an_earlier_versions_consumer_group_is_taken_over_at_start(stack, r, q, chan):
+    """Upgrading from consumer groups: entries the old fan-out read and never
+    acknowledged (pending under its name) are read again by the new one,
+    which starts from the group's place (lua/queue_start.lua) and destroys
+    it; nothing before that place is processed again."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    key = stream(conv)
+    pos = "chat:{s%d}:pos:fanout" % shard(conv)
+    chan.register(bob, "phone")
     stack_cmd(stack, "kill", "worker-fanout")
     try:
+        r.delete(pos)                           # as before the upgrade: no position, a group
+        r.xgroup_create(key, "fanout", "$", mkstream=True)
         q.send(msg_fields(conv, alice, bob, 1))
-        got = r.xreadgroup("fanout", "fanout-dead", {key: ">"}, count=100)
+        got = r.xreadgroup("fanout", "fanout-0", {key: ">"}, count=100)
         assert got and any(f.get("conv") == conv for _, f in got[0][1])
     finally:
         stack_cmd(stack, "up")
     chan.collect(lambda g: len(g) >= 1, timeout=20)
-    eventually(lambda: r.xpending(key, "fanout")["pending"] == 0, what="claimed entries acknowledged")
     assert r.get(ukey(bob, "cur")) == "1"
-
-
-@redis_only
-def test_idle_pending_entries_are_claimed_while_running(stack, r, chan):
-    """A live fan-out worker claims entries another consumer has held longer
-    than claim_idle_ms (5 s by default)."""
-    alice, bob = uid("alice"), uid("bob")
-    conv = dconv(alice, bob)
-    key = stream(conv)
-    chan.register(bob, "phone")
-    # XADD and XREADGROUP in one transaction: the fake consumer surely gets
-    # the entry before the blocked fan-out worker is served.
-    p = r.pipeline(transaction=True)
-    p.xadd(key, msg_fields(conv, alice, bob, 1))
-    p.xreadgroup("fanout", "fanout-gone", {key: ">"})
-    t0 = time.time()
-    _, got = p.execute()
-    assert got and got[0][1]
-    chan.collect(lambda g: len(g) >= 1, timeout=30)
-    assert time.time() - t0 >= 4.5
-    eventually(lambda: r.xpending(key, "fanout")["pending"] == 0, what="claimed entries acknowledged")
-    assert r.get(ukey(bob, "cur")) == "1"
+    last = tuple(map(int, got[0][1][-1][0].split("-")))
+    eventually(lambda: tuple(map(int, r.get(pos).split("-"))) >= last, what="the position committed")
+    assert "fanout" not in [g["name"] for g in r.xinfo_groups(key)]
 
 
 def test_fanout_killed_mid_stream_delivers_everything_exactly_once(stack, r, q, chan):

@@ -238,45 +238,50 @@ void cw_batch_clear(cw_batch_t *b);
 void cw_batch_free(cw_batch_t *b);
 
 
-/* ---- the queue (queue.c): Redis Streams consumer groups or Kafka ---------- */
+/* ---- the queue (queue.c): Redis Streams read from positions, or Kafka ----- */
 
 typedef struct cw_queue_s cw_queue_t;
 
-/* group: "fanout" or "persist". shards: the shards this consumer reads
- * (Redis), ignored for Kafka where the consumer group assigns partitions. */
+/* group: the role, "fanout", "persist" or "push". shards: the shards this
+ * consumer reads (Redis), ignored for Kafka where the consumer group
+ * assigns partitions. */
 cw_queue_t *cw_queue_new(const cw_config_t *cf, const char *group,
                          const int *shards, int nshards, int trim);
 void cw_queue_free(cw_queue_t *q);
 int  cw_queue_is_kafka(const cw_queue_t *q);
 
-/* Redis mode: after (re)connecting, create the groups and re-read this
- * consumer's pending entries first. Returns -1 on a connection error. */
+/* Redis mode: after (re)connecting, read our committed positions (made the
+ * first time): whatever was read and not acknowledged is read again. Every
+ * caller sets up again (reconnects) after a batch it could not process, so
+ * no batch is left behind unacknowledged while later ones are. Returns -1
+ * on a connection error. */
 int  cw_queue_setup(cw_queue_t *q, cw_redis_t *c);
 
 /* Fills b (cleared first) with the next entries; waits up to block_ms.
  * Returns the number of entries, or -1 when the connection failed. */
 int  cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms);
 
-/* Redis mode: appends the XACKs of b to c's pipeline; returns the number of
- * replies to read. Kafka mode: commits b's offsets synchronously; returns 0,
- * or -1 when the commit failed. */
+/* Redis mode: appends the commits of b's positions (one per shard) to c's
+ * pipeline; returns the number of replies to read. Kafka mode: commits b's
+ * offsets asynchronously; returns 0, or -1 when the commit failed. */
 int  cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b);
 
-/* Redis mode: periodic claim of stale pending entries and stream trimming.
- * Returns -1 on a connection error. */
+/* Redis mode: periodic stream trimming. Returns -1 on a connection error. */
 int  cw_queue_maintain(cw_queue_t *q, cw_redis_t *c);
 
 /* Shard leases (Redis queue, the fanout role with fanout_lease_ms > 0):
  * the queue reads only the shards workers/lease.c says we hold. s is a
  * shard number. */
 int  cw_queue_leases(const cw_queue_t *q);
+/* our lease holder name (kept by the caller): commits are fenced by it */
+void cw_queue_set_owner(cw_queue_t *q, const char *owner);
 /* 0: not ours, 1: served, 2: being given back (no new read) */
 int  cw_queue_shard_state(const cw_queue_t *q, int s);
 /* a blocking read of the shard is out (its reply not yet taken) */
 int  cw_queue_reading(const cw_queue_t *q, int s);
 /* our lease of s is sure until this monotonic time */
 void cw_queue_valid(cw_queue_t *q, int s, int64_t until);
-/* we hold s now: claim what others left pending on it; -1: connection error */
+/* we hold s now: read it from its committed position; -1: connection error */
 int  cw_queue_take(cw_queue_t *q, cw_redis_t *c, int s, int64_t until);
 void cw_queue_drain(cw_queue_t *q, int s);
 void cw_queue_drop(cw_queue_t *q, int s);

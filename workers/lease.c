@@ -14,19 +14,21 @@
  * given back (no new read; the lease goes at the next round, once the
  * last read was processed), so that a worker that starts gets its share;
  * below it, tries free shards until it has its share. A shard taken is
- * claimed first: the last holder's pending entries become ours
- * (XAUTOCLAIM, queue.c) and are processed before anything new.
+ * read from the position its last holder committed (queue.c): what that
+ * holder read and did not commit is processed first, before anything new.
  *
  * Fencing: our lease is counted as sure until the time we SENT the renewal
  * plus the lease (Redis starts its TTL later, when it runs the script), and
  * a blocking read goes out only while it surely ends, plus a margin of a
  * fifth of the lease, before that time (queue.c, readable()). So every
- * entry handed to us by a read was handed while we held the lease, before
- * the next holder's claim, which then takes it over; a worker that was
- * paused past its lease finds it unsure and neither reads nor acknowledges
- * that shard any more. Two workers may still process the same entries (a
- * holder paused in the middle of a batch, and the next one that claimed
- * them): each in stream order, and the inbox script appends an entry once
+ * entry handed to us by a read was handed while we held the lease; a worker
+ * that was paused past its lease finds it unsure and neither reads nor
+ * commits that shard any more, and Redis refuses a commit from a worker
+ * that is not the lease's holder (lua/queue_commit.lua), so the position
+ * the next holder reads from never passes what that holder has not
+ * processed. Two workers may still process the same entries (a holder
+ * paused in the middle of a batch, and the next one reading from the
+ * position): each in stream order, and the inbox script appends an entry once
  * (the first one to get there gives it its cursor, the other gets the same
  * cursor back), so inboxes hold everything once and in order; a device may
  * be published the same event twice, with the same cursor (PROTOCOL: a
@@ -54,6 +56,7 @@ cw_lease_init(cw_lease_t *l, const cw_config_t *cf, cw_queue_t *q)
              (long) getpid(), (long long) cw_now_ms());
     l->cand = malloc(sizeof(int) * (size_t) cf->shards);
     l->alive = 1;
+    cw_queue_set_owner(q, l->owner);
     return l->cand ? 0 : -1;
 }
 
@@ -146,7 +149,7 @@ cw_lease_tick(cw_lease_t *l, cw_redis_t *c)
         } else if (v == 2) {
             /* it had expired (we could not renew for a lease's time) and
              * was free: taken anew, so whatever another holder may have
-             * left pending in between is claimed first */
+             * committed in between is read from its position first */
             l->cand[k] = -1 - s;          /* taken below, after the replies */
             cw_warn("fanout: lease of shard %d had expired; taken again", s);
         } else if (v == 0) {

@@ -1,15 +1,22 @@
 /*
- * The inbound queue, consumed by the fanout and persist roles
+ * The inbound queue, consumed by the fanout, persist and push roles
  * (docs/PIPELINE.md, "Queue entries" and "Worker roles").
  *
- * Redis Streams: one stream per shard, chat:{s<s>}:in, with the consumer
- * groups "fanout" and "persist". Consumer names are stable (fanout-<index>,
- * persist-0), so a worker killed with -9 and restarted finds its own pending
- * entries and processes them first, in stream order, before reading new
- * ones. Entries another consumer left pending are claimed: at (re)connect
- * all of them on our shards (only the owner of a shard reads it), later
- * those idle longer than claim_idle_ms. Streams are trimmed to the oldest
- * entry a group still needs.
+ * Redis Streams: one stream per shard, chat:{s<s>}:in. Each role reads a
+ * shard from its own committed position, chat:{s<s>}:pos:<role> (the id of
+ * the last entry it processed), with XREAD, and moves the position after a
+ * batch was processed: one command per shard and batch, no per-entry state
+ * in Redis. (Consumer groups kept a pending-list entry per entry and role,
+ * an XACK per entry, and Redis propagated an XCLAIM per entry read to the
+ * AOF and the replicas: a quarter of the AOF's bytes, issue 13.) Only the
+ * owner of a shard reads it (fanout: the holder of its lease, lease.c;
+ * persist and push: their one process), so a position is all the state a
+ * consumer needs: a worker killed with -9 and restarted, or the next holder
+ * of a lease, reads again from the position whatever was processed and not
+ * yet committed; processing is idempotent. The fan-out's commit is fenced by
+ * its lease (lua/queue_commit.lua). Streams are trimmed to the lowest
+ * position of the roles. An earlier version's consumer group is taken over
+ * at the first start (lua/queue_start.lua).
  *
  * Kafka: topic chat.in, partition = shard, consumer groups chat-fanout and
  * chat-persist, offsets committed (asynchronously) after a batch was processed.
@@ -34,15 +41,25 @@
 struct cw_queue_s {
     const cw_config_t  *cf;
     int                 kafka;
-    char                group[16];
+    char                group[16];       /* the role: fanout, persist or push */
     char                consumer[64];
+    const char         *owner;           /* our lease holder name (lease.c), with leases */
 
     /* Redis Streams */
     int                 nshards;
     int                *shards;          /* shard numbers we read */
     char              **keys;            /* their stream keys */
+    char              **pkeys;           /* our positions on them, chat:{s<s>}:pos:<role> */
+    char              **lkeys;           /* their leases, chat:{s<s>}:lease */
     int                *idx_of;          /* shard number -> index in shards, or -1 */
-    unsigned char      *pending;         /* still re-reading our pending entries */
+    /* Positions (stream ids, "<ms>-<seq>"): rpos is where the next read
+     * starts (the last entry read), cpos the last one committed as far as
+     * we know. A shard with load set has its position read from Redis
+     * (lua/queue_start.lua) before it is read again. */
+    char              (*rpos)[48];
+    char              (*cpos)[48];
+    unsigned char      *load;
+    int                 nload;
     /* Shard leases (the fanout role, fanout_lease_ms; workers/lease.c):
      * which shards we serve now (Q_SERVE), are giving back (Q_DRAIN: no
      * new read; its lease is given back once no read is out) or do not
@@ -52,13 +69,11 @@ struct cw_queue_s {
     unsigned char      *active;
     int64_t            *valid_until;
     int                 margin_ms;       /* a read must complete this long before the lease may end */
-    int                 npending;
     int                 trim;
     int64_t             next_trim;
-    int64_t             next_claim;
     /* Redis Cluster: every stream is in a slot of its own and a blocking
      * read holds its connection, so each stream has a connection of its
-     * own to its master for its XREADGROUP BLOCK (one read outstanding at
+     * own to its master for its XREAD BLOCK (one read outstanding at
      * most per stream, so its entries are processed in stream order) */
     redisContext      **rd;
     unsigned char      *rd_out;          /* a read is outstanding on rd[i] */
@@ -96,13 +111,17 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
     q->nshards = nshards;
     q->shards = calloc((size_t) nshards, sizeof(int));
     q->keys = calloc((size_t) nshards, sizeof(char *));
-    q->pending = calloc((size_t) nshards, 1);
+    q->pkeys = calloc((size_t) nshards, sizeof(char *));
+    q->lkeys = calloc((size_t) nshards, sizeof(char *));
+    q->rpos = calloc((size_t) nshards, sizeof(q->rpos[0]));
+    q->cpos = calloc((size_t) nshards, sizeof(q->cpos[0]));
+    q->load = calloc((size_t) nshards, 1);
     q->idx_of = malloc(sizeof(int) * (size_t) cf->shards);
     q->rd = calloc((size_t) nshards, sizeof(redisContext *));
     q->rd_out = calloc((size_t) nshards, 1);
     q->active = calloc((size_t) nshards, 1);
     q->valid_until = calloc((size_t) nshards, sizeof(int64_t));
-    if (!q->shards || !q->keys || !q->pending || !q->idx_of || !q->rd || !q->rd_out || !q->active
+    if (!q->shards || !q->keys || !q->pkeys || !q->lkeys || !q->rpos || !q->cpos || !q->load || !q->idx_of || !q->rd || !q->rd_out || !q->active
         || !q->valid_until)
     {
         goto fail;
@@ -114,8 +133,12 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
         q->shards[i] = shards[i];
         q->idx_of[shards[i]] = i;
         q->keys[i] = malloc(32);
-        if (q->keys[i] == NULL) goto fail;
+        q->pkeys[i] = malloc(48);
+        q->lkeys[i] = malloc(32);
+        if (q->keys[i] == NULL || q->pkeys[i] == NULL || q->lkeys[i] == NULL) goto fail;
         snprintf(q->keys[i], 32, "chat:{s%d}:in", shards[i]);
+        snprintf(q->pkeys[i], 48, "chat:{s%d}:pos:%s", shards[i], q->group);
+        snprintf(q->lkeys[i], 32, "chat:{s%d}:lease", shards[i]);
         if (!q->leases) {
             q->active[i] = Q_SERVE;
             q->valid_until[i] = INT64_MAX;
@@ -136,9 +159,15 @@ cw_queue_free(cw_queue_t *q)
     free(q->rd);
     free(q->rd_out);
     for (int i = 0; q->keys && i < q->nshards; i++) free(q->keys[i]);
+    for (int i = 0; q->pkeys && i < q->nshards; i++) free(q->pkeys[i]);
+    for (int i = 0; q->lkeys && i < q->nshards; i++) free(q->lkeys[i]);
     free(q->keys);
+    free(q->pkeys);
+    free(q->lkeys);
+    free(q->rpos);
+    free(q->cpos);
+    free(q->load);
     free(q->shards);
-    free(q->pending);
     free(q->idx_of);
     free(q->active);
     free(q->valid_until);
@@ -148,8 +177,9 @@ cw_queue_free(cw_queue_t *q)
 /* May a blocking read of `block_ms` be sent on stream i? Only while our
  * lease lasts until that read is surely over on the server (plus a margin
  * for the time the command takes to get there): whatever a read hands us
- * is then ours before the lease can pass to another worker, which claims
- * it when it takes the shard (the fencing of workers/lease.c). */
+ * is then ours before the lease can pass to another worker, which reads
+ * it again from the position when it takes the shard (the fencing of
+ * workers/lease.c). */
 static int
 readable(const cw_queue_t *q, int i, int block_ms)
 {
@@ -181,130 +211,106 @@ shard_of_key(const cw_queue_t *q, const char *key)
     return q->idx_of[s];
 }
 
-/* Does a consumer other than us hold pending entries of the group on this
- * stream? (reply of the summary form of XPENDING) */
+typedef struct { uint64_t ms, seq; } sid_t;
+
 static int
-others_pending(const cw_queue_t *q, const redisReply *r)
+parse_sid(const char *s, sid_t *id)
 {
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 4 || r->element[3]->type != REDIS_REPLY_ARRAY) return 0;
-    for (size_t i = 0; i < r->element[3]->elements; i++) {
-        const redisReply *cr = r->element[3]->element[i];
-        if (cr->type == REDIS_REPLY_ARRAY && cr->elements >= 1 && cr->element[0]->type == REDIS_REPLY_STRING
-            && strcmp(cr->element[0]->str, q->consumer) != 0)
-        {
-            return 1;
-        }
-    }
-    return 0;
+    char *end;
+    id->ms = strtoull(s, &end, 10);
+    if (*end == '-') id->seq = strtoull(end + 1, &end, 10);
+    else id->seq = 0;
+    return *end == '\0' && end != s ? 0 : -1;
+}
+
+static int
+sid_less(sid_t a, sid_t b)
+{
+    return a.ms < b.ms || (a.ms == b.ms && a.seq < b.seq);
+}
+
+static void
+set_load(cw_queue_t *q, int i, int on)
+{
+    if (q->load[i] == on) return;
+    q->load[i] = (unsigned char) on;
+    q->nload += on ? 1 : -1;
+}
+
+/* Stream i is read again from our last committed position: what was read
+ * after it and not committed is read again (a lease not sure any more). A
+ * read still out started further on, so it goes. */
+static void reader_close(cw_queue_t *q, int i);
+
+static void
+rewind_to_commit(cw_queue_t *q, int i)
+{
+    memcpy(q->rpos[i], q->cpos[i], sizeof(q->rpos[i]));
+    if (q->rd && q->rd[i]) reader_close(q, i);
 }
 
 /*
- * Takes over the pending entries other consumers left on our streams and
- * marks those shards as pending for us (processed first, in id order):
- * entries idle at least min_idle ms, one page of `batch` per stream, or the
- * whole stream when all is set.
+ * The positions of the shards we serve that are to be loaded (only >= 0:
+ * just that one), from Redis, in one pipelined round (lua/queue_start.lua:
+ * made the first time; an earlier version's consumer group taken over).
+ * Redis may have lost its scripts (a restart): loaded and tried again once.
  */
 static int
-claim(cw_queue_t *q, cw_redis_t *c, long long min_idle, int all, int only)
+load_positions(cw_queue_t *q, cw_redis_t *c, int only)
 {
-    char           idle[32], count[32];
-    redisReply    *r;
-    unsigned char *want;
-    int            rounds = 0, rc = 0, n = 0;
+    const char *start = strcmp(q->group, "push") == 0 ? "$" : "0";
+    int         n = 0, rc = 0, noscript = 0;
 
-    want = calloc((size_t) q->nshards, 1);
-    if (want == NULL) return 0;
-    /* the shards we serve (only: just that one) */
-    for (int i = 0; i < q->nshards; i++) {
-        if (q->active[i] != Q_SERVE || (only >= 0 && i != only)) continue;
-        cw_redis_append(c, "XPENDING %s %s", q->keys[i], q->group);
-        want[i] = 2;
-        n++;
-    }
-    for (int i = 0; i < q->nshards && n > 0; i++) {
-        if (!want[i]) continue;
-        n--;
-        if (cw_redis_get_reply(c, &r) != REDIS_OK) { free(want); return -1; }
-        want[i] = (unsigned char) others_pending(q, r);
-        freeReplyObject(r);
-    }
-    snprintf(idle, sizeof(idle), "%lld", min_idle);
-    snprintf(count, sizeof(count), "%d", q->cf->batch);
-    for (int i = 0; i < q->nshards && rc == 0; i++) {
-        char   start[48] = "0-0";
-        size_t got = 0;
-        if (!want[i]) continue;
-        do {
-            r = cw_redis_command(c, "XAUTOCLAIM %s %s %s %s %s COUNT %s", q->keys[i], q->group,
-                             q->consumer, idle, start, count);
-            if (r == NULL) { rc = -1; break; }
-            if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->element[0]->type != REDIS_REPLY_STRING) {
-                if (r->type == REDIS_REPLY_ERROR) cw_warn("XAUTOCLAIM %s: %s", q->keys[i], r->str);
-                freeReplyObject(r);
-                break;
-            }
-            if (r->element[1]->type == REDIS_REPLY_ARRAY) got += r->element[1]->elements;
-            snprintf(start, sizeof(start), "%s", r->element[0]->str);
-            freeReplyObject(r);
-        } while (all && strcmp(start, "0-0") != 0 && ++rounds < 100000);
-        if (got > 0) {
-            if (!q->pending[i]) q->npending++;
-            q->pending[i] = 1;
-            cw_info("%s: took over %zu pending entries of %s left by another consumer",
-                    q->consumer, got, q->keys[i]);
+    for (int tries = 0; tries < 2; tries++) {
+        n = 0;
+        noscript = 0;
+        for (int i = 0; i < q->nshards; i++) {
+            const char *argv[7];
+            size_t      lens[7];
+            if (!q->load[i] || q->active[i] != Q_SERVE || (only >= 0 && i != only)) continue;
+            argv[0] = "EVALSHA"; argv[1] = cw_lua_sha(CHAT_LUA_QUEUE_START); argv[2] = "2";
+            argv[3] = q->keys[i]; argv[4] = q->pkeys[i]; argv[5] = q->group; argv[6] = start;
+            for (int k = 0; k < 7; k++) lens[k] = strlen(argv[k]);
+            cw_redis_append_argv(c, 7, argv, lens);
+            n++;
         }
+        for (int i = 0; i < q->nshards && n > 0; i++) {
+            redisReply *r;
+            sid_t       id;
+            if (!q->load[i] || q->active[i] != Q_SERVE || (only >= 0 && i != only)) continue;
+            n--;
+            if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
+            if (r->type == REDIS_REPLY_STRING && r->len < sizeof(q->rpos[i]) && parse_sid(r->str, &id) == 0) {
+                memcpy(q->rpos[i], r->str, r->len + 1);
+                memcpy(q->cpos[i], r->str, r->len + 1);
+                set_load(q, i, 0);
+            } else if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
+                noscript = 1;
+            } else {
+                cw_error("%s: position on %s: %s", q->consumer, q->keys[i],
+                         r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+                rc = -1;
+            }
+            freeReplyObject(r);
+        }
+        if (!noscript || rc != 0) break;
+        if (cw_lua_load(c) != 0) return -1;
     }
-    free(want);
-    return rc;
+    return rc != 0 || noscript ? -1 : 0;
 }
 
 static int
 redis_setup(cw_queue_t *q, cw_redis_t *c)
 {
-    static const char *groups[] = { "fanout", "persist" };
-    redisReply        *r;
-    int                n = 0, rc = 0;
-
-    /* a new client: the readers of the last one go (what they had read is
-     * pending for us and read again below) */
+    /* a new client: the readers of the last one go, and every position is
+     * read again (what was read and not committed is read again) */
     for (int i = 0; i < q->nshards; i++) {
         if (q->rd[i]) redisFree(q->rd[i]);
         q->rd[i] = NULL;
         q->rd_out[i] = 0;
+        set_load(q, i, 1);
     }
-
-    for (int i = 0; i < q->nshards; i++) {
-        for (int g = 0; g < 2; g++) {
-            cw_redis_append(c, "XGROUP CREATE %s %s 0 MKSTREAM", q->keys[i], groups[g]);
-            n++;
-        }
-        /* an optional consumer (push) starts at the end: it has no business
-         * with what was queued before it first ran */
-        if (strcmp(q->group, "fanout") != 0 && strcmp(q->group, "persist") != 0) {
-            cw_redis_append(c, "XGROUP CREATE %s %s $ MKSTREAM", q->keys[i], q->group);
-            n++;
-        }
-    }
-    for (int i = 0; i < n; i++) {
-        if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
-        if (r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSYGROUP", 9) != 0) {
-            cw_error("XGROUP CREATE: %s", r->str);
-            rc = -1;
-        }
-        freeReplyObject(r);
-    }
-    if (rc != 0) return -1;
-
-    /* Only the owner of a shard reads it: whatever another consumer name
-     * left pending there is from a dead process or an older configuration
-     * (with leases: from the worker that held the shard before us). */
-    q->npending = 0;
-    for (int i = 0; i < q->nshards; i++) {
-        q->pending[i] = q->active[i] == Q_SERVE;
-        q->npending += q->pending[i];
-    }
-    if (claim(q, c, 0, 1, -1) != 0) return -1;
-    q->next_claim = cw_mono_ms() + q->cf->claim_idle_ms;
+    if (load_positions(q, c, -1) != 0) return -1;
     q->next_trim = cw_mono_ms() + 1000;
     return 0;
 }
@@ -351,56 +357,43 @@ parse_fields(cw_entry_t *e, const redisReply *f)
     if (!e->valid) keep_fields(e, f);
 }
 
-/* Appends the entries of an XREADGROUP reply to b. In pending mode, a
- * shard that returned nothing has no pending entry left. */
+/* Appends the entries of an XREAD reply to b; each stream's read position
+ * moves to its last entry. */
 static int
-take_reply(cw_queue_t *q, redisReply *r, cw_batch_t *b, int pending_mode)
+take_reply(cw_queue_t *q, redisReply *r, cw_batch_t *b)
 {
-    unsigned char *seen = NULL;
-
-    if (pending_mode) {
-        seen = calloc((size_t) q->nshards, 1);
-        if (seen == NULL) return -1;
-    }
-    if (r->type == REDIS_REPLY_ARRAY) {
-        for (size_t i = 0; i < r->elements; i++) {
-            redisReply *sr = r->element[i];
-            int         idx;
-            if (sr->type != REDIS_REPLY_ARRAY || sr->elements < 2 || sr->element[0]->type != REDIS_REPLY_STRING)
+    if (r->type != REDIS_REPLY_ARRAY) return 0;             /* nil: nothing within the block time */
+    for (size_t i = 0; i < r->elements; i++) {
+        redisReply *sr = r->element[i];
+        int         idx;
+        if (sr->type != REDIS_REPLY_ARRAY || sr->elements < 2 || sr->element[0]->type != REDIS_REPLY_STRING)
+            continue;
+        idx = shard_of_key(q, sr->element[0]->str);
+        if (idx < 0) continue;
+        if (sr->element[1]->type != REDIS_REPLY_ARRAY) continue;
+        for (size_t j = 0; j < sr->element[1]->elements; j++) {
+            redisReply *er = sr->element[1]->element[j];
+            cw_entry_t *e;
+            if (er->type != REDIS_REPLY_ARRAY || er->elements < 1 || er->element[0]->type != REDIS_REPLY_STRING
+                || er->element[0]->len >= sizeof(q->rpos[idx]))
+            {
                 continue;
-            idx = shard_of_key(q, sr->element[0]->str);
-            if (idx < 0) continue;
-            if (sr->element[1]->type != REDIS_REPLY_ARRAY) continue;
-            for (size_t j = 0; j < sr->element[1]->elements; j++) {
-                redisReply *er = sr->element[1]->element[j];
-                cw_entry_t *e;
-                if (er->type != REDIS_REPLY_ARRAY || er->elements < 1 || er->element[0]->type != REDIS_REPLY_STRING)
-                    continue;
-                e = cw_batch_add(b);
-                if (e == NULL) { free(seen); return -1; }
-                e->shard = q->shards[idx];
-                snprintf(e->qid, sizeof(e->qid), "%s", er->element[0]->str);
-                parse_fields(e, er->elements > 1 ? er->element[1] : NULL);
-                if (seen) seen[idx] = 1;
             }
+            e = cw_batch_add(b);
+            if (e == NULL) return -1;
+            e->shard = q->shards[idx];
+            snprintf(e->qid, sizeof(e->qid), "%s", er->element[0]->str);
+            memcpy(q->rpos[idx], er->element[0]->str, er->element[0]->len + 1);
+            parse_fields(e, er->elements > 1 ? er->element[1] : NULL);
         }
-    }
-    if (pending_mode) {
-        for (int i = 0; i < q->nshards; i++) {
-            if (q->pending[i] && !seen[i]) {
-                q->pending[i] = 0;
-                q->npending--;
-            }
-        }
-        free(seen);
     }
     return 0;
 }
 
 static int
-redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms, int pending_mode)
+redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
 {
-    int          n = 0, argc, rc;
+    int          n = 0, argc, rc, nkeys;
     const char **argv;
     size_t      *lens;
     char         count[16], block[16];
@@ -411,33 +404,29 @@ redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms, int pendin
     if (argv == NULL || lens == NULL) { free(argv); free(lens); return -1; }
     snprintf(count, sizeof(count), "%d", q->cf->batch);
     snprintf(block, sizeof(block), "%d", block_ms);
-    argv[n++] = "XREADGROUP";
-    argv[n++] = "GROUP";
-    argv[n++] = q->group;
-    argv[n++] = q->consumer;
+    argv[n++] = "XREAD";
     argv[n++] = "COUNT";
     argv[n++] = count;
-    if (!pending_mode) {
-        argv[n++] = "BLOCK";
-        argv[n++] = block;
-    }
+    argv[n++] = "BLOCK";
+    argv[n++] = block;
     argv[n++] = "STREAMS";
     argc = n;
     for (int i = 0; i < q->nshards; i++) {
-        if (pending_mode ? !q->pending[i] : (q->pending[i] || !readable(q, i, block_ms))) continue;
+        if (q->load[i] || !readable(q, i, block_ms)) continue;
         argv[n++] = q->keys[i];
     }
-    {
-        int nkeys = n - argc;                   /* one id per key */
-        if (nkeys == 0) {
-            /* no shard to read now (leases: none held, or none for long
-             * enough): the caller's loop renews and takes leases */
-            free(argv);
-            free(lens);
-            if (!pending_mode) cw_sleep_ms(block_ms < 100 ? block_ms : 100);
-            return 0;
-        }
-        for (int i = 0; i < nkeys; i++) argv[n++] = pending_mode ? "0" : ">";
+    nkeys = n - argc;                           /* one id per key */
+    if (nkeys == 0) {
+        /* no shard to read now (leases: none held, or none for long
+         * enough): the caller's loop renews and takes leases */
+        free(argv);
+        free(lens);
+        cw_sleep_ms(block_ms < 100 ? block_ms : 100);
+        return 0;
+    }
+    for (int i = 0; i < q->nshards; i++) {
+        if (q->load[i] || !readable(q, i, block_ms)) continue;
+        argv[n++] = q->rpos[i];
     }
     for (int i = 0; i < n; i++) lens[i] = strlen(argv[i]);
     r = cw_redis_command_argv(c, n, argv, lens);
@@ -445,12 +434,11 @@ redis_read(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms, int pendin
     free(lens);
     if (r == NULL) return -1;
     if (r->type == REDIS_REPLY_ERROR) {
-        /* NOGROUP: the stream was deleted; set up again after a reconnect. */
-        cw_error("XREADGROUP: %s", r->str);
+        cw_error("XREAD: %s", r->str);
         freeReplyObject(r);
         return -1;
     }
-    rc = take_reply(q, r, b, pending_mode);
+    rc = take_reply(q, r, b);
     freeReplyObject(r);
     return rc;
 }
@@ -473,8 +461,8 @@ reader_send(cw_queue_t *q, cw_redis_t *c, int i, int block_ms)
     int done = 0;
 
     if (q->rd[i] == NULL && (q->rd[i] = cw_redis_dial_for(c, q->keys[i], strlen(q->keys[i]))) == NULL) return -1;
-    redisAppendCommand(q->rd[i], "XREADGROUP GROUP %s %s COUNT %d BLOCK %d STREAMS %s >", q->group, q->consumer,
-                       q->cf->batch, block_ms, q->keys[i]);
+    redisAppendCommand(q->rd[i], "XREAD COUNT %d BLOCK %d STREAMS %s %s", q->cf->batch, block_ms, q->keys[i],
+                       q->rpos[i]);
     while (!done) {
         if (redisBufferWrite(q->rd[i], &done) != REDIS_OK) {
             cw_warn("%s: read of %s: %s", q->consumer, q->keys[i], q->rd[i]->errstr);
@@ -507,8 +495,8 @@ reader_recv(cw_queue_t *q, cw_redis_t *c, int i, cw_batch_t *b, int wait)
         /* The stream's slot moves: MOVED (the map learns it and the next
          * read goes there), ASK or TRYAGAIN while it migrates, UNBLOCKED
          * when the key left the node under a blocked read. Nothing was
-         * delivered: read it again next time. Anything else (NOGROUP: the
-         * stream was deleted) sets up again after a reconnect. */
+         * delivered: read it again next time. Anything else sets up again
+         * after a reconnect. */
         static const char *moving[] = { "MOVED", "ASK", "TRYAGAIN", "UNBLOCKED", "CLUSTERDOWN" };
         int                moved = 0;
         for (size_t k = 0; k < sizeof(moving) / sizeof(moving[0]); k++)
@@ -517,13 +505,13 @@ reader_recv(cw_queue_t *q, cw_redis_t *c, int i, cw_batch_t *b, int wait)
             cw_redis_note(c, r);
             q->redirected = 1;
         } else {
-            cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
+            cw_error("XREAD %s: %s", q->keys[i], r->str);
         }
         freeReplyObject(r);
         reader_close(q, i);
         return moved ? 0 : -1;
     }
-    rc = take_reply(q, r, b, 0);
+    rc = take_reply(q, r, b);
     freeReplyObject(r);
     return rc;
 lost:
@@ -539,53 +527,11 @@ cluster_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
     int           *who, rc = 0;
     int64_t        deadline;
 
-    if (q->npending > 0) {
-        /* our pending entries, per stream (one command per slot), pipelined:
-         * one round trip per node. A stream whose blocking read is out gives
-         * that read's reply first; its pending entries are read next time
-         * (after this batch is acknowledged, so none is read twice). */
-        unsigned char *asked = calloc((size_t) q->nshards, 1);
-        int            nasked = 0;
-        if (asked == NULL) return -1;
-        for (int i = 0; i < q->nshards && rc == 0; i++) {
-            if (!q->pending[i]) continue;
-            if (q->rd_out[i]) {
-                rc = reader_recv(q, c, i, b, 1);
-                continue;
-            }
-            cw_redis_append(c, "XREADGROUP GROUP %s %s COUNT %d STREAMS %s 0", q->group, q->consumer,
-                            q->cf->batch, q->keys[i]);
-            asked[i] = 1;
-            nasked++;
-        }
-        for (int i = 0; i < q->nshards && nasked > 0; i++) {
-            redisReply *r;
-            int         before = b->n;
-            if (!asked[i]) continue;
-            nasked--;
-            if (cw_redis_get_reply(c, &r) != REDIS_OK) { rc = -1; break; }
-            if (r->type == REDIS_REPLY_ERROR) {
-                cw_error("XREADGROUP %s: %s", q->keys[i], r->str);
-                rc = -1;
-            } else if (rc == 0 && take_reply(q, r, b, 0) != 0) {
-                rc = -1;
-            }
-            freeReplyObject(r);
-            if (rc == 0 && b->n == before && q->pending[i]) {
-                q->pending[i] = 0;                  /* none left */
-                q->npending--;
-            }
-        }
-        free(asked);
-        if (rc != 0) return -1;
-        if (b->n > 0) return b->n;
-    }
-
-    /* new entries: a blocking read out on every stream (those still out
+    /* a blocking read out on every stream (those still out
      * from the last fetch stay out), then whatever has come back within
      * block_ms; once something has, only what is back already */
     for (int i = 0; i < q->nshards; i++) {
-        if (!q->pending[i] && !q->rd_out[i] && readable(q, i, block_ms) && reader_send(q, c, i, block_ms) != 0)
+        if (!q->load[i] && !q->rd_out[i] && readable(q, i, block_ms) && reader_send(q, c, i, block_ms) != 0)
             return -1;
     }
     pf = malloc(sizeof(*pf) * (size_t) q->nshards);
@@ -887,85 +833,84 @@ cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
 {
     cw_batch_clear(b);
     if (q->kafka) return kafka_fetch(q, b, block_ms);
+    /* shards taken (leases) or rewound since the last fetch: their
+     * positions first */
+    if (q->nload > 0 && load_positions(q, c, -1) != 0) return -1;
     if (cw_redis_is_cluster(c)) return cluster_fetch(q, c, b, block_ms);
-    if (q->npending > 0) {
-        if (redis_read(q, c, b, 0, 1) != 0) return -1;
-        if (b->n > 0) return b->n;
-    }
-    if (redis_read(q, c, b, block_ms, 0) != 0) return -1;
+    if (redis_read(q, c, b, block_ms) != 0) return -1;
     return b->n;
 }
 
 int
 cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b)
 {
-    int          n = 0, i = 0;
-    const char **argv;
-    size_t      *lens;
+    int    n = 0;
+    sid_t *top;
 
     if (q->kafka) return kafka_commit(q, b);
     if (b->n == 0) return 0;
-    argv = malloc(sizeof(char *) * (size_t) (b->n + 3));
-    lens = malloc(sizeof(size_t) * (size_t) (b->n + 3));
-    if (argv == NULL || lens == NULL) { free(argv); free(lens); return -1; }
-    /* One XACK per run of entries of one stream (a batch lists each
-     * stream's entries together). */
-    while (i < b->n) {
-        int shard = b->e[i].shard, idx = q->idx_of[shard], argc = 0;
-        if (q->active[idx] == Q_NONE || q->valid_until[idx] <= cw_mono_ms()) {
+    /* the last entry of each shard in the batch (a batch lists a shard's
+     * entries in stream order, but persist's window joins several reads) */
+    top = calloc((size_t) q->nshards, sizeof(sid_t));
+    if (top == NULL) return -1;
+    for (int i = 0; i < b->n; i++) {
+        int   idx = q->idx_of[b->e[i].shard];
+        sid_t id;
+        if (idx < 0 || parse_sid(b->e[i].qid, &id) != 0) continue;
+        if (sid_less(top[idx], id)) top[idx] = id;
+    }
+    for (int i = 0; i < q->nshards; i++) {
+        char        id[48];
+        const char *argv[7];
+        size_t      lens[7];
+        int         argc = 0;
+
+        if (top[i].ms == 0 && top[i].seq == 0) continue;
+        snprintf(id, sizeof(id), "%" PRIu64 "-%" PRIu64, top[i].ms, top[i].seq);
+        if (q->active[i] == Q_NONE || q->valid_until[i] <= cw_mono_ms()) {
             /* Our lease may have passed to another worker while we worked
-             * (a pause longer than the lease): leave the entries pending.
-             * They were processed; whoever serves the shard next claims and
-             * processes them again, which the inbox script makes a
-             * re-publish with the same cursors (and so do we, if the
-             * lease is still ours after all). */
-            cw_warn("%s: lease of shard %d not sure any more; %s left pending", q->consumer, shard,
-                    b->e[i].qid);
-            if (q->active[idx] == Q_SERVE && !q->pending[idx]) {
-                q->pending[idx] = 1;
-                q->npending++;
-            }
-            while (i < b->n && b->e[i].shard == shard) i++;
+             * (a pause longer than the lease): not committed, and read again
+             * from our last commit if the shard is still ours. The entries
+             * were processed; whoever serves the shard next reads them from
+             * the position and processes them again, which the inbox script
+             * makes a re-publish with the same cursors. */
+            cw_warn("%s: lease of shard %d not sure any more; %s not committed", q->consumer, q->shards[i], id);
+            if (q->active[i] != Q_NONE) rewind_to_commit(q, i);
             continue;
         }
-        argv[argc++] = "XACK";
-        argv[argc++] = q->keys[idx];
-        argv[argc++] = q->group;
-        while (i < b->n && b->e[i].shard == shard) argv[argc++] = b->e[i++].qid;
+        if (q->leases) {
+            /* fenced: Redis refuses it when the lease is not ours */
+            argv[argc++] = "EVALSHA";
+            argv[argc++] = cw_lua_sha(CHAT_LUA_QUEUE_COMMIT);
+            argv[argc++] = "2";
+            argv[argc++] = q->pkeys[i];
+            argv[argc++] = q->lkeys[i];
+            argv[argc++] = id;
+            argv[argc++] = q->owner ? q->owner : "";
+        } else {
+            /* the one reader of the shard (persist, push, a static fan-out
+             * split) commits in order: a plain SET */
+            argv[argc++] = "SET";
+            argv[argc++] = q->pkeys[i];
+            argv[argc++] = id;
+        }
         for (int k = 0; k < argc; k++) lens[k] = strlen(argv[k]);
         cw_redis_append_argv(c, argc, argv, lens);
+        memcpy(q->cpos[i], id, strlen(id) + 1);
         n++;
     }
-    free(argv);
-    free(lens);
+    free(top);
     return n;
 }
 
-typedef struct { uint64_t ms, seq; } sid_t;
-
-static int
-parse_sid(const char *s, sid_t *id)
-{
-    char *end;
-    id->ms = strtoull(s, &end, 10);
-    if (*end == '-') id->seq = strtoull(end + 1, &end, 10);
-    else id->seq = 0;
-    return *end == '\0' ? 0 : -1;
-}
-
-static int
-sid_less(sid_t a, sid_t b)
-{
-    return a.ms < b.ms || (a.ms == b.ms && a.seq < b.seq);
-}
-
-/* Trim every stream to the oldest entry a consumer group still needs:
- * its smallest pending entry, else its last delivered one. Both groups
- * must exist, so the persist group never misses what it has not read. */
+/* Trim every stream to the lowest position of the roles (XTRIM MINID keeps
+ * that entry and what follows; approximate: whole nodes only). The fanout
+ * and persist positions must both exist, so a role that has not started
+ * yet never misses what it has not read; push counts once it has run. */
 static int
 trim_streams(cw_queue_t *q, cw_redis_t *c)
 {
-    redisReply *info, *pf, *pp, *pu;
+    redisReply *r;
     sid_t      *minid = calloc((size_t) q->nshards, sizeof(sid_t));
     int        *ok = calloc((size_t) q->nshards, sizeof(int));
     int         n = 0, rc = 0;
@@ -973,64 +918,34 @@ trim_streams(cw_queue_t *q, cw_redis_t *c)
     if (minid == NULL || ok == NULL) { free(minid); free(ok); return 0; }
     for (int i = 0; i < q->nshards; i++) {
         if (q->leases && q->active[i] == Q_NONE) continue;   /* another worker trims it */
-        cw_redis_append(c, "XINFO GROUPS %s", q->keys[i]);
-        cw_redis_append(c, "XPENDING %s fanout", q->keys[i]);
-        cw_redis_append(c, "XPENDING %s persist", q->keys[i]);
-        cw_redis_append(c, "XPENDING %s push", q->keys[i]);
+        /* one slot ({s<s>}): one MGET */
+        cw_redis_append(c, "MGET chat:{s%d}:pos:fanout chat:{s%d}:pos:persist chat:{s%d}:pos:push", q->shards[i],
+                        q->shards[i], q->shards[i]);
     }
     for (int i = 0; i < q->nshards; i++) {
-        int   groups = 0, first = 1;
+        int   have = 0, bad = 0;
         sid_t m = { 0, 0 };
         if (q->leases && q->active[i] == Q_NONE) continue;
-        if (cw_redis_get_reply(c, &info) != REDIS_OK) { rc = -1; goto out; }
-        if (cw_redis_get_reply(c, &pf) != REDIS_OK) { freeReplyObject(info); rc = -1; goto out; }
-        if (cw_redis_get_reply(c, &pp) != REDIS_OK) {
-            freeReplyObject(info); freeReplyObject(pf); rc = -1; goto out;
-        }
-        if (cw_redis_get_reply(c, &pu) != REDIS_OK) {
-            freeReplyObject(info); freeReplyObject(pf); freeReplyObject(pp); rc = -1; goto out;
-        }
-        if (info->type == REDIS_REPLY_ARRAY) {
-            for (size_t g = 0; g < info->elements; g++) {
-                redisReply *gr = info->element[g];
-                const char *name = NULL, *last = NULL;
-                long long   pending = 0;
-                sid_t       need;
-                if (gr->type != REDIS_REPLY_ARRAY) continue;
-                for (size_t k = 0; k + 1 < gr->elements; k += 2) {
-                    redisReply *key = gr->element[k], *v = gr->element[k + 1];
-                    if (key->type != REDIS_REPLY_STRING) continue;
-                    if (strcmp(key->str, "name") == 0 && v->type == REDIS_REPLY_STRING) name = v->str;
-                    else if (strcmp(key->str, "last-delivered-id") == 0 && v->type == REDIS_REPLY_STRING) last = v->str;
-                    else if (strcmp(key->str, "pending") == 0 && v->type == REDIS_REPLY_INTEGER) pending = v->integer;
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) { rc = -1; goto out; }
+        if (r->type == REDIS_REPLY_ARRAY && r->elements == 3) {
+            for (size_t k = 0; k < 3; k++) {
+                sid_t id;
+                if (r->element[k]->type != REDIS_REPLY_STRING) {
+                    if (k < 2) bad = 1;                         /* fanout or persist not started */
+                    continue;
                 }
-                if (name == NULL || last == NULL || parse_sid(last, &need) != 0) { groups = -100; continue; }
-                if (strcmp(name, "fanout") == 0 || strcmp(name, "persist") == 0) groups++;
-                if (pending > 0) {
-                    redisReply *p = strcmp(name, "fanout") == 0 ? pf : strcmp(name, "persist") == 0 ? pp
-                                  : strcmp(name, "push") == 0 ? pu : NULL;
-                    sid_t       sm;
-                    /* another group's pending entries: keep everything */
-                    if (p == NULL || p->type != REDIS_REPLY_ARRAY || p->elements < 2
-                        || p->element[1]->type != REDIS_REPLY_STRING || parse_sid(p->element[1]->str, &sm) != 0)
-                    {
-                        groups = -100;
-                        continue;
-                    }
-                    if (sid_less(sm, need)) need = sm;
-                }
-                if (first || sid_less(need, m)) m = need;
-                first = 0;
+                if (parse_sid(r->element[k]->str, &id) != 0) { bad = 1; continue; }
+                if (!have || sid_less(id, m)) m = id;
+                have = 1;
             }
+        } else {
+            bad = 1;
         }
-        if (groups == 2 && (m.ms > 0 || m.seq > 0)) {
+        if (have && !bad && (m.ms > 0 || m.seq > 0)) {
             minid[i] = m;
             ok[i] = 1;
         }
-        freeReplyObject(info);
-        freeReplyObject(pf);
-        freeReplyObject(pp);
-        freeReplyObject(pu);
+        freeReplyObject(r);
     }
     for (int i = 0; i < q->nshards; i++) {
         char id[48];
@@ -1052,10 +967,6 @@ cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
     int64_t now = cw_mono_ms();
 
     if (q->kafka) return 0;
-    if (now >= q->next_claim) {
-        if (claim(q, c, q->cf->claim_idle_ms, 0, -1) != 0) return -1;
-        q->next_claim = now + q->cf->claim_idle_ms;
-    }
     if (q->trim && now >= q->next_trim) {
         if (trim_streams(q, c) != 0) return -1;
         q->next_trim = now + 5000;
@@ -1065,6 +976,12 @@ cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
 
 
 /* ---- shard leases (workers/lease.c decides, the queue obeys) -------------- */
+
+void
+cw_queue_set_owner(cw_queue_t *q, const char *owner)
+{
+    q->owner = owner;
+}
 
 int
 cw_queue_leases(const cw_queue_t *q)
@@ -1097,12 +1014,12 @@ cw_queue_take(cw_queue_t *q, cw_redis_t *c, int s, int64_t until)
 
     q->active[i] = Q_SERVE;
     q->valid_until[i] = until;
-    /* what the last holder read and did not acknowledge is ours now: taken
-     * over before anything new is read, and processed first, in stream
-     * order (with ours, if we held the shard before) */
-    if (!q->pending[i]) q->npending++;
-    q->pending[i] = 1;
-    return claim(q, c, 0, 1, i);
+    /* read from the position the last holder committed: what it read and
+     * did not commit is ours now, processed first, in stream order. Taken
+     * after the lease was: a commit of the last holder after that is
+     * refused (lua/queue_commit.lua), one before is seen here. */
+    set_load(q, i, 1);
+    return load_positions(q, c, i);
 }
 
 void
@@ -1111,9 +1028,7 @@ cw_queue_drain(cw_queue_t *q, int s)
     int i = q->idx_of[s];
 
     if (q->active[i] != Q_SERVE) return;
-    q->active[i] = Q_DRAIN;
-    if (q->pending[i]) q->npending--;
-    q->pending[i] = 0;           /* what is pending stays for the next holder */
+    q->active[i] = Q_DRAIN;      /* what is not committed is the next holder's */
 }
 
 void
@@ -1121,11 +1036,10 @@ cw_queue_drop(cw_queue_t *q, int s)
 {
     int i = q->idx_of[s];
 
-    if (q->pending[i]) q->npending--;
-    q->pending[i] = 0;
+    set_load(q, i, 0);
     q->active[i] = Q_NONE;
     q->valid_until[i] = 0;
-    /* a read still out was sent while the lease was sure, so what it hands
-     * us is pending under our name: the next holder claims it */
+    /* a read still out was sent while the lease was sure; what it would
+     * hand us is after our last commit, so the next holder reads it */
     if (q->rd && q->rd[i]) reader_close(q, i);
 }

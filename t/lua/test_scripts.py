@@ -45,8 +45,10 @@ def test_scripts_touch_only_keys_they_are_given():
             calls = re.findall(r"\b%s\(([^)]*)\)" % m.group(1), src[m.end():])
             if calls and all(c.strip().startswith("KEYS[") for c in calls):
                 aliases.add(m.group(2))
-        for m in re.finditer(r"redis\.call\('(\w+)',\s*([^,)]+)", src):
+        for m in re.finditer(r"redis\.p?call\('(\w+)',\s*([^,)]+)(?:,\s*([^,)]+))?", src):
             cmd, first = m.group(1), m.group(2).strip()
+            if cmd in ("XGROUP", "XINFO"):          # a subcommand, then the key
+                first = (m.group(3) or "").strip()
             if cmd in ("PUBLISH",):
                 continue
             if cmd == "SPUBLISH":

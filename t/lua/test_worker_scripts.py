@@ -271,6 +271,62 @@ def test_fanout_lease_take_renew_give_back(r, run):
     assert run("fanout_lease", [k], ["w1", 5000]) == 2
 
 
+# ---- the queue's positions (lua/queue_start.lua, lua/queue_commit.lua) -------
+
+QS, QP = "chat:{s5}:in", "chat:{s5}:pos:fanout"
+
+
+def test_queue_start_makes_a_position_once(r, run):
+    """A role without a position starts before the first entry ("0") or
+    after the last one ("$"); a position once there is returned as it is."""
+    assert run("queue_start", [QS, QP], ["fanout", "0"]) == "0-0"           # no stream yet
+    r.delete(QP)
+    a = r.xadd(QS, {"k": "1"})
+    b = r.xadd(QS, {"k": "2"})
+    assert run("queue_start", [QS, QP], ["fanout", "0"]) == "0-0" and r.get(QP) == "0-0"
+    assert run("queue_start", [QS, "chat:{s5}:pos:push"], ["push", "$"]) == b
+    r.set(QP, a)
+    assert run("queue_start", [QS, QP], ["fanout", "0"]) == a               # kept
+    r.xadd(QS, {"k": "3"})
+    assert run("queue_start", [QS, "chat:{s5}:pos:push"], ["push", "$"]) == b   # kept too
+
+
+def test_queue_start_takes_over_an_earlier_versions_consumer_group(r, run):
+    """Upgrading from consumer groups: the position is the entry before the
+    group's smallest pending one (read again), else its last delivered one;
+    the group is destroyed, other groups are left alone."""
+    ids = [r.xadd(QS, {"k": str(i)}) for i in range(5)]
+    r.xgroup_create(QS, "fanout", "0")
+    r.xgroup_create(QS, "persist", "0")
+    r.xreadgroup("fanout", "fanout-0", {QS: ">"}, count=3)                 # 0, 1, 2 read
+    r.xack(QS, "fanout", ids[0])                                           # 1 and 2 pending
+    assert run("queue_start", [QS, QP], ["fanout", "0"]) == ids[0]
+    assert [g["name"] for g in r.xinfo_groups(QS)] == ["persist"]
+    r.xreadgroup("persist", "persist-0", {QS: ">"}, count=2)
+    r.xack(QS, "persist", ids[0], ids[1])                                  # nothing pending
+    assert run("queue_start", [QS, "chat:{s5}:pos:persist"], ["persist", "0"]) == ids[1]
+    assert r.xinfo_groups(QS) == []
+    # a pending entry that is the stream's first: before it is "0-0"
+    r.xgroup_create(QS, "push", "0")
+    r.xreadgroup("push", "push-0", {QS: ">"}, count=1)
+    assert run("queue_start", [QS, "chat:{s5}:pos:push"], ["push", "$"]) == "0-0"
+
+
+def test_queue_commit_is_fenced_by_the_lease_and_only_moves_forward(r, run):
+    L = "chat:{s5}:lease"
+    r.set(L, "w1")
+    assert run("queue_commit", [QP, L], ["17-3", "w2"]) == 0               # not the holder
+    assert r.get(QP) is None
+    assert run("queue_commit", [QP, L], ["17-3", "w1"]) == 1 and r.get(QP) == "17-3"
+    assert run("queue_commit", [QP, L], ["17-2", "w1"]) == 1 and r.get(QP) == "17-3"   # not back
+    assert run("queue_commit", [QP, L], ["9-9", "w1"]) == 1 and r.get(QP) == "17-3"
+    assert run("queue_commit", [QP, L], ["17-10", "w1"]) == 1 and r.get(QP) == "17-10"  # 10 > 3 as integers
+    assert run("queue_commit", [QP, L], ["100-0", "w1"]) == 1 and r.get(QP) == "100-0"
+    r.delete(L)
+    assert run("queue_commit", [QP, L], ["200-0", "w1"]) == 0              # the lease expired
+    assert r.get(QP) == "100-0"
+
+
 def test_fanout_live_counts_workers_until_their_ttl(r, run):
     k = "chat:{fanout}:live"
     assert run("fanout_live", [k], ["w1", 5000]) == 1

@@ -161,18 +161,15 @@ def main():
     initial = {}
 
     def backlog():
-        """shards whose entries the role's group has not all acknowledged
-        (lag is unknown after trimming, so compare ids)"""
+        """shards whose entries the role has not all committed: its position
+        chat:{s<s>}:pos:<role> (workers/queue.c) before the last entry"""
         n = 0
         for s, last in last_ids.items():
-            for g in r.xinfo_groups("chat:{s%d}:in" % s):
-                if g["name"].decode() != a.role:
-                    continue
-                ld = g["last-delivered-id"]
-                if initial.setdefault(s, ld) != ld and not started:
-                    started.append(time.time())
-                if g["pending"] or sid(ld) < sid(last):
-                    n += 1
+            pos = r.get("chat:{s%d}:pos:%s" % (s, a.role))
+            if initial.setdefault(s, pos) != pos and not started:
+                started.append(time.time())
+            if pos is None or sid(pos) < sid(last):
+                n += 1
         return n
 
     start = a.n
