@@ -434,6 +434,35 @@ def test_each_role_commits_its_position_after_a_batch(stack, r, q, chan):
 
 
 @redis_only
+def test_a_clean_stop_commits_what_was_processed(stack, r, q, chan):
+    """With commits held back (queue_commit_ms = 10 s) the fan-out's position
+    lags what it processed; a clean stop (SIGTERM: the leases' release)
+    commits it, so the next start processes nothing again."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    pos = "chat:{s%d}:pos:fanout" % shard(conv)
+
+    def sid(x):
+        return tuple(map(int, x.split("-")))
+    stop_worker(stack, "fanout")
+    up = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack.dir],
+                        env=dict(stack.proc_env, CHAT_QUEUE_COMMIT_MS="10000"), capture_output=True, text=True,
+                        timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        chan.register(bob, "phone")
+        ids = [q.send(msg_fields(conv, alice, bob, seq)) for seq in (1, 2, 3)]
+        chan.collect(lambda g: len(g) >= 3, timeout=20)
+        time.sleep(0.5)
+        held = r.get(pos)
+        assert held is None or sid(held) < sid(ids[-1]), "committed before queue_commit_ms"
+        stop_worker(stack, "fanout")
+        assert r.get(pos) == ids[-1]
+    finally:
+        stack_cmd(stack, "up")
+
+
+@redis_only
 def test_an_earlier_versions_consumer_group_is_taken_over_at_start(stack, r, q, chan):
     """Upgrading from consumer groups: entries the old fan-out read and never
     acknowledged (pending under its name) are read again by the new one,

@@ -47,6 +47,7 @@ typedef struct {
     int   claim_idle_ms;        /* claim others' pending entries idle this long */
     int   gather_ms;            /* persist, push: wait this long after a small batch */
     int   fanout_gather_ms;     /* fanout: the same, on the delivery path (short) */
+    int   queue_commit_ms;      /* Redis queue: a shard's position committed at most this often (0: per batch) */
     int   persist_window_ms;    /* persist: a batch is what arrives in this window */
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
@@ -261,12 +262,21 @@ int  cw_queue_setup(cw_queue_t *q, cw_redis_t *c);
  * Returns the number of entries, or -1 when the connection failed. */
 int  cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms);
 
-/* Redis mode: appends the commits of b's positions (one per shard) to c's
- * pipeline; returns the number of replies to read. Kafka mode: commits b's
- * offsets asynchronously; returns 0, or -1 when the commit failed. */
+/* Redis mode: appends the commits of b's positions to c's pipeline, at
+ * most one per shard per 100 ms (the others are made by a later ack or by
+ * cw_queue_maintain); returns the number of replies to read. Kafka mode:
+ * commits b's offsets asynchronously; returns 0, or -1 when the commit
+ * failed. */
 int  cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b);
 
-/* Redis mode: periodic stream trimming. Returns -1 on a connection error. */
+/* Redis mode: commits the processed positions not committed yet (all, or
+ * those due and those of shards being given back), waiting for the
+ * replies; before a lease is given back and when a role stops. -1: a
+ * connection error. */
+int  cw_queue_flush(cw_queue_t *q, cw_redis_t *c, int all);
+
+/* Redis mode: positions due for commit, periodic stream trimming. Returns
+ * -1 on a connection error. */
 int  cw_queue_maintain(cw_queue_t *q, cw_redis_t *c);
 
 /* Shard leases (Redis queue, the fanout role with fanout_lease_ms > 0):

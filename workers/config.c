@@ -48,6 +48,7 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "claim_idle_ms") == 0) return &cf->claim_idle_ms;
     if (strcmp(k, "gather_ms") == 0) return &cf->gather_ms;
     if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
+    if (strcmp(k, "queue_commit_ms") == 0) return &cf->queue_commit_ms;
     if (strcmp(k, "persist_window_ms") == 0) return &cf->persist_window_ms;
     if (strcmp(k, "batch") == 0) return &cf->batch;
     if (strcmp(k, "group_max_members") == 0) return &cf->group_max_members;
@@ -88,6 +89,7 @@ static const struct int_env int_envs[] = {
     { "CHAT_CLAIM_IDLE_MS", "claim_idle_ms" },
     { "CHAT_GATHER_MS", "gather_ms" },
     { "CHAT_FANOUT_GATHER_MS", "fanout_gather_ms" },
+    { "CHAT_QUEUE_COMMIT_MS", "queue_commit_ms" },
     { "CHAT_PERSIST_WINDOW_MS", "persist_window_ms" },
     { "CHAT_BATCH", "batch" },
     { "CHAT_GROUP_MAX_MEMBERS", "group_max_members" },
@@ -150,6 +152,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->claim_idle_ms = 5000;
     cf->gather_ms = 20;
     cf->fanout_gather_ms = 2;
+    cf->queue_commit_ms = 100;
     cf->persist_window_ms = 250;
     cf->batch = 200;
     cf->group_max_members = 500;
@@ -288,6 +291,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("claim_idle_ms", cf->claim_idle_ms, 100, 86400000)
         || check_range("gather_ms", cf->gather_ms, 0, 1000)
         || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)
+        || check_range("queue_commit_ms", cf->queue_commit_ms, 0, 10000)
         || check_range("persist_window_ms", cf->persist_window_ms, 10, 10000)
         || check_range("batch", cf->batch, 1, 10000)
         || check_range("group_max_members", cf->group_max_members, 1, 100000)

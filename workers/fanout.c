@@ -768,6 +768,9 @@ stats:
             f.next_stats = cw_mono_ms() + 10000;
         }
     }
+    /* what was processed is committed (with leases: by the release, while
+     * they are ours), so a restart does not process it again */
+    if (!leases && f.c && !cw_redis_err(f.c) && !cw_queue_is_kafka(f.q)) cw_queue_flush(f.q, f.c, 1);
     if (leases) {
         /* the others take our shards at once instead of after the lease */
         cw_lease_release(&lease, f.c);

@@ -120,6 +120,10 @@ cw_lease_tick(cw_lease_t *l, cw_redis_t *c)
 
     if (t0 < l->next) return 0;
     until = t0 + ttl;
+    /* what was processed on a shard being given back is committed while
+     * the lease is surely ours (so the next holder starts there), with
+     * whatever else is due */
+    if (cw_queue_flush(l->q, c, 0) != 0) return -1;
 
     /* alive, renewals and give-backs: one pipelined round */
     live_cmd(l, c, ttl);
@@ -221,6 +225,7 @@ cw_lease_release(cw_lease_t *l, cw_redis_t *c)
     redisReply *r;
 
     if (c == NULL || cw_redis_err(c)) return;
+    if (cw_queue_flush(l->q, c, 1) != 0) return;
     live_cmd(l, c, 0);
     for (int s = 0; s < l->cf->shards; s++) {
         if (cw_queue_shard_state(l->q, s) == 0) continue;

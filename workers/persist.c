@@ -1105,6 +1105,8 @@ stats:
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
+    /* what was written is committed, so a restart does not write it again */
+    if (!kafka && p.c && !cw_redis_err(p.c)) cw_queue_flush(p.q, p.c, 1);
     cw_heartbeat_clear(&hb, p.c);
     if (p.c) cw_redis_free(p.c);
     cw_queue_free(p.q);

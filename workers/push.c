@@ -905,6 +905,8 @@ cw_role_push(const cw_config_t *cf)
      * waited inside a provider (FCM: for a token) */
     cw_http_close();
     for (int p = 0; p < PUSH_NPROV; p++) if (providers[p]->close) providers[p]->close();
+    /* what was enqueued is committed, so a restart does not read it again */
+    if (!kafka && P.c && !cw_redis_err(P.c)) cw_queue_flush(P.q, P.c, 1);
     cw_heartbeat_clear(&hb, P.c);
     if (P.c) cw_redis_free(P.c);
     cw_queue_free(P.q);

@@ -60,6 +60,11 @@ struct cw_queue_s {
     char              (*cpos)[48];
     unsigned char      *load;
     int                 nload;
+    /* processed, not committed yet (dirty): dpos, to be committed at
+     * commit_at (monotonic ms) at the latest */
+    char              (*dpos)[48];
+    unsigned char      *dirty;
+    int64_t            *commit_at;
     /* Shard leases (the fanout role, fanout_lease_ms; workers/lease.c):
      * which shards we serve now (Q_SERVE), are giving back (Q_DRAIN: no
      * new read; its lease is given back once no read is out) or do not
@@ -116,13 +121,16 @@ cw_queue_new(const cw_config_t *cf, const char *group, const int *shards, int ns
     q->rpos = calloc((size_t) nshards, sizeof(q->rpos[0]));
     q->cpos = calloc((size_t) nshards, sizeof(q->cpos[0]));
     q->load = calloc((size_t) nshards, 1);
+    q->dpos = calloc((size_t) nshards, sizeof(q->dpos[0]));
+    q->dirty = calloc((size_t) nshards, 1);
+    q->commit_at = calloc((size_t) nshards, sizeof(int64_t));
     q->idx_of = malloc(sizeof(int) * (size_t) cf->shards);
     q->rd = calloc((size_t) nshards, sizeof(redisContext *));
     q->rd_out = calloc((size_t) nshards, 1);
     q->active = calloc((size_t) nshards, 1);
     q->valid_until = calloc((size_t) nshards, sizeof(int64_t));
-    if (!q->shards || !q->keys || !q->pkeys || !q->lkeys || !q->rpos || !q->cpos || !q->load || !q->idx_of || !q->rd || !q->rd_out || !q->active
-        || !q->valid_until)
+    if (!q->shards || !q->keys || !q->pkeys || !q->lkeys || !q->rpos || !q->cpos || !q->load || !q->dpos
+        || !q->dirty || !q->commit_at || !q->idx_of || !q->rd || !q->rd_out || !q->active || !q->valid_until)
     {
         goto fail;
     }
@@ -167,6 +175,9 @@ cw_queue_free(cw_queue_t *q)
     free(q->rpos);
     free(q->cpos);
     free(q->load);
+    free(q->dpos);
+    free(q->dirty);
+    free(q->commit_at);
     free(q->shards);
     free(q->idx_of);
     free(q->active);
@@ -245,6 +256,8 @@ static void reader_close(cw_queue_t *q, int i);
 static void
 rewind_to_commit(cw_queue_t *q, int i)
 {
+    q->dirty[i] = 0;
+    q->commit_at[i] = 0;
     memcpy(q->rpos[i], q->cpos[i], sizeof(q->rpos[i]));
     if (q->rd && q->rd[i]) reader_close(q, i);
 }
@@ -308,6 +321,8 @@ redis_setup(cw_queue_t *q, cw_redis_t *c)
         if (q->rd[i]) redisFree(q->rd[i]);
         q->rd[i] = NULL;
         q->rd_out[i] = 0;
+        q->dirty[i] = 0;           /* not committed: read again from the position */
+        q->commit_at[i] = 0;
         set_load(q, i, 1);
     }
     if (load_positions(q, c, -1) != 0) return -1;
@@ -841,11 +856,56 @@ cw_queue_fetch(cw_queue_t *q, cw_redis_t *c, cw_batch_t *b, int block_ms)
     return b->n;
 }
 
+/* Appends the commit of shard i's processed position. */
+static void
+commit_cmd(cw_queue_t *q, cw_redis_t *c, int i)
+{
+    const char *argv[7];
+    size_t      lens[7];
+    int         argc = 0;
+
+    if (q->leases) {
+        /* fenced: Redis refuses it when the lease is not ours */
+        argv[argc++] = "EVALSHA";
+        argv[argc++] = cw_lua_sha(CHAT_LUA_QUEUE_COMMIT);
+        argv[argc++] = "2";
+        argv[argc++] = q->pkeys[i];
+        argv[argc++] = q->lkeys[i];
+        argv[argc++] = q->dpos[i];
+        argv[argc++] = q->owner ? q->owner : "";
+    } else {
+        /* the one reader of the shard (persist, push, a static fan-out
+         * split) commits in order: a plain SET */
+        argv[argc++] = "SET";
+        argv[argc++] = q->pkeys[i];
+        argv[argc++] = q->dpos[i];
+    }
+    for (int k = 0; k < argc; k++) lens[k] = strlen(argv[k]);
+    cw_redis_append_argv(c, argc, argv, lens);
+    memcpy(q->cpos[i], q->dpos[i], sizeof(q->cpos[i]));
+    q->dirty[i] = 0;
+    q->commit_at[i] = 0;
+}
+
+/* May shard i's processed position be committed now? Only while the lease
+ * is surely ours: else the position stays where it was, and whoever
+ * serves the shard next reads from there. */
+static int
+committable(cw_queue_t *q, int i)
+{
+    if (q->active[i] != Q_NONE && q->valid_until[i] > cw_mono_ms()) return 1;
+    cw_warn("%s: lease of shard %d not sure any more; %s not committed", q->consumer, q->shards[i], q->dpos[i]);
+    if (q->active[i] != Q_NONE) rewind_to_commit(q, i);
+    else q->dirty[i] = 0;
+    return 0;
+}
+
 int
 cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b)
 {
-    int    n = 0;
-    sid_t *top;
+    int     n = 0;
+    int64_t now = cw_mono_ms();
+    sid_t  *top;
 
     if (q->kafka) return kafka_commit(q, b);
     if (b->n == 0) return 0;
@@ -860,47 +920,56 @@ cw_queue_ack(cw_queue_t *q, cw_redis_t *c, const cw_batch_t *b)
         if (sid_less(top[idx], id)) top[idx] = id;
     }
     for (int i = 0; i < q->nshards; i++) {
-        char        id[48];
-        const char *argv[7];
-        size_t      lens[7];
-        int         argc = 0;
-
         if (top[i].ms == 0 && top[i].seq == 0) continue;
-        snprintf(id, sizeof(id), "%" PRIu64 "-%" PRIu64, top[i].ms, top[i].seq);
-        if (q->active[i] == Q_NONE || q->valid_until[i] <= cw_mono_ms()) {
-            /* Our lease may have passed to another worker while we worked
-             * (a pause longer than the lease): not committed, and read again
-             * from our last commit if the shard is still ours. The entries
-             * were processed; whoever serves the shard next reads them from
-             * the position and processes them again, which the inbox script
-             * makes a re-publish with the same cursors. */
-            cw_warn("%s: lease of shard %d not sure any more; %s not committed", q->consumer, q->shards[i], id);
-            if (q->active[i] != Q_NONE) rewind_to_commit(q, i);
-            continue;
-        }
-        if (q->leases) {
-            /* fenced: Redis refuses it when the lease is not ours */
-            argv[argc++] = "EVALSHA";
-            argv[argc++] = cw_lua_sha(CHAT_LUA_QUEUE_COMMIT);
-            argv[argc++] = "2";
-            argv[argc++] = q->pkeys[i];
-            argv[argc++] = q->lkeys[i];
-            argv[argc++] = id;
-            argv[argc++] = q->owner ? q->owner : "";
-        } else {
-            /* the one reader of the shard (persist, push, a static fan-out
-             * split) commits in order: a plain SET */
-            argv[argc++] = "SET";
-            argv[argc++] = q->pkeys[i];
-            argv[argc++] = id;
-        }
-        for (int k = 0; k < argc; k++) lens[k] = strlen(argv[k]);
-        cw_redis_append_argv(c, argc, argv, lens);
-        memcpy(q->cpos[i], id, strlen(id) + 1);
+        snprintf(q->dpos[i], sizeof(q->dpos[i]), "%" PRIu64 "-%" PRIu64, top[i].ms, top[i].seq);
+        q->dirty[i] = 1;
+        /* A shard's position is committed at most every queue_commit_ms
+         * (and when its lease is given back, or the worker stops): one
+         * command per shard per interval instead of one per batch, whose
+         * price is that a worker killed -9 or cut off processes up to that
+         * much again (idempotent) */
+        if (q->commit_at[i] == 0) q->commit_at[i] = now + q->cf->queue_commit_ms;
+        /* Our lease may have passed to another worker while we worked (a
+         * pause longer than the lease): not committed, and read again from
+         * our last commit if the shard is still ours. The entries were
+         * processed; whoever serves the shard next reads them from the
+         * position and processes them again, which the inbox script makes
+         * a re-publish with the same cursors. */
+        if (!committable(q, i)) continue;
+        if (now < q->commit_at[i] && q->active[i] == Q_SERVE) continue;   /* with the next one */
+        commit_cmd(q, c, i);
         n++;
     }
     free(top);
     return n;
+}
+
+int
+cw_queue_flush(cw_queue_t *q, cw_redis_t *c, int all)
+{
+    int64_t now = cw_mono_ms();
+    int     n = 0;
+
+    if (q->kafka || c == NULL) return 0;
+    for (int i = 0; i < q->nshards; i++) {
+        if (!q->dirty[i] || (!all && now < q->commit_at[i] && q->active[i] == Q_SERVE)) continue;
+        if (!committable(q, i)) continue;
+        commit_cmd(q, c, i);
+        n++;
+    }
+    for (int k = 0; k < n; k++) {
+        redisReply *r;
+        if (cw_redis_get_reply(c, &r) != REDIS_OK) return -1;
+        if (r->type == REDIS_REPLY_ERROR) {
+            /* NOSCRIPT (Redis restarted): the caller reconnects, which loads
+             * the scripts, and the position is read again from Redis */
+            cw_error("%s: commit of a position: %s", q->consumer, r->str);
+            freeReplyObject(r);
+            return -1;
+        }
+        freeReplyObject(r);
+    }
+    return 0;
 }
 
 /* Trim every stream to the lowest position of the roles (XTRIM MINID keeps
@@ -967,6 +1036,7 @@ cw_queue_maintain(cw_queue_t *q, cw_redis_t *c)
     int64_t now = cw_mono_ms();
 
     if (q->kafka) return 0;
+    if (cw_queue_flush(q, c, 0) != 0) return -1;
     if (q->trim && now >= q->next_trim) {
         if (trim_streams(q, c) != 0) return -1;
         q->next_trim = now + 5000;
@@ -1037,6 +1107,8 @@ cw_queue_drop(cw_queue_t *q, int s)
     int i = q->idx_of[s];
 
     set_load(q, i, 0);
+    q->dirty[i] = 0;             /* not ours to commit any more */
+    q->commit_at[i] = 0;
     q->active[i] = Q_NONE;
     q->valid_until[i] = 0;
     /* a read still out was sent while the lease was sure; what it would
