@@ -156,6 +156,8 @@ export class ChatClient extends Emitter<ChatEvents> {
   private lastWsTry = -Infinity;
   private lastReceiptRefresh = 0;
   private ws: any = null;
+  /** ends the current WebSocket attempt without waiting for its onclose */
+  private wsFinish: (() => void) | null = null;
   private pollAbort: AbortController | null = null;
   private wakeup: (() => void) | null = null;
 
@@ -258,6 +260,10 @@ export class ChatClient extends Emitter<ChatEvents> {
   dropConnection(): void {
     this.pollAbort?.abort();
     try { this.ws?.close(4000, "client reset"); } catch { /* closed */ }
+    // a dead network may never complete the close handshake, and onclose
+    // would keep the state "websocket" until the browser gives up: the
+    // attempt ends now (a late onclose finds it finished)
+    this.wsFinish?.();
     this.wakeup?.();
   }
 
@@ -324,6 +330,7 @@ export class ChatClient extends Emitter<ChatEvents> {
         clearTimeout(connectTimer);
         if (pingTimer) clearInterval(pingTimer);
         if (this.ws === ws) this.ws = null;
+        if (this.wsFinish === finish) this.wsFinish = null;
         resolve({ established, drain });
       };
       let token: string;
@@ -337,9 +344,11 @@ export class ChatClient extends Emitter<ChatEvents> {
       let ws: any;
       try { ws = new this.WS(url); } catch { resolve({ established: false, drain: false }); return; }
       this.ws = ws;
+      this.wsFinish = finish;
       const connectTimer = setTimeout(() => { if (!established) { try { ws.close(); } catch { /* */ } finish(); } },
                                       this.opts.connectTimeoutMs);
       ws.onmessage = (ev: any) => {
+        if (done) return;                             // an attempt ended early (dropConnection)
         lastRx = Date.now();
         let f: ServerFrame;
         try { f = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data)); } catch { return; }
