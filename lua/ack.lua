@@ -39,7 +39,7 @@ for _, conv in ipairs(order) do
 end
 local min = n
 for _, x in ipairs(others) do
-  if x and x < min then min = x end
+  if x < min then min = x end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', min)
 return out

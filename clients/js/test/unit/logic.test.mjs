@@ -270,3 +270,25 @@ test("client: network down on both transports keeps trying WebSocket first", asy
   assert.ok(script.sockets.length >= 3, `${script.sockets.length} WebSocket attempts`);
   await c.stop();
 });
+
+test("client: dropConnection on a dead network leaves websocket at once; the old socket's frames are ignored", async () => {
+  const script = {
+    sockets: [],
+    onOpen: (ws) => { ws.readyState = 1; ws.deliver({ type: "hello", user: "alice", device: "t", cursor: 0, heartbeat: 30 }); },
+  };
+  const Dead = class extends fakeWS(script) {
+    close() { this.readyState = 2; }                       // the close handshake never completes: no onclose
+  };
+  const c = new ChatClient({ url: "http://x", token: tok("alice"), WebSocket: Dead, storage: new MemoryStorage(),
+                             fetch: async () => new Response("{}", { status: 503 }) });
+  await c.start();
+  await wait(10);
+  assert.equal(c.state, "websocket");
+  const old = script.sockets[0];
+  c.dropConnection();
+  await wait(5);                                           // the loop runs on (no onclose ever comes)
+  assert.notEqual(c.state, "websocket", "the attempt ended without its onclose");
+  old.deliver({ cursor: 1, type: "msg", id: "90", conv: "d:alice:bob", seq: 1, from: "bob", to: "alice", body: "late", kind: "text", ts: 1 });
+  assert.deepEqual(c.messages("d:alice:bob"), [], "a frame of the dropped socket is not handled");
+  await c.stop();
+});
