@@ -6,7 +6,10 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
+
+from chatlib import ROOT
 
 from helpers import (dconv, eventually, msg_fields, receipt_fields, stack_cmd, stop_worker,  # noqa: F401
                      uid)
@@ -123,6 +126,70 @@ def test_killed_mid_batch_every_message_exactly_once(stack, r, q, db):
         if _kill_mid_batch(stack, q, db, 1000, 3) > 0:
             return
     raise AssertionError("the kill never landed inside a batch: the test proved nothing")
+
+
+def _restart_persist(stack, kill, **env):
+    """Stops the persist worker (SIGKILL, or SIGTERM: a clean stop) and
+    starts it again with env on top of the stack's."""
+    pidfile = os.path.join(stack.dir, "pids", "worker-persist")
+    if kill:
+        pid = int(open(pidfile).read())
+        os.kill(pid, signal.SIGKILL)
+
+        def gone():
+            try:
+                return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+            except FileNotFoundError:
+                return True
+        eventually(gone, timeout=20, what="persist killed")
+        os.unlink(pidfile)
+    else:
+        stop_worker(stack, "persist")
+    p = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack.dir],
+                       env=dict(stack.proc_env, **env), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_conversation_state_waits_and_its_batch_is_not_acknowledged_before(stack, r, q, db):
+    """persist_state_delay_ms: a conversation's document is written that
+    long after its change (history at once), and the batch is not
+    acknowledged before: a worker killed in between leaves the entry to the
+    next one, which writes the state. A clean stop writes what waits."""
+    alice, bob = uid("alice"), uid("bob")
+    conv = dconv(alice, bob)
+    _restart_persist(stack, False, CHAT_PERSIST_STATE_DELAY_MS="30000")
+    try:
+        f = msg_fields(conv, alice, bob, 1)
+        mid = json.loads(f["ev"])["id"]
+        q.send(f)
+        q.flush()
+        eventually(lambda: db.messages.find_one({"_id": mid}, {"_id": 1}) is not None, timeout=30,
+                   what="the message in history")
+        time.sleep(1.0)                                   # past any acknowledgement of the batch alone
+        assert _conv_doc(db, bob, conv) == {} and _conv_doc(db, alice, conv) == {}
+        assert q.backlog("persist") >= 1, "acknowledged before its conversation state was written"
+        _restart_persist(stack, True, CHAT_PERSIST_STATE_DELAY_MS="200")
+        for u in (alice, bob):
+            eventually(lambda: _conv_doc(db, u, conv).get("last", {}).get("seq") == 1, timeout=60,
+                       what=f"{u}'s conversation state written by the next worker")
+        eventually(lambda: q.backlog("persist") == 0, timeout=60, what="the entry acknowledged")
+        assert db.messages.count_documents({"_id": mid}) == 1
+
+        # a clean stop (SIGTERM) writes the waiting state and acknowledges it
+        _restart_persist(stack, False, CHAT_PERSIST_STATE_DELAY_MS="30000")
+        q.send(msg_fields(conv, bob, alice, 2))
+        q.flush()
+        eventually(lambda: db.messages.count_documents({"conv": conv}) == 2, timeout=30, what="message 2 stored")
+        assert _conv_doc(db, alice, conv)["last"]["seq"] == 1
+        t = time.monotonic()
+        _restart_persist(stack, False)
+        assert time.monotonic() - t < 25
+        for u in (alice, bob):
+            assert _conv_doc(db, u, conv)["last"]["seq"] == 2, u
+        eventually(lambda: q.backlog("persist") == 0, timeout=60, what="message 2 acknowledged")
+    finally:
+        if not os.path.exists(os.path.join(stack.dir, "pids", "worker-persist")):
+            stack_cmd(stack, "up")
 
 
 def test_a_stored_last_of_the_old_layout_is_rewritten_and_moves_on(stack, r, q, db):

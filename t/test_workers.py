@@ -57,7 +57,8 @@ def test_config_keys_and_env_overrides(stack, tmp_path):
                       ("fanout_workers = 2\nfanout_index = 2\n", "fanout_index must be between"),
                       ("sweep_timeout_ms = 999\n", "sweep_timeout_ms must be between 1000 and 3600000"),
                       ("sweep_batch = 0\n", "sweep_batch must be between"),
-                      ("persist_window_ms = 5\n", "persist_window_ms must be between 10 and 10000")]:
+                      ("persist_window_ms = 5\n", "persist_window_ms must be between 10 and 10000"),
+                      ("persist_state_delay_ms = 60001\n", "persist_state_delay_ms must be between 0 and 60000")]:
         bad = tmp_path / "bad.conf"
         bad.write_text(text)
         p = subprocess.run([stack.worker, "--config", str(bad), "--role", "fanout"], capture_output=True, text=True)

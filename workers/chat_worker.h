@@ -49,6 +49,7 @@ typedef struct {
     int   fanout_gather_ms;     /* fanout: the same, on the delivery path (short) */
     int   queue_commit_ms;      /* Redis queue: a shard's position committed at most this often (0: per batch) */
     int   persist_window_ms;    /* persist: a batch is what arrives in this window */
+    int   persist_state_delay_ms; /* persist: a conversation's state is written this long after its change */
     int   batch;                /* entries read per stream (Redis) or per poll (Kafka) */
     int   group_max_members;    /* active members a group may have (409 above) */
     int   group_push_limit;     /* groups up to this size get inbox copies (push); above: pull */

@@ -50,6 +50,7 @@ int_key(cw_config_t *cf, const char *k)
     if (strcmp(k, "fanout_gather_ms") == 0) return &cf->fanout_gather_ms;
     if (strcmp(k, "queue_commit_ms") == 0) return &cf->queue_commit_ms;
     if (strcmp(k, "persist_window_ms") == 0) return &cf->persist_window_ms;
+    if (strcmp(k, "persist_state_delay_ms") == 0) return &cf->persist_state_delay_ms;
     if (strcmp(k, "batch") == 0) return &cf->batch;
     if (strcmp(k, "group_max_members") == 0) return &cf->group_max_members;
     if (strcmp(k, "group_push_limit") == 0) return &cf->group_push_limit;
@@ -91,6 +92,7 @@ static const struct int_env int_envs[] = {
     { "CHAT_FANOUT_GATHER_MS", "fanout_gather_ms" },
     { "CHAT_QUEUE_COMMIT_MS", "queue_commit_ms" },
     { "CHAT_PERSIST_WINDOW_MS", "persist_window_ms" },
+    { "CHAT_PERSIST_STATE_DELAY_MS", "persist_state_delay_ms" },
     { "CHAT_BATCH", "batch" },
     { "CHAT_GROUP_MAX_MEMBERS", "group_max_members" },
     { "CHAT_GROUP_PUSH_LIMIT", "group_push_limit" },
@@ -154,6 +156,7 @@ cw_config_load(cw_config_t *cf, const char *path)
     cf->fanout_gather_ms = 2;
     cf->queue_commit_ms = 100;
     cf->persist_window_ms = 250;
+    cf->persist_state_delay_ms = 2000;
     cf->batch = 200;
     cf->group_max_members = 500;
     cf->group_push_limit = 500;
@@ -293,6 +296,7 @@ cw_config_load(cw_config_t *cf, const char *path)
         || check_range("fanout_gather_ms", cf->fanout_gather_ms, 0, 100)
         || check_range("queue_commit_ms", cf->queue_commit_ms, 0, 10000)
         || check_range("persist_window_ms", cf->persist_window_ms, 10, 10000)
+        || check_range("persist_state_delay_ms", cf->persist_state_delay_ms, 0, 60000)
         || check_range("batch", cf->batch, 1, 10000)
         || check_range("group_max_members", cf->group_max_members, 1, 100000)
         || check_range("group_push_limit", cf->group_push_limit, 1, 100000)

@@ -5,10 +5,11 @@
  * crash or a failed acknowledgement changes nothing:
  *
  *   messages        insert, _id = message id; duplicate key = already there
- *   conversations   one upsert per (user, conversation) and batch:
+ *   conversations   one upsert per (user, conversation) for all the
+ *                   batches of persist_state_delay_ms (pend_merge):
  *                   $setOnInsert the zero pointers, $max last_seq, read_seq,
- *                   delivered_seq; then `last` and `ts` are set only where
- *                   last_seq equals this batch's newest message
+ *                   delivered_seq, ts and `last` (seq first); the batches
+ *                   are acknowledged once it is written (ack_ready)
  *   groups          membership entries: one upsert per group and batch with
  *                   the newest state, filter {_id, ver: {$lt: seq}} (a
  *                   duplicate key means a newer state is stored already),
@@ -42,6 +43,31 @@ typedef struct {
     int         state_stored;                          /* inserted as a new document */
 } convop_t;
 
+/*
+ * A conversations (groups) document's change not written yet: the batches
+ * coalesced since its first change, written persist_state_delay_ms after
+ * it (see pend_merge). first is the serial of the oldest batch it holds a
+ * change of: no batch from there on is acknowledged before it is written.
+ */
+typedef struct {
+    char      id[CW_ID_MAX + 1 + CW_CONV_MAX + 1];  /* as convop_t */
+    int       ulen;                               /* id[0..ulen) is the user; 0: a groups document */
+    int64_t   last_seq, read_seq, delivered_seq;  /* 0: untouched */
+    int64_t   ts;
+    bson_t   *last;                               /* the newest message's `last`, or NULL */
+    int64_t   lseq;                               /* ... its seq */
+    uint64_t  first;
+    int64_t   due;                                /* cw_mono_ms() */
+} pend_t;
+
+/* Where a written batch ends in each shard: acknowledged once nothing
+ * pending holds a change of it or of an earlier batch. */
+typedef struct {
+    uint64_t  serial;
+    int       n;
+    struct { int shard; int64_t offset; char qid[48]; } *pos;
+} marker_t;
+
 typedef struct {
     const cw_config_t   *cf;
     mongoc_client_t     *client;
@@ -67,6 +93,16 @@ typedef struct {
     int                  nops, opcap;
     int                 *slots;        /* hash of ops by id */
     int                  nslots;
+    uint64_t             serial;       /* of the batch in hand */
+
+    /* across batches: what is written later, and what is acknowledged then */
+    pend_t              *pend;
+    int                  npend, pcap;
+    int                 *pslots;       /* hash of pend by id */
+    int                  npslots;
+    marker_t            *marks;        /* oldest first */
+    int                  nmarks, mcap;
+    cw_batch_t           ackb;         /* the positions of one acknowledgement */
 
     uint64_t             n_msgs, n_receipts, n_groups, n_batches, n_dead;
     uint64_t             n_entries, n_statements;
@@ -646,6 +682,286 @@ insert_group_states(persist_t *p)
     return rc;
 }
 
+/* ---- conversations state, written later ----------------------------------
+ *
+ * FerretDB (SQLite) runs each update statement in a transaction of its
+ * own: on this stack a conversations upsert costs 150-250 µs of its CPU,
+ * where a batch's messages go in one insert (about 60 µs per message with
+ * no upserts at all; docs/BENCHMARKS.md). So a conversations (groups)
+ * document's changes are coalesced over persist_state_delay_ms from its
+ * first change on, and no batch is acknowledged before every change it
+ * holds is written: a crash re-reads the batches since (every write is
+ * idempotent), nothing is lost. The messages themselves (history) are
+ * still inserted with their batch. Written at once, whatever the delay:
+ * a message with an expiry policy (the sweeper must not find its `last`
+ * missing and see it written afterwards), everything before a batch's
+ * deletions (they read and change `last`), and everything when more than
+ * PEND_MAX documents or MARKS_MAX batches wait.
+ */
+#define PEND_MAX  20000
+#define MARKS_MAX 4096
+
+/* pslots sized for pcap (load at most one half), filled from pend */
+static int
+pend_rehash(persist_t *p)
+{
+    int need = 16;
+
+    while (need < 2 * p->pcap) need *= 2;
+    if (need != p->npslots) {
+        int *ns = malloc(sizeof(int) * (size_t) need);
+        if (ns == NULL) return -1;
+        free(p->pslots);
+        p->pslots = ns;
+        p->npslots = need;
+    }
+    for (int i = 0; i < p->npslots; i++) p->pslots[i] = -1;
+    for (int i = 0; i < p->npend; i++) {
+        uint32_t h = fnv(p->pend[i].id) & (uint32_t) (p->npslots - 1);
+        while (p->pslots[h] >= 0) h = (h + 1) & (uint32_t) (p->npslots - 1);
+        p->pslots[h] = i;
+    }
+    return 0;
+}
+
+static pend_t *
+pend_get(persist_t *p, const char *id, int ulen)
+{
+    uint32_t h;
+    pend_t  *x;
+
+    if (p->npend == p->pcap) {
+        int     cap = p->pcap ? 2 * p->pcap : 1024;
+        pend_t *np = realloc(p->pend, sizeof(*np) * (size_t) cap);
+        if (np == NULL) return NULL;
+        p->pend = np;
+        p->pcap = cap;
+    }
+    if (2 * (p->npend + 1) > p->npslots && pend_rehash(p) != 0) return NULL;
+    h = fnv(id) & (uint32_t) (p->npslots - 1);
+    while (p->pslots[h] >= 0) {
+        x = &p->pend[p->pslots[h]];
+        if (strcmp(x->id, id) == 0) return x;
+        h = (h + 1) & (uint32_t) (p->npslots - 1);
+    }
+    p->pslots[h] = p->npend;
+    x = &p->pend[p->npend++];
+    memset(x, 0, sizeof(*x));
+    snprintf(x->id, sizeof(x->id), "%s", id);
+    x->ulen = ulen;
+    x->first = p->serial;
+    x->due = cw_mono_ms() + p->cf->persist_state_delay_ms;
+    return x;
+}
+
+/* One batch's change of a document joins what is pending for it; every
+ * field only moves forward, as in MongoDB ($max). */
+static int
+pend_merge(persist_t *p, const convop_t *op)
+{
+    pend_t     *x = pend_get(p, op->id, op->group ? 0 : (int) strlen(op->user));
+    bson_iter_t it;
+
+    if (x == NULL) return -1;
+    if (op->last_seq > x->last_seq) x->last_seq = op->last_seq;
+    if (op->read_seq > x->read_seq) x->read_seq = op->read_seq;
+    if (op->delivered_seq > x->delivered_seq) x->delivered_seq = op->delivered_seq;
+    if (op->last_msg >= 0) {
+        int64_t seq = p->batch.e[op->last_msg].seq;
+        if (x->last == NULL || seq > x->lseq) {
+            bson_t *l = bson_copy(p->msg_last[op->last_msg]);
+            if (l == NULL) return -1;
+            if (x->last) bson_destroy(x->last);
+            x->last = l;
+            x->lseq = seq;
+        }
+        if (p->msg_ts[op->last_msg] > x->ts) x->ts = p->msg_ts[op->last_msg];
+        if (p->msg_doc[op->last_msg] && bson_iter_init_find(&it, p->msg_doc[op->last_msg], "expire_at")) x->due = 0;
+    }
+    return 0;
+}
+
+/*
+ * Writes the pending documents that are due (all: force), one upsert
+ * each, filtered by _id alone: FerretDB (SQLite) looks a document up by
+ * its _id only when the filter is exactly {_id: <string>}; any other
+ * filter reads and decodes the whole collection per statement. Every field
+ * moves forward only ($max): the pointers, ts (of the newest message) and
+ * `last`, whose first field is seq (append_msg), so an older message never
+ * replaces a newer one, whatever order batches are written (or written
+ * again) in. A group message persisted before its group's first state
+ * leaves a document with ver 0. 0, or -1 (all kept, written again).
+ */
+static int
+pend_write(persist_t *p, int force)
+{
+    int64_t   now = cw_mono_ms();
+    bson_t    upsert = BSON_INITIALIZER;
+    chunker_t ch;
+    int       rc = -1, kept = 0;
+
+    if (p->npend == 0) return 0;
+    BSON_APPEND_BOOL(&upsert, "upsert", true);
+    memset(&ch, 0, sizeof(ch));
+    ch.hb = p->hb;
+    ch.statements = &p->n_statements;
+    ch.c = p->c;
+    for (int g = 0; g < 2; g++) {
+        ch.coll = g ? p->groups : p->conversations;
+        ch.what = g ? "update groups' last messages" : "update conversations";
+        for (int i = 0; i < p->npend; i++) {
+            pend_t *x = &p->pend[i];
+            bson_t  sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
+            char    user[CW_ID_MAX + 1];
+            int     r;
+            if ((x->ulen == 0) != g || (!force && x->due > now)) continue;
+            BSON_APPEND_UTF8(&sel, "_id", g ? x->id + 2 : x->id);
+            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
+            if (g) {
+                BSON_APPEND_INT64(&soi, "ver", 0);
+            } else {
+                snprintf(user, sizeof(user), "%.*s", x->ulen, x->id);
+                BSON_APPEND_UTF8(&soi, "user", user);
+                BSON_APPEND_UTF8(&soi, "conv", x->id + x->ulen + 1);
+                if (!x->last_seq) BSON_APPEND_INT64(&soi, "last_seq", 0);
+                if (!x->read_seq) BSON_APPEND_INT64(&soi, "read_seq", 0);
+                if (!x->delivered_seq) BSON_APPEND_INT64(&soi, "delivered_seq", 0);
+            }
+            bson_append_document_end(&upd, &soi);
+            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
+            if (x->last_seq) BSON_APPEND_INT64(&max, "last_seq", x->last_seq);
+            if (x->read_seq) BSON_APPEND_INT64(&max, "read_seq", x->read_seq);
+            if (x->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", x->delivered_seq);
+            if (x->last) {
+                BSON_APPEND_INT64(&max, "ts", x->ts);
+                BSON_APPEND_DOCUMENT(&max, "last", x->last);
+            }
+            bson_append_document_end(&upd, &max);
+            r = chunk_update(&ch, &sel, &upd, &upsert);
+            bson_destroy(&sel);
+            bson_destroy(&upd);
+            if (r != 0) goto done_chunk;
+        }
+        if (chunk_flush(&ch) != 0) goto done;
+    }
+    for (int i = 0; i < p->npend; i++) {
+        pend_t *x = &p->pend[i];
+        if (force || x->due <= now) {
+            if (x->last) bson_destroy(x->last);
+            continue;
+        }
+        p->pend[kept++] = *x;
+    }
+    p->npend = kept;
+    pend_rehash(p);                             /* the table exists: cannot fail */
+    rc = 0;
+    goto done;
+done_chunk:
+    if (ch.bulk) mongoc_bulk_operation_destroy(ch.bulk);
+done:
+    bson_destroy(&upsert);
+    return rc;
+}
+
+/* ms until the first pending document is due (at most max) */
+static int
+pend_wait(const persist_t *p, int max)
+{
+    int64_t now = cw_mono_ms(), w = max;
+    for (int i = 0; i < p->npend; i++)
+        if (p->pend[i].due - now < w) w = p->pend[i].due - now;
+    return w < 10 ? 10 : (int) w;
+}
+
+/* The written batch's end in each shard, to be acknowledged (ack_ready).
+ * Out of memory: not recorded, and a later batch's end covers its shards
+ * (a shard it alone has stays behind: read again after a restart). */
+static void
+mark_push(persist_t *p)
+{
+    cw_batch_t *b = &p->batch;
+    marker_t   *m;
+    int         maxs = 0, *at;
+
+    if (b->n == 0) return;
+    if (p->nmarks == p->mcap) {
+        int       cap = p->mcap ? 2 * p->mcap : 64;
+        marker_t *nm = realloc(p->marks, sizeof(*nm) * (size_t) cap);
+        if (nm == NULL) return;
+        p->marks = nm;
+        p->mcap = cap;
+    }
+    for (int i = 0; i < b->n; i++) if (b->e[i].shard > maxs) maxs = b->e[i].shard;
+    at = malloc(sizeof(int) * (size_t) (maxs + 1));
+    m = &p->marks[p->nmarks];
+    m->pos = malloc(sizeof(*m->pos) * (size_t) (b->n < maxs + 1 ? b->n : maxs + 1));
+    if (at == NULL || m->pos == NULL) {
+        free(at);
+        free(m->pos);
+        cw_error("persist: out of memory noting a batch's position");
+        return;
+    }
+    for (int s = 0; s <= maxs; s++) at[s] = -1;
+    m->serial = p->serial;
+    m->n = 0;
+    /* a batch lists each shard's entries in stream order: the last one is
+     * the shard's end (cw_queue_ack takes the highest anyway) */
+    for (int i = 0; i < b->n; i++) {
+        int s = b->e[i].shard < 0 ? 0 : b->e[i].shard, k = at[s];
+        if (k < 0) k = at[s] = m->n++;
+        m->pos[k].shard = b->e[i].shard;
+        m->pos[k].offset = b->e[i].offset;
+        memcpy(m->pos[k].qid, b->e[i].qid, sizeof(m->pos[k].qid));
+    }
+    free(at);
+    p->nmarks++;
+}
+
+static void
+marks_drop(persist_t *p, int k)
+{
+    for (int i = 0; i < k; i++) free(p->marks[i].pos);
+    memmove(p->marks, p->marks + k, sizeof(p->marks[0]) * (size_t) (p->nmarks - k));
+    p->nmarks -= k;
+}
+
+/* Acknowledges the batches older than every pending change. -1: Redis
+ * failed (the caller reconnects; what was not committed is read again). */
+static int
+ack_ready(persist_t *p)
+{
+    uint64_t upto = UINT64_MAX;
+    int      k = 0;
+
+    for (int i = 0; i < p->npend; i++) if (p->pend[i].first < upto) upto = p->pend[i].first;
+    cw_batch_clear(&p->ackb);
+    for (; k < p->nmarks && p->marks[k].serial < upto; k++) {
+        for (int j = 0; j < p->marks[k].n; j++) {
+            cw_entry_t *e = cw_batch_add(&p->ackb);
+            if (e == NULL) return 0;            /* out of memory: with a later one */
+            e->shard = p->marks[k].pos[j].shard;
+            e->offset = p->marks[k].pos[j].offset;
+            memcpy(e->qid, p->marks[k].pos[j].qid, sizeof(e->qid));
+        }
+    }
+    if (k == 0) return 0;
+    if (cw_queue_is_kafka(p->q)) {
+        cw_queue_ack(p->q, NULL, &p->ackb);     /* a failed commit is re-read: idempotent */
+    } else {
+        int na, bad = 0;
+        if (p->c == NULL) return 0;
+        na = cw_queue_ack(p->q, p->c, &p->ackb);
+        for (int i = 0; i < na && !bad; i++) {
+            redisReply *r;
+            if (cw_redis_get_reply(p->c, &r) != REDIS_OK) bad = 1;
+            else freeReplyObject(r);
+        }
+        if (na < 0 || bad) return -1;
+    }
+    marks_drop(p, k);
+    return 0;
+}
+
 /* Writes the prepared batch; 0 when all of it is durably in MongoDB; -3
  * when documents were refused for good (prepare the batch again). */
 static int
@@ -656,7 +972,7 @@ write_batch(persist_t *p)
     bson_t                   upsert = BSON_INITIALIZER;
     bson_error_t             error;
     chunker_t                ch;
-    int                      n = 0, rc = -1;
+    int                      n = 0, rc = -1, force;
 
     BSON_APPEND_BOOL(&upsert, "upsert", true);
 
@@ -706,53 +1022,16 @@ write_batch(persist_t *p)
     }
     if (chunk_flush(&ch) != 0) goto done;
 
-    /* 3. one upsert per conversations document and per group with a
-     * message, filtered by _id alone: FerretDB (SQLite) looks a document
-     * up by its _id only when the filter is exactly {_id: <string>}; any
-     * other filter reads and decodes the whole collection per statement.
-     * Every field moves forward only ($max): the pointers, ts (of the
-     * newest message) and `last`, whose first field is seq (append_msg),
-     * so an older message never replaces a newer one, whatever order
-     * batches are written (or written again) in. A group message persisted
-     * before its group's first state leaves a document with ver 0. */
-    ch.dup_ok = 0;
-    ch.max = 0;
-    for (int g = 0; g < 2; g++) {
-        ch.coll = g ? p->groups : p->conversations;
-        ch.what = g ? "update groups' last messages" : "update conversations";
-        for (int i = 0; i < p->nops; i++) {
-            convop_t *op = &p->ops[i];
-            bson_t    sel = BSON_INITIALIZER, upd = BSON_INITIALIZER, soi, max;
-            int       r;
-            if ((op->group != NULL) != g || (g && op->last_msg < 0)) continue;
-            BSON_APPEND_UTF8(&sel, "_id", g ? op->group : op->id);
-            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$setOnInsert", &soi);
-            if (g) {
-                BSON_APPEND_INT64(&soi, "ver", 0);
-            } else {
-                BSON_APPEND_UTF8(&soi, "user", op->user);
-                BSON_APPEND_UTF8(&soi, "conv", op->conv);
-                if (!op->last_seq) BSON_APPEND_INT64(&soi, "last_seq", 0);
-                if (!op->read_seq) BSON_APPEND_INT64(&soi, "read_seq", 0);
-                if (!op->delivered_seq) BSON_APPEND_INT64(&soi, "delivered_seq", 0);
-            }
-            bson_append_document_end(&upd, &soi);
-            BSON_APPEND_DOCUMENT_BEGIN(&upd, "$max", &max);
-            if (op->last_seq) BSON_APPEND_INT64(&max, "last_seq", op->last_seq);
-            if (op->read_seq) BSON_APPEND_INT64(&max, "read_seq", op->read_seq);
-            if (op->delivered_seq) BSON_APPEND_INT64(&max, "delivered_seq", op->delivered_seq);
-            if (op->last_msg >= 0) {
-                BSON_APPEND_INT64(&max, "ts", p->msg_ts[op->last_msg]);
-                BSON_APPEND_DOCUMENT(&max, "last", p->msg_last[op->last_msg]);
-            }
-            bson_append_document_end(&upd, &max);
-            r = chunk_update(&ch, &sel, &upd, &upsert);
-            bson_destroy(&sel);
-            bson_destroy(&upd);
-            if (r != 0) goto done_chunk;
-        }
-        if (chunk_flush(&ch) != 0) goto done;
+    /* 3. the conversations and groups documents: this batch's changes
+     * join what is pending, and what is due is written (see pend_write) */
+    force = p->cf->persist_state_delay_ms == 0 || p->nmarks >= MARKS_MAX;
+    for (int i = 0; i < b->n && !force; i++) if (b->e[i].type == CW_T_DEL) force = 1;
+    for (int i = 0; i < p->nops; i++) {
+        if (p->ops[i].group != NULL && p->ops[i].last_msg < 0) continue;   /* a state only: step 2 */
+        if (pend_merge(p, &p->ops[i]) != 0) goto done;
     }
+    if (p->npend > PEND_MAX) force = 1;
+    if (pend_write(p, force) != 0) goto done;
     /* 4. deletions (delete.c), after the messages and the `last` they may
      * remove the body of */
     if (cw_persist_deletions(p->messages, p->conversations, p->groups, b) != 0) goto done;
@@ -932,6 +1211,9 @@ drop_redis(persist_t *p, cw_backoff_t *bo, const char *why)
         cw_redis_free(p->c);
         p->c = NULL;
     }
+    /* a new connection reads again from the committed positions: those
+     * batches come again, with new positions to acknowledge */
+    if (!cw_queue_is_kafka(p->q)) marks_drop(p, p->nmarks);
     cw_backoff_wait(bo);
 }
 
@@ -968,9 +1250,9 @@ cw_role_persist(const cw_config_t *cf)
     p.hb = &hb;
     cw_backoff_reset(&bo);
     cw_backoff_reset(&mbo);
-    cw_info("role persist started (node %s, %s, database %s, batch %d, window %d ms)", cf->node_id,
-            kafka ? "kafka topic chat.in, group chat-persist" : "consumer persist-0 on every shard",
-            p.db, cf->batch, cf->persist_window_ms);
+    cw_info("role persist started (node %s, %s, database %s, batch %d, window %d ms, state delay %d ms)",
+            cf->node_id, kafka ? "kafka topic chat.in, group chat-persist" : "consumer persist-0 on every shard",
+            p.db, cf->batch, cf->persist_window_ms, cf->persist_state_delay_ms);
     p.next_stats = cw_mono_ms() + 10000;
 
     while (!cw_stop) {
@@ -1014,16 +1296,22 @@ cw_role_persist(const cw_config_t *cf)
                 p.more = t;
                 cw_batch_clear(&p.more);
             } else {
-                n = cw_queue_fetch(p.q, p.c, &p.batch, 1000);
+                n = cw_queue_fetch(p.q, p.c, &p.batch, p.npend ? pend_wait(&p, 1000) : 1000);
                 if (n < 0) {
                     if (!kafka) drop_redis(&p, &bo, "read failed");
                     continue;
                 }
-                if (n == 0) goto stats;
+                if (n == 0) {
+                    /* quiet: what is due is written, and acknowledged */
+                    if (p.npend && pend_write(&p, 0) != 0) { cw_backoff_wait(&mbo); goto stats; }
+                    if (ack_ready(&p) != 0) { drop_redis(&p, &bo, "ack failed"); continue; }
+                    goto stats;
+                }
             }
             collect_window(&p);
             have_batch = 1;
             prepared = 0;
+            p.serial++;
         }
         if (!prepared) {
             p.t_batch = cw_mono_ms();
@@ -1067,20 +1355,11 @@ cw_role_persist(const cw_config_t *cf)
         prepared = 0;
         p.busy_ms += cw_mono_ms() - p.t_batch;
         p.n_entries += (uint64_t) p.batch.n;
-        if (kafka) {
-            cw_queue_ack(p.q, NULL, &p.batch);      /* a failed commit is re-read: idempotent */
-        } else {
-            int na = cw_queue_ack(p.q, p.c, &p.batch), bad = 0;
-            for (int i = 0; i < na && !bad; i++) {
-                redisReply *r;
-                if (cw_redis_get_reply(p.c, &r) != REDIS_OK) bad = 1;
-                else freeReplyObject(r);
-            }
-            if (na < 0 || bad) {
-                /* The entries stay pending and are written again (no-op). */
-                drop_redis(&p, &bo, "ack failed");
-                continue;
-            }
+        mark_push(&p);
+        if (ack_ready(&p) != 0) {
+            /* The entries stay pending and are written again (no-op). */
+            drop_redis(&p, &bo, "ack failed");
+            continue;
         }
         p.n_batches++;
         /* a small batch: let entries gather before the next read, so that
@@ -1095,9 +1374,11 @@ stats:
                 cw_info("persist: %" PRIu64 " messages, %" PRIu64 " receipts, %" PRIu64 " membership changes, %"
                         PRIu64 " dead letters in %" PRIu64 " batches in the last 10 s (%" PRIu64
                         " dead letters since start); %" PRIu64 " entries, %" PRIu64 " update statements, %"
-                        PRId64 " ms writing: %.0f entries/s while writing", p.n_msgs, p.n_receipts, p.n_groups,
-                        p.n_dead, p.n_batches, cw_dlq_total(p.dlq), p.n_entries, p.n_statements, p.busy_ms,
-                        p.busy_ms > 0 ? (double) p.n_entries * 1000.0 / (double) p.busy_ms : 0.0);
+                        PRId64 " ms writing: %.0f entries/s while writing; %d documents and %d batches pending",
+                        p.n_msgs, p.n_receipts, p.n_groups, p.n_dead, p.n_batches, cw_dlq_total(p.dlq),
+                        p.n_entries, p.n_statements, p.busy_ms,
+                        p.busy_ms > 0 ? (double) p.n_entries * 1000.0 / (double) p.busy_ms : 0.0, p.npend,
+                        p.nmarks);
             }
             p.n_msgs = p.n_receipts = p.n_groups = p.n_batches = p.n_dead = 0;
             p.n_entries = p.n_statements = 0;
@@ -1105,7 +1386,9 @@ stats:
             p.next_stats = cw_mono_ms() + 10000;
         }
     }
-    /* what was written is committed, so a restart does not write it again */
+    /* what is pending is written and what was written is committed, so a
+     * restart does not write it again */
+    if (pend_write(&p, 1) == 0 && (kafka || (p.c && !cw_redis_err(p.c)))) ack_ready(&p);
     if (!kafka && p.c && !cw_redis_err(p.c)) cw_queue_flush(p.q, p.c, 1);
     cw_heartbeat_clear(&hb, p.c);
     if (p.c) cw_redis_free(p.c);
@@ -1118,6 +1401,12 @@ stats:
     for (int i = 0; i < p.ecap; i++) free(p.refused[i]);
     free(p.refused);
     free(p.msg_doc); free(p.msg_last); free(p.state_set); free(p.msg_ts); free(p.ops); free(p.slots);
+    for (int i = 0; i < p.npend; i++) if (p.pend[i].last) bson_destroy(p.pend[i].last);
+    free(p.pend);
+    free(p.pslots);
+    marks_drop(&p, p.nmarks);
+    free(p.marks);
+    cw_batch_free(&p.ackb);
     mongoc_collection_destroy(p.messages);
     mongoc_collection_destroy(p.conversations);
     mongoc_collection_destroy(p.groups);
