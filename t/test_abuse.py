@@ -578,9 +578,13 @@ def test_acked_bodies_reach_history_and_mongodb_unchanged(stack, rds, mdb):
         assert hist[seq] == body, name
     docs = {d["seq"]: d["body"] for d in mdb.messages.find({"conv": conv})}
     assert docs == {s: body for s, (_, body) in sent.items()}
-    # the conversation list shows the newest of them, NUL and all
-    st, _, lst = stack.request("GET", stack.http + "/conversations", headers=auth(stack, b))
-    row = [c for c in lst["conversations"] if c["conv"] == conv][0]
+    # the conversation list shows the newest of them, NUL and all (it
+    # follows history by up to persist_state_delay_ms: PROTOCOL §12)
+    def listed():
+        st, _, lst = stack.request("GET", stack.http + "/conversations", headers=auth(stack, b))
+        rows = [c for c in lst["conversations"] if c["conv"] == conv] if st == 200 else []
+        return rows[0] if rows and rows[0]["last"]["seq"] == max(sent) else None
+    row = eventually(listed, timeout=30, what="the newest message as the list's last")
     assert row["last"]["body"] == sent[max(sent)][1]
     assert {r: _dlq_count(rds, r) for r in ("fanout", "persist")} == before, "nothing dead-lettered"
     ca.close()

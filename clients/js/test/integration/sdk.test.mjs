@@ -184,8 +184,8 @@ test("groups, conversation list with unread counts, history pages", async () => 
     const s = list.find((x) => x.conv === conv);
     return s && s.last_seq >= 4 && s.unread === 4 && s.name === "ops";
   });
-  // the list and the archive are written by the same batch, but history
-  // answers from the messages themselves: wait for those too
+  // history is written with its batch and the list up to
+  // persist_state_delay_ms later (PROTOCOL 12): wait for both
   await until("in history", async () => (await cb.loadHistory(conv, { limit: 10 })).messages.length >= 5);
   await cb.markRead(conv, 5);
   await until("unread 0", () => cb.conversations.find((x) => x.conv === conv)?.unread === 0);
