@@ -62,6 +62,19 @@ def test_many_states_of_one_conversation_in_one_window(stack, r, q, db):
     assert d["last_seq"] == 61 and d["ts"] == t0 + 61 and d["read_seq"] == 58
 
 
+def _sigkill_persist(stack, pid):
+    """kill -9 of the persist worker pid; `scripts/stack up` starts it again."""
+    os.kill(pid, signal.SIGKILL)
+
+    def gone():
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+    eventually(gone, timeout=20, what="persist killed")
+    os.unlink(os.path.join(stack.dir, "pids", "worker-persist"))
+
+
 def _kill_mid_batch(stack, q, db, nconv, per):
     """Queues per messages in each of nconv conversations while persist is
     stopped, starts it, SIGKILLs it as soon as the batch's messages are in
@@ -89,16 +102,8 @@ def _kill_mid_batch(stack, q, db, nconv, per):
     first = json.loads(fs[0]["ev"])["id"]
     eventually(lambda: db.messages.find_one({"_id": first}, {"_id": 1}) is not None, timeout=60, interval=0.005,
                what="the batch's messages written")
-    os.kill(pid, signal.SIGKILL)
-
-    def gone():
-        try:
-            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-        except FileNotFoundError:
-            return True
-    eventually(gone, timeout=20, what="persist killed")
+    _sigkill_persist(stack, pid)
     left = q.backlog("persist")
-    os.unlink(pidfile)
     stack_cmd(stack, "up")
     eventually(lambda: q.backlog("persist") == 0, timeout=120, what="persist caught up after the restart")
     # one query per collection (FerretDB reads the whole collection for a
@@ -131,18 +136,8 @@ def test_killed_mid_batch_every_message_exactly_once(stack, r, q, db):
 def _restart_persist(stack, kill, **env):
     """Stops the persist worker (SIGKILL, or SIGTERM: a clean stop) and
     starts it again with env on top of the stack's."""
-    pidfile = os.path.join(stack.dir, "pids", "worker-persist")
     if kill:
-        pid = int(open(pidfile).read())
-        os.kill(pid, signal.SIGKILL)
-
-        def gone():
-            try:
-                return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-            except FileNotFoundError:
-                return True
-        eventually(gone, timeout=20, what="persist killed")
-        os.unlink(pidfile)
+        _sigkill_persist(stack, int(open(os.path.join(stack.dir, "pids", "worker-persist")).read()))
     else:
         stop_worker(stack, "persist")
     p = subprocess.run([os.path.join(ROOT, "scripts/stack"), "up", "--dir", stack.dir],
